@@ -1,0 +1,315 @@
+"""The rasterizer against an independent reference (embree ray casting), gradients, and behaviour."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from refine import Cameras, Mesh, antialias, edge_topology, interpolate, rasterize, render_mesh, texture
+from refine.camera import transform_points
+from refine.rasterizer import _zbuffer_cpu
+from sv3d.cameras import FOV_DEG, c2w_from_angles, projection_from_fov
+
+
+def orbit_cameras(n_views: int, elevation: float = 10.0) -> Cameras:
+    azimuths = torch.arange(n_views, dtype=torch.float64) * (360.0 / n_views) + 7.0
+    elevations = torch.full_like(azimuths, elevation)
+    return Cameras(c2w_from_angles(elevations, azimuths).float(), projection_from_fov(FOV_DEG))
+
+
+def bumpy_sphere(subdivisions: int) -> trimesh.Trimesh:
+    """A non-convex closed surface of radius about 0.5 (self-occluding bumps)."""
+    m = trimesh.creation.icosphere(subdivisions=subdivisions)
+    v = m.vertices
+    r = 0.5 * (1.0 + 0.15 * np.sin(6 * v[:, 0]) * np.sin(5 * v[:, 1]) * np.sin(4 * v[:, 2]))
+    return trimesh.Trimesh(v * r[:, None] / 1.15, m.faces, process=False)
+
+
+def embree_cast(mesh: trimesh.Trimesh, cameras: Cameras, res: int) -> tuple[np.ndarray, np.ndarray]:
+    """Triangle id (-1 = miss) and view-axis depth per pixel centre, by embree ray casting."""
+    from trimesh.ray.ray_pyembree import RayMeshIntersector
+
+    caster = RayMeshIntersector(mesh)
+    tan_half = math.tan(math.radians(FOV_DEG) / 2)
+    centres = (np.arange(res) + 0.5) / res * 2 - 1
+    xs, ys = np.meshgrid(centres, -centres)  # row 0 = top
+    dirs_cam = np.stack([xs * tan_half, ys * tan_half, -np.ones_like(xs)], -1).reshape(-1, 3)
+    ids, depths = [], []
+    for c2w in cameras.c2w.double().numpy():
+        dirs = dirs_cam @ c2w[:3, :3].T
+        origins = np.broadcast_to(c2w[:3, 3], dirs.shape)
+        tri, ray, loc = caster.intersects_id(origins, dirs, multiple_hits=False, return_locations=True)
+        view_id = np.full(res * res, -1)
+        view_id[ray] = tri
+        depth = np.zeros(res * res)
+        depth[ray] = (loc - c2w[:3, 3]) @ -c2w[:3, 2]  # distance along the viewing axis
+        ids.append(view_id)
+        depths.append(depth)
+    return np.stack(ids), np.stack(depths)
+
+
+@pytest.mark.slow
+def test_matches_embree_on_100k_triangles():
+    pytest.importorskip("embreex")
+    mesh = bumpy_sphere(6)
+    mesh = trimesh.Trimesh(mesh.vertices, np.concatenate([mesh.faces, mesh.faces[:20000, ::-1]]), process=False)
+    assert mesh.faces.shape[0] > 100_000 - 1000
+    cams = orbit_cameras(6, elevation=25.0)
+    res = 192
+    ref_id, ref_depth = embree_cast(mesh, cams, res)
+    rendered = render_mesh(Mesh(torch.tensor(mesh.vertices, dtype=torch.float32), torch.tensor(mesh.faces)),
+                           cams, res, antialias=False)
+    ours_id = rendered.rast[..., 3].long().reshape(len(cams), -1).numpy() - 1
+    ours_depth = rendered.depth[..., 0].reshape(len(cams), -1).double().numpy()
+    covered = (ours_id >= 0) | (ref_id >= 0)
+    # The reversed copies coincide with their originals: either id of such a pair is the same surface.
+    dup = np.arange(mesh.faces.shape[0])
+    dup[mesh.faces.shape[0] - 20000:] = np.arange(20000)
+    same = dup[np.maximum(ours_id, 0)] == dup[np.maximum(ref_id, 0)]
+    same &= (ours_id >= 0) == (ref_id >= 0)
+    agreement = same[covered].mean()
+    assert agreement >= 0.995, agreement
+    both = (ours_id >= 0) & (ref_id >= 0) & same
+    rel = np.abs(ours_depth[both] - ref_depth[both]) / ref_depth[both]
+    assert rel.max() < 1e-4, rel.max()
+
+
+def test_torch_and_numba_zbuffers_agree():
+    if not _zbuffer_cpu.AVAILABLE:
+        pytest.skip("numba is not installed: only the torch z-buffer exists")
+    mesh = bumpy_sphere(4)
+    cams = orbit_cameras(3)
+    pos = transform_points(torch.tensor(mesh.vertices, dtype=torch.float32), cams.world_to_clip())
+    faces = torch.tensor(mesh.faces)
+    a = rasterize(pos, faces, (96, 80), backend="torch")
+    b = rasterize(pos, faces, (96, 80), backend="numba")
+    same = (a[..., 3] == b[..., 3]).float().mean()
+    assert same > 0.999
+    both = (a[..., 3] == b[..., 3]) & (a[..., 3] > 0)
+    assert torch.allclose(a[both], b[both], atol=1e-5)
+    # Tiny chunks exercise the chunked candidate loop: identical result.
+    c = rasterize(pos, faces, (96, 80), backend="torch", max_candidates=997)
+    assert torch.equal(a, c)
+
+
+def test_single_triangle_by_hand():
+    # A triangle covering the lower-left half of NDC space at w = 1: pixel centres strictly below the
+    # diagonal x + y < 0 are covered. With 4x4 pixels, centres at +-0.25, +-0.75.
+    pos = torch.tensor([[[-1.0, -1.0, 0.5, 1.0], [1.0, -1.0, 0.5, 1.0], [-1.0, 1.0, 0.5, 1.0]]])
+    rast = rasterize(pos, torch.tensor([[0, 1, 2]]), 4)
+    covered = rast[0, ..., 3] > 0
+    expected = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(covered, expected)  # row 0 = top: the top-left corner pixel only
+    # Bottom-left pixel centre (-0.75, -0.75): weights b1 = (x + 1) / 2 = 0.125 on vertex 1, b2 = 0.125 on
+    # vertex 2, so u (vertex 0) = 0.75 and v (vertex 1) = 0.125; z/w = 0.5 everywhere.
+    assert torch.allclose(rast[0, 3, 0], torch.tensor([0.75, 0.125, 0.5, 1.0]))
+
+
+def test_depth_test_and_perspective_correct_interpolation():
+    # Two overlapping screen-filling quads at different depths: the nearer one wins everywhere.
+    cams = Cameras(torch.eye(4)[None], projection_from_fov(90.0))
+    quad = lambda z: [[-5, -5, z], [5, -5, z], [5, 5, z], [-5, 5, z]]  # noqa: E731
+    verts = torch.tensor(quad(-2.0) + quad(-1.0))
+    faces = torch.tensor([[0, 1, 2], [0, 2, 3], [4, 5, 6], [4, 6, 7]])
+    out = render_mesh(Mesh(verts, faces), cams, 16, antialias=False)
+    assert torch.all(out.rast[..., 3] >= 3)  # triangles 2 and 3 (ids 3, 4) are the near quad
+    assert torch.allclose(out.depth, torch.ones_like(out.depth), atol=1e-5)
+    # A slanted quad: interpolated camera-space depth is exact (affine in 3D, perspective-correct).
+    slanted = torch.tensor([[-1.0, -1.0, -1.0], [1.0, -1.0, -3.0], [1.0, 1.0, -3.0], [-1.0, 1.0, -1.0]])
+    out = render_mesh(Mesh(slanted, faces[:2]), cams, 32, antialias=False)
+    pts = interpolate(slanted, out.rast, faces[:2])
+    # Camera frame = world frame: depth is -z of the interpolated point, and that point lies on the ray.
+    hit = out.mask[..., 0] > 0
+    assert torch.allclose(out.depth[..., 0][hit], -pts[..., 2][hit], atol=1e-5)
+    ndc = (torch.arange(32) + 0.5) / 32 * 2 - 1
+    ray_x = ndc[None, :].expand(32, 32)
+    assert torch.allclose((pts[0, ..., 0] / -pts[0, ..., 2])[hit[0]], ray_x[hit[0]], atol=1e-4)
+
+
+def test_triangles_behind_the_camera_are_dropped_and_empty_scene():
+    pos = torch.tensor([[[-1.0, -1.0, 0.5, -1.0], [1.0, -1.0, 0.5, 1.0], [-1.0, 1.0, 0.5, 1.0]]])
+    assert torch.all(rasterize(pos, torch.tensor([[0, 1, 2]]), 8) == 0)
+    assert rasterize(pos, torch.zeros((0, 3), dtype=torch.long), 8).abs().sum() == 0
+
+
+def _small_scene(dtype=torch.float64):
+    mesh = trimesh.creation.icosphere(subdivisions=1, radius=0.45)
+    verts = torch.tensor(mesh.vertices, dtype=dtype)
+    faces = torch.tensor(mesh.faces)
+    cams = orbit_cameras(2)
+    pos = transform_points(verts, cams.world_to_clip().to(dtype))
+    return verts, faces, pos
+
+
+def test_gradcheck_interpolate():
+    verts, faces, pos = _small_scene()
+    rast_pixels = 12
+    attr = torch.rand(verts.shape[0], 2, dtype=torch.float64, requires_grad=True)
+    pos = pos.detach().requires_grad_(True)
+
+    def fn(attr, pos):
+        rast = rasterize(pos, faces, rast_pixels)
+        return interpolate(attr, rast, faces)
+
+    assert torch.autograd.gradcheck(fn, (attr, pos), eps=1e-6, atol=1e-5)
+
+
+def test_gradcheck_texture():
+    tex = torch.rand(5, 7, 3, dtype=torch.float64, requires_grad=True)
+    uv = (torch.rand(2, 4, 4, 2, dtype=torch.float64) * 2.4 - 0.7).requires_grad_(True)  # wraps around
+    for boundary in ("wrap", "clamp"):
+        assert torch.autograd.gradcheck(lambda t, c: texture(t, c, boundary=boundary), (tex, uv), eps=1e-6,
+                                        atol=1e-5)
+
+
+def test_texture_hits_texel_centres_and_wraps():
+    tex = torch.arange(12, dtype=torch.float32).reshape(3, 4, 1)  # row 0 = top
+    # Texel (row j, column i) centre: u = (i + 0.5) / 4, v = 1 - (j + 0.5) / 3.
+    j, i = torch.meshgrid(torch.arange(3), torch.arange(4), indexing="ij")
+    uv = torch.stack([(i + 0.5) / 4, 1 - (j + 0.5) / 3], -1)[None].float()
+    assert torch.allclose(texture(tex, uv)[0], tex, atol=1e-5)
+    assert torch.allclose(texture(tex, uv + 1.0)[0], tex, atol=1e-4)  # wrap: period 1
+    # Half-way between the last and first column, wrap blends them; clamp keeps the last.
+    edge = torch.tensor([[[[1.0, 1 - 0.5 / 3]]]])
+    assert torch.allclose(texture(tex, edge), torch.tensor((3.0 + 0.0) / 2))
+    assert torch.allclose(texture(tex, edge, boundary="clamp"), torch.tensor(3.0))
+
+
+def test_gradcheck_antialias():
+    verts, faces, pos = _small_scene()
+    res = 16
+    rast = rasterize(pos, faces, res)
+    topo = edge_topology(faces)
+    color = torch.rand(pos.shape[0], res, res, 3, dtype=torch.float64)
+    color = (color * (rast[..., 3:] > 0)).requires_grad_(True)
+    pos = pos.detach().requires_grad_(True)
+    # The rasterization is fixed (non-differentiable decisions); gradients flow through colours and the
+    # silhouette crossings.
+    fn = lambda c, p: antialias(c, rast, p, faces, topo)  # noqa: E731
+    out = fn(color, pos)
+    assert (out - color).abs().sum() > 0  # something was blended
+    assert torch.autograd.gradcheck(fn, (color, pos), eps=1e-6, atol=1e-5)
+
+
+def test_edge_topology():
+    box = trimesh.creation.box()
+    topo = edge_topology(torch.tensor(box.faces))
+    faces = box.faces
+    for f in range(len(faces)):
+        for k in range(3):
+            o = int(topo[f, k])
+            edge = {faces[f, k], faces[f, (k + 1) % 3]}
+            assert o != f and edge <= set(faces[o])
+    open_topo = edge_topology(torch.tensor(box.faces[:-1]))
+    assert (open_topo == -1).sum() == 3  # the removed triangle's three edges are now boundary edges
+
+
+def _silhouette_iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a > 0.5, b > 0.5
+    return float((a & b).sum() / (a | b).sum())
+
+
+@pytest.mark.parametrize("use_antialias", [True, False])
+def test_silhouette_loss_fits_a_nonconvex_target(use_antialias: bool):
+    """Mask loss alone moves a sphere onto a dumbbell, only through antialias's position gradients."""
+    torch.manual_seed(0)
+    cams = Cameras(c2w_from_angles([0.0, 0.0, 0.0, 90.0 - 1e-3, 30.0, -40.0],
+                                   [0.0, 60.0, 120.0, 0.0, 90.0, 200.0]).float(), projection_from_fov(FOV_DEG))
+    res = 64
+    a = trimesh.creation.icosphere(subdivisions=3, radius=0.27)
+    b = a.copy()
+    a.apply_translation([0.0, -0.2, 0.0])
+    b.apply_translation([0.0, 0.2, 0.0])
+    target_mesh = trimesh.util.concatenate([a, b])
+    target = render_mesh(Mesh(torch.tensor(target_mesh.vertices, dtype=torch.float32),
+                              torch.tensor(target_mesh.faces)), cams, res).alpha.detach()
+
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=0.3)
+    faces = torch.tensor(sphere.faces)
+    base = torch.tensor(sphere.vertices, dtype=torch.float32)
+    offset = torch.zeros_like(base, requires_grad=True)
+    # Uniform Laplacian, to keep the surface well shaped while it moves.
+    edges = torch.tensor(sphere.edges_unique)
+    n = base.shape[0]
+    degree = torch.zeros(n).index_add_(0, edges.reshape(-1), torch.ones(edges.numel()))
+    topo = edge_topology(faces)
+
+    def laplacian(v):
+        nb = torch.zeros_like(v).index_add_(0, edges[:, 0], v[edges[:, 1]]).index_add_(0, edges[:, 1],
+                                                                                       v[edges[:, 0]])
+        return v - nb / degree[:, None]
+
+    def current_alpha():
+        return render_mesh(Mesh(base + offset, faces), cams, res, shading="unlit", antialias=use_antialias,
+                           topology=topo).alpha
+
+    start_iou = _silhouette_iou(current_alpha().detach(), target)
+    assert start_iou <= 0.7
+    opt = torch.optim.Adam([offset], lr=0.01)
+    for _ in range(250):
+        opt.zero_grad()
+        alpha = current_alpha()
+        loss = (alpha - target).abs().mean() + 2.0 * laplacian(base + offset).pow(2).sum(-1).mean()
+        loss.backward()
+        opt.step()
+    final_iou = _silhouette_iou(current_alpha().detach(), target)
+    if use_antialias:
+        assert final_iou >= 0.95, (start_iou, final_iou)
+    else:
+        assert final_iou < 0.8, (start_iou, final_iou)
+
+
+def test_render_mesh_colours_and_shading():
+    cams = orbit_cameras(4, elevation=40.0)
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=0.4)
+    verts, faces = torch.tensor(sphere.vertices, dtype=torch.float32), torch.tensor(sphere.faces)
+    plain = render_mesh(Mesh(verts, faces, color=(0.2, 0.4, 0.6)), cams, 48, shading="unlit", antialias=False)
+    inside = plain.mask[..., 0] > 0
+    assert torch.allclose(plain.image[inside], torch.tensor([0.2, 0.4, 0.6]), atol=1e-6)
+    assert torch.allclose(plain.image[~inside], torch.ones(3))  # white background
+    lit = render_mesh(Mesh(verts, faces, color=(1.0, 1.0, 1.0)), cams, 48)
+    shade = lit.image[inside][:, 0]
+    assert shade.min() >= 0.3 and shade.max() <= 1.0 and shade.std() > 0.05  # shape visible
+    # Lights are fixed in the world: the top of a sphere is equally bright from every azimuth.
+    normals_up = (lit.normals[..., 2] > 0.95) & inside
+    per_view = [lit.image[v][normals_up[v]][:, 0].mean() for v in range(4)]
+    assert max(per_view) - min(per_view) < 0.02
+    # Straight RGBA: colour where covered, alpha from coverage.
+    rgba = lit.rgba
+    assert rgba.shape[-1] == 4 and torch.allclose(rgba[..., 3:], lit.alpha)
+    # Normals are unit length and face the camera.
+    n = lit.normals[inside]
+    assert torch.allclose(n.norm(dim=-1), torch.ones(n.shape[0]), atol=1e-4)
+
+
+def test_render_mesh_texture_and_vertex_colours():
+    cams = Cameras(torch.eye(4)[None], projection_from_fov(90.0))
+    quad = torch.tensor([[-1.0, -1.0, -1.0], [1.0, -1.0, -1.0], [1.0, 1.0, -1.0], [-1.0, 1.0, -1.0]])
+    faces = torch.tensor([[0, 1, 2], [0, 2, 3]])
+    uvs = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    tex = torch.rand(16, 16, 3)
+    out = render_mesh(Mesh(quad, faces, uvs=uvs, texture=tex), cams, 16, shading="unlit", antialias=False)
+    # The quad exactly fills the view, texel centres coincide with pixel centres, row 0 = top.
+    assert torch.allclose(out.image[0], tex, atol=1e-5)
+    colors = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 1.0, 0]])
+    out = render_mesh(Mesh(quad, faces, vertex_colors=colors), cams, 16, shading="unlit", antialias=False)
+    # Pixel centres near a corner take (almost) that corner's colour; row 0 = top.
+    assert torch.allclose(out.image[0, 0, 0], colors[3], atol=0.1)  # top-left: vertex 3
+    assert torch.allclose(out.image[0, -1, -1], colors[1], atol=0.1)  # bottom-right: vertex 1
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    mesh = bumpy_sphere(5)
+    cams = orbit_cameras(4)
+    m = Mesh(torch.tensor(mesh.vertices, dtype=torch.float32), torch.tensor(mesh.faces))
+    cpu = render_mesh(m, cams, 128)
+    gpu = render_mesh(m.to("cuda"), cams.to("cuda"), 128)
+    assert (cpu.rast[..., 3] == gpu.rast[..., 3].cpu()).float().mean() > 0.999
+    assert (cpu.image - gpu.image.cpu()).abs().mean() < 1e-3
