@@ -72,7 +72,8 @@ def _visible_triangles(
     if backend not in ("auto", "torch", "numba"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'numba', got {backend!r}")
     use_numba = backend == "numba" or (
-        backend == "auto" and pos_clip.device.type == "cpu" and _zbuffer_cpu.AVAILABLE)
+        backend == "auto" and pos_clip.device.type == "cpu" and _zbuffer_cpu.AVAILABLE
+    )
     if use_numba and not _zbuffer_cpu.AVAILABLE:
         raise RuntimeError("backend='numba' needs the numba package")
     n_views = pos_clip.shape[0]
@@ -82,8 +83,9 @@ def _visible_triangles(
     w = pos_clip[..., 3]
     if use_numba:
         as_np = [t.float().cpu().contiguous().numpy() for t in (px, py, zw, w)]
-        ids = _zbuffer_cpu.visible_triangles_cpu(*as_np, tri.cpu().contiguous().numpy(), height, width,
-                                                 _EDGE_EPS, _W_EPS)
+        ids = _zbuffer_cpu.visible_triangles_cpu(
+            *as_np, tri.cpu().contiguous().numpy(), height, width, _EDGE_EPS, _W_EPS
+        )
         return torch.from_numpy(ids).to(device)
 
     # Per (view, triangle): vertex data. [V, F, 3]
@@ -113,12 +115,21 @@ def _visible_triangles(
     # (bbox corner centre - v0) in x and y, the inverse matrix rows (b1 = m00 dx + m01 dy, b2 = m10 dx +
     # m11 dy), and z/w at v0 with its two edge differences. [K, 9]
     inv_det = 1.0 / torch.where(keep, det, torch.ones_like(det))
-    coef = torch.stack([
-        x0 + 0.5 - fx[..., 0], y0 + 0.5 - fy[..., 0],
-        e2y * inv_det, -e2x * inv_det, -e1y * inv_det, e1x * inv_det,
-        fz[..., 0], fz[..., 1] - fz[..., 0], fz[..., 2] - fz[..., 0],
-    ], dim=-1)[keep]
-    corner = (view_idx * (height * width) + y0[keep].long() * width + x0[keep].long())  # [K] pixel index
+    coef = torch.stack(
+        [
+            x0 + 0.5 - fx[..., 0],
+            y0 + 0.5 - fy[..., 0],
+            e2y * inv_det,
+            -e2x * inv_det,
+            -e1y * inv_det,
+            e1x * inv_det,
+            fz[..., 0],
+            fz[..., 1] - fz[..., 0],
+            fz[..., 2] - fz[..., 0],
+        ],
+        dim=-1,
+    )[keep]
+    corner = view_idx * (height * width) + y0[keep].long() * width + x0[keep].long()  # [K] pixel index
     box_w = bw[keep].long()
     counts = counts[keep]
 
@@ -255,8 +266,10 @@ def texture(
     if tex.ndim == 3:
         tex = tex[None]
     if tex.ndim != 4 or uv.ndim != 4 or uv.shape[-1] != 2:
-        raise ValueError(f"tex must be [H, W, C] or [V, H, W, C] and uv [V, h, w, 2]; got {tuple(tex.shape)}, "
-                         f"{tuple(uv.shape)}")
+        raise ValueError(
+            f"tex must be [H, W, C] or [V, H, W, C] and uv [V, h, w, 2]; got {tuple(tex.shape)}, "
+            f"{tuple(uv.shape)}"
+        )
     n_views = uv.shape[0]
     image = tex.permute(0, 3, 1, 2)  # [1 or V, C, H, W]
     t_h, t_w = image.shape[-2:]
@@ -279,8 +292,9 @@ def texture(
     if image.shape[0] != n_views:
         image = image.expand(n_views, -1, -1, -1)
     grid = torch.stack([gx, gy], dim=-1).to(image.dtype)  # [V, h, w, 2]
-    out = torch.nn.functional.grid_sample(image, grid, mode="bilinear", padding_mode=padding_mode,
-                                          align_corners=False)  # [V, C, h, w]
+    out = torch.nn.functional.grid_sample(
+        image, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False
+    )  # [V, C, h, w]
     return out.permute(0, 2, 3, 1)
 
 
@@ -339,7 +353,8 @@ def antialias(
         px, py, _ = _to_pixels(pos_clip.detach(), height, width)
         fx, fy = px[:, tri], py[:, tri]  # [V, F, 3]
         area = (fx[..., 1] - fx[..., 0]) * (fy[..., 2] - fy[..., 0]) - (fx[..., 2] - fx[..., 0]) * (
-            fy[..., 1] - fy[..., 0])
+            fy[..., 1] - fy[..., 0]
+        )
         facing = area > 0  # [V, F]
         # Triangles within two edge-steps of a silhouette edge in each view: only pairs whose front
         # triangle is one of them can be blended, so the others are dropped before the expensive part.
@@ -377,11 +392,13 @@ def antialias(
             opp = topology[cand]  # [Q, 13, 3]
             opp_facing = facing[pv[:, None, None], opp.clamp(min=0)]
             silhouette = cand_ok[..., None] & (
-                (opp < 0) | (opp_facing != facing[pv[:, None], cand][..., None]))  # [Q, 13, 3]
+                (opp < 0) | (opp_facing != facing[pv[:, None], cand][..., None])
+            )  # [Q, 13, 3]
             silhouette = silhouette.reshape(-1, 39)
             has_sil = silhouette.any(-1)
             pv, py_, px_, front_a, cand, silhouette = (
-                t[has_sil] for t in (pv, py_, px_, front_a, cand, silhouette))
+                t[has_sil] for t in (pv, py_, px_, front_a, cand, silhouette)
+            )
         if cand.numel() == 0:
             continue
         # Edge endpoints in pixel coordinates, with gradients to the positions. [Q, 39] each

@@ -109,5 +109,13 @@ def render_mesh(
     # Depth along the viewing axis: camera-space -z, interpolated perspective-correctly.
     view_z = -transform_points(mesh.vertices, cameras.world_to_camera())[..., 2:3]  # [V, N, 1]
     depth = interpolate(view_z, rast, faces)
-    return RenderOutput(image=image, alpha=alpha, mask=mask, depth=depth, normals=normals, albedo=albedo,
-                        rast=rast, background=bg)
+    return RenderOutput(
+        image=image,
+        alpha=alpha,
+        mask=mask,
+        depth=depth,
+        normals=normals,
+        albedo=albedo,
+        rast=rast,
+        background=bg,
+    )

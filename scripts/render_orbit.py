@@ -1,0 +1,33 @@
+"""Hydra entry point for `sv3d render-orbit`: `python scripts/render_orbit.py mesh=PATH [overrides]`.
+
+Example sweep over elevations, one orbit directory per run:
+    python scripts/render_orbit.py -m mesh=obj/mug sv3d.elevation_deg=0,10,20 preset=cpu
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+
+from sv3d.config import render_orbit_config
+from sv3d.errors import Sv3dError
+from sv3d.render_orbit import render_orbit
+
+
+@hydra.main(version_base="1.3", config_path="pkg://sv3d.configs", config_name="config")
+def main(cfg) -> None:
+    if cfg.mesh is None:
+        sys.exit("render_orbit.py: error: give the mesh, e.g. mesh=path/to/model.obj")
+    output = Path(cfg.output) if cfg.output else Path(HydraConfig.get().runtime.output_dir) / "orbit"
+    try:
+        out = render_orbit(hydra.utils.to_absolute_path(cfg.mesh), output, render_orbit_config(cfg))
+    except Sv3dError as exc:
+        sys.exit(f"render_orbit.py: error: {exc}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
