@@ -1,9 +1,16 @@
-"""The z-buffer pass of `rasterize` as a compiled CPU loop (numba), one view per thread.
+"""The rasterizer's non-differentiable passes as compiled CPU loops (numba), one view per thread.
 
-Same arithmetic as the PyTorch path in `rasterizer._visible_triangles` (float32 edge functions relative to
-vertex 0, inclusive edges with the same slack, nearest z/w wins, ties to the lower triangle id), so the
-two agree pixel for pixel up to float rounding at exact ties; `tests/test_rasterizer.py` checks that. The
-PyTorch path stays the reference and the CUDA path. numba compiles this once and caches it on disk.
+* `visible_triangles_cpu`: the z-buffer pass of `rasterize`. Same arithmetic as the PyTorch path in
+  `rasterizer._visible_triangles` (float32 edge functions relative to vertex 0, inclusive edges with the
+  same slack, nearest z/w wins, ties to the lower triangle id).
+* `fill_rast_cpu`: the (u, v, z/w, id + 1) values at the covered pixels, the same formulas as
+  `rasterizer._barycentrics`, for renders that need no gradient.
+* `silhouette_crossings_cpu`: the search of `antialias` for pixel pairs split by a silhouette edge, the
+  same rules as `rasterizer._silhouette_crossings_torch`.
+
+The two agree with their PyTorch references up to float rounding at exact ties (`tests/test_rasterizer.py`
+checks that); the PyTorch paths stay the reference and the CUDA path. numba compiles these once and
+caches them on disk. Everything differentiable stays in PyTorch.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ try:
 except ImportError:  # pragma: no cover - numba is a dependency; the torch path still works without it
     numba = None
 
-__all__ = ["AVAILABLE", "visible_triangles_cpu"]
+__all__ = ["AVAILABLE", "fill_rast_cpu", "silhouette_crossings_cpu", "visible_triangles_cpu"]
 
 AVAILABLE = numba is not None
 
@@ -75,6 +82,239 @@ if AVAILABLE:
                         if z < d or (z == d and f < out_id[v, p]):
                             out_depth[v, p] = z
                             out_id[v, p] = f
+
+
+if AVAILABLE:
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def _facing_and_near(px, py, tri, topo):  # pragma: no cover
+        # facing [V, F]: screen-space area > 0; near [V, F]: within two edge-steps of a silhouette edge
+        n_views, n_faces = px.shape[0], tri.shape[0]
+        facing = np.empty((n_views, n_faces), dtype=np.bool_)
+        near = np.zeros((n_views, n_faces), dtype=np.bool_)
+        for v in numba.prange(n_views):
+            for f in range(n_faces):
+                i0, i1, i2 = tri[f, 0], tri[f, 1], tri[f, 2]
+                area = (px[v, i1] - px[v, i0]) * (py[v, i2] - py[v, i0]) - (px[v, i2] - px[v, i0]) * (
+                    py[v, i1] - py[v, i0]
+                )
+                facing[v, f] = area > 0
+            level = np.zeros(n_faces, dtype=np.bool_)
+            for f in range(n_faces):
+                for k in range(3):
+                    o = topo[f, k]
+                    if o < 0 or facing[v, o] != facing[v, f]:
+                        level[f] = True
+            for _ in range(2):
+                grown = level.copy()
+                for f in range(n_faces):
+                    if not level[f]:
+                        for k in range(3):
+                            o = topo[f, k]
+                            if o >= 0 and level[o]:
+                                grown[f] = True
+                level = grown
+            for f in range(n_faces):
+                near[v, f] = level[f]
+        return facing, near
+
+    @numba.njit(cache=True, nogil=True)
+    def _best_edge(face, horizontal, front_a, cx, cy, px_v, py_v, tri, topo, facing_v):  # pragma: no cover
+        # The silhouette edge of `face` or its 2-ring that crosses the pair's segment nearest the front
+        # pixel: returns its two vertex indices, or (-1, -1).
+        cand = np.empty(13, dtype=np.int64)
+        cand[0] = face
+        for j in range(3):
+            r1 = topo[face, j]
+            cand[1 + j] = r1
+            for k in range(3):
+                cand[4 + 3 * j + k] = topo[r1, k] if r1 >= 0 else -1
+        best = np.float32(2.0)
+        b0, b1 = -1, -1
+        one = np.float32(1.0)
+        for c in range(13):
+            f = cand[c]
+            if f < 0:
+                continue
+            for k in range(3):
+                o = topo[f, k]
+                if not (o < 0 or facing_v[o] != facing_v[f]):
+                    continue
+                i0, i1 = tri[f, k], tri[f, (k + 1) % 3]
+                if horizontal:
+                    num, den = cy - py_v[i0], py_v[i1] - py_v[i0]
+                    a0, a1, start = px_v[i0], px_v[i1], cx
+                else:
+                    num, den = cx - px_v[i0], px_v[i1] - px_v[i0]
+                    a0, a1, start = py_v[i0], py_v[i1], cy
+                if not (num * (num - den) < 0):
+                    continue
+                t = a0 + num / den * (a1 - a0) - start
+                if t <= 0 or t >= one:
+                    continue
+                dist = t if front_a else one - t
+                if dist < best:
+                    best, b0, b1 = dist, i0, i1
+        return b0, b1
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def _crossings(
+        ids,
+        zw,
+        px,
+        py,
+        tri,
+        topo,
+        facing,
+        near,
+        offsets,
+        count_only,
+        out_pix,
+        out_hor,
+        out_front,
+        out_e0,
+        out_e1,
+        counts,
+    ):  # pragma: no cover
+        # Two passes: count_only fills counts[v]; then, with offsets, each view writes its own slice.
+        n_views, height, width = ids.shape
+        half = np.float32(0.5)
+        for v in numba.prange(n_views):
+            n = 0
+            base = offsets[v]
+            for y in range(height):
+                for x in range(width):
+                    ia = ids[v, y, x]
+                    for h in range(2):
+                        horizontal = h == 0
+                        if horizontal:
+                            if x + 1 >= width:
+                                continue
+                            ib, zb = ids[v, y, x + 1], zw[v, y, x + 1]
+                        else:
+                            if y + 1 >= height:
+                                continue
+                            ib, zb = ids[v, y + 1, x], zw[v, y + 1, x]
+                        if ia == ib:
+                            continue
+                        front_a = ib == 0 or (ia > 0 and zw[v, y, x] < zb)
+                        face = (ia if front_a else ib) - 1
+                        if not near[v, face]:
+                            continue
+                        e0, e1 = _best_edge(
+                            face,
+                            horizontal,
+                            front_a,
+                            np.float32(x) + half,
+                            np.float32(y) + half,
+                            px[v],
+                            py[v],
+                            tri,
+                            topo,
+                            facing[v],
+                        )
+                        if e0 < 0:
+                            continue
+                        if not count_only:
+                            out_pix[base + n] = (v * height + y) * width + x
+                            out_hor[base + n] = horizontal
+                            out_front[base + n] = front_a
+                            out_e0[base + n] = e0
+                            out_e1[base + n] = e1
+                        n += 1
+            counts[v] = n
+
+
+def silhouette_crossings_cpu(
+    ids: np.ndarray,  # [V, H, W] int64 triangle id + 1, 0 = empty
+    zw: np.ndarray,  # [V, H, W] float32 z/w
+    px: np.ndarray,  # [V, N] float32 pixel x
+    py: np.ndarray,  # [V, N] float32 pixel y
+    tri: np.ndarray,  # [F, 3] int64
+    topo: np.ndarray,  # [F, 3] int64 from edge_topology
+) -> tuple[np.ndarray, ...]:
+    """[Q] arrays: view, pixel a (flat over V*H*W), horizontal pair, front is a, edge vertices v0, v1."""
+    n_views = ids.shape[0]
+    facing, near = _facing_and_near(px, py, tri, topo)
+    counts = np.zeros(n_views, dtype=np.int64)
+    empty_i, empty_b = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.bool_)
+    offsets = np.zeros(n_views, dtype=np.int64)
+    _crossings(
+        ids,
+        zw,
+        px,
+        py,
+        tri,
+        topo,
+        facing,
+        near,
+        offsets,
+        True,
+        empty_i,
+        empty_b,
+        empty_b,
+        empty_i,
+        empty_i,
+        counts,
+    )
+    offsets[1:] = np.cumsum(counts)[:-1]
+    total = int(counts.sum())
+    pix, e0, e1 = (np.empty(total, dtype=np.int64) for _ in range(3))
+    hor, front = np.empty(total, dtype=np.bool_), np.empty(total, dtype=np.bool_)
+    _crossings(ids, zw, px, py, tri, topo, facing, near, offsets, False, pix, hor, front, e0, e1, counts)
+    height, width = ids.shape[1], ids.shape[2]
+    view = pix // (height * width)
+    return view, pix, hor, front, e0, e1
+
+
+if AVAILABLE:
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def _fill_rast(ids, px, py, pz, pw, tri, width, out):  # pragma: no cover
+        # ids: [V, H*W] int64 (-1 = empty); out: [V, H*W, 4] float32 zeros
+        n_views, n_pix = ids.shape
+        half = np.float32(0.5)
+        one = np.float32(1.0)
+        for v in numba.prange(n_views):
+            for p in range(n_pix):
+                f = ids[v, p]
+                if f < 0:
+                    continue
+                i0, i1, i2 = tri[f, 0], tri[f, 1], tri[f, 2]
+                cx = np.float32(p % width) + half
+                cy = np.float32(p // width) + half
+                e1x, e1y = px[v, i1] - px[v, i0], py[v, i1] - py[v, i0]
+                e2x, e2y = px[v, i2] - px[v, i0], py[v, i2] - py[v, i0]
+                det = e1x * e2y - e2x * e1y
+                if abs(det) < 1e-20:
+                    det = np.float32(1e-20)
+                dx, dy = cx - px[v, i0], cy - py[v, i0]
+                s1 = (dx * e2y - e2x * dy) / det
+                s2 = (e1x * dy - dx * e1y) / det
+                s0 = one - s1 - s2
+                q0, q1, q2 = s0 / pw[v, i0], s1 / pw[v, i1], s2 / pw[v, i2]
+                norm = q0 + q1 + q2
+                out[v, p, 0] = q0 / norm
+                out[v, p, 1] = q1 / norm
+                out[v, p, 2] = s0 * pz[v, i0] + s1 * pz[v, i1] + s2 * pz[v, i2]
+                out[v, p, 3] = np.float32(f + 1)
+
+
+def fill_rast_cpu(
+    ids: np.ndarray,  # [V * H * W] int64 from visible_triangles_cpu
+    px: np.ndarray,  # [V, N] float32
+    py: np.ndarray,
+    pz: np.ndarray,
+    pw: np.ndarray,
+    tri: np.ndarray,  # [F, 3] int64
+    height: int,
+    width: int,
+) -> np.ndarray:
+    """[V, H, W, 4] float32 rasterizer output (u, v, z/w, id + 1), zeros where empty."""
+    n_views = px.shape[0]
+    out = np.zeros((n_views, height * width, 4), dtype=np.float32)
+    _fill_rast(ids.reshape(n_views, height * width), px, py, pz, pw, tri, width, out)
+    return out.reshape(n_views, height, width, 4)
 
 
 def visible_triangles_cpu(

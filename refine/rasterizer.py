@@ -211,11 +211,26 @@ def rasterize(
     triangles) and carries no gradient; u, v and z/w are differentiable w.r.t. `pos_clip` (the visibility
     decision itself is not). Row 0 of the image is its top (y_ndc = +1). Pixels are sampled at their
     centres; the nearest surface wins (smallest z/w), ties broken by the lower triangle id. On CPU the
-    z-buffer pass runs as a compiled numba loop ("auto"); the PyTorch path is the reference and runs on CUDA.
+    z-buffer pass runs as a compiled numba loop ("auto"), and so does the whole pass when no gradient is
+    wanted; the PyTorch path is the reference and runs on CUDA.
     """
     _check_inputs(pos_clip, tri)
     height, width = _resolution(resolution)
     n_views = pos_clip.shape[0]
+    needs_grad = torch.is_grad_enabled() and pos_clip.requires_grad
+    if (
+        not needs_grad
+        and backend != "torch"
+        and pos_clip.device.type == "cpu"
+        and _zbuffer_cpu.AVAILABLE
+        and pos_clip.dtype == torch.float32
+    ):
+        # No gradient wanted: the whole pass as compiled loops (same formulas as below).
+        px, py, zw = _to_pixels(pos_clip.detach(), height, width)
+        arrays = [t.contiguous().numpy() for t in (px, py, zw, pos_clip[..., 3].detach())]
+        tri_np = tri.long().contiguous().numpy()
+        ids = _zbuffer_cpu.visible_triangles_cpu(*arrays, tri_np, height, width, _EDGE_EPS, _W_EPS)
+        return torch.from_numpy(_zbuffer_cpu.fill_rast_cpu(ids, *arrays, tri_np, height, width))
     winner = _visible_triangles(pos_clip.detach(), tri, height, width, max_candidates, backend)  # [V*H*W]
     covered = (winner >= 0).nonzero(as_tuple=True)[0]  # [P]
     face = winner[covered]
@@ -330,115 +345,154 @@ def antialias(
     pos_clip: Tensor,  # [V, N, 4] the positions given to rasterize
     tri: Tensor,  # [F, 3] the triangles given to rasterize
     topology: Tensor | None = None,  # [F, 3] from edge_topology(tri); computed when None
+    backend: str = "auto",  # finding the crossings: "numba" (compiled, CPU), "torch" (any device), "auto"
 ) -> Tensor:
     """Analytic antialiasing of silhouette edges -> [V, H, W, C].
 
     For each pair of horizontally or vertically adjacent pixels that see different triangles (or a triangle
-    and the background), the front one's triangle is examined: if one of its silhouette edges (a boundary
-    edge, or an edge whose neighbour faces the other way in this view) crosses the segment between the two
-    pixel centres, at distance d from the front pixel's centre, then with d < 1/2 the front pixel takes
-    (1/2 - d) of the other's colour, and with d > 1/2 the other pixel takes (d - 1/2) of the front's.
-    Differentiable w.r.t. `color` and, through the crossing point, the edge's vertex positions.
+    and the background), the silhouette edges (boundary edges, or edges whose two triangles face opposite
+    ways in this view) of the front pixel's triangle and of its 2-ring of edge neighbours are tested; of
+    those that cross the segment between the two pixel centres, the one nearest the front pixel is taken.
+    At distance d from the front pixel's centre, with d < 1/2 the front pixel takes (1/2 - d) of the other's
+    colour, and with d > 1/2 the other pixel takes (d - 1/2) of the front's. Differentiable w.r.t. `color`
+    and, through the crossing point, the edge's vertex positions. Finding the crossings is not
+    differentiable and runs as a compiled loop on CPU ("auto"); the torch path is its reference.
     """
     _check_inputs(pos_clip, tri)
     n_views, height, width, _ = color.shape
     tri = tri.long()
     if topology is None:
         topology = edge_topology(tri)
-    ids = rast[..., 3].detach().long()  # [V, H, W], 0 = empty
-    zw = rast[..., 2].detach()
-
+    if backend not in ("auto", "torch", "numba"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'numba', got {backend!r}")
+    use_numba = backend == "numba" or (
+        backend == "auto" and pos_clip.device.type == "cpu" and _zbuffer_cpu.AVAILABLE
+    )
     with torch.no_grad():
-        # Facing of every triangle in every view: sign of its screen-space area.
-        px, py, _ = _to_pixels(pos_clip.detach(), height, width)
-        fx, fy = px[:, tri], py[:, tri]  # [V, F, 3]
-        area = (fx[..., 1] - fx[..., 0]) * (fy[..., 2] - fy[..., 0]) - (fx[..., 2] - fx[..., 0]) * (
-            fy[..., 1] - fy[..., 0]
-        )
-        facing = area > 0  # [V, F]
-        # Triangles within two edge-steps of a silhouette edge in each view: only pairs whose front
-        # triangle is one of them can be blended, so the others are dropped before the expensive part.
-        valid_opp = topology >= 0  # [F, 3]
-        opp_clamped = topology.clamp(min=0)
-        near_silhouette = ((~valid_opp)[None] | (facing[:, opp_clamped] != facing[..., None])).any(-1)
-        for _ in range(2):
-            near_silhouette = near_silhouette | (near_silhouette[:, opp_clamped] & valid_opp).any(-1)
-
-    flat_color = color.reshape(-1, color.shape[-1])
-    deltas = []
-    targets = []
-    for axis in (1, 2):  # 1: vertical pairs (rows y, y+1); 2: horizontal pairs (columns x, x+1)
-        if axis == 1:
-            id_a, id_b, z_a, z_b = ids[:, :-1, :], ids[:, 1:, :], zw[:, :-1, :], zw[:, 1:, :]
-        else:
-            id_a, id_b, z_a, z_b = ids[:, :, :-1], ids[:, :, 1:], zw[:, :, :-1], zw[:, :, 1:]
-        with torch.no_grad():
-            differ = id_a != id_b
-            a_front = (id_b == 0) | ((id_a > 0) & (z_a < z_b))
-            front_id = torch.where(a_front, id_a, id_b)
-            pv, py_, px_ = differ.nonzero(as_tuple=True)  # pair index: view, row, column of pixel a
-            face = front_id[pv, py_, px_] - 1  # [Q]
-            near = near_silhouette[pv, face]
-            pv, py_, px_, face = pv[near], py_[near], px_[near], face[near]
-            front_a = a_front[pv, py_, px_]
-            # The silhouette edge that separates the two pixels may belong to a neighbour of the triangle
-            # seen at the front pixel (small or sliver triangles): search its 2-ring of edge neighbours.
-            ring1 = topology[face]  # [Q, 3]
-            ring2 = topology[ring1.clamp(min=0)].reshape(-1, 9)  # [Q, 9]
-            ring2 = torch.where((ring1 < 0).repeat_interleave(3, dim=1), -1, ring2)
-            cand = torch.cat([face[:, None], ring1, ring2], dim=1)  # [Q, 13], < 0 = none
-            cand_ok = cand >= 0
-            cand = cand.clamp(min=0)
-            opp = topology[cand]  # [Q, 13, 3]
-            opp_facing = facing[pv[:, None, None], opp.clamp(min=0)]
-            silhouette = cand_ok[..., None] & (
-                (opp < 0) | (opp_facing != facing[pv[:, None], cand][..., None])
-            )  # [Q, 13, 3]
-            silhouette = silhouette.reshape(-1, 39)
-            has_sil = silhouette.any(-1)
-            pv, py_, px_, front_a, cand, silhouette = (
-                t[has_sil] for t in (pv, py_, px_, front_a, cand, silhouette)
+        ids = rast[..., 3].detach().long()  # [V, H, W], 0 = empty
+        zw = rast[..., 2].detach()
+        px, py, _ = _to_pixels(pos_clip.detach().float(), height, width)  # [V, N] each
+        if use_numba:
+            if not _zbuffer_cpu.AVAILABLE:
+                raise RuntimeError("backend='numba' needs the numba package")
+            found = _zbuffer_cpu.silhouette_crossings_cpu(
+                ids.cpu().numpy(),
+                zw.float().cpu().numpy(),
+                px.cpu().numpy(),
+                py.cpu().numpy(),
+                tri.cpu().numpy(),
+                topology.long().cpu().numpy(),
             )
-        if cand.numel() == 0:
-            continue
-        # Edge endpoints in pixel coordinates, with gradients to the positions. [Q, 39] each
-        corners = tri[cand]  # [Q, 13, 3]
-        ex, ey, _ = _to_pixels(pos_clip[pv[:, None, None], corners], height, width)  # [Q, 13, 3]
-        ex1, ey1 = ex.roll(-1, dims=2).reshape(-1, 39), ey.roll(-1, dims=2).reshape(-1, 39)
-        ex, ey = ex.reshape(-1, 39), ey.reshape(-1, 39)
-        # Pixel a's centre; the pair's segment runs one pixel along the axis.
-        cx = px_.to(ex.dtype)[:, None] + 0.5
-        cy = py_.to(ex.dtype)[:, None] + 0.5
-        if axis == 2:  # horizontal segment at row centre cy, from cx to cx + 1
-            num, den, along0, along1 = cy - ey, ey1 - ey, ex, ex1
-            start = cx
-        else:  # vertical segment at column centre cx, from cy to cy + 1
-            num, den, along0, along1 = cx - ex, ex1 - ex, ey, ey1
-            start = cy
-        with torch.no_grad():
-            crosses = (num * (num - den) < 0) & silhouette  # endpoints strictly on either side of the line
-        safe_den = torch.where(crosses, den, torch.ones_like(den))
-        t = along0 + num / safe_den * (along1 - along0) - start  # crossing, in pixels from a's centre
-        with torch.no_grad():
-            valid = crosses & (t > 0) & (t < 1)
-            # Of the crossing silhouette edges, the one nearest the front pixel bounds the front surface.
-            dist = torch.where(front_a[:, None], t, 1.0 - t)
-            pick = torch.where(valid, dist, torch.full_like(dist, 2.0)).argmin(dim=-1)
-            ok = valid.any(-1)
-        t = t.gather(1, pick[:, None]).squeeze(1)[ok]  # [Q']
-        pv, py_, px_, front_a = pv[ok], py_[ok], px_[ok], front_a[ok]
-        d = torch.where(front_a, t, 1.0 - t)  # distance from the front pixel's centre to the edge
-        idx_a = (pv * height + py_) * width + px_
-        idx_b = idx_a + (width if axis == 1 else 1)
-        idx_front = torch.where(front_a, idx_a, idx_b)
-        idx_back = torch.where(front_a, idx_b, idx_a)
-        c_front, c_back = flat_color[idx_front], flat_color[idx_back]  # [Q', C]
-        near_front = d < 0.5
-        # d < 1/2: the front pixel is partly covered by what is behind; else the back pixel by the front.
-        weight = torch.where(near_front, 0.5 - d, d - 0.5)[:, None]
-        deltas.append(weight * torch.where(near_front[:, None], c_back - c_front, c_front - c_back))
-        targets.append(torch.where(near_front, idx_front, idx_back))
-    if not deltas:
+            view, pixel_a, horizontal, front_a, e0, e1 = (torch.from_numpy(a).to(color.device) for a in found)
+        else:
+            view, pixel_a, horizontal, front_a, e0, e1 = _silhouette_crossings_torch(
+                ids, zw, px, py, tri, topology
+            )
+    if view.numel() == 0:
         return color
-    out = flat_color.index_add(0, torch.cat(targets), torch.cat(deltas))
+
+    # Differentiable part: where the chosen edge crosses the pixel pair's segment, from the positions.
+    ex0, ey0, _ = _to_pixels(pos_clip[view, e0], height, width)  # [Q] each
+    ex1, ey1, _ = _to_pixels(pos_clip[view, e1], height, width)
+    local = pixel_a - view * (height * width)
+    cx = (local % width).to(ex0.dtype) + 0.5  # pixel a's centre
+    cy = torch.div(local, width, rounding_mode="floor").to(ex0.dtype) + 0.5
+    # Horizontal pair: where the edge crosses row cy; vertical pair: column cx. The unused branch gets a
+    # unit denominator so that its (discarded) value cannot put NaN into the gradient.
+    den_h = torch.where(horizontal, ey1 - ey0, torch.ones_like(ey0))
+    den_v = torch.where(horizontal, torch.ones_like(ex0), ex1 - ex0)
+    t_h = ex0 + (cy - ey0) / den_h * (ex1 - ex0) - cx
+    t_v = ey0 + (cx - ex0) / den_v * (ey1 - ey0) - cy
+    t = torch.where(horizontal, t_h, t_v)  # in (0, 1): pixels from a's centre towards b's
+    d = torch.where(front_a, t, 1.0 - t)  # distance from the front pixel's centre to the edge
+    pixel_b = pixel_a + torch.where(horizontal, 1, width)
+    idx_front = torch.where(front_a, pixel_a, pixel_b)
+    idx_back = torch.where(front_a, pixel_b, pixel_a)
+    flat_color = color.reshape(-1, color.shape[-1])
+    c_front, c_back = flat_color[idx_front], flat_color[idx_back]  # [Q, C]
+    near_front = d < 0.5
+    # d < 1/2: the front pixel is partly covered by what is behind; else the back pixel by the front.
+    weight = torch.where(near_front, 0.5 - d, d - 0.5)[:, None]
+    delta = weight * torch.where(near_front[:, None], c_back - c_front, c_front - c_back)
+    out = flat_color.index_add(0, torch.where(near_front, idx_front, idx_back), delta)
     return out.view_as(color)
+
+
+def _silhouette_crossings_torch(
+    ids: Tensor,  # [V, H, W] triangle id + 1, 0 = empty
+    zw: Tensor,  # [V, H, W] z/w
+    px: Tensor,  # [V, N] pixel x of the vertices
+    py: Tensor,  # [V, N] pixel y
+    tri: Tensor,  # [F, 3] int64
+    topology: Tensor,  # [F, 3] from edge_topology
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The pixel pairs to blend and their edges: view, pixel a (flat), horizontal, front is a, edge v0, v1."""
+    n_views, height, width = ids.shape
+    fx, fy = px[:, tri], py[:, tri]  # [V, F, 3]
+    area = (fx[..., 1] - fx[..., 0]) * (fy[..., 2] - fy[..., 0]) - (fx[..., 2] - fx[..., 0]) * (
+        fy[..., 1] - fy[..., 0]
+    )
+    facing = area > 0  # [V, F]
+    # Triangles within two edge-steps of a silhouette edge in each view: only pairs whose front triangle is
+    # one of them can be blended, so the others are dropped before the expensive part.
+    valid_opp = topology >= 0  # [F, 3]
+    opp_clamped = topology.clamp(min=0)
+    near_silhouette = ((~valid_opp)[None] | (facing[:, opp_clamped] != facing[..., None])).any(-1)
+    for _ in range(2):
+        near_silhouette = near_silhouette | (near_silhouette[:, opp_clamped] & valid_opp).any(-1)
+
+    results = []
+    for horizontal in (True, False):  # pairs (x, x+1) and (y, y+1)
+        if horizontal:
+            id_a, id_b, z_a, z_b = ids[:, :, :-1], ids[:, :, 1:], zw[:, :, :-1], zw[:, :, 1:]
+        else:
+            id_a, id_b, z_a, z_b = ids[:, :-1, :], ids[:, 1:, :], zw[:, :-1, :], zw[:, 1:, :]
+        a_front = (id_b == 0) | ((id_a > 0) & (z_a < z_b))
+        front_id = torch.where(a_front, id_a, id_b)
+        pv, py_, px_ = (id_a != id_b).nonzero(as_tuple=True)  # pair index: view, row, column of pixel a
+        face = front_id[pv, py_, px_] - 1  # [Q]
+        near = near_silhouette[pv, face]
+        pv, py_, px_, face = pv[near], py_[near], px_[near], face[near]
+        front_a = a_front[pv, py_, px_]
+        # The separating silhouette edge may belong to a neighbour of the triangle seen at the front pixel
+        # (small or sliver triangles): search its 2-ring of edge neighbours.
+        ring1 = topology[face]  # [Q, 3]
+        ring2 = topology[ring1.clamp(min=0)].reshape(-1, 9)  # [Q, 9]
+        ring2 = torch.where((ring1 < 0).repeat_interleave(3, dim=1), -1, ring2)
+        cand = torch.cat([face[:, None], ring1, ring2], dim=1)  # [Q, 13], < 0 = none
+        cand_ok = cand >= 0
+        cand = cand.clamp(min=0)
+        opp = topology[cand]  # [Q, 13, 3]
+        opp_facing = facing[pv[:, None, None], opp.clamp(min=0)]
+        silhouette = cand_ok[..., None] & ((opp < 0) | (opp_facing != facing[pv[:, None], cand][..., None]))
+        silhouette = silhouette.reshape(-1, 39)  # [Q, 39]
+        corners = tri[cand]  # [Q, 13, 3]
+        v0 = corners.reshape(-1, 39)
+        v1 = corners.roll(-1, dims=2).reshape(-1, 39)
+        ex0, ey0 = px[pv[:, None], v0], py[pv[:, None], v0]  # [Q, 39]
+        ex1, ey1 = px[pv[:, None], v1], py[pv[:, None], v1]
+        cx = px_.to(ex0.dtype)[:, None] + 0.5
+        cy = py_.to(ex0.dtype)[:, None] + 0.5
+        if horizontal:
+            num, den, along0, along1, start = cy - ey0, ey1 - ey0, ex0, ex1, cx
+        else:
+            num, den, along0, along1, start = cx - ex0, ex1 - ex0, ey0, ey1, cy
+        crosses = (num * (num - den) < 0) & silhouette  # endpoints strictly on either side of the line
+        t = along0 + num / torch.where(crosses, den, torch.ones_like(den)) * (along1 - along0) - start
+        valid = crosses & (t > 0) & (t < 1)
+        # Of the crossing silhouette edges, the one nearest the front pixel bounds the front surface.
+        dist = torch.where(front_a[:, None], t, 1.0 - t)
+        pick = torch.where(valid, dist, torch.full_like(dist, 2.0)).argmin(dim=-1, keepdim=True)
+        ok = valid.any(-1)
+        pixel_a = (pv * height + py_) * width + px_
+        results.append(
+            (
+                pv[ok],
+                pixel_a[ok],
+                torch.full_like(pv[ok], horizontal, dtype=torch.bool),
+                front_a[ok],
+                v0.gather(1, pick).squeeze(1)[ok],
+                v1.gather(1, pick).squeeze(1)[ok],
+            )
+        )
+    return tuple(torch.cat(parts) for parts in zip(*results, strict=True))  # type: ignore[return-value]

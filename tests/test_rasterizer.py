@@ -161,7 +161,7 @@ def test_gradcheck_interpolate():
         rast = rasterize(pos, faces, rast_pixels)
         return interpolate(attr, rast, faces)
 
-    assert torch.autograd.gradcheck(fn, (attr, pos), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(fn, (attr, pos), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
 @pytest.mark.parametrize("boundary", ["wrap", "clamp"])
@@ -199,7 +199,7 @@ def test_gradcheck_antialias():
     fn = lambda c, p: antialias(c, rast, p, faces, topo)  # noqa: E731
     out = fn(color, pos)
     assert (out - color).abs().sum() > 0  # something was blended
-    assert torch.autograd.gradcheck(fn, (color, pos), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(fn, (color, pos), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
 def test_edge_topology():
@@ -331,3 +331,42 @@ def test_cuda_matches_cpu():
     gpu = render_mesh(m.to("cuda"), cams.to("cuda"), 128)
     assert (cpu.rast[..., 3] == gpu.rast[..., 3].cpu()).float().mean() > 0.999
     assert (cpu.image - gpu.image.cpu()).abs().mean() < 1e-3
+
+
+def test_torch_and_numba_antialias_agree():
+    if not _zbuffer_cpu.AVAILABLE:
+        pytest.skip("numba is not installed: only the torch path exists")
+    mesh = bumpy_sphere(3)
+    open_mesh = trimesh.Trimesh(mesh.vertices, mesh.faces[: len(mesh.faces) // 2], process=False)  # boundary
+    for m in (mesh, open_mesh):
+        cams = orbit_cameras(3, elevation=30.0)
+        verts = torch.tensor(m.vertices, dtype=torch.float32)
+        faces = torch.tensor(m.faces)
+        pos = transform_points(verts, cams.world_to_clip()).requires_grad_(True)
+        rast = rasterize(pos, faces, 64)
+        color = torch.rand(3, 64, 64, 3)
+        outs, grads = [], []
+        for backend in ("torch", "numba"):
+            out = antialias(color, rast, pos, faces, backend=backend)
+            (g,) = torch.autograd.grad(out.pow(2).sum(), pos)
+            outs.append(out)
+            grads.append(g)
+        assert (outs[0] != color).any()
+        assert torch.allclose(outs[0], outs[1], atol=1e-5)
+        assert torch.allclose(grads[0], grads[1], atol=1e-4)
+
+
+def test_no_grad_fast_path_matches_autograd_path():
+    if not _zbuffer_cpu.AVAILABLE:
+        pytest.skip("numba is not installed: only the torch path exists")
+    mesh = bumpy_sphere(4)
+    cams = orbit_cameras(3)
+    pos = transform_points(torch.tensor(mesh.vertices, dtype=torch.float32), cams.world_to_clip())
+    faces = torch.tensor(mesh.faces)
+    with torch.no_grad():
+        fast = rasterize(pos, faces, 72)
+    slow = rasterize(pos.clone().requires_grad_(True), faces, 72).detach()
+    reference = rasterize(pos, faces, 72, backend="torch")
+    assert torch.equal(fast[..., 3], slow[..., 3])
+    assert torch.allclose(fast, slow, atol=1e-5)
+    assert (fast[..., 3] == reference[..., 3]).float().mean() > 0.999

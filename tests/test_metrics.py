@@ -1,0 +1,354 @@
+"""Evaluation metrics and winding numbers on shapes whose answers can be worked out by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from sv3d.errors import InputError
+from sv3d.evaluation.metrics import (
+    MeshMetrics,
+    chamfer_distance,
+    evaluate_mesh,
+    fibonacci_sphere,
+    fscore,
+    normalize_prediction,
+    sample_visible_surface,
+    volume_iou,
+)
+from sv3d.evaluation.winding import (
+    build_face_tree,
+    solid_angles,
+    winding_numbers,
+    winding_numbers_exact,
+    winding_numbers_fast,
+)
+from sv3d.meshio import place_in_world
+from sv3d.testing.objects import make_test_object
+
+# Small settings so that each evaluation takes about a second on 2 CPU cores.
+FAST = {"n_views": 24, "view_resolution": 256, "iou_resolution": 32}
+
+
+def _tensors(mesh: trimesh.Trimesh, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor(np.array(mesh.vertices), dtype=dtype), torch.tensor(np.array(mesh.faces))
+
+
+def _bumpy_sphere(subdivisions: int = 4) -> trimesh.Trimesh:
+    """A closed, star-shaped, non-convex surface (radius varies in [0.75, 1.25])."""
+    sphere = trimesh.creation.icosphere(subdivisions=subdivisions)
+    n = np.asarray(sphere.vertices)
+    r = 1.0 + 0.25 * np.sin(5.0 * n[:, 0]) * np.cos(4.0 * n[:, 1])
+    return trimesh.Trimesh(n * r[:, None], sphere.faces, process=False)
+
+
+def _hemisphere(rings: int = 24, segments: int = 64) -> trimesh.Trimesh:
+    """The open upper unit hemisphere (z >= 0), its rim exactly on z = 0, faces wound outwards."""
+    theta = np.linspace(0.0, np.pi / 2, rings + 1)[1:]  # polar angle of each ring (the pole apart)
+    phi = np.linspace(0.0, 2 * np.pi, segments, endpoint=False)
+    t, p = np.meshgrid(theta, phi, indexing="ij")  # [rings, segments]
+    ring = np.stack([np.sin(t) * np.cos(p), np.sin(t) * np.sin(p), np.cos(t)], -1).reshape(-1, 3)
+    vertices = np.concatenate([[[0.0, 0.0, 1.0]], ring])  # vertex 0 is the pole
+    j = np.arange(segments)
+    idx = 1 + np.arange(rings * segments).reshape(rings, segments)  # [rings, segments]
+    fan = np.stack([np.zeros(segments, dtype=int), idx[0, j], idx[0, (j + 1) % segments]], -1)
+    a, b = idx[:-1, j], idx[:-1, (j + 1) % segments]  # ring i
+    c, d = idx[1:, j], idx[1:, (j + 1) % segments]  # ring i + 1
+    quads = np.concatenate([np.stack([a, c, d], -1).reshape(-1, 3), np.stack([a, d, b], -1).reshape(-1, 3)])
+    return trimesh.Trimesh(vertices, np.concatenate([fan, quads]), process=False)
+
+
+def _placed(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
+    vertices, _, _ = place_in_world(np.asarray(mesh.vertices, dtype=np.float64))
+    return trimesh.Trimesh(vertices, mesh.faces, process=False)
+
+
+# ------------------------------------------------------------------------------------------ winding numbers
+
+
+def test_solid_angle_of_an_octant() -> None:
+    # The triangle (e_x, e_y, e_z) cuts off one octant of the unit sphere: 4π / 8 = π/2 steradians, seen
+    # from the origin. Its normal (1, 1, 1) points away from the origin, so the origin is "inside": +.
+    a, b, c = torch.eye(3, dtype=torch.float64)
+    assert solid_angles(a, b, c).item() == pytest.approx(math.pi / 2, abs=1e-12)
+    assert solid_angles(a, c, b).item() == pytest.approx(-math.pi / 2, abs=1e-12)
+
+
+def test_winding_numbers_of_a_closed_sphere() -> None:
+    # A closed polyhedron has winding number exactly 1 inside and 0 outside; the icosphere's faces lie
+    # within 1 - cos(edge/2) ≈ 0.3% of the radius, so |p| < 0.95 is inside and |p| > 1.05 outside.
+    vertices, faces = _tensors(trimesh.creation.icosphere(subdivisions=3))
+    rng = np.random.default_rng(0)
+    dirs = fibonacci_sphere(200)
+    inside = torch.tensor(dirs * rng.uniform(0.0, 0.95, (200, 1)))
+    outside = torch.tensor(dirs * rng.uniform(1.05, 3.0, (200, 1)))
+    points = torch.cat([inside, outside])
+    exact = winding_numbers_exact(points, vertices, faces)
+    fast = winding_numbers(points, vertices, faces, method="fast")
+    assert torch.allclose(exact[:200], torch.ones(200, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(exact[200:], torch.zeros(200, dtype=torch.float64), atol=1e-9)
+    assert (fast - exact).abs().max().item() < 5e-3
+    # Turning the faces inside out flips the sign.
+    flipped = winding_numbers_exact(points, vertices, faces[:, [0, 2, 1]])
+    assert torch.allclose(flipped, -exact, atol=1e-12)
+
+
+def test_winding_number_is_one_half_on_a_hemisphere_opening() -> None:
+    # Closing the upper hemisphere with the disc z = 0 gives a closed surface (w = 1 just inside); the disc
+    # subtends 2π (w = 1/2) from points just above it, so the open hemisphere alone gives 1 - 1/2 = 1/2
+    # on its opening, and continuously so, since the hemisphere is away from there.
+    hemi = _hemisphere()
+    assert (np.einsum("fi,fi->f", hemi.face_normals, hemi.triangles_center) > 0).all()  # outward
+    vertices, faces = _tensors(hemi)
+    rng = np.random.default_rng(1)
+    radius, angle = np.sqrt(rng.uniform(0, 0.6**2, 100)), rng.uniform(0, 2 * np.pi, 100)
+    points = torch.tensor(np.stack([radius * np.cos(angle), radius * np.sin(angle), np.zeros(100)], -1))
+    for method in ("exact", "fast"):
+        w = winding_numbers(points, vertices, faces, method=method)
+        assert (w - 0.5).abs().max().item() < 0.01, method
+
+
+def _meshes_for_agreement() -> dict[str, trimesh.Trimesh]:
+    box = trimesh.creation.box(extents=(1.0, 1.0, 1.0)).subdivide().subdivide()
+    corners = [[0, -0.5, -0.5], [0, 0.5, -0.5], [0, 0.5, 0.5], [0, -0.5, 0.5]]
+    wall = trimesh.Trimesh(corners, [[0, 1, 2], [0, 2, 3]])  # a wall inside the box, touching it
+    mug, _, _ = make_test_object("mug")
+    return {
+        "bumpy sphere": _bumpy_sphere(4),
+        "box with a wall": trimesh.util.concatenate([box, wall.subdivide()]),
+        "hemisphere": _hemisphere(16, 48),
+        "mug": _placed(mug),
+    }
+
+
+@pytest.mark.parametrize("name", list(_meshes_for_agreement()))
+def test_fast_winding_numbers_agree_with_exact(name: str) -> None:
+    mesh = _meshes_for_agreement()[name]
+    vertices, faces = _tensors(mesh)
+    rng = np.random.default_rng(2)
+    lo, hi = mesh.bounds
+    pad = 0.2 * (hi - lo).max()
+    box_points = rng.uniform(lo - pad, hi + pad, (1500, 3))  # anywhere around the mesh
+    surface, _ = trimesh.sample.sample_surface(mesh, 500, seed=3)
+    near = surface + rng.normal(scale=0.01 * (hi - lo).max(), size=surface.shape)  # close to the surface
+    points = torch.tensor(np.concatenate([box_points, near]))
+    exact = winding_numbers_exact(points, vertices, faces)
+    tree = build_face_tree(vertices.float(), faces)
+    fast = winding_numbers_fast(points.float(), tree).double()
+    assert (fast - exact).abs().max().item() < 0.02
+    clear = (exact - 0.5).abs() > 0.05  # inside/outside decided away from w = 1/2
+    assert torch.equal(fast[clear] > 0.5, exact[clear] > 0.5)
+
+
+def test_winding_number_orders_converge() -> None:
+    # Each extra term of the far-field expansion makes the approximation better on the same tree.
+    vertices, faces = _tensors(_bumpy_sphere(3))
+    points = torch.tensor(np.random.default_rng(4).uniform(-1.5, 1.5, (800, 3)))
+    exact = winding_numbers_exact(points, vertices, faces)
+    tree = build_face_tree(vertices, faces)
+    errors = [(winding_numbers_fast(points, tree, order=k) - exact).abs().mean().item() for k in (0, 1, 2)]
+    assert errors[2] < errors[1] < errors[0]
+    huge_beta = winding_numbers_fast(points, tree, beta=1e6)  # everything near: every pair summed exactly
+    assert torch.allclose(huge_beta, exact, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_fast_winding_numbers_speed_on_a_large_mesh() -> None:
+    # 64³ cell centres against 81,920 faces: seconds, not the minutes that the exact sum would take.
+    import time
+
+    vertices, faces = _tensors(_bumpy_sphere(6), torch.float32)
+    g = (torch.arange(64) + 0.5) / 64 * 2.5 - 1.25
+    grid = torch.stack(torch.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)  # [262144, 3]
+    start = time.perf_counter()
+    w = winding_numbers(grid, vertices, faces)
+    assert time.perf_counter() - start < 60.0
+    r = grid.norm(dim=-1)
+    assert (w[r < 0.7] > 0.5).all() and (w[r > 1.3] < 0.5).all()
+
+
+# --------------------------------------------------------------------------------------- point metrics
+
+
+def test_chamfer_and_fscore_on_hand_made_point_sets() -> None:
+    # gt = {0, 1} on the x axis; pred = {0.1, 1.3}: pred→gt distances 0.1, 0.3 (mean 0.2), gt→pred 0.1, 0.3
+    # (mean 0.2): Chamfer 0.2. At t = 0.2: precision 1/2, recall 1/2, F 1/2; at t = 0.5 everything is 1.
+    gt = np.array([[0.0, 0, 0], [1.0, 0, 0]])
+    pred = np.array([[0.1, 0, 0], [1.3, 0, 0]])
+    assert chamfer_distance(pred, gt) == pytest.approx(0.2)
+    f = fscore(pred, gt, thresholds=(0.05, 0.2, 0.5))
+    assert f[0.05] == {"precision": 0.0, "recall": 0.0, "fscore": 0.0}
+    assert f[0.2] == pytest.approx({"precision": 0.5, "recall": 0.5, "fscore": 0.5})
+    assert f[0.5] == pytest.approx({"precision": 1.0, "recall": 1.0, "fscore": 1.0})
+    with pytest.raises(InputError, match="pred_pts"):
+        chamfer_distance(np.zeros((0, 3)), gt)
+
+
+def _cube_shift_chamfer(d: float) -> float:
+    """Continuous Chamfer distance between the unit cube [0, 1]³ and its copy shifted by d <= 1/2 along x.
+
+    Points of the shifted cube, by face (total area 6), and their distance to the unit cube's surface:
+    - face x = 1 + d (area 1): outside by d → ∫ = d.
+    - face x = d (area 1): inside, nearest face at min(d, y, 1 - y, z, 1 - z). With m = min(y, 1 - y) and
+      likewise for z, each uniform on [0, 1/2], P(min(m_y, m_z) > t) = (1 - 2t)², so
+      ∫ = ∫_0^d (1 - 2t)² dt = (1 - (1 - 2d)³) / 6.
+    - faces y = 0, 1 and z = 0, 1 (4 × area 1): on the unit cube's faces for x <= 1, outside by x - 1
+      beyond: ∫ = 4 · ∫_1^{1+d} (x - 1) dx = 2d².
+    By symmetry the other direction gives the same mean, so the Chamfer distance is that mean.
+    """
+    return (d + (1.0 - (1.0 - 2.0 * d) ** 3) / 6.0 + 2.0 * d * d) / 6.0
+
+
+def test_chamfer_of_shifted_cubes_matches_the_analytic_value() -> None:
+    # d = 0.25: (0.25 + 0.875/6 + 0.125) / 6 = 0.086806. Sampled points can only overestimate it: the
+    # nearest SAMPLE is never closer than the surface, and for a point at distance h it is at most h + R
+    # away, R being the distance from the point's foot to the nearest sample, E[R] = 1/(2√ρ) for a
+    # Poisson process of density ρ = n / 6 per unit area. So the mean lies in [exact, exact + 1/(2√ρ)],
+    # up to Monte-Carlo noise (std of the distances / √n < 1e-4).
+    d, n = 0.25, 200_000
+    expected = _cube_shift_chamfer(d)
+    assert expected == pytest.approx(0.086806, abs=1e-6)
+    cube = trimesh.creation.box(bounds=[[0, 0, 0], [1, 1, 1]])
+    gt, _ = trimesh.sample.sample_surface(cube, n, seed=0)
+    pred, _ = trimesh.sample.sample_surface(cube, n, seed=1)
+    pred = pred + np.array([d, 0.0, 0.0])
+    sampling_bias = 1.0 / (2.0 * math.sqrt(n / 6.0))  # ≈ 0.0027
+    measured = chamfer_distance(pred, gt)
+    assert expected - 5e-4 < measured < expected + sampling_bias + 5e-4
+
+
+def test_evaluate_mesh_on_shifted_cubes() -> None:
+    # The whole pipeline: the ground truth cube of side 1 is placed (bounding sphere 0.5, side 1/√3) and
+    # distances are divided by its side, so a world shift of 0.25 sides gives the d = 0.25 value above.
+    # Volume IoU of two unit cubes overlapping by 0.75: 0.75 / 1.25 = 0.6.
+    gt = _placed(trimesh.creation.box(extents=(1.0, 1.0, 1.0)))
+    side = gt.extents.max()
+    pred = gt.copy()
+    pred.apply_translation([0.25 * side, 0.0, 0.0])
+    n = 20_000
+    m = evaluate_mesh(pred, gt, mode="oracle", n_points=n, **FAST)
+    sampling_bias = 1.0 / (2.0 * math.sqrt(n / 6.0))  # ≈ 0.0087, the bound derived above
+    assert _cube_shift_chamfer(0.25) - 0.001 < m.chamfer < _cube_shift_chamfer(0.25) + sampling_bias + 0.001
+    assert m.volume_iou == pytest.approx(0.6, abs=0.04)
+
+
+def test_concentric_spheres() -> None:
+    # GT: sphere of radius 0.5 (already in the world frame: bounding-box side 1, so distances are in
+    # world units). Prediction: radius 0.4. Every point is 0.1 from the other sphere, plus a tangential
+    # offset to the nearest sample (≈ 0.01 here) that adds ~0.1·(1 - cos) < 1e-3: Chamfer ≈ 0.1.
+    # F-score: no distance is below 0.05, all are below 0.15.
+    gt = trimesh.creation.icosphere(subdivisions=5, radius=0.5)
+    pred = trimesh.creation.icosphere(subdivisions=5, radius=0.4)
+    m = evaluate_mesh(pred, gt, n_points=10_000, thresholds=(0.05, 0.15), **FAST)
+    assert m.chamfer == pytest.approx(0.1, abs=2e-3)
+    assert m.fscore == {0.05: 0.0, 0.15: 1.0}
+    # Volume IoU: (0.4 / 0.5)³ = 0.512 of the GT, inside it.
+    assert m.volume_iou == pytest.approx(0.512, abs=0.04)
+
+
+def test_identical_meshes_score_perfectly() -> None:
+    gt = _placed(_bumpy_sphere(4))  # oracle mode compares in the world frame, where the GT is placed
+    m = evaluate_mesh(gt.copy(), gt, n_points=5_000, **FAST)
+    assert m.chamfer < 1e-6  # the same mesh and seed give the same samples
+    assert all(v == 1.0 for v in m.fscore.values())
+    assert m.volume_iou == 1.0
+
+
+def test_volume_iou_of_cubes_shifted_by_half_a_side() -> None:
+    # Overlap 1/2, union 3/2 (in cube volumes): IoU 1/3. The 64³ grid spans 1.5 sides along x, so cell
+    # faces do not line up with the cubes' faces: a discretisation error of about one cell (1/64).
+    a = trimesh.creation.box(bounds=[[0, 0, 0], [1, 1, 1]])
+    b = trimesh.creation.box(bounds=[[0.5, 0, 0], [1.5, 1, 1]])
+    assert volume_iou(a, b, resolution=64) == pytest.approx(1.0 / 3.0, abs=0.02)
+    far = trimesh.creation.box(bounds=[[3, 0, 0], [4, 1, 1]])
+    assert volume_iou(a, far, resolution=32) == 0.0
+
+
+def test_internal_faces_give_no_visible_samples() -> None:
+    # `internal`: a closed box of side 0.1 holding a closed inner box and a closed inner wall, all apart.
+    # Every visible sample must lie on the outer box: max-norm distance from its centre = half its side.
+    mesh, _, _ = make_test_object("internal")
+    mesh = _placed(mesh)
+    outer = mesh.bounds
+    center, half = outer.mean(axis=0), (outer[1] - outer[0]) / 2.0
+    points = sample_visible_surface(mesh, n_points=20_000, seed=0, n_views=24, resolution=256)
+    assert points.shape == (20_000, 3)
+    rel = (points - center) / half  # [N, 3] in [-1, 1]³ for points of the outer box
+    assert np.abs(np.abs(rel).max(axis=1) - 1.0).max() < 1e-6
+    # ... and the outer box is covered evenly: each of the six sides gets about 1/6 of the points.
+    axis = np.abs(rel).argmax(axis=1)  # [N]
+    side = 2 * axis + (rel[np.arange(len(rel)), axis] > 0)
+    counts = np.bincount(side, minlength=6) / len(points)
+    assert np.allclose(counts, 1 / 6, atol=0.02)
+
+
+def test_visible_samples_are_fixed_by_the_seed() -> None:
+    mesh = _bumpy_sphere(3)
+    a = sample_visible_surface(mesh, 2_000, seed=5, n_views=12, resolution=128)
+    b = sample_visible_surface(mesh, 2_000, seed=5, n_views=12, resolution=128)
+    c = sample_visible_surface(mesh, 2_000, seed=6, n_views=12, resolution=128)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    # a closed star-shaped surface is entirely visible: samples lie on the faces
+    _, distance, _ = trimesh.proximity.closest_point(mesh, a[:200])
+    assert distance.max() < 1e-6
+
+
+def test_generated_mode_removes_floaters_and_normalises() -> None:
+    # The prediction is the GT blown up 3×, moved, plus a tiny floater (< 1% of the area) far away.
+    # Generated mode drops the floater and recentres/rescales: the result is the GT again. Oracle mode
+    # compares as is: far from it.
+    gt = _placed(_bumpy_sphere(3))
+    body = gt.copy()
+    body.apply_scale(3.0)
+    body.apply_translation([2.0, -1.0, 0.5])
+    floater = trimesh.creation.icosphere(subdivisions=1, radius=0.05)
+    floater.apply_translation([9.0, 9.0, 9.0])
+    pred = trimesh.util.concatenate([body, floater])
+    cleaned = normalize_prediction(pred, "generated")
+    assert len(cleaned.faces) == len(body.faces)
+    assert np.allclose(cleaned.vertices, gt.vertices, atol=1e-9)
+    generated = evaluate_mesh(pred, gt, mode="generated", n_points=5_000, **FAST)
+    oracle = evaluate_mesh(pred, gt, mode="oracle", n_points=5_000, **FAST)
+    assert generated.chamfer < 1e-6 and generated.volume_iou == 1.0
+    assert oracle.chamfer > 1.0 and oracle.volume_iou == 0.0
+    assert normalize_prediction(pred, "oracle").vertices.shape == pred.vertices.shape
+
+
+def test_icp_recovers_a_small_misalignment() -> None:
+    gt = _placed(_bumpy_sphere(4))
+    pred = gt.copy()
+    pred.apply_transform(trimesh.transformations.rotation_matrix(math.radians(6.0), [0, 0, 1]))
+    pred.apply_translation([0.02, -0.01, 0.0])
+    m = evaluate_mesh(pred, gt, mode="oracle", n_points=8_000, icp=True, **FAST)
+    assert m.chamfer_icp < 0.5 * m.chamfer
+    assert m.volume_iou_icp > m.volume_iou
+    assert np.asarray(m.icp_matrix).shape == (4, 4)
+
+
+def test_metrics_round_trip_through_json() -> None:
+    m = MeshMetrics(
+        mode="oracle", n_points=10, chamfer=0.1, volume_iou=0.5,
+        fscore={0.01: 0.2, 0.02: 0.3}, precision={0.01: 0.25, 0.02: 0.35}, recall={0.01: 0.15, 0.02: 0.28},
+        chamfer_icp=0.05, fscore_icp={0.01: 0.4},
+    )
+    flat = json.loads(json.dumps(m.to_dict()))
+    assert flat["fscore@0.01"] == 0.2 and flat["chamfer_icp"] == 0.05 and "volume_iou_icp" not in flat
+    assert MeshMetrics.from_dict(flat) == m
+    with pytest.raises(InputError, match="unknown key"):
+        MeshMetrics.from_dict({**flat, "bogus": 1})
+
+
+def test_bad_inputs_raise_input_errors() -> None:
+    sphere = trimesh.creation.icosphere(subdivisions=1)
+    empty = trimesh.Trimesh(np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int64))
+    with pytest.raises(InputError, match="mode"):
+        evaluate_mesh(sphere, sphere, mode="magic")
+    with pytest.raises(InputError, match="prediction: the mesh has no faces"):
+        evaluate_mesh(empty, sphere)
+    with pytest.raises(InputError, match="ground truth"):
+        volume_iou(sphere, empty)
