@@ -86,15 +86,14 @@ import math
 import os
 import shutil
 import struct
-import subprocess
 import tempfile
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import png
 import torch
 from PIL import Image
 from torch import Tensor
@@ -750,57 +749,29 @@ class OrbitFrames:
         return (self.images[..., 3:] > threshold).to(torch.float32)
 
 
-def _write_png16(path: Path, pixels: np.ndarray) -> None:
-    """Write [H, W, 3|4] uint16 as a 16-bit PNG (Pillow cannot write 16-bit colour): filter 0 rows."""
-    height, width, channels = pixels.shape
-    colour_type = {3: 2, 4: 6}[channels]
-    rows = pixels.astype(">u2").view(np.uint8).reshape(height, width * channels * 2)  # big-endian
-    raw = np.concatenate([np.zeros((height, 1), np.uint8), rows], axis=1).tobytes()  # [H, 1 + W*C*2]
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
-    png = (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(raw, 6))
-        + chunk(b"IEND", b"")
-    )
-    path.write_bytes(png)
-
-
 def _write_frame(path: Path, image: np.ndarray, bit_depth: int) -> None:
     """Write one [H, W, 4] float image in [0, 1] as an RGBA PNG of 8 or 16 bits per channel."""
     if bit_depth == 8:
         Image.fromarray(np.round(image * 255.0).astype(np.uint8)).save(path)  # [H, W, 4] -> RGBA
-    else:
-        _write_png16(path, np.round(image * 65535.0).astype(np.uint16))
+        return
+    # Pillow cannot write 16-bit colour: pypng can.
+    height, width, _ = image.shape
+    rows = np.round(image * 65535.0).astype(np.uint16).reshape(height, width * 4)  # [H, W*4]
+    with open(path, "wb") as f:
+        png.Writer(width, height, bitdepth=16, greyscale=False, alpha=True).write(f, rows)
 
 
-def _read_png16(path: Path, width: int, height: int) -> np.ndarray:
-    """Decode a 16-bit RGB(A) PNG to [H, W, 4] float32 (Pillow would cut it to 8 bits) with ffmpeg."""
+def _read_png16(path: Path) -> np.ndarray:
+    """Decode a 16-bit RGB(A) PNG to [H, W, 4] float32 (Pillow would cut it to 8 bits) with pypng."""
     try:
-        import imageio_ffmpeg
-    except ImportError:
-        raise OrbitDirectoryError(f"{path}: reading 16-bit PNGs needs the imageio-ffmpeg package") from None
-    cmd = [
-        imageio_ffmpeg.get_ffmpeg_exe(),
-        "-v",
-        "error",
-        "-i",
-        str(path),
-        "-f",
-        "rawvideo",
-        "-pix_fmt",
-        "rgba64le",
-        "-",
-    ]
-    result = subprocess.run(cmd, capture_output=True, check=False)
-    if result.returncode != 0 or len(result.stdout) != width * height * 8:
-        reason = result.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["unexpected size"]
-        raise OrbitDirectoryError(f"{path}: cannot decode 16-bit PNG ({reason[0]})")
-    pixels = np.frombuffer(result.stdout, dtype="<u2").reshape(height, width, 4)  # [H, W, 4]
+        width, height, rows, info = png.Reader(filename=str(path)).asDirect()
+        pixels = np.vstack([np.asarray(row, dtype=np.uint16) for row in rows])  # [H, W*C]
+    except (png.Error, OSError, ValueError) as err:
+        raise OrbitDirectoryError(f"{path}: cannot decode 16-bit PNG ({err})") from None
+    channels = info["planes"]
+    pixels = pixels.reshape(height, width, channels)
+    if channels == 3:
+        pixels = np.concatenate([pixels, np.full_like(pixels[..., :1], 65535)], axis=-1)
     return pixels.astype(np.float32) / 65535.0
 
 
@@ -808,10 +779,10 @@ def _read_frame(path: Path) -> np.ndarray:
     """One frame as [H, W, 4] float32 in [0, 1]; RGB (and grey, palette) frames get alpha = 1."""
     header = _png_header(path)
     if header is not None and header[2] == 16:
-        width, height, _, colour = header
+        colour = header[3]
         if colour not in (2, 6):
             raise OrbitDirectoryError(f"{path}: 16-bit PNG must be RGB or RGBA (colour type {colour})")
-        return _read_png16(path, width, height)
+        return _read_png16(path)
     try:
         with Image.open(path) as im:
             if im.mode not in ("RGB", "RGBA", "L", "LA", "P"):
