@@ -22,8 +22,13 @@ def test_demo_writes_orbit_preview_hull_and_metrics(tmp_path: Path, capsys):
     metrics = report["visual_hull_metrics"]
     assert all(math.isfinite(metrics[k]) for k in ("chamfer", "volume_iou", "fscore@0.01", "fscore@0.05"))
     assert 0 < metrics["chamfer"] < 0.1 and metrics["fscore@0.05"] > 0.5
-    for name in ("orbit/transforms.json", "orbit/frame_020.png", "orbit_contact_sheet.png", "visual_hull.ply",
-                 "objects/plate/meshes/model.obj"):
+    for name in (
+        "orbit/transforms.json",
+        "orbit/frame_020.png",
+        "orbit_contact_sheet.png",
+        "visual_hull.ply",
+        "objects/plate/meshes/model.obj",
+    ):
         assert (out / name).is_file(), name
 
 

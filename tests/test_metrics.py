@@ -332,9 +332,15 @@ def test_icp_recovers_a_small_misalignment() -> None:
 
 def test_metrics_round_trip_through_json() -> None:
     m = MeshMetrics(
-        mode="oracle", n_points=10, chamfer=0.1, volume_iou=0.5,
-        fscore={0.01: 0.2, 0.02: 0.3}, precision={0.01: 0.25, 0.02: 0.35}, recall={0.01: 0.15, 0.02: 0.28},
-        chamfer_icp=0.05, fscore_icp={0.01: 0.4},
+        mode="oracle",
+        n_points=10,
+        chamfer=0.1,
+        volume_iou=0.5,
+        fscore={0.01: 0.2, 0.02: 0.3},
+        precision={0.01: 0.25, 0.02: 0.35},
+        recall={0.01: 0.15, 0.02: 0.28},
+        chamfer_icp=0.05,
+        fscore_icp={0.01: 0.4},
     )
     flat = json.loads(json.dumps(m.to_dict()))
     assert flat["fscore@0.01"] == 0.2 and flat["chamfer_icp"] == 0.05 and "volume_iou_icp" not in flat

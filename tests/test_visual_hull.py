@@ -97,8 +97,9 @@ def test_bowl_hull_is_worse_than_plate_hull() -> None:
         mesh = _placed_object(name)
         masks, cameras = _render_masks(mesh, orbit)
         hull = carve_visual_hull(masks, cameras, resolution=VOXELS)
-        scores[name] = evaluate_mesh(hull, mesh, n_points=8_000, n_views=24, view_resolution=256,
-                                     iou_resolution=32)
+        scores[name] = evaluate_mesh(
+            hull, mesh, n_points=8_000, n_views=24, view_resolution=256, iou_resolution=32
+        )
     assert scores["bowl"].chamfer > 2.0 * scores["plate"].chamfer
     assert scores["plate"].fscore[0.02] > 0.9 > scores["bowl"].fscore[0.02]
 

@@ -459,8 +459,9 @@ def evaluate_mesh(
     # 3. Metrics
     chamfer, f, p, r = _point_metrics(pred_pts, gt_pts, thresholds)
     iou = volume_iou(pred_n, gt_n, iou_resolution)
-    metrics = MeshMetrics(mode=mode, n_points=n_points, chamfer=chamfer, volume_iou=iou, fscore=f,
-                          precision=p, recall=r)
+    metrics = MeshMetrics(
+        mode=mode, n_points=n_points, chamfer=chamfer, volume_iou=iou, fscore=f, precision=p, recall=r
+    )
     if not icp:
         return metrics
 

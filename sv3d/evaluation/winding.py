@@ -197,13 +197,18 @@ def build_face_tree(
         second_face = (torch.einsum("fci,fcj->fij", u, u) + us[:, :, None] * us[:, None, :]) / 12.0
         second = segment_sum(an[:, :, None, None] * second_face[:, None], node, n_nodes)  # [M_l, 3, 3, 3] C
         e = 2.0 * torch.einsum("miik->mk", second) + torch.einsum("mkjj->mk", second)  # [M_l, 3]
-        expansions.append(torch.cat([
-            segment_sum(an, node, n_nodes),  # N
-            first.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True),  # tr M
-            -3.0 * _symmetrize(first, _PAIRS),
-            -1.5 * e,
-            7.5 * _symmetrize(second, _TRIPLES),
-        ], dim=-1))  # [M_l, 23]
+        expansions.append(
+            torch.cat(
+                [
+                    segment_sum(an, node, n_nodes),  # N
+                    first.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True),  # tr M
+                    -3.0 * _symmetrize(first, _PAIRS),
+                    -1.5 * e,
+                    7.5 * _symmetrize(second, _TRIPLES),
+                ],
+                dim=-1,
+            )
+        )  # [M_l, 23]
         spheres.append(torch.cat([center, radius[:, None]], dim=-1))
         f_counts.append(count)
         f_starts.append(torch.cumsum(count, 0) - count)
