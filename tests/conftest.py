@@ -1,0 +1,18 @@
+"""Shared test helpers: where the team's reference fixtures live (../shared/fixtures beside the checkout)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+SV3D_TINY = FIXTURES / "sv3d_tiny"
+
+
+@pytest.fixture(scope="session")
+def sv3d_tiny() -> Path:
+    """The SV3D reference fixture folder; tests that need it skip with the reason when it is absent."""
+    if not (SV3D_TINY / "README.md").is_file():
+        pytest.skip(f"reference fixtures not found at {SV3D_TINY} (../shared/fixtures beside the checkout)")
+    return SV3D_TINY
