@@ -46,12 +46,12 @@ COMPONENT_PREFIXES: dict[str, str] = {
 
 # Keys in the file that SV3D does not use, and why.
 IGNORED_PREFIXES: dict[str, str] = {
-    "conditioner.embedders.0.open_clip.model.token_embedding": "OpenCLIP text tower leftover (image-only use)",
+    "conditioner.embedders.0.open_clip.model.token_embedding": "OpenCLIP text tower leftover",
     "conditioner.embedders.0.open_clip.model.positional_embedding": "OpenCLIP text tower leftover",
     "conditioner.embedders.0.open_clip.model.ln_final.": "OpenCLIP text tower leftover",
     "conditioner.embedders.0.open_clip.model.text_projection": "OpenCLIP text tower leftover",
     "conditioner.embedders.0.open_clip.model.logit_scale": "OpenCLIP text tower leftover",
-    "conditioner.embedders.0.open_clip.model.transformer.": "OpenCLIP text transformer (deleted by the reference)",
+    "conditioner.embedders.0.open_clip.model.transformer.": "OpenCLIP text transformer",
     "conditioner.embedders.1.encoder.decoder.": "cond-frame autoencoder's decoder: never used by SV3D",
     "conditioner.embedders.1.encoder.post_quant_conv.": "cond-frame autoencoder's post_quant_conv: unused",
 }
