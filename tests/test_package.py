@@ -15,7 +15,9 @@ from sv3d.config import compose_config, render_orbit_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("module", ["sv3d", "nerf", "refine", "sv3d.evaluation", "sv3d.testing"])
+@pytest.mark.parametrize(
+    "module", ["sv3d", "nerf", "refine", "sv3d.evaluation", "sv3d.testing", "sv3d.model"]
+)
 def test_public_api_imports(module: str):
     mod = importlib.import_module(module)
     for name in mod.__all__:

@@ -1,0 +1,528 @@
+"""Input-image preprocessing for SV3D: read a real photo, find the object, centre it on a white square.
+
+The reference (Stability-AI/generative-models `scripts/sampling/simple_video_sample.py`, `sv3d` branch)
+takes the alpha of an RGBA input as the mask, otherwise runs `rembg.remove(..., alpha_matting=True)` on
+a <= 768 px thumbnail; it crops the alpha > 0 bounding box, pastes it centred on a transparent square,
+resizes to 576 x 576 with Lanczos and composites on white. This module does the same, robustly:
+
+* `load_image` reads any file Pillow reads (plus 16-bit PNG through pypng and 16-bit TIFF through
+  tifffile, which Pillow would truncate to 8 bits), applies the EXIF orientation, converts palette,
+  greyscale, CMYK and embedded ICC profiles to sRGB, and returns float arrays in [0, 1].
+* `remove_background` uses rembg when it and its weights are installed (optional extra, imported lazily,
+  never downloading), or a built-in matting for plain backgrounds (`plain_background_alpha`).
+* `frame_object` centres and scales the object by its *bounding circle* so that it fills the frame as a
+  placed mesh does in our world (below), resampling premultiplied colour so that no dark fringe leaks
+  from transparent pixels (the reference resizes straight RGBA, which does).
+* `preprocess_image` chains them: `(image [1, 3, S, S] in [-1, 1] on white, alpha [S, S] in [0, 1])`.
+
+Frame ratio (ARCHITECTURE.md "World" and "Cameras")
+---------------------------------------------------
+A mesh is placed with its bounding sphere (radius r = 0.5) at the origin and seen from distance d = 2
+with a field of view of 33.8 deg. The sphere's silhouette is a cone of half-angle asin(r / d); on the
+image plane (focal length 1) it is a disk of radius tan(asin(r / d)) = r / sqrt(d^2 - r^2) = 0.2582,
+while the half-width of the image is tan(33.8 deg / 2) = 0.3038. So the bounding sphere's image spans
+0.2582 / 0.3038 = 0.850 of the half-width: `SPHERE_FRAME_RATIO`. In a single image the nearest analogue
+of the bounding sphere is the object's bounding circle about its bounding-box centre (the 3D bounding
+box centre projects close to the 2D one, and a sphere containing the object contains its silhouette),
+so by default the object's bbox centre goes to the image centre and its farthest pixel to 0.850 of the
+half-width. `frame_ratio` = bounding-circle diameter / canvas side overrides it; it differs from the
+reference's `image_frame_ratio` (bbox side / canvas side): a square object at our default has
+bbox side / canvas = 0.850 / sqrt(2) = 0.60, a round one 0.850. The object always stays inside the frame
+(the reference's bbox rule lets a square's corners reach 0.850 * sqrt(2) = 1.2 of the half-width).
+
+Premultiplied alpha
+-------------------
+PNG stores straight alpha; some tools write premultiplied colour anyway, and TIFF declares it
+(ExtraSamples = 1, "associated alpha"). `load_image(premultiplied=None)` un-premultiplies when the file
+declares it (TIFF associated alpha: Pillow already divides 8-bit data, we divide 16-bit data read
+through tifffile; Pillow's RGBa/La modes) or when the data are only consistent with
+premultiplication: no pixel is brighter than its alpha, fully transparent pixels are black, at least 16
+pixels are semi-transparent, and the opaque part is not dark (median brightness >= 0.25; a dark object
+with straight alpha satisfies the first conditions too, and for it the choice hardly matters: the error
+after compositing is alpha (1 - alpha) c <= c / 4). Pass True/False to force either reading.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from scipy import ndimage
+from torch import Tensor
+
+from sv3d.cameras import CAMERA_RADIUS, FOV_DEG, OBJECT_RADIUS
+from sv3d.errors import InputError
+
+__all__ = [
+    "MIN_IMAGE_SIZE",
+    "SPHERE_FRAME_RATIO",
+    "frame_object",
+    "load_image",
+    "plain_background_alpha",
+    "preprocess_image",
+    "rembg_alpha",
+    "rembg_available",
+    "remove_background",
+]
+
+# Bounding sphere's image diameter / image side for a placed object (module docstring): 0.8498.
+SPHERE_FRAME_RATIO = math.tan(math.asin(OBJECT_RADIUS / CAMERA_RADIUS)) / math.tan(math.radians(FOV_DEG / 2))
+MIN_IMAGE_SIZE = 32  # px, smaller side; below this there is nothing to centre (SV3D works at 576)
+OBJECT_ALPHA_THRESHOLD = 0.5  # the object's extent is its half-coverage contour (antialiased edges, haze)
+FAINT_ALPHA_THRESHOLD = 0.05  # used instead when nothing reaches 0.5 (a faint, semi-transparent object)
+MIN_OBJECT_RADIUS = 2.0  # px in the input: smaller objects are noise, not something to reconstruct
+REMBG_MODEL = "u2net"  # rembg's default session, the one the reference's `rembg.remove` uses
+REMBG_MAX_SIDE = 768  # the reference runs rembg on a 768 px thumbnail
+_EXIF_ORIENTATION = 0x0112
+
+Background = Literal["auto", "rembg", "plain"]
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _png_bit_depth(path: Path) -> int:
+    """Bit depth from a PNG's IHDR (byte 24), or 0 when the header is not a PNG's."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    return head[24] if len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" else 0
+
+
+def _read_png16(path: Path) -> tuple[np.ndarray, bool]:
+    """16-bit PNG through pypng (Pillow reads 16-bit colour PNGs as 8-bit): [H, W, C] float32, C = 1..4."""
+    import png
+
+    try:
+        width, height, rows, info = png.Reader(filename=str(path)).asDirect()  # expands palette and tRNS
+        data = np.vstack([np.asarray(row, dtype=np.uint16) for row in rows])  # [H, W*C]
+    except png.Error as exc:
+        raise InputError(f"cannot read image {path}: corrupt 16-bit PNG ({_first_line(exc)})") from exc
+    planes = info["planes"]
+    data = data.reshape(height, width, planes)  # [H, W*C] -> [H, W, C]
+    return data.astype(np.float32) / float(2 ** info["bitdepth"] - 1), False
+
+
+def _read_tiff_deep(path: Path) -> tuple[np.ndarray, bool] | None:
+    """A TIFF with more than 8 bits per sample through tifffile (Pillow truncates it); None if not needed."""
+    try:
+        import tifffile
+    except ImportError:  # tifffile comes with scikit-image; without it Pillow's 8-bit reading is used
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            if page.bitspersample <= 8 or str(page.photometric.name) not in ("RGB", "MINISBLACK"):
+                return None
+            data = page.asarray()  # [H, W, C] or [H, W]
+            extras = tuple(int(e) for e in page.extrasamples)
+    except tifffile.TiffFileError as exc:
+        raise InputError(f"cannot read image {path}: corrupt TIFF ({_first_line(exc)})") from exc
+    data = data[..., None] if data.ndim == 2 else data
+    if np.issubdtype(data.dtype, np.integer):
+        values = data.astype(np.float32) / float(np.iinfo(data.dtype).max)
+    else:
+        values = np.clip(data.astype(np.float32), 0.0, 1.0)
+    return values, bool(extras) and extras[0] == 1  # ExtraSamples 1: associated (premultiplied) alpha
+
+
+def _to_srgb(img: Image.Image) -> Image.Image:
+    """Applies an embedded ICC profile (CMYK, Display P3, Adobe RGB photos) to get sRGB; else unchanged."""
+    icc = img.info.get("icc_profile")
+    if not icc or img.mode not in ("RGB", "RGBA", "CMYK", "L"):
+        return img
+    out_mode = {"CMYK": "RGB", "L": "RGB"}.get(img.mode, img.mode)
+    try:
+        from PIL import ImageCms  # needs Pillow built with littlecms
+    except ImportError:
+        return img
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        converted = ImageCms.profileToProfile(
+            img, source, ImageCms.createProfile("sRGB"), outputMode=out_mode
+        )
+    except (ImageCms.PyCMSError, OSError, ValueError):  # a broken profile: fall back to the naive reading
+        return img
+    return converted if converted is not None else img
+
+
+def _pil_to_float(img: Image.Image) -> tuple[np.ndarray, bool]:
+    """Pillow image -> ([H, W, C] float32 in [0, 1] with C = 1..4, premultiplication declared by the file)."""
+    mode = img.mode
+    if mode == "1":
+        img, mode = img.convert("L"), "L"
+    if mode in ("P", "PA"):
+        has_alpha = mode == "PA" or "transparency" in img.info
+        img = img.convert("RGBA" if has_alpha else "RGB")
+        mode = img.mode
+    if mode in ("RGB", "RGBA", "CMYK", "L"):
+        img = _to_srgb(img)
+        mode = img.mode
+    if mode in ("RGBa", "La"):  # premultiplied modes: keep the raw values, divide in float (more precise)
+        return np.asarray(img, dtype=np.float32).reshape(img.height, img.width, -1) / 255.0, True
+    if mode.startswith("I;16"):
+        return np.asarray(img, dtype=np.float32)[..., None] / 65535.0, False
+    if mode == "I":  # 32-bit integer grey: taken as 16-bit data (what PNG/TIFF readers produce)
+        return np.clip(np.asarray(img, dtype=np.float32) / 65535.0, 0.0, 1.0)[..., None], False
+    if mode == "F":  # float grey (TIFF): taken as [0, 1]
+        return np.clip(np.nan_to_num(np.asarray(img, dtype=np.float32)), 0.0, 1.0)[..., None], False
+    if mode in ("L", "LA", "RGB", "RGBA"):
+        return np.asarray(img, dtype=np.float32).reshape(img.height, img.width, -1) / 255.0, False
+    if mode == "RGBX":
+        return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0, False
+    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0, False  # CMYK, YCbCr, LAB, HSV
+
+
+def _orient(data: np.ndarray, orientation: int) -> np.ndarray:
+    """Applies EXIF orientation 1..8 to [H, W, ...] (as `PIL.ImageOps.exif_transpose`)."""
+    if orientation == 2:
+        return data[:, ::-1]  # mirror left-right
+    if orientation == 3:
+        return data[::-1, ::-1]  # rotate 180
+    if orientation == 4:
+        return data[::-1]  # mirror top-bottom
+    if orientation == 5:
+        return data.swapaxes(0, 1)  # transpose: [H, W] -> [W, H]
+    if orientation == 6:
+        return np.rot90(data, -1)  # rotate 90 clockwise: [H, W] -> [W, H]
+    if orientation == 7:
+        return data[::-1, ::-1].swapaxes(0, 1)  # transverse: [H, W] -> [W, H]
+    if orientation == 8:
+        return np.rot90(data, 1)  # rotate 90 counter-clockwise: [H, W] -> [W, H]
+    return data
+
+
+def _looks_premultiplied(rgb: np.ndarray, alpha: np.ndarray, tol: float) -> bool:
+    """The module docstring's test: data only consistent with premultiplied colour."""
+    if np.any(rgb.max(axis=-1) > alpha + tol):
+        return False
+    if np.any(rgb[alpha <= tol] > tol):
+        return False
+    semi = (alpha > 0.02) & (alpha < 0.98)
+    opaque = alpha >= 0.98
+    if semi.sum() < 16 or not opaque.any():
+        return False
+    return float(np.median(rgb[opaque].mean(axis=-1))) >= 0.25
+
+
+def _split_channels(
+    data: np.ndarray, name: str, premultiplied: bool | None, declared: bool, quantum: float
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """[H, W, C] in [0, 1] -> (rgb [H, W, 3], alpha [H, W] or None); straight colour in the result."""
+    channels = data.shape[-1]
+    if channels not in (1, 2, 3, 4):
+        raise InputError(
+            f"{name}: {channels} channels, expected 1 (grey), 2 (grey+alpha), 3 (RGB) or 4 (RGBA)"
+        )
+    colour = data[..., : 1 if channels <= 2 else 3]
+    rgb = np.repeat(colour, 3, axis=-1) if colour.shape[-1] == 1 else colour  # [H, W, 1] -> [H, W, 3]
+    if channels in (1, 3):
+        return np.ascontiguousarray(rgb, dtype=np.float32), None
+    alpha = data[..., -1].astype(np.float32)
+    if premultiplied is None:
+        premultiplied = declared or _looks_premultiplied(rgb, alpha, tol=quantum)
+    if premultiplied:
+        safe = np.maximum(alpha, 1e-12)[..., None]
+        rgb = np.where(alpha[..., None] > 0, np.clip(rgb / safe, 0.0, 1.0), 0.0)
+    if np.all(alpha >= 1.0 - quantum / 2):  # an opaque alpha channel carries no mask (screenshots, exports)
+        return np.ascontiguousarray(rgb, dtype=np.float32), None
+    return np.ascontiguousarray(rgb, dtype=np.float32), np.ascontiguousarray(alpha)
+
+
+def load_image(
+    path: str | os.PathLike[str], premultiplied: bool | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Reads an image file as straight-alpha sRGB floats.
+
+    Args:
+        path: any format Pillow reads (PNG, JPEG, TIFF, WebP, BMP, GIF: first frame, ...).
+        premultiplied: None detects (module docstring), True/False forces the reading of the colour.
+
+    Returns:
+        rgb: [H, W, 3] float32 in [0, 1], after the EXIF orientation (H, W as displayed).
+        alpha: [H, W] float32 in [0, 1], or None when the file has no alpha or an all-opaque one.
+
+    Raises:
+        InputError: missing file, directory, not an image, corrupt or truncated data.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"image file {path} not found")
+    if path.is_dir():
+        raise InputError(f"{path} is a directory, expected an image file")
+    try:
+        with Image.open(path) as img:
+            img.load()  # decodes everything now: truncated or corrupt data raise here
+            orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+            deep = None
+            if img.format == "PNG" and _png_bit_depth(path) == 16:
+                deep = _read_png16(path)
+            elif img.format == "TIFF":
+                deep = _read_tiff_deep(path)
+            data, declared = deep if deep is not None else _pil_to_float(img)
+            quantum = 1.0 / 65535.0 if deep is not None else 1.0 / 255.0
+    except InputError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise InputError(f"cannot read image {path}: {_first_line(exc)}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt data
+        raise InputError(f"cannot read image {path}: corrupt or truncated ({_first_line(exc)})") from exc
+    data = _orient(data, orientation)
+    return _split_channels(data, str(path), premultiplied, declared, quantum)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _array_to_float(array: Any, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """An in-memory image ([H, W], [H, W, C] or [1, H, W, C]; uint8, uint16, bool or float in [0, 1])."""
+    if isinstance(array, Image.Image):
+        data, declared = _pil_to_float(array)
+        return _split_channels(data, name, None, declared, 1.0 / 255.0)
+    if isinstance(array, Tensor):
+        array = array.detach().cpu().numpy()
+    data = np.asarray(array)
+    if data.ndim == 4 and data.shape[0] == 1:
+        data = data[0]  # [1, H, W, C] -> [H, W, C]
+    if data.ndim == 2:
+        data = data[..., None]  # [H, W] -> [H, W, 1]
+    if data.ndim != 3:
+        raise InputError(f"{name}: array of shape {data.shape}, expected [H, W], [H, W, C] or [1, H, W, C]")
+    if data.dtype == np.uint8:
+        values, quantum = data.astype(np.float32) / 255.0, 1.0 / 255.0
+    elif data.dtype == np.uint16:
+        values, quantum = data.astype(np.float32) / 65535.0, 1.0 / 65535.0
+    elif data.dtype == np.bool_:
+        values, quantum = data.astype(np.float32), 1.0 / 255.0
+    elif np.issubdtype(data.dtype, np.floating):
+        values, quantum = data.astype(np.float32), 1.0 / 255.0
+        if not np.all(np.isfinite(values)):
+            raise InputError(f"{name}: the image has NaN or infinite values")
+        if values.min() < -1e-3 or values.max() > 1.0 + 1e-3:
+            raise InputError(
+                f"{name}: float values in [{values.min():.3g}, {values.max():.3g}], expected [0, 1]"
+            )
+        values = np.clip(values, 0.0, 1.0)
+    else:
+        raise InputError(f"{name}: dtype {data.dtype}, expected uint8, uint16, bool or float in [0, 1]")
+    return _split_channels(values, name, None, False, quantum)
+
+
+# ---------------------------------------------------------------- background removal
+
+
+def _rembg_weights(model: str = REMBG_MODEL) -> Path:
+    """Where rembg keeps `<model>.onnx`: $U2NET_HOME, else $XDG_DATA_HOME/.u2net, else ~/.u2net."""
+    home = os.getenv("U2NET_HOME") or os.path.join(os.getenv("XDG_DATA_HOME", "~"), ".u2net")
+    return Path(home).expanduser() / f"{model}.onnx"
+
+
+def rembg_available(model: str = REMBG_MODEL) -> bool:
+    """True when rembg is importable and its weights are on disk (so nothing would be downloaded)."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("rembg") is not None
+    except (ImportError, ValueError, AttributeError):  # a module set to None in sys.modules
+        found = False
+    return found and _rembg_weights(model).is_file()
+
+
+def rembg_alpha(rgb: np.ndarray, model: str = REMBG_MODEL, name: str = "image") -> np.ndarray:
+    """rembg's matte (u2net + alpha matting, as the reference) of rgb [H, W, 3] in [0, 1] -> alpha [H, W].
+
+    Runs on a <= 768 px copy, as the reference, and resizes the alpha back (bilinear). Raises InputError
+    when rembg or its weights are missing: it never downloads.
+    """
+    try:
+        import rembg
+    except ImportError as exc:
+        raise InputError(
+            f"{name}: background removal needs rembg (pip install rembg), or pass an RGBA image, "
+            "or use background='plain' for a plain background"
+        ) from exc
+    weights = _rembg_weights(model)
+    if not weights.is_file():
+        raise InputError(
+            f"{name}: rembg weights {weights} not found (fetch them once with `rembg d {model}`, or set "
+            "U2NET_HOME); nothing is downloaded at run time"
+        )
+    height, width = rgb.shape[:2]
+    image = Image.fromarray(np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8), "RGB")
+    image.thumbnail((REMBG_MAX_SIDE, REMBG_MAX_SIDE), Image.Resampling.LANCZOS)
+    session = rembg.new_session(model)
+    cutout = rembg.remove(image.convert("RGBA"), session=session, alpha_matting=True)
+    matte = cutout.getchannel("A") if isinstance(cutout, Image.Image) else Image.fromarray(cutout[..., -1])
+    if matte.size != (width, height):
+        matte = matte.resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(matte, dtype=np.float32) / 255.0
+
+
+def plain_background_alpha(rgb: np.ndarray, name: str = "image") -> np.ndarray:
+    """Built-in matting for an object on a plain (typically light) background: rgb [H, W, 3] -> alpha [H, W].
+
+    1. Background colour: the median of a border band (2% of the smaller side); the border must mostly
+       match it, else InputError (use rembg or an RGBA image).
+    2. Background = pixels within a colour distance of it (threshold from the border's spread, at least
+       0.06) that are connected to the border (flood fill: background-coloured regions enclosed by the
+       object, such as white print on it, stay object).
+    3. Clean-up: a binary opening removes specks, components under 1% of the largest are dropped.
+    4. Soft edge: on the one-pixel rings either side of the boundary, alpha = colour distance / the
+       object's nearby distance (the coverage of an antialiased edge pixel).
+    """
+    height, width = rgb.shape[:2]
+    band = max(1, round(0.02 * min(height, width)))
+    border = np.concatenate(
+        [
+            rgb[:band].reshape(-1, 3),
+            rgb[-band:].reshape(-1, 3),
+            rgb[:, :band].reshape(-1, 3),
+            rgb[:, -band:].reshape(-1, 3),
+        ]
+    )  # [N, 3]
+    background = np.median(border, axis=0)  # [3]
+    border_distance = np.linalg.norm(border - background, axis=-1)  # [N]
+    if np.mean(border_distance < 0.12) < 0.6:
+        raise InputError(
+            f"{name}: the background is not plain (its border colours vary); give an RGBA image, "
+            "or install rembg and use background='rembg'"
+        )
+    threshold = float(np.clip(2.5 * np.percentile(border_distance, 90), 0.06, 0.25))
+    distance = np.linalg.norm(rgb - background, axis=-1)  # [H, W]
+    labels, _ = ndimage.label(distance < threshold)
+    edge_labels = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    obj = ~np.isin(labels, edge_labels[edge_labels > 0])  # not connected to the border
+    radius = max(1, round(0.003 * min(height, width)))
+    disk = _disk(radius)
+    obj = ndimage.binary_opening(obj, structure=disk)
+    labels, count = ndimage.label(obj)
+    if count == 0:
+        raise InputError(f"{name}: no object found, every pixel matches the background colour")
+    sizes = ndimage.sum_labels(obj, labels, index=np.arange(1, count + 1))  # [count]
+    keep = np.flatnonzero(sizes >= max(0.01 * sizes.max(), 4.0)) + 1
+    obj = np.isin(labels, keep)
+    alpha = obj.astype(np.float32)
+    inner_ring = obj & ~ndimage.binary_erosion(obj)
+    outer_ring = ndimage.binary_dilation(obj) & ~obj
+    interior = ndimage.binary_erosion(obj)
+    # The object's colour distance next to the edge: max over a 5x5 window of interior pixels.
+    reach = ndimage.maximum_filter(np.where(interior, distance, 0.0), size=5)
+    reach = np.where(reach > threshold, reach, ndimage.maximum_filter(np.where(obj, distance, 0.0), size=5))
+    ring = inner_ring | outer_ring
+    soft = np.clip(distance / np.maximum(reach, threshold), 0.0, 1.0)
+    alpha[ring] = soft[ring]
+    alpha[inner_ring] = np.maximum(alpha[inner_ring], 0.5)  # an object pixel stays at least half covered
+    return alpha
+
+
+def _disk(radius: int) -> np.ndarray:
+    r = np.arange(-radius, radius + 1)
+    return (r[:, None] ** 2 + r[None, :] ** 2) <= radius**2
+
+
+def remove_background(rgb: np.ndarray, method: Background = "auto", name: str = "image") -> np.ndarray:
+    """Alpha [H, W] for rgb [H, W, 3] in [0, 1]: "rembg", "plain", or "auto" (rembg when installed with
+    its weights, else the plain-background matting)."""
+    if method == "rembg" or (method == "auto" and rembg_available()):
+        return rembg_alpha(rgb, name=name)
+    if method in ("plain", "auto"):
+        return plain_background_alpha(rgb, name=name)
+    raise InputError(f"background {method!r}: expected 'auto', 'rembg' or 'plain'")
+
+
+# ---------------------------------------------------------------- framing
+
+
+def _resize_channel(channel: np.ndarray, box: tuple[float, float, float, float], size: int) -> np.ndarray:
+    """Lanczos resampling of the float region `box` (left, top, right, bottom) of [H, W] to [size, size]."""
+    image = Image.fromarray(np.ascontiguousarray(channel, dtype=np.float32))  # float32 -> mode "F"
+    return np.asarray(image.resize((size, size), Image.Resampling.LANCZOS, box=box), dtype=np.float32)
+
+
+def frame_object(
+    rgb: np.ndarray,  # [H, W, 3] straight colour in [0, 1]
+    alpha: np.ndarray,  # [H, W] in [0, 1]
+    size: int = 576,
+    frame_ratio: float | None = None,
+    name: str = "image",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Centres the object on a square canvas and resizes it; returns (rgb on white [S, S, 3], alpha [S, S]).
+
+    The bbox of alpha >= `OBJECT_ALPHA_THRESHOLD` is centred; the object's bounding circle about that
+    centre (its farthest pixel centre) gets the diameter `frame_ratio * S`, by default
+    `SPHERE_FRAME_RATIO` (module docstring). Resampling is Lanczos on premultiplied colour and alpha,
+    so transparent pixels contribute nothing; the result is composited on white.
+    """
+    ratio = SPHERE_FRAME_RATIO if frame_ratio is None else float(frame_ratio)
+    if not 0.0 < ratio <= 1.0:
+        raise InputError(f"frame ratio {frame_ratio}: expected 0 < ratio <= 1 (object diameter / image side)")
+    if isinstance(size, bool) or not isinstance(size, int) or size < MIN_IMAGE_SIZE:
+        raise InputError(f"output size {size!r}: expected an integer >= {MIN_IMAGE_SIZE}")
+    ys, xs = np.nonzero(alpha >= OBJECT_ALPHA_THRESHOLD)
+    if ys.size == 0:
+        ys, xs = np.nonzero(alpha > FAINT_ALPHA_THRESHOLD)
+    if ys.size == 0:
+        raise InputError(f"{name}: the alpha is empty, no object to centre")
+    cy = (ys.min() + ys.max() + 1) / 2.0  # bbox centre, pixel-edge coordinates
+    cx = (xs.min() + xs.max() + 1) / 2.0
+    # Farthest pixel centre of the half-coverage region: the edge of an antialiased object to ~0.3 px.
+    radius = float(np.sqrt(((ys + 0.5 - cy) ** 2 + (xs + 0.5 - cx) ** 2).max()))
+    if radius < MIN_OBJECT_RADIUS:
+        raise InputError(f"{name}: the object spans only {2 * radius:.1f} px, too small to centre")
+    half = radius / ratio  # canvas half-side in input pixels
+    left, top, right, bottom = cx - half, cy - half, cx + half, cy + half
+    height, width = alpha.shape
+    pad_l, pad_t = max(0, math.ceil(-left)), max(0, math.ceil(-top))
+    pad_r, pad_b = max(0, math.ceil(right - width)), max(0, math.ceil(bottom - height))
+    box = (left + pad_l, top + pad_t, right + pad_l, bottom + pad_t)
+    pads = ((pad_t, pad_b), (pad_l, pad_r))
+    alpha = np.clip(alpha, 0.0, 1.0)
+    out_alpha = _resize_channel(np.pad(alpha, pads), box, size)  # [S, S]
+    out_alpha = np.clip(out_alpha, 0.0, 1.0)
+    premultiplied = [
+        np.clip(_resize_channel(np.pad(rgb[..., c] * alpha, pads), box, size), 0.0, out_alpha)
+        for c in range(3)
+    ]
+    on_white = np.stack(premultiplied, axis=-1) + (1.0 - out_alpha)[..., None]  # [S, S, 3], in [0, 1]
+    return np.clip(on_white, 0.0, 1.0).astype(np.float32), out_alpha.astype(np.float32)
+
+
+def preprocess_image(
+    path_or_array: str | os.PathLike[str] | np.ndarray | Tensor | Image.Image,
+    size: int = 576,  # SV3D's training resolution
+    frame_ratio: float | None = None,  # None: SPHERE_FRAME_RATIO, as a placed mesh (module docstring)
+    background: Background = "auto",  # matting for inputs without alpha; an input alpha is always used
+) -> tuple[Tensor, Tensor]:
+    """Photo or array -> SV3D's conditioning image.
+
+    Returns:
+        image: [1, 3, size, size] float32 in [-1, 1], the object centred and composited on white.
+        alpha: [size, size] float32 in [0, 1], the object's mask on the same canvas.
+
+    Raises:
+        InputError: unreadable file, image under 32 px, unknown `background`, no matting possible,
+        empty alpha (no object).
+    """
+    if background not in ("auto", "rembg", "plain"):
+        raise InputError(f"background {background!r}: expected 'auto', 'rembg' or 'plain'")
+    if isinstance(path_or_array, (str, os.PathLike)):
+        name = str(path_or_array)
+        rgb, alpha = load_image(path_or_array)
+    else:
+        name = "input array"
+        rgb, alpha = _array_to_float(path_or_array, name)
+    height, width = rgb.shape[:2]
+    if min(height, width) < MIN_IMAGE_SIZE:
+        raise InputError(f"{name}: image of {width}x{height} px, at least {MIN_IMAGE_SIZE} px a side needed")
+    if alpha is None:
+        alpha = remove_background(rgb, background, name=name)
+    on_white, out_alpha = frame_object(rgb, alpha, size=size, frame_ratio=frame_ratio, name=name)
+    image = torch.from_numpy(on_white).permute(2, 0, 1)[None] * 2.0 - 1.0  # [S, S, 3] -> [1, 3, S, S]
+    return image.contiguous(), torch.from_numpy(out_alpha)

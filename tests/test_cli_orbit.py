@@ -1,0 +1,149 @@
+"""`sv3d orbit` with the tiny random SV3D checkpoints: outputs, variants, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import save_file
+
+from sv3d.cameras import read_orbit_directory
+from sv3d.cli import main
+
+
+def tiny_args(fixtures: Path, variant: str) -> list[str]:
+    return [
+        "--checkpoint",
+        str(fixtures / f"tiny_sv3d_{variant}.safetensors"),
+        "--sgm-config",
+        str(fixtures / f"tiny_sv3d_{variant}.yaml"),
+        "--resolution",
+        "64",
+        "--steps",
+        "2",
+    ]
+
+
+def rgba_disc(path: Path, size: int = 80) -> Path:
+    yy, xx = np.mgrid[0:size, 0:size]
+    alpha = ((xx - size / 2) ** 2 + (yy - size / 2) ** 2 < (size / 3) ** 2).astype(np.uint8) * 255
+    rgb = np.zeros((size, size, 3), np.uint8) + np.array([200, 60, 40], np.uint8)
+    Image.fromarray(np.dstack([rgb, alpha])).save(path)
+    return path
+
+
+@pytest.mark.parametrize("variant,orbit", [("p", "sine"), ("u", None)])
+def test_orbit_writes_frames_cameras_and_preview(
+    sv3d_tiny: Path, tmp_path: Path, variant: str, orbit: str | None
+):
+    out = tmp_path / "orbit"
+    image = rgba_disc(tmp_path / "disc.png")
+    args = ["orbit", str(image), "-o", str(out), *tiny_args(sv3d_tiny, variant)]
+    assert main(args + (["--orbit", orbit] if orbit else [])) == 0
+    frames = read_orbit_directory(out)
+    assert frames.images.shape == (21, 64, 64, 4) and frames.alpha_source == "matting"
+    assert (out / "preview.mp4").is_file()
+    transforms = json.loads((out / "transforms.json").read_text())
+    assert transforms["orbit_kind"] == (orbit or "static")
+    # The last frame is the input view and keeps the input's alpha: the disc, re-framed so that its bounding
+    # circle spans 85% of the half-width, covers pi * 0.85^2 / 4 = 0.567 of the frame.
+    coverage = float(frames.images[-1, ..., 3].mean())
+    assert abs(coverage - np.pi * 0.85**2 / 4) < 0.03
+    assert abs(float(frames.orbit.elevations_deg[-1]) - 10.0) < 1e-9
+
+
+BAD = {
+    "corrupt image": lambda d, fx: (
+        [str(_bytes(d / "bad.png", b"\x89PNG\r\n\x1a\n" + b"x" * 50))],
+        tiny_args(fx, "p"),
+    ),
+    "empty alpha": lambda d, fx: ([str(_empty_alpha(d / "empty.png"))], tiny_args(fx, "p")),
+    "tiny image": lambda d, fx: ([str(_tiny(d / "tiny.png"))], tiny_args(fx, "p")),
+    "directory as image": lambda d, fx: ([str(d)], tiny_args(fx, "p")),
+    "other model": lambda d, fx: (
+        [str(rgba_disc(d / "a.png"))],
+        ["--checkpoint", str(_sd(d / "sd.safetensors"))],
+    ),
+    "truncated checkpoint": lambda d, fx: (
+        [str(rgba_disc(d / "a.png"))],
+        ["--checkpoint", str(_truncated(d / "t.safetensors", fx))],
+    ),
+    "missing checkpoint": lambda d, fx: (
+        [str(rgba_disc(d / "a.png"))],
+        ["--checkpoint", str(d / "none.ckpt")],
+    ),
+    "orbit with sv3d_u": lambda d, fx: (
+        [str(rgba_disc(d / "a.png"))],
+        [*tiny_args(fx, "u"), "--orbit", "sine"],
+    ),
+}
+
+
+def _bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _empty_alpha(path: Path) -> Path:
+    Image.fromarray(np.zeros((64, 64, 4), np.uint8)).save(path)
+    return path
+
+
+def _tiny(path: Path) -> Path:
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(path)
+    return path
+
+
+def _sd(path: Path) -> Path:
+    import torch
+
+    save_file({"cond_stage_model.transformer.x": torch.zeros(2)}, str(path))
+    return path
+
+
+def _truncated(path: Path, fixtures: Path) -> Path:
+    path.write_bytes((fixtures / "tiny_sv3d_p.safetensors").read_bytes()[:200_000])
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_one_line_error_nothing_created(sv3d_tiny: Path, tmp_path: Path, case: str):
+    src = tmp_path / "src"
+    src.mkdir()
+    positional, options = BAD[case](src, sv3d_tiny)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sv3d", "orbit", *positional, "-o", str(out), *options],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("sv3d:")]
+    assert len(lines) == 1 and lines[0].startswith("sv3d: error: "), proc.stderr
+    assert not out.exists()
+
+
+def test_full_size_model_on_cpu_is_refused_with_an_estimate(
+    sv3d_tiny: Path, tmp_path: Path, monkeypatch, capsys
+):
+    import sv3d.orbit
+
+    monkeypatch.setattr(sv3d.orbit, "CPU_PARAM_LIMIT", 0)  # treat the tiny UNet as a full-size one
+    out = tmp_path / "out"
+    code = main(
+        [
+            "orbit",
+            str(rgba_disc(tmp_path / "a.png")),
+            "-o",
+            str(out),
+            *tiny_args(sv3d_tiny, "p"),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 2 and "--allow-cpu" in capsys.readouterr().err and not out.exists()
