@@ -147,3 +147,18 @@ def test_full_size_model_on_cpu_is_refused_with_an_estimate(
         ]
     )
     assert code == 2 and "--allow-cpu" in capsys.readouterr().err and not out.exists()
+
+
+def test_interrupted_run_leaves_nothing(sv3d_tiny: Path, tmp_path: Path, monkeypatch, capsys):
+    from sv3d.model.pipeline import SV3DPipeline
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SV3DPipeline, "__call__", interrupted)
+    out = tmp_path / "out"
+    assert (
+        main(["orbit", str(rgba_disc(tmp_path / "a.png")), "-o", str(out), *tiny_args(sv3d_tiny, "p")]) == 130
+    )
+    assert "interrupted" in capsys.readouterr().err
+    assert not out.exists()

@@ -93,3 +93,12 @@ def test_bfloat16_unet_and_clip_stay_close_to_float32(sv3d_tiny: Path):
     diff = (low.frames - full.frames).abs()
     # bf16 keeps 8 bits of mantissa: frames in [0, 1] move by a few 1e-3 on average on this random model.
     assert diff.mean() < 0.01 and diff.max() < 0.1, (diff.mean(), diff.max())  # measured 4.9e-3, 5.8e-2
+
+
+def test_cpu_offload_gives_the_same_result(sv3d_tiny: Path):
+    pipe, ref = load_tiny(sv3d_tiny, "p")
+    plain, _ = run_reference(pipe, ref)
+    pipe.enable_cpu_offload("cpu")  # the mechanics (move in, run, move out) on the device we have
+    offloaded, _ = run_reference(pipe, ref)
+    assert torch.equal(plain.frames, offloaded.frames)
+    assert next(pipe.unet.parameters()).device.type == "cpu"
