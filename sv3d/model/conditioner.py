@@ -118,6 +118,10 @@ class SV3DConditioning:
             self.vector.to(device=device, dtype=dtype),
         )
 
+    def rows(self, index: slice) -> SV3DConditioning:
+        """A slice of the rows (frames) of every part."""
+        return SV3DConditioning(self.crossattn[index], self.concat[index], self.vector[index])
+
 
 def concat_for_cfg(uncond: SV3DConditioning, cond: SV3DConditioning) -> SV3DConditioning:
     """Classifier-free-guidance batch `[uncond ; cond]`: 2*B*T rows, unconditional first, as the reference."""

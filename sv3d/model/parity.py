@@ -24,9 +24,6 @@ from .conditioner import build_conditioning, concat_for_cfg
 from .pipeline import SV3DPipeline
 from .sampler import (
     apply_guidance,
-    denoiser_scalings,
-    scale_model_input,
-    to_denoised,
     triangle_guidance_scales,
 )
 from .vae import decode_frames, encode_moments
@@ -152,9 +149,7 @@ def run_parity(fixture: str | Path, variant: str) -> list[ParityCheck]:
 
     # 3. One denoiser forward at the stored x, sigma: without and with CFG batching
     def denoise(x: Tensor, sigma: Tensor, c) -> Tensor:
-        unet_in = torch.cat([scale_model_input(x, sigma), c.concat], dim=1)
-        out = pipe.unet(unet_in, denoiser_scalings(sigma)[3], c.crossattn, c.vector, num_frames=num_frames)
-        return to_denoised(out.sample, x, sigma)
+        return pipe.denoise(x, sigma, c, num_frames)
 
     x, sigma = ref["denoise/x"], ref["denoise/sigma"]
     checks.append(_compare("denoise/denoised", denoise(x, sigma, cond), ref["denoise/denoised"], tol))

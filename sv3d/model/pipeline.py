@@ -22,7 +22,7 @@ from torch import Tensor
 from ..errors import InputError
 from .checkpoint import CheckpointError, read_checkpoint, split_components
 from .clip import clip_preprocess, load_clip_vision  # noqa: F401  (clip_preprocess: public via here)
-from .conditioner import build_conditioning, concat_for_cfg
+from .conditioner import SV3DConditioning, build_conditioning, concat_for_cfg
 from .sampler import (
     EulerEDMSampler,
     apply_guidance,
@@ -164,6 +164,24 @@ class SV3DPipeline:
     # Sampling
     # ---------------------------------------------------------------------------------------------
     @torch.no_grad()
+    def denoise(self, x: Tensor, sigma: Tensor, cond: SV3DConditioning, num_frames: int) -> Tensor:
+        """D(x, sigma): one UNet call with v-prediction EDM scalings -> [N, 4, h, w] float32.
+
+        x: [N, 4, h, w] noisy latents (scaled space); sigma: [N]; cond: N rows of conditioning.
+        """
+        dtype = self.unet.dtype
+        c_noise = denoiser_scalings(sigma)[3]  # [N] = 0.25 ln(sigma)
+        unet_in = torch.cat([scale_model_input(x, sigma), cond.concat.to(x)], dim=1)  # [N, 8, h, w]
+        out = self.unet(
+            unet_in.to(dtype),
+            c_noise.to(dtype),
+            cond.crossattn.to(dtype),
+            cond.vector.to(dtype),
+            num_frames=num_frames,
+        ).sample
+        return to_denoised(out.float(), x, sigma)
+
+    @torch.no_grad()
     def __call__(
         self,
         image: Tensor,  # [1, 3, H, W] in [-1, 1], the input view on white (H, W multiples of 8)
@@ -224,19 +242,10 @@ class SV3DPipeline:
         timings["conditioning_s"] = time.perf_counter() - start
 
         # 3. Denoiser: v-prediction with EDM scalings, CFG over [uncond ; cond]
-        unet = self._on(self.unet, device)
+        self._on(self.unet, device)
 
         def run_unet(x: Tensor, sigma: Tensor, rows: slice) -> Tensor:
-            c_noise = denoiser_scalings(sigma)[3]  # [N] = 0.25 ln(sigma)
-            unet_in = torch.cat([scale_model_input(x, sigma), batched.concat[rows]], dim=1)  # [N, 8, h, w]
-            out = unet(
-                unet_in.to(dtype),
-                c_noise.to(dtype),
-                batched.crossattn[rows],
-                batched.vector[rows],
-                num_frames=num_frames,
-            ).sample
-            return to_denoised(out.float(), x, sigma)  # [N, 4, h, w] float32
+            return self.denoise(x, sigma, batched.rows(rows), num_frames)
 
         def denoise(x: Tensor, sigma: Tensor) -> Tensor:
             if cfg_batching:
