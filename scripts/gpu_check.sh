@@ -15,5 +15,6 @@ PY=${PY:-python3}
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
-timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.txt"
-timeout 240 $PY scripts/bench_raster.py 2>&1 | tee "$OUT/bench_raster.txt"
+timeout 150 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.txt"
+timeout 120 $PY scripts/bench_raster.py 2>&1 | tee "$OUT/bench_raster.txt"
+timeout 200 $PY scripts/bench_sv3d.py --size full 2>&1 | tee "$OUT/bench_sv3d.txt"

@@ -102,3 +102,20 @@ def test_cpu_offload_gives_the_same_result(sv3d_tiny: Path):
     offloaded, _ = run_reference(pipe, ref)
     assert torch.equal(plain.frames, offloaded.frames)
     assert next(pipe.unet.parameters()).device.type == "cpu"
+
+
+@pytest.mark.gpu
+def test_cuda_bfloat16_matches_float32(sv3d_tiny: Path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    pipe, ref = load_tiny(sv3d_tiny, "p")
+    cpu, _ = run_reference(pipe, ref)
+    gpu = SV3DPipeline.from_single_file(
+        sv3d_tiny / "tiny_sv3d_p.safetensors", sgm_config=sv3d_tiny / "tiny_sv3d_p.yaml", device="cuda"
+    )
+    fp32, _ = run_reference(gpu, ref)
+    assert (fp32.frames - cpu.frames).abs().max() <= 1e-3
+    gpu.to(dtype=torch.bfloat16)
+    bf16, _ = run_reference(gpu, ref)
+    diff = (bf16.frames - cpu.frames).abs()
+    assert diff.mean() < 0.01 and diff.max() < 0.1
