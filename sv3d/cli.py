@@ -147,6 +147,44 @@ def _cmd_orbit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_fit_nerf(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fit-nerf",
+        help="fit an Instant-NGP NeRF to an orbit directory; extract a coarse mesh",
+        description="Orbit directory (from sv3d orbit or render-orbit) -> mesh.ply, density.npz, "
+        "field.safetensors, preview.mp4. An interrupted run resumes from its checkpoint.",
+    )
+    p.add_argument("orbit_dir", help="orbit directory: transforms.json + RGBA frames")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--steps", type=int, help="optimisation steps (default: by device)")
+    p.add_argument("--resolution", type=int, help="training frame size (default: by device)")
+    p.add_argument("--grid", type=int, help="marching-cubes grid resolution (default: by device)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
+    p.add_argument("--force", action="store_true", help="start over in a non-empty output directory")
+    p.set_defaults(func=_cmd_fit_nerf)
+
+
+def _cmd_fit_nerf(args: argparse.Namespace) -> int:
+    from .device import pick_device
+    from .fit_nerf import default_fit_config, fit_nerf
+
+    config = default_fit_config(pick_device(args.device))
+    config.device = args.device
+    if args.steps is not None:
+        config.train.steps = args.steps
+    if args.resolution is not None:
+        config.train.max_resolution = args.resolution
+    if args.grid is not None:
+        config.extract.resolution = args.grid
+    start = time.perf_counter()
+    out = fit_nerf(args.orbit_dir, args.output, config, force=args.force)
+    print(
+        f"wrote mesh.ply, density.npz, field.safetensors, preview.mp4 to {out} in "
+        f"{time.perf_counter() - start:.1f} s"
+    )
+    return 0
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
@@ -180,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_render_orbit(sub)
     _add_orbit(sub)
+    _add_fit_nerf(sub)
     _add_demo(sub)
     return parser
 

@@ -1,0 +1,213 @@
+"""Volume rendering of a radiance field along rays, through nerfacc's functions.
+
+Emission-absorption model (Max 1995; NeRF, Mildenhall et al. 2020, Eq. 3): with intervals
+[t_i, t_{i+1}) of length delta_i and densities sigma_i, alpha_i = 1 - exp(-sigma_i delta_i),
+T_i = exp(-sum_{j<i} sigma_j delta_j), w_i = T_i alpha_i; colour = sum w_i c_i + (1 - sum w_i) background.
+The weights come from `nerfacc.render_weight_from_density` and the sums from
+`nerfacc.accumulate_along_rays`, never from a copy of them.
+
+Two samplers:
+- the default, pure PyTorch and portable: `n_samples` uniform (or stratified) samples between each ray's
+  `near` and `far` (the bounding sphere, `rays.ray_sphere_bounds`), rendered with nerfacc's *batched*
+  path ([R, S] tensors), which is plain PyTorch in nerfacc 0.5.3 (its packed path needs CUDA kernels);
+- `nerfacc.OccGridEstimator` (instant-ngp's occupancy grid, empty-space skipping), on a CUDA device with
+  nerfacc's CUDA extension built: pass `estimator=` (see `make_estimator`, `estimator_available`), and keep
+  it up to date with `update_estimator` during training. It returns packed samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import nerfacc
+import torch
+from torch import Tensor
+
+__all__ = ["estimator_available", "make_estimator", "render_rays", "update_estimator"]
+
+# field(x [N, 3], d [N, 3]) -> (rgb [N, 3] in [0, 1], sigma [N] >= 0), e.g. `field.RadianceField`
+FieldFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def _check_rays(origins: Tensor, directions: Tensor, near: Tensor, far: Tensor) -> None:
+    if origins.ndim != 2 or origins.shape[-1] != 3 or directions.shape != origins.shape:
+        raise ValueError(
+            "origins and directions must both be [R, 3], got "
+            f"{tuple(origins.shape)} and {tuple(directions.shape)}"
+        )
+    n = origins.shape[0]
+    for name, t in (("near", near), ("far", far)):
+        if t.shape not in ((n,), (n, 1)):
+            raise ValueError(f"{name} must be [R] or [R, 1] with R = {n}, got {tuple(t.shape)}")
+
+
+def _background(background: float | Sequence[float] | Tensor, like: Tensor) -> Tensor:
+    bg = torch.as_tensor(background, dtype=like.dtype, device=like.device).reshape(-1)
+    if bg.numel() == 1:
+        bg = bg.expand(3)
+    if bg.numel() != 3:
+        raise ValueError(f"background must be a number or 3 numbers, got {background}")
+    return bg  # [3]
+
+
+def render_rays(
+    field: FieldFn,  # (x [N, 3], d [N, 3]) -> (rgb [N, 3], sigma [N])
+    origins: Tensor,  # [R, 3] ray origins (world)
+    directions: Tensor,  # [R, 3] unit ray directions
+    near: Tensor,  # [R] (or [R, 1]) start distance along each ray
+    far: Tensor,  # [R] (or [R, 1]) end distance; far <= near renders nothing (background)
+    n_samples: int,  # samples per ray (uniform path); with an estimator, (2 * radius) / n_samples is the step
+    background: float | Sequence[float] | Tensor = (1.0, 1.0, 1.0),  # RGB composited behind, in [0, 1]
+    stratified: bool = False,  # jitter each sample inside its interval (training)
+    generator: torch.Generator | None = None,  # random source for `stratified`
+    estimator: nerfacc.OccGridEstimator | None = None,  # occupancy-grid sampling (CUDA only)
+) -> dict[str, Tensor]:
+    """Render R rays through `field`. Differentiable in the field's outputs (not in near/far).
+
+    Returns a dict:
+      rgb [R, 3] composited over `background`; opacity [R, 1] = sum of weights in [0, 1];
+      depth [R, 1] = expected distance of the samples given the ray hits (sum w t / opacity, 0 if empty);
+      and per-sample tensors for regularisers: weights, sigmas, t_mid (the evaluated distances),
+      t_delta (interval lengths), of shape [R, S] on the uniform path; positions [R, S, 3].
+      With `estimator` the per-sample tensors are packed ([N], positions [N, 3]) and `ray_indices` [N]
+      says which ray each belongs to.
+    """
+    # 1. Check inputs
+    _check_rays(origins, directions, near, far)
+    if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples}")
+    near, far = near.reshape(-1), far.reshape(-1)  # [R]
+    bg = _background(background, origins)
+    if estimator is not None:
+        return _render_estimator(
+            field, origins, directions, near, far, int(n_samples), bg, stratified, estimator
+        )
+
+    # 2. Intervals: S equal pieces of [near, far] per ray; empty (zero-length) where far <= near
+    n_rays, s = origins.shape[0], int(n_samples)
+    span = (far - near).clamp(min=0.0)  # [R]
+    edges = torch.linspace(0.0, 1.0, s + 1, dtype=origins.dtype, device=origins.device)  # [S + 1]
+    t_edges = near[:, None] + span[:, None] * edges  # [R, S + 1]
+    t_starts, t_ends = t_edges[:, :-1], t_edges[:, 1:]  # [R, S] each
+    u = torch.full_like(t_starts, 0.5)
+    if stratified:
+        u = torch.rand(t_starts.shape, generator=generator, dtype=u.dtype, device="cpu").to(u.device)
+    t_mid = t_starts + (t_ends - t_starts) * u  # [R, S] where the field is evaluated
+
+    # 3. Field at the samples
+    positions = origins[:, None, :] + t_mid[..., None] * directions[:, None, :]  # [R, S, 3]
+    dirs = directions[:, None, :].expand_as(positions)  # [R, S, 3]
+    rgbs, sigmas = field(positions.reshape(-1, 3), dirs.reshape(-1, 3))  # [R*S, 3], [R*S]
+    rgbs, sigmas = rgbs.reshape(n_rays, s, 3), sigmas.reshape(n_rays, s)  # [R, S, 3], [R, S]
+
+    # 4. Weights and sums through nerfacc's batched path
+    weights, _, _ = nerfacc.render_weight_from_density(t_starts, t_ends, sigmas)  # [R, S]
+    rgb = nerfacc.accumulate_along_rays(weights, rgbs)  # [R, 3]
+    opacity = nerfacc.accumulate_along_rays(weights, None)  # [R, 1]
+    depth = nerfacc.accumulate_along_rays(weights, t_mid[..., None])  # [R, 1]
+    depth = depth / opacity.clamp(min=torch.finfo(depth.dtype).eps)
+    return {
+        "rgb": rgb + bg * (1.0 - opacity),
+        "opacity": opacity,
+        "depth": depth,
+        "weights": weights,
+        "sigmas": sigmas,
+        "t_mid": t_mid,
+        "t_delta": t_ends - t_starts,
+        "positions": positions,
+    }
+
+
+def _render_estimator(
+    field: FieldFn,
+    origins: Tensor,  # [R, 3]
+    directions: Tensor,  # [R, 3]
+    near: Tensor,  # [R]
+    far: Tensor,  # [R]
+    n_samples: int,
+    bg: Tensor,  # [3]
+    stratified: bool,
+    estimator: nerfacc.OccGridEstimator,
+) -> dict[str, Tensor]:
+    """Occupancy-grid sampling (nerfacc CUDA kernels), then the packed weights/sums of nerfacc."""
+    if origins.device.type != "cuda":
+        raise RuntimeError(f"the occupancy-grid estimator needs CUDA tensors, got device {origins.device}")
+    n_rays = origins.shape[0]
+    aabb = estimator.aabbs[0]  # [6] the grid's box: its diagonal sets the step
+    step = float((aabb[3:] - aabb[:3]).norm()) / n_samples / 3**0.5  # box side / n_samples
+
+    def sigma_fn(t_starts: Tensor, t_ends: Tensor, ray_indices: Tensor) -> Tensor:
+        t = (t_starts + t_ends)[:, None] / 2.0  # [N, 1]
+        x = origins[ray_indices] + t * directions[ray_indices]  # [N, 3]
+        return field(x, directions[ray_indices])[1]  # [N]
+
+    ray_indices, t_starts, t_ends = estimator.sampling(
+        origins,
+        directions,
+        sigma_fn=sigma_fn,
+        t_min=near,
+        t_max=far,
+        render_step_size=step,
+        stratified=stratified,
+    )  # [N] each, sorted by ray
+    t_mid = (t_starts + t_ends) / 2.0  # [N]
+    positions = origins[ray_indices] + t_mid[:, None] * directions[ray_indices]  # [N, 3]
+    rgbs, sigmas = field(positions, directions[ray_indices])  # [N, 3], [N]
+    weights, _, _ = nerfacc.render_weight_from_density(
+        t_starts, t_ends, sigmas, ray_indices=ray_indices, n_rays=n_rays
+    )  # [N]
+    rgb = nerfacc.accumulate_along_rays(weights, rgbs, ray_indices, n_rays)  # [R, 3]
+    opacity = nerfacc.accumulate_along_rays(weights, None, ray_indices, n_rays)  # [R, 1]
+    depth = nerfacc.accumulate_along_rays(weights, t_mid[:, None], ray_indices, n_rays)  # [R, 1]
+    depth = depth / opacity.clamp(min=torch.finfo(depth.dtype).eps)
+    return {
+        "rgb": rgb + bg * (1.0 - opacity),
+        "opacity": opacity,
+        "depth": depth,
+        "weights": weights,
+        "sigmas": sigmas,
+        "t_mid": t_mid,
+        "t_delta": t_ends - t_starts,
+        "positions": positions,
+        "ray_indices": ray_indices,
+    }
+
+
+def make_estimator(
+    bound: float, resolution: int = 128, device: torch.device | str = "cuda"
+) -> nerfacc.OccGridEstimator:
+    """A one-level occupancy grid over the cube [-bound, bound]^3 (instant-ngp: 128^3), all cells occupied."""
+    if not float(bound) > 0:
+        raise ValueError(f"bound must be > 0, got {bound}")
+    b = float(bound)
+    aabb = torch.tensor([-b, -b, -b, b, b, b], dtype=torch.float32)
+    return nerfacc.OccGridEstimator(roi_aabb=aabb, resolution=int(resolution), levels=1).to(device)
+
+
+def update_estimator(
+    estimator: nerfacc.OccGridEstimator,
+    density_fn: Callable[[Tensor], Tensor],  # world points [N, 3] -> sigma [N], e.g. field.density
+    step: int,  # training step (the grid is refreshed every `every` steps)
+    n_samples: int,  # as given to `render_rays`, to turn density into per-step opacity
+    occ_thre: float = 0.01,  # a cell is empty below this opacity over one step (instant-ngp)
+    every: int = 16,  # refresh period in steps (instant-ngp: 16)
+) -> None:
+    """Refresh the occupancy grid from the field's density (in place); call once per training step."""
+    aabb = estimator.aabbs[0]
+    step_size = float((aabb[3:] - aabb[:3]).norm()) / n_samples / 3**0.5
+
+    def occ_eval_fn(x: Tensor) -> Tensor:
+        return density_fn(x) * step_size  # [N] ~ opacity over one marching step
+
+    estimator.update_every_n_steps(step=step, occ_eval_fn=occ_eval_fn, occ_thre=occ_thre, n=every)
+
+
+def estimator_available(device: torch.device | str) -> bool:
+    """Whether the occupancy-grid estimator can run on `device`: CUDA and nerfacc's CUDA extension builds."""
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return False
+    try:
+        from nerfacc.cuda._backend import _C  # JIT-builds the extension on first use (minutes)
+    except Exception:  # noqa: BLE001 - any build/import failure means: use the portable path
+        return False
+    return _C is not None
