@@ -104,6 +104,6 @@ def run_demo(output: Path, config: DemoConfig | None = None) -> dict:
     )
     print(
         "The diffusion stage needs the SV3D checkpoint (sv3d_p.safetensors or sv3d_u.safetensors, from "
-        "Stability AI under its licence); the NeRF and DMTet stages are not implemented yet."
+        "Stability AI under its licence); sv3d fit-nerf is in progress and DMTet is not implemented yet."
     )
     return report
