@@ -6,6 +6,7 @@ A library over tensors: cameras arrive as matrices; nothing here imports `sv3d` 
 from .encoding import HashGridConfig, HashGridEncoder, hash_encode, hash_encode_reference
 from .extract import ExtractConfig, density_grid, extract_mesh, load_density, save_density
 from .field import FieldConfig, RadianceField, trunc_exp
+from .occupancy import OccupancyGrid
 from .rays import generate_rays, ray_sphere_bounds
 from .render import render_rays
 from .train import TrainConfig, TrainResult, fit_field, psnr
@@ -15,6 +16,7 @@ __all__ = [
     "FieldConfig",
     "HashGridConfig",
     "HashGridEncoder",
+    "OccupancyGrid",
     "RadianceField",
     "TrainConfig",
     "TrainResult",

@@ -61,6 +61,7 @@ def render_rays(
     stratified: bool = False,  # jitter each sample inside its interval (training)
     generator: torch.Generator | None = None,  # random source for `stratified`
     estimator: nerfacc.OccGridEstimator | None = None,  # occupancy-grid sampling (CUDA only)
+    occupancy: Callable[[Tensor], Tensor] | None = None,  # [N, 3] -> [N] bool; skip samples where False
 ) -> dict[str, Tensor]:
     """Render R rays through `field`. Differentiable in the field's outputs (not in near/far).
 
@@ -69,6 +70,7 @@ def render_rays(
       depth [R, 1] = expected distance of the samples given the ray hits (sum w t / opacity, 0 if empty);
       and per-sample tensors for regularisers: weights, sigmas, t_mid (the evaluated distances),
       t_delta (interval lengths), of shape [R, S] on the uniform path; positions [R, S, 3].
+      With `occupancy`, the field is evaluated only at samples it marks occupied (density 0 elsewhere).
       With `estimator` the per-sample tensors are packed ([N], positions [N, 3]) and `ray_indices` [N]
       says which ray each belongs to.
     """
@@ -97,7 +99,14 @@ def render_rays(
     # 3. Field at the samples
     positions = origins[:, None, :] + t_mid[..., None] * directions[:, None, :]  # [R, S, 3]
     dirs = directions[:, None, :].expand_as(positions)  # [R, S, 3]
-    rgbs, sigmas = field(positions.reshape(-1, 3), dirs.reshape(-1, 3))  # [R*S, 3], [R*S]
+    flat_pos, flat_dir = positions.reshape(-1, 3), dirs.reshape(-1, 3)  # [R*S, 3]
+    if occupancy is None:
+        rgbs, sigmas = field(flat_pos, flat_dir)  # [R*S, 3], [R*S]
+    else:
+        keep = occupancy(flat_pos).nonzero(as_tuple=True)[0]  # [K] samples in occupied cells
+        rgb_k, sigma_k = field(flat_pos[keep], flat_dir[keep])  # [K, 3], [K]
+        rgbs = rgb_k.new_zeros(flat_pos.shape[0], 3).index_put((keep,), rgb_k)  # [R*S, 3]
+        sigmas = sigma_k.new_zeros(flat_pos.shape[0]).index_put((keep,), sigma_k)  # [R*S]
     rgbs, sigmas = rgbs.reshape(n_rays, s, 3), sigmas.reshape(n_rays, s)  # [R, S, 3], [R, S]
 
     # 4. Weights and sums through nerfacc's batched path

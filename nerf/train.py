@@ -96,6 +96,7 @@ def fit_field(
     device: torch.device | str = "cpu",
     checkpoint_path: str | Path | None = None,  # written every `checkpoint_every` steps; resumed if present
     progress: Callable[[int, dict[str, float]], None] | None = None,  # called after every step
+    occupancy: Callable[[Tensor], Tensor] | None = None,  # [N, 3] -> [N] bool: samples worth evaluating
 ) -> TrainResult:
     """Optimise a radiance field so that its renders reproduce the frames (over white) and their alpha."""
     config = config or TrainConfig()

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from nerf.extract import ExtractConfig, density_grid, extract_mesh, save_density
+from nerf.occupancy import OccupancyGrid
 from nerf.rays import generate_rays, ray_sphere_bounds
 from nerf.render import render_rays
 from nerf.train import TrainConfig, fit_field
@@ -25,6 +26,7 @@ from nerf.train import TrainConfig, fit_field
 from .cameras import read_orbit_directory
 from .device import pick_device
 from .errors import InputError
+from .evaluation.visual_hull import carve_occupancy
 from .video import write_video
 
 __all__ = ["FitNerfConfig", "fit_nerf", "default_fit_config"]
@@ -38,6 +40,8 @@ class FitNerfConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     preview_resolution: int = 96  # frames of preview.mp4
+    hull_resolution: int = 64  # occupancy grid carved from the masks: samples outside it are skipped
+    hull_dilate: int = 2  # cells added around the hull, a margin for matting errors
     device: str = "auto"
 
 
@@ -66,7 +70,14 @@ def _atomic(path: Path, write) -> None:
 
 @torch.no_grad()
 def render_views(
-    model, c2w: torch.Tensor, fov_deg: float, size: int, bound: float, n_samples: int, chunk: int = 1 << 14
+    model,
+    c2w: torch.Tensor,
+    fov_deg: float,
+    size: int,
+    bound: float,
+    n_samples: int,
+    chunk: int = 1 << 14,
+    occupancy=None,  # [N, 3] -> [N] bool, as in training
 ) -> np.ndarray:
     """[V, size, size, 3] renders of the field over white."""
     import math
@@ -90,6 +101,7 @@ def render_views(
             f[sel].to(device),
             n_samples,
             stratified=False,
+            occupancy=occupancy,
         )["rgb"]
         out[sel] = rgb.float().cpu()
     return out.reshape(c2w.shape[0], size, size, 3).clamp(0, 1).numpy()
@@ -136,9 +148,19 @@ def fit_nerf(
             bar.update(0)
 
     c2w = frames.orbit.c2w()
+    bound = config.train.field.bound
+    hull = carve_occupancy(frames.masks(), frames.orbit.cameras(), config.hull_resolution, bound)  # [R, R, R]
+    occupancy = OccupancyGrid(hull, bound, config.hull_dilate).to(device)
     try:
         result = fit_field(
-            frames.images, c2w, frames.orbit.fov_deg, config.train, device, out / CHECKPOINT, progress=report
+            frames.images,
+            c2w,
+            frames.orbit.fov_deg,
+            config.train,
+            device,
+            out / CHECKPOINT,
+            progress=report,
+            occupancy=occupancy,
         )
     except ValueError as exc:
         raise InputError(f"{out / CHECKPOINT}: {exc}") from None
@@ -170,6 +192,7 @@ def fit_nerf(
         config.preview_resolution,
         config.train.field.bound,
         config.train.n_samples,
+        occupancy=occupancy,
     )
     write_video(out / "preview.mp4", previews)  # atomic itself
     summary = {

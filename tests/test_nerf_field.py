@@ -312,3 +312,26 @@ def test_module_imports_nothing_of_ours(name: str) -> None:
         else:
             continue
         assert set(roots) <= allowed, f"{name} imports {roots}"
+
+
+def test_occupancy_grid_skips_empty_space_without_changing_renders():
+    """Where the grid covers everything with density, renders with and without it are identical."""
+    from nerf.occupancy import OccupancyGrid
+
+    class Ball(torch.nn.Module):  # density 50 inside radius 0.25, grey
+        def forward(self, x, d):
+            sigma = 50.0 * (x.norm(dim=-1) < 0.25).to(x.dtype)
+            return torch.full_like(x, 0.4), sigma
+
+    res, bound = 32, 0.55
+    axis = (torch.arange(res) + 0.5) / res * 2 * bound - bound
+    centres = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1)  # [R, R, R, 3]
+    grid = OccupancyGrid(centres.norm(dim=-1) < 0.25, bound, dilate=1)
+    assert 0.0 < grid.fraction < 0.2
+    origins = torch.tensor([[0.0, -2.0, 0.0], [0.3, -2.0, 0.3], [0.1, -2.0, -0.05]])
+    directions = torch.tensor([[0.0, 1.0, 0.0]]).expand(3, 3)
+    near, far = torch.full((3,), 1.4), torch.full((3,), 2.6)
+    full = render_rays(Ball(), origins, directions, near, far, 256)
+    skipped = render_rays(Ball(), origins, directions, near, far, 256, occupancy=grid)
+    assert torch.equal(full["rgb"], skipped["rgb"]) and torch.equal(full["opacity"], skipped["opacity"])
+    assert full["opacity"][0] > 0.99 and full["opacity"][1] == 0
