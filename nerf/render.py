@@ -110,10 +110,28 @@ def render_rays(
     rgbs, sigmas = rgbs.reshape(n_rays, s, 3), sigmas.reshape(n_rays, s)  # [R, S, 3], [R, S]
 
     # 4. Weights and sums through nerfacc's batched path
-    weights, _, _ = nerfacc.render_weight_from_density(t_starts, t_ends, sigmas)  # [R, S]
-    rgb = nerfacc.accumulate_along_rays(weights, rgbs)  # [R, 3]
-    opacity = nerfacc.accumulate_along_rays(weights, None)  # [R, 1]
-    depth = nerfacc.accumulate_along_rays(weights, t_mid[..., None])  # [R, 1]
+    out = _composite(t_starts, t_ends, t_mid, sigmas, rgbs, bg)
+    out["positions"] = positions
+    return out
+
+
+def _composite(
+    t_starts: Tensor,  # [R, S] batched or [N] packed
+    t_ends: Tensor,
+    t_mid: Tensor,
+    sigmas: Tensor,
+    rgbs: Tensor,  # [..., 3]
+    bg: Tensor,  # [3]
+    ray_indices: Tensor | None = None,  # [N] for packed samples
+    n_rays: int | None = None,
+) -> dict[str, Tensor]:
+    """Weights, colour over the background, opacity and depth through nerfacc (batched or packed)."""
+    weights, _, _ = nerfacc.render_weight_from_density(
+        t_starts, t_ends, sigmas, ray_indices=ray_indices, n_rays=n_rays
+    )
+    rgb = nerfacc.accumulate_along_rays(weights, rgbs, ray_indices, n_rays)  # [R, 3]
+    opacity = nerfacc.accumulate_along_rays(weights, None, ray_indices, n_rays)  # [R, 1]
+    depth = nerfacc.accumulate_along_rays(weights, t_mid[..., None], ray_indices, n_rays)  # [R, 1]
     depth = depth / opacity.clamp(min=torch.finfo(depth.dtype).eps)
     return {
         "rgb": rgb + bg * (1.0 - opacity),
@@ -123,7 +141,6 @@ def render_rays(
         "sigmas": sigmas,
         "t_mid": t_mid,
         "t_delta": t_ends - t_starts,
-        "positions": positions,
     }
 
 
@@ -162,24 +179,9 @@ def _render_estimator(
     t_mid = (t_starts + t_ends) / 2.0  # [N]
     positions = origins[ray_indices] + t_mid[:, None] * directions[ray_indices]  # [N, 3]
     rgbs, sigmas = field(positions, directions[ray_indices])  # [N, 3], [N]
-    weights, _, _ = nerfacc.render_weight_from_density(
-        t_starts, t_ends, sigmas, ray_indices=ray_indices, n_rays=n_rays
-    )  # [N]
-    rgb = nerfacc.accumulate_along_rays(weights, rgbs, ray_indices, n_rays)  # [R, 3]
-    opacity = nerfacc.accumulate_along_rays(weights, None, ray_indices, n_rays)  # [R, 1]
-    depth = nerfacc.accumulate_along_rays(weights, t_mid[:, None], ray_indices, n_rays)  # [R, 1]
-    depth = depth / opacity.clamp(min=torch.finfo(depth.dtype).eps)
-    return {
-        "rgb": rgb + bg * (1.0 - opacity),
-        "opacity": opacity,
-        "depth": depth,
-        "weights": weights,
-        "sigmas": sigmas,
-        "t_mid": t_mid,
-        "t_delta": t_ends - t_starts,
-        "positions": positions,
-        "ray_indices": ray_indices,
-    }
+    out = _composite(t_starts, t_ends, t_mid, sigmas, rgbs, bg, ray_indices, n_rays)
+    out.update(positions=positions, ray_indices=ray_indices)
+    return out
 
 
 def make_estimator(

@@ -20,7 +20,7 @@ from torch import Tensor
 from ..cameras import explicit_orbit
 from ..errors import InputError
 from .clip import clip_image_embeds, clip_preprocess
-from .conditioner import build_conditioning, concat_for_cfg
+from .conditioner import concat_for_cfg
 from .pipeline import SV3DPipeline
 from .sampler import (
     apply_guidance,
@@ -128,17 +128,7 @@ def run_parity(fixture: str | Path, variant: str) -> list[ParityCheck]:
                 tol,
             )
         )
-    cond, uncond = build_conditioning(
-        image,
-        noise,
-        pipe.image_encoder,
-        pipe.vae,
-        adm_in_channels=pipe.unet.config.projection_class_embeddings_input_dim,
-        cond_aug=cond_aug,
-        num_frames=num_frames,
-        polars_rad=polars,
-        azimuths_rad=azimuths,
-    )
+    cond, uncond = pipe.conditioning(image, noise, cond_aug, num_frames, polars, azimuths)
     for part in ("crossattn", "concat", "vector"):
         checks.append(
             _compare(f"cond/c_frames/{part}", getattr(cond, part), ref[f"cond/c_frames/{part}"], tol)

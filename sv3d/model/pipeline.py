@@ -164,6 +164,29 @@ class SV3DPipeline:
     # Sampling
     # ---------------------------------------------------------------------------------------------
     @torch.no_grad()
+    def conditioning(
+        self,
+        image: Tensor,  # [1, 3, H, W] in [-1, 1]
+        cond_frames_noise: Tensor,  # [1, 3, H, W] unit normal
+        cond_aug: float,
+        num_frames: int,
+        polars_rad: Tensor | None = None,  # [T], sv3d_p only
+        azimuths_rad: Tensor | None = None,  # [T], sv3d_p only
+    ) -> tuple[SV3DConditioning, SV3DConditioning]:
+        """(cond, uncond) for this model: the UNet's vector width decides the embedding widths."""
+        return build_conditioning(
+            image,
+            cond_frames_noise,
+            self.image_encoder,
+            self.vae,
+            adm_in_channels=self.unet.config.projection_class_embeddings_input_dim,
+            cond_aug=cond_aug,
+            num_frames=num_frames,
+            polars_rad=polars_rad,
+            azimuths_rad=azimuths_rad,
+        )
+
+    @torch.no_grad()
     def denoise(self, x: Tensor, sigma: Tensor, cond: SV3DConditioning, num_frames: int) -> Tensor:
         """D(x, sigma): one UNet call with v-prediction EDM scalings -> [N, 4, h, w] float32.
 
@@ -226,16 +249,13 @@ class SV3DPipeline:
         start = time.perf_counter()
         self._on(self.image_encoder, device)
         self._on(self.vae, device)
-        cond, uncond = build_conditioning(
+        cond, uncond = self.conditioning(
             image.to(device, torch.float32),
             cond_frames_noise.to(device, torch.float32),
-            self.image_encoder,
-            self.vae,
-            adm_in_channels=self.unet.config.projection_class_embeddings_input_dim,
-            cond_aug=cond_aug,
-            num_frames=num_frames,
-            polars_rad=polars_rad,
-            azimuths_rad=azimuths_rad,
+            cond_aug,
+            num_frames,
+            polars_rad,
+            azimuths_rad,
         )
         batched = concat_for_cfg(uncond, cond).to(device, dtype)  # [2T, ...], unconditional first
         scales = triangle_guidance_scales(num_frames).to(device)  # [T]: 1 at both ends, 2.5 mid-orbit
