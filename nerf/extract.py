@@ -5,14 +5,26 @@ The density grid is also what the DMTet stage starts from (`density.npz`: grid, 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import trimesh
+from scipy import ndimage
 from skimage import measure
+from torch import Tensor
 
-__all__ = ["ExtractConfig", "density_grid", "extract_mesh", "save_density", "load_density"]
+__all__ = [
+    "ExtractConfig",
+    "density_grid",
+    "extract_mesh",
+    "fill_cavities",
+    "optical_depth_grid",
+    "load_density",
+    "save_density",
+    "surface",
+]
 
 
 @dataclass
@@ -39,19 +51,95 @@ def density_grid(
 
 
 @torch.no_grad()
-def extract_mesh(
-    field: torch.nn.Module, grid: np.ndarray, bound: float, config: ExtractConfig | None = None
-) -> trimesh.Trimesh:
-    """Marching cubes of the density grid at `config.level`, small components removed, vertex colours."""
-    config = config or ExtractConfig()
+def optical_depth_grid(
+    density: np.ndarray,  # [R, R, R] densities at cell centres of [-bound, bound]^3, index order x, y, z
+    bound: float,
+    c2w: Tensor,  # [V, 4, 4] the training cameras (OpenGL convention)
+    fov_deg: float,  # their field of view (square frames)
+    pixels: int = 128,  # rays per side of each view's frustum volume
+    depth_samples: int = 256,  # samples along each ray over the bounding sphere of the cube
+) -> np.ndarray:
+    """[R, R, R] min over views of the optical depth tau(x) = int sigma from the camera to x.
+
+    A point is free space when some camera sees it through transmittance exp(-tau) > 1/2, and solid
+    when every camera's ray to it is already half absorbed; the surface tau = ln 2 is where the rendered
+    opacity reaches 1/2, the median-depth surface of the renders. Unlike a density iso-level it does not
+    depend on how soft or porous the learned shell is, and what no camera sees into is solid.
+    Each view integrates the density (trilinear) along its rays into a frustum volume
+    [depth, pixels, pixels] by cumulative sums, which is then sampled at the cell centres.
+    """
+    device = c2w.device
+    res = density.shape[0]
+    sigma = torch.as_tensor(density, dtype=torch.float32, device=device)
+    volume = sigma.permute(2, 1, 0)[None, None]  # [1, 1, z, y, x]: grid_sample's (D, H, W) order
+    centres = (torch.arange(res, dtype=torch.float32, device=device) + 0.5) / res * 2.0 - 1.0  # [R]
+    cells = torch.stack(torch.meshgrid(centres, centres, centres, indexing="ij"), -1).reshape(-1, 3) * bound
+    tan_half = math.tan(math.radians(fov_deg) / 2.0)
+    ndc = (torch.arange(pixels, dtype=torch.float32, device=device) + 0.5) / pixels * 2.0 - 1.0  # [P]
+    ny, nx = torch.meshgrid(ndc, ndc, indexing="ij")  # [P, P]: row = ndc y ascending
+    d_cam = torch.stack([nx * tan_half, ny * tan_half, -torch.ones_like(nx)], -1)  # [P, P, 3]
+    d_cam = d_cam / d_cam.norm(dim=-1, keepdim=True)
+    reach = bound * math.sqrt(3.0)  # radius of the cube's bounding sphere
+    tau_min = torch.full((cells.shape[0],), float("inf"), device=device)  # [R^3]
+    for view in c2w.float():
+        origin, rot = view[:3, 3], view[:3, :3]
+        dist = float(origin.norm())
+        t0, t1 = max(dist - reach, 0.0), dist + reach
+        ts = t0 + (torch.arange(depth_samples, dtype=torch.float32, device=device) + 0.5) * (
+            (t1 - t0) / depth_samples
+        )  # [D]
+        dirs = d_cam @ rot.T  # [P, P, 3] world
+        points = origin + ts[:, None, None, None] * dirs  # [D, P, P, 3]
+        coords = (points / bound)[None]  # [1, D, P, P, 3] in the cube's [-1, 1]^3, (x, y, z)
+        s = torch.nn.functional.grid_sample(volume, coords, align_corners=False, padding_mode="zeros")
+        tau = torch.cumsum(s[0, 0], 0) * ((t1 - t0) / depth_samples)  # [D, P, P] optical depth
+        # Cell centres -> (ndc x, ndc y, t) in this view's frustum volume.
+        local = (cells - origin) @ rot  # [R^3, 3] camera coordinates
+        depth = -local[:, 2].clamp(max=-1e-6)
+        u = local[:, 0] / depth / tan_half
+        v = local[:, 1] / depth / tan_half
+        t = (cells - origin).norm(dim=-1)
+        w = (t - t0) / (t1 - t0) * 2.0 - 1.0
+        grid = torch.stack([u, v, w], -1)[None, :, None, None]  # [1, R^3, 1, 1, 3]
+        at = torch.nn.functional.grid_sample(
+            tau[None, None], grid, align_corners=False, padding_mode="border"
+        )
+        at = at.reshape(-1)
+        seen = (u.abs() <= 1.0) & (v.abs() <= 1.0)  # the view says nothing outside its image
+        tau_min = torch.minimum(tau_min, torch.where(seen, at, torch.full_like(at, float("inf"))))
+    tau_min = torch.nan_to_num(tau_min, posinf=float(tau_min[tau_min.isfinite()].max()))
+    return tau_min.reshape(res, res, res).cpu().numpy()
+
+
+def fill_cavities(grid: np.ndarray, level: float) -> np.ndarray:
+    """[R, R, R] densities with every empty region not connected to the grid's border raised to `level`.
+
+    No camera sees inside an object, so the density there is whatever training left (often low pockets);
+    marching cubes would turn each pocket into an internal surface. What cannot be reached from outside
+    without crossing the level is solid.
+    """
+    empty = np.pad(grid < level, 1, constant_values=True)  # [R+2]^3, a border of empty space
+    labels, _ = ndimage.label(empty)  # 6-connected empty regions
+    outside = labels == labels[0, 0, 0]  # the region holding the border
+    cavities = empty & ~outside
+    if not cavities.any():
+        return grid
+    filled = grid.copy()
+    filled[cavities[1:-1, 1:-1, 1:-1]] = np.float32(level) * 2.0
+    return filled
+
+
+def surface(grid: np.ndarray, bound: float, level: float, min_component: float = 0.01) -> trimesh.Trimesh:
+    """Marching cubes of the density grid at `level` (cavities filled), outward faces, small parts removed."""
     resolution = grid.shape[0]
-    if not (grid.max() > config.level > grid.min()):
+    if not (grid.max() > level > grid.min()):
         raise ValueError(
-            f"density grid never crosses level {config.level} (range {grid.min():.3g} to "
+            f"density grid never crosses level {level} (range {grid.min():.3g} to "
             f"{grid.max():.3g}): the field is empty or solid"
         )
+    grid = fill_cavities(grid, level)  # unseen inside: no internal surfaces
     padded = np.pad(grid, 1, mode="constant", constant_values=0.0)  # closes surfaces at the boundary
-    verts, faces, _, _ = measure.marching_cubes(padded, level=config.level)
+    verts, faces, _, _ = measure.marching_cubes(padded, level=level)
     step = 2.0 * bound / resolution
     verts = (verts - 1.0 + 0.5) * step - bound  # padded index -> world (cell centres)
     # marching_cubes orients faces towards increasing values (inside): flip to face outwards.
@@ -59,8 +147,22 @@ def extract_mesh(
     components = mesh.split(only_watertight=False)
     if len(components) > 1:
         total = mesh.area
-        kept = [c for c in components if c.area >= config.min_component * total]
+        kept = [c for c in components if c.area >= min_component * total]
         mesh = trimesh.util.concatenate(kept)
+    return mesh
+
+
+@torch.no_grad()
+def extract_mesh(
+    field: torch.nn.Module,
+    grid: np.ndarray,
+    bound: float,
+    config: ExtractConfig | None = None,
+    level: float | None = None,  # overrides config.level (e.g. a level chosen from the masks)
+) -> trimesh.Trimesh:
+    """Marching cubes of the density grid at the level, small components removed, vertex colours."""
+    config = config or ExtractConfig()
+    mesh = surface(grid, bound, config.level if level is None else level, config.min_component)
     device = next(field.parameters()).device
     points = torch.tensor(mesh.vertices, dtype=torch.float32, device=device)
     normals = torch.tensor(mesh.vertex_normals, dtype=torch.float32, device=device)

@@ -46,3 +46,22 @@ class OccupancyGrid:
         inside = ((cell >= 0) & (cell < self.resolution)).all(-1)
         cell = cell.clamp(0, self.resolution - 1)
         return inside & self.occupied[cell[:, 0], cell[:, 1], cell[:, 2]]
+
+    def ray_bounds(self, origins: Tensor, directions: Tensor) -> tuple[Tensor, Tensor]:
+        """(near, far) [R] where rays [R, 3] cross the box around the occupied cells (slab method).
+
+        Rays that miss the box get near == far, so `far > near` marks the rays worth sampling; sampling
+        only this span puts all of a ray's samples where the object can be.
+        """
+        cells = self.occupied.nonzero()  # [K, 3]
+        if cells.numel() == 0:
+            zero = origins.new_zeros(origins.shape[0])
+            return zero, zero
+        size = 2.0 * self.bound / self.resolution
+        lo = cells.min(0).values.to(origins.dtype) * size - self.bound  # [3]
+        hi = (cells.max(0).values + 1).to(origins.dtype) * size - self.bound  # [3]
+        inv = 1.0 / torch.where(directions.abs() < 1e-12, torch.full_like(directions, 1e-12), directions)
+        t0, t1 = (lo - origins) * inv, (hi - origins) * inv  # [R, 3] each
+        near = torch.minimum(t0, t1).amax(-1).clamp(min=0.0)  # [R]
+        far = torch.maximum(t0, t1).amin(-1).clamp(min=0.0)  # [R]
+        return near, torch.maximum(far, near)

@@ -33,8 +33,10 @@ class TrainConfig:
     n_samples: int = 96  # samples per ray between the ray's entry and exit of the bounding sphere
     lr: float = 1e-2  # Adam, as instant-ngp
     lr_final_factor: float = 0.05  # exponential decay to this fraction of lr at the last step
-    mask_weight: float = 0.1  # opacity vs alpha (mean squared error)
-    distortion_weight: float = 1e-3  # Mip-NeRF 360 distortion loss
+    mask_weight: float = 1.0  # opacity vs alpha (mean squared error): as strong as colour, sharp silhouettes
+    distortion_weight: float = (
+        1e-2  # Mip-NeRF 360 distortion loss: compact weights, no floaters inside the hull
+    )
     max_resolution: int = 128  # frames are resized to at most this size for training
     seed: int = 0
     checkpoint_every: int = 250  # steps between checkpoints (0: only at the end)
@@ -118,6 +120,11 @@ def fit_field(
     alpha = frames[..., 3:]
     target = frames[..., :3] * alpha + (1.0 - alpha)  # over white, as the renders
     near, far = ray_sphere_bounds(origins, directions, config.field.bound)
+    if occupancy is not None and hasattr(occupancy, "ray_bounds"):
+        # Sample only where the rays cross the box of the occupied cells: the same samples, denser.
+        box_near, box_far = occupancy.ray_bounds(origins.reshape(-1, 3), directions.reshape(-1, 3))
+        near = torch.maximum(near, box_near.reshape(near.shape))
+        far = torch.minimum(far, box_far.reshape(far.shape))
     hits = (far > near).reshape(-1)
     rays_o = origins.reshape(-1, 3)[hits].to(device)
     rays_d = directions.reshape(-1, 3)[hits].to(device)
@@ -172,6 +179,7 @@ def fit_field(
             ray_far[pick],
             config.n_samples,
             stratified=True,
+            occupancy=occupancy,
         )
         loss_rgb = (out["rgb"] - rgb_t[pick]).pow(2).mean()
         loss_mask = (out["opacity"] - alpha_t[pick]).pow(2).mean()

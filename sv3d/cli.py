@@ -185,6 +185,55 @@ def _cmd_fit_nerf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_refine(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "refine",
+        help="refine a mesh with DMTet on an orbit directory; export a textured mesh",
+        description="Orbit directory + initial mesh (a fit-nerf output directory or any mesh file in the "
+        "world frame) -> mesh.glb, mesh.obj + .mtl + .png, preview.mp4.",
+    )
+    p.add_argument("orbit_dir", help="orbit directory: transforms.json + RGBA frames")
+    p.add_argument("--init", required=True, help="fit-nerf output directory or mesh file")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--steps", type=int, help="optimisation steps (default: by device)")
+    p.add_argument("--resolution", type=int, help="render size during refinement (default: by device)")
+    p.add_argument("--tet-resolution", type=int, help="tet grid cells per side (default: by device)")
+    p.add_argument("--texture-size", type=int, help="baked texture size, a power of two (default 1024)")
+    p.add_argument("--target-faces", type=int, help="decimate the exported mesh to this many faces")
+    p.add_argument(
+        "--sds",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="masked SDS from the SV3D model (auto: on with --checkpoint on CUDA)",
+    )
+    p.add_argument("--checkpoint", help="SV3D checkpoint for SDS (or $SV3D_CHECKPOINT with --sds on)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=_cmd_refine)
+
+
+def _cmd_refine(args: argparse.Namespace) -> int:
+    from .device import pick_device
+    from .refine_stage import default_refine_config, refine_stage
+
+    config = default_refine_config(pick_device(args.device))
+    config.device, config.sds, config.checkpoint = args.device, args.sds, args.checkpoint
+    if args.steps is not None:
+        config.refine.steps = args.steps
+    if args.resolution is not None:
+        config.refine.render_resolution = args.resolution
+    if args.tet_resolution is not None:
+        config.refine.tet.resolution = args.tet_resolution
+    if args.texture_size is not None:
+        config.bake.texture_size = args.texture_size
+    if args.target_faces is not None:
+        config.cleanup.target_faces = args.target_faces
+    start = time.perf_counter()
+    out = refine_stage(args.orbit_dir, args.init, args.output, config, force=args.force)
+    print(f"wrote mesh.glb, mesh.obj/.mtl/.png, preview.mp4 to {out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
@@ -219,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_render_orbit(sub)
     _add_orbit(sub)
     _add_fit_nerf(sub)
+    _add_refine(sub)
     _add_demo(sub)
     return parser
 

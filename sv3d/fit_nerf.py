@@ -7,6 +7,7 @@ resumes. Defaults follow the device: minutes on 2 CPU cores at reduced resolutio
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -16,12 +17,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import trimesh
 
-from nerf.extract import ExtractConfig, density_grid, extract_mesh, save_density
+from nerf.encoding import HashGridConfig
+from nerf.extract import ExtractConfig, density_grid, extract_mesh, save_density, surface
 from nerf.occupancy import OccupancyGrid
 from nerf.rays import generate_rays, ray_sphere_bounds
 from nerf.render import render_rays
 from nerf.train import TrainConfig, fit_field
+from refine.camera import Cameras, transform_points
+from refine.rasterizer import rasterize
 
 from .cameras import read_orbit_directory
 from .device import pick_device
@@ -29,7 +34,7 @@ from .errors import InputError
 from .evaluation.visual_hull import carve_occupancy
 from .video import write_video
 
-__all__ = ["FitNerfConfig", "fit_nerf", "default_fit_config"]
+__all__ = ["FitNerfConfig", "choose_level", "default_fit_config", "fit_nerf", "orbit_fingerprint"]
 
 CHECKPOINT = "checkpoint.pt"
 OUTPUTS = ("mesh.ply", "density.npz", "field.safetensors", "preview.mp4")
@@ -42,6 +47,11 @@ class FitNerfConfig:
     preview_resolution: int = 96  # frames of preview.mp4
     hull_resolution: int = 64  # occupancy grid carved from the masks: samples outside it are skipped
     hull_dilate: int = 2  # cells added around the hull, a margin for matting errors
+    # The density iso-level is chosen among these as the one whose mesh best reproduces the frames'
+    # silhouettes (IoU over all views): a soft density has no single right level, the masks say which.
+    # Empty: use extract.level as it is.
+    level_candidates: tuple[float, ...] = (2.0, 3.0, 5.0, 7.0, 10.0, 15.0, 20.0, 30.0)
+    level_mask_resolution: int = 256  # masks are compared at most at this size
     device: str = "auto"
 
 
@@ -53,7 +63,51 @@ def default_fit_config(device: torch.device) -> FitNerfConfig:
             extract=ExtractConfig(resolution=256),
             preview_resolution=288,
         )
-    return FitNerfConfig()
+    # 2**17 hash rows: Adam's update of a 2**19-row table alone took ~0.15 s a step on 2 cores, and the
+    # 128-pixel frames do not need the capacity.
+    cpu = FitNerfConfig(train=TrainConfig(steps=600))  # the paper's step count; ~2 minutes on 2 cores
+    cpu.train.field.encoder = HashGridConfig(log2_hashmap_size=17)
+    return cpu
+
+
+def silhouette_iou(
+    mesh: trimesh.Trimesh,
+    masks: torch.Tensor,
+    cameras: Cameras,  # masks [V, H, W] bool
+) -> float:
+    """IoU, over all views, of the mesh's rasterized silhouettes and the masks."""
+    vertices = torch.as_tensor(np.asarray(mesh.vertices), dtype=torch.float32)
+    faces = torch.as_tensor(np.asarray(mesh.faces), dtype=torch.int64)
+    pos_clip = transform_points(vertices, cameras.world_to_clip())  # [V, N, 4]
+    with torch.no_grad():
+        covered = rasterize(pos_clip, faces, tuple(masks.shape[1:]))[..., 3] > 0  # [V, H, W]
+    return float((covered & masks).sum()) / max(float((covered | masks).sum()), 1.0)
+
+
+def choose_level(
+    grid: np.ndarray,  # [R, R, R] densities over [-bound, bound]^3
+    bound: float,
+    masks: torch.Tensor,  # [V, H, W] bool, the frames' alpha > 0.5
+    cameras: Cameras,
+    candidates: tuple[float, ...],
+    min_component: float = 0.01,
+) -> tuple[float, dict[float, float]]:
+    """The candidate iso-level whose mesh has the best silhouette IoU against the masks, and every IoU."""
+    ious: dict[float, float] = {}
+    for level in candidates:
+        if grid.max() > level > grid.min():
+            ious[float(level)] = silhouette_iou(surface(grid, bound, level, min_component), masks, cameras)
+    if not ious:
+        raise InputError(
+            f"the fitted density never crosses any of the levels {list(candidates)} (range "
+            f"{grid.min():.3g} to {grid.max():.3g}): the field is empty or solid"
+        )
+    return max(ious, key=ious.get), ious
+
+
+def orbit_fingerprint(orbit_dir: str | Path) -> str:
+    """sha256 of the orbit's transforms.json: which orbit a stage's output was made from."""
+    return hashlib.sha256((Path(orbit_dir) / "transforms.json").read_bytes()).hexdigest()
 
 
 def _atomic(path: Path, write) -> None:
@@ -173,7 +227,16 @@ def fit_nerf(
     grid = density_grid(
         result.field, config.train.field.bound, config.extract.resolution, config.extract.chunk
     )
-    mesh = extract_mesh(result.field, grid, config.train.field.bound, config.extract)
+    level = config.extract.level
+    level_ious: dict[float, float] = {}
+    if config.level_candidates:
+        size = min(config.level_mask_resolution, frames.images.shape[1])
+        alpha = frames.images[..., 3][:, None]  # [V, 1, H, W]
+        masks = torch.nn.functional.interpolate(alpha, size=(size, size), mode="area")[:, 0] > 0.5
+        level, level_ious = choose_level(
+            grid, bound, masks, frames.orbit.cameras(), config.level_candidates, config.extract.min_component
+        )
+    mesh = extract_mesh(result.field, grid, bound, config.extract, level=level)
     _atomic(out / "mesh.ply", lambda p: mesh.export(p, file_type="ply"))
     _atomic(
         out / "density.npz", lambda p: save_density(p, grid, config.train.field.bound, config.extract.level)
@@ -198,8 +261,11 @@ def fit_nerf(
     summary = {
         "history": result.history,
         "train_seconds": result.seconds,
+        "orbit_sha256": orbit_fingerprint(orbit_dir),
         "extract_seconds": time.perf_counter() - start,
         "mesh_faces": len(mesh.faces),
+        "level": level,
+        "level_silhouette_iou": {str(k): v for k, v in level_ious.items()},
     }
     _atomic(out / "fit_nerf.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
     return out

@@ -1,0 +1,231 @@
+"""UV unwrapping and texture baking: a colour field on a mesh surface -> an image texture.
+
+The refine stage ends with a surface and a colour field (`color_fn`: world points -> RGB, e.g. a hash-grid
+colour MLP). A viewer wants an image texture, so, as in the texture-extraction step of Magic3D / Fantasia3D
+/ threestudio's mesh exporter:
+
+1. `unwrap_uv` cuts the surface into charts and packs them into the unit square with xatlas (Young,
+   "xatlas", a port of thekla_atlas / Castaño's "Lightmap parameterization"); vertices on chart seams are
+   split, `vmap` says which input vertex each output vertex comes from.
+2. `bake_texture` rasterizes the mesh in UV space with our own rasterizer (`refine.rasterizer.rasterize`,
+   texel centres as pixel centres), interpolates the world position of every covered texel, evaluates
+   `color_fn` there in chunks, and then dilates each chart into a gutter of `gutter` texels by copying the
+   nearest covered texel (an exact Euclidean distance transform), so that bilinear filtering and
+   mip-mapping at chart borders never blend in the background. Texels further away get the mean colour.
+
+Conventions (refine/mesh.py): UVs have their origin at the bottom-left (OBJ), the texture's row 0 is its top.
+Clip position (2u - 1, 2v - 1, 0, 1) puts v = 1 on row 0 in our rasterizer, and `refine.rasterizer.texture`
+reads texel (row j, column i) at ((i + 0.5) / S, 1 - (j + 0.5) / S): baking and sampling agree exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import xatlas
+from scipy import ndimage
+from torch import Tensor
+
+from .rasterizer import interpolate, rasterize
+
+__all__ = ["BakeConfig", "ColorFn", "bake_texture", "check_texture_size", "default_padding", "unwrap_uv"]
+
+ColorFn = Callable[[Tensor], Tensor]  # points [P, 3] world -> rgb [P, 3] in [0, 1]
+
+MIN_TEXTURE_SIZE = 64  # below this a chart's padding eats most of the texture
+MAX_TEXTURE_SIZE = 8192  # a float32 8192² RGB texture is 768 MiB; beyond is not worth it for one object
+
+
+@dataclass
+class BakeConfig:
+    texture_size: int = 1024  # power of two: mip-mapping halves it cleanly; 1024² is the usual asset size
+    gutter: int = 8  # texels of dilation around charts: covers bilinear taps down to mip level 3 (8 -> 1)
+    padding: int | None = None  # texels between packed charts; None = default_padding(texture_size)
+    supersample: int = 1  # k: colour = mean over k x k samples per texel (anti-aliased chart edges, k² cost)
+    chunk_size: int = 1 << 18  # points per color_fn call: bounds the MLP's peak memory (~0.26 M points)
+
+
+def check_texture_size(texture_size: int) -> int:
+    """The size as an int; ValueError unless it is a power of two in [64, 8192]."""
+    if isinstance(texture_size, bool) or not isinstance(texture_size, int | np.integer):
+        raise ValueError(f"texture_size must be an int, got {texture_size!r}")
+    size = int(texture_size)
+    if size < MIN_TEXTURE_SIZE or size > MAX_TEXTURE_SIZE or size & (size - 1):
+        raise ValueError(
+            f"texture_size must be a power of two in [{MIN_TEXTURE_SIZE}, {MAX_TEXTURE_SIZE}], got {size}"
+        )
+    return size
+
+
+def default_padding(texture_size: int) -> int:
+    """Texels between charts: 2 at 256², 4 at 1024², 16 at 4096² (a fixed share of the texture side)."""
+    return max(2, texture_size // 256)
+
+
+def _check_mesh(vertices: Tensor, faces: Tensor) -> None:
+    if vertices.ndim != 2 or vertices.shape[-1] != 3 or vertices.shape[0] == 0:
+        raise ValueError(f"vertices must be a non-empty [N, 3] tensor, got {tuple(vertices.shape)}")
+    if faces.ndim != 2 or faces.shape[-1] != 3 or faces.shape[0] == 0:
+        raise ValueError(f"faces must be a non-empty [F, 3] tensor, got {tuple(faces.shape)}")
+    if faces.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"faces must be an integer tensor, got {faces.dtype}")
+    lo, hi = int(faces.min()), int(faces.max())
+    if lo < 0 or hi >= vertices.shape[0]:
+        raise ValueError(f"faces index vertices {lo}..{hi}, expected 0..{vertices.shape[0] - 1}")
+    if not bool(torch.isfinite(vertices).all()):
+        raise ValueError("vertices contain a non-finite value")
+
+
+# ------------------------------------------------------------------------------------------------ unwrap
+
+
+def unwrap_uv(
+    vertices: Tensor,  # [N, 3] float, world frame
+    faces: Tensor,  # [F, 3] int
+    texture_size: int = 1024,  # the texture the charts are packed for (sets texel density and padding)
+    padding: int | None = None,  # texels between charts; None = default_padding(texture_size)
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Charts and packing with xatlas -> (vertices2 [M, 3], faces2 [F, 3], uvs [M, 2], vmap [M]).
+
+    Face order is kept (faces2[i] is faces[i] with seam vertices split); vertices2 = vertices[vmap]. UVs are
+    in [0, 1], OBJ convention. xatlas treats the resolution as a target and may pack into a slightly larger
+    atlas (W, H), whose UVs are then scaled to [0, 1] per axis: the gap between charts is at least
+    padding * texture_size / max(W, H) texels (about 0.8 * padding in practice). Runs on the CPU; outputs
+    are on the input's device.
+    """
+    _check_mesh(vertices, faces)
+    size = check_texture_size(texture_size)
+    pad = default_padding(size) if padding is None else int(padding)
+    if pad < 0:
+        raise ValueError(f"padding must be >= 0 texels, got {padding}")
+
+    positions = vertices.detach().to("cpu", torch.float32).numpy()  # [N, 3]
+    indices = faces.detach().cpu().numpy().astype(np.uint32)  # [F, 3]
+    atlas = xatlas.Atlas()
+    atlas.add_mesh(positions, indices)
+    chart_options = xatlas.ChartOptions()
+    chart_options.max_iterations = 1  # one chart-growing pass: 2-3x faster, barely more charts
+    pack_options = xatlas.PackOptions()
+    pack_options.resolution = size
+    pack_options.padding = pad
+    pack_options.bilinear = True  # keep a texel of margin for bilinear taps around each chart
+    pack_options.blockAlign = False  # tighter packing; block alignment only helps block compression
+    pack_options.bruteForce = False  # brute-force placement is many times slower for ~1% utilisation
+    atlas.generate(chart_options, pack_options)
+    if atlas.atlas_count != 1:
+        raise ValueError(f"xatlas packed the charts into {atlas.atlas_count} atlases, expected 1")
+    vmap, new_faces, uvs = atlas.get_mesh(0)  # [M] uint32, [F, 3] uint32, [M, 2] float32 in [0, 1]
+
+    device = vertices.device
+    vmap_t = torch.from_numpy(vmap.astype(np.int64)).to(device)  # [M]
+    faces2 = torch.from_numpy(new_faces.astype(np.int64)).to(device)  # [F, 3]
+    uvs_t = torch.from_numpy(np.clip(uvs, 0.0, 1.0).astype(np.float32)).to(device)  # [M, 2]
+    return vertices[vmap_t], faces2.to(faces.dtype), uvs_t, vmap_t
+
+
+# -------------------------------------------------------------------------------------------------- bake
+
+
+@torch.no_grad()
+def _evaluate(color_fn: ColorFn, points: Tensor, chunk_size: int) -> Tensor:
+    """color_fn over points [P, 3] in chunks -> [P, 3] float32 in [0, 1]."""
+    out = []
+    for start in range(0, points.shape[0], chunk_size):  # chunks, not points: a handful of calls
+        chunk = points[start : start + chunk_size]
+        rgb = color_fn(chunk)
+        if not isinstance(rgb, Tensor) or rgb.shape != (chunk.shape[0], 3):
+            shape = tuple(rgb.shape) if isinstance(rgb, Tensor) else type(rgb).__name__
+            raise ValueError(f"color_fn must return a [{chunk.shape[0]}, 3] tensor, got {shape}")
+        out.append(rgb.to(device=points.device, dtype=torch.float32))
+    if not out:
+        return points.new_zeros(0, 3)
+    return torch.cat(out).nan_to_num(0.0).clamp(0.0, 1.0)
+
+
+def _fill_gutter(texture: Tensor, covered: Tensor, gutter: int) -> Tensor:
+    """Copy the nearest covered texel into uncovered ones within `gutter` texels; mean colour beyond.
+
+    texture [S, S, 3], covered [S, S] bool (at least one True). Distances are exact Euclidean (texel units).
+    """
+    distance, nearest = ndimage.distance_transform_edt(
+        ~covered.cpu().numpy(), return_distances=True, return_indices=True
+    )  # [S, S], [2, S, S] (row, column) of the nearest covered texel
+    rows = torch.from_numpy(nearest[0]).to(texture.device)  # [S, S]
+    cols = torch.from_numpy(nearest[1]).to(texture.device)
+    in_gutter = torch.from_numpy(distance <= gutter).to(texture.device)[..., None]  # [S, S, 1]
+    mean = texture[covered].mean(dim=0)  # [3]
+    return torch.where(in_gutter, texture[rows, cols], mean)
+
+
+def bake_texture(
+    vertices: Tensor,  # [N, 3] world positions (the unwrapped mesh's)
+    faces: Tensor,  # [F, 3] int
+    uvs: Tensor,  # [N, 2] in [0, 1], OBJ convention (origin bottom-left)
+    color_fn: ColorFn,  # points [P, 3] world -> rgb [P, 3] in [0, 1]
+    texture_size: int = 1024,
+    gutter: int = 8,
+    supersample: int = 1,
+    chunk_size: int = 1 << 18,
+) -> Tensor:
+    """Bake `color_fn` over the surface into a texture [S, S, 3] float32 in [0, 1], row 0 = top.
+
+    Every texel whose centre (or, with supersample = k, one of its k x k sample points) lies in a triangle
+    in UV space gets color_fn at the matching world point (the mean over its covered samples). A triangle
+    too thin to contain a sample still gets its colour: color_fn at its centroid is written to the texel
+    holding the centroid's UV when that texel is otherwise empty. Then the gutter fill (module docstring).
+    Rasterization and color_fn run on the device of `vertices`; the distance transform on the CPU.
+    """
+    # 1. Check inputs
+    _check_mesh(vertices, faces)
+    size = check_texture_size(texture_size)
+    if uvs.ndim != 2 or uvs.shape != (vertices.shape[0], 2):
+        raise ValueError(f"uvs must be [{vertices.shape[0]}, 2] (one per vertex), got {tuple(uvs.shape)}")
+    if isinstance(gutter, bool) or int(gutter) != gutter or gutter < 0:
+        raise ValueError(f"gutter must be an int >= 0 texels, got {gutter!r}")
+    if isinstance(supersample, bool) or int(supersample) != supersample or not 1 <= supersample <= 4:
+        raise ValueError(f"supersample must be an int in [1, 4], got {supersample!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    device = vertices.device
+    k = int(supersample)
+    res = size * k
+    faces = faces.long()
+    vertices = vertices.detach().float()
+    uvs = uvs.detach().to(device=device, dtype=torch.float32)
+
+    # 2. Rasterize in UV space: clip (2u - 1, 2v - 1, 0, 1); v = 1 lands on row 0 = top
+    pos_clip = torch.cat([uvs * 2.0 - 1.0, torch.zeros_like(uvs[:, :1]), torch.ones_like(uvs[:, :1])], -1)
+    rast = rasterize(pos_clip[None], faces, res)  # [1, kS, kS, 4]
+    points = interpolate(vertices, rast, faces)[0]  # [kS, kS, 3] world position per sample
+    sample_hit = rast[0, ..., 3] > 0  # [kS, kS]
+
+    # 3. Colour at covered samples, averaged per texel: [kS, kS] -> [S, k, S, k] -> [S, S]
+    colors = torch.zeros(res, res, 3, device=device)
+    colors[sample_hit] = _evaluate(color_fn, points[sample_hit], chunk_size)
+    hits = sample_hit.float().view(size, k, size, k).sum(dim=(1, 3))  # [S, S] covered samples per texel
+    summed = colors.view(size, k, size, k, 3).sum(dim=(1, 3))  # [S, S, 3]
+    covered = hits > 0  # [S, S]
+    texture = summed / hits.clamp(min=1.0)[..., None]
+
+    # 4. Faces that no sample hit (thin or tiny in UV): colour at the centroid, into its empty texel
+    seen = torch.zeros(faces.shape[0] + 1, dtype=torch.bool, device=device)
+    seen[rast[0, ..., 3].long().reshape(-1)] = True
+    missed = (~seen[1:]).nonzero(as_tuple=True)[0]  # [Q]
+    if missed.numel() > 0:
+        uv_c = uvs[faces[missed]].mean(dim=1)  # [Q, 2]
+        col = (uv_c[:, 0] * size).long().clamp(0, size - 1)
+        row = ((1.0 - uv_c[:, 1]) * size).long().clamp(0, size - 1)
+        empty = ~covered[row, col]
+        if bool(empty.any()):
+            row, col = row[empty], col[empty]
+            centroid = vertices[faces[missed[empty]]].mean(dim=1)  # [Q', 3]
+            texture[row, col] = _evaluate(color_fn, centroid, chunk_size)  # several per texel: one wins
+            covered[row, col] = True
+    if not bool(covered.any()):
+        raise ValueError("no texel is covered: uvs must lie in [0, 1] and span non-degenerate triangles")
+
+    # 5. Gutter: dilate charts by the nearest covered texel, mean colour elsewhere
+    return _fill_gutter(texture, covered, int(gutter)).clamp(0.0, 1.0)

@@ -1,0 +1,203 @@
+"""`sv3d refine`: an orbit directory + an initial mesh (the NeRF stage's, or any) -> textured mesh (stage 3).
+
+DMTet initialised from the signed distance of the init mesh (sign from winding numbers, so meshes with
+small holes work), refined on the frames by `refine.fit.refine_surface`, with masked SDS from the SV3D
+model when a checkpoint is given (on by default on CUDA then; off on CPU and for oracle orbits), then
+cleaned, UV-unwrapped (xatlas), baked into a texture and exported as `mesh.glb` (+Y up) and
+`mesh.obj` + `.mtl` + `.png`, with `preview.mp4` (the textured mesh on the orbit) and `refine.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import trimesh
+from scipy.spatial import cKDTree
+
+from refine.bake import BakeConfig, check_texture_size
+from refine.dmtet import DMTetConfig, validate_init
+from refine.export import CleanupConfig, clean_mesh, export_mesh, textured_mesh
+from refine.fit import RefineConfig, refine_surface
+from refine.render import render_mesh
+from refine.tetgrid import tet_grid
+
+from .cameras import read_orbit_directory
+from .device import pick_device
+from .errors import InputError
+from .evaluation.winding import winding_numbers
+from .fit_nerf import _atomic, orbit_fingerprint
+from .meshio import load_trimesh
+from .video import write_video
+
+__all__ = ["RefineStageConfig", "default_refine_config", "mesh_sdf", "refine_stage"]
+
+OUTPUTS = ("mesh.glb", "mesh.obj", "mesh.mtl", "mesh.png", "preview.mp4", "refine.json")
+
+
+@dataclass
+class RefineStageConfig:
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    bake: BakeConfig = field(default_factory=BakeConfig)  # texture 1024^2 with an 8-texel gutter
+    cleanup: CleanupConfig = field(default_factory=CleanupConfig)  # components < 1% area; no decimation
+    preview_resolution: int = 256
+    sds: str = "auto"  # "auto": on with a checkpoint on CUDA; "on"; "off"
+    checkpoint: str | None = None  # SV3D checkpoint for SDS (or $SV3D_CHECKPOINT when sds == "on")
+    sgm_config: str | None = None  # sgm yaml for checkpoints with non-SV3D widths (the tiny test models)
+    device: str = "auto"
+
+
+def default_refine_config(device: torch.device) -> RefineStageConfig:
+    """Defaults that follow the device: minutes on 2 CPU cores, the paper's sizes on CUDA."""
+    if device.type == "cuda":
+        return RefineStageConfig(
+            refine=RefineConfig(
+                steps=1000, render_resolution=576, views_per_step=8, tet=DMTetConfig(resolution=128)
+            ),
+            preview_resolution=576,
+        )
+    return RefineStageConfig()
+
+
+def mesh_sdf(mesh: trimesh.Trimesh, points: torch.Tensor, n_surface: int = 300_000) -> torch.Tensor:
+    """[N] signed distance (< 0 inside) of points [N, 3]: winding-number sign, distance to dense samples."""
+    surface = mesh.sample(n_surface, return_index=False) if len(mesh.faces) else np.zeros((0, 3))
+    distance, _ = cKDTree(np.concatenate([surface, mesh.vertices])).query(points.numpy(), workers=-1)
+    winding = winding_numbers(
+        points.double(),
+        torch.as_tensor(mesh.vertices, dtype=torch.float64),
+        torch.as_tensor(mesh.faces, dtype=torch.int64),
+    )
+    sign = torch.where(winding > 0.5, -1.0, 1.0)
+    return (sign * torch.as_tensor(distance)).float()
+
+
+def _load_init(init: Path, orbit_dir: Path) -> trimesh.Trimesh:
+    """The init mesh from a NeRF output directory (its mesh.ply) or a mesh file, in the world frame."""
+    if init.is_dir():
+        summary, mesh_path = init / "fit_nerf.json", init / "mesh.ply"
+        if not mesh_path.is_file():
+            raise InputError(f"{init}: not a fit-nerf output (no mesh.ply); give it or a mesh file as --init")
+        if summary.is_file():
+            fitted_on = json.loads(summary.read_text()).get("orbit_sha256")
+            if fitted_on and fitted_on != orbit_fingerprint(orbit_dir):
+                raise InputError(
+                    f"{init}: this NeRF was fitted on another orbit than {orbit_dir}; fit it on this orbit"
+                )
+        init = mesh_path
+    elif not init.is_file():
+        raise InputError(f"{init}: --init not found (a fit-nerf output directory or a mesh file)")
+    mesh = load_trimesh(init, place=False)  # world frame as it is: it must match the orbit's
+    if len(mesh.faces) == 0:
+        raise InputError(f"{init}: the init mesh is empty")
+    return mesh
+
+
+def refine_stage(
+    orbit_dir: str | Path,
+    init: str | Path,
+    output_dir: str | Path,
+    config: RefineStageConfig | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Refine the init mesh on the orbit's frames and write the stage's files into `output_dir`."""
+    # 1. Check inputs before creating anything
+    orbit_dir, init, out = Path(orbit_dir), Path(init), Path(output_dir)
+    frames = read_orbit_directory(orbit_dir)
+    device = pick_device(config.device if config else "auto")
+    config = config or default_refine_config(device)
+    try:
+        check_texture_size(config.bake.texture_size)
+    except ValueError as exc:
+        raise InputError(f"--texture-size: {exc}") from None
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise InputError(f"{out}: output directory exists and is not empty (use --force to replace it)")
+    mesh = _load_init(init, orbit_dir)
+    grid = tet_grid(config.refine.tet.resolution, config.refine.tet.bound)
+    init_sdf = mesh_sdf(mesh, grid.vertices)
+    try:
+        validate_init(init_sdf, grid.boundary_mask())
+    except ValueError as exc:
+        raise InputError(f"{init}: {exc}") from None
+    guidance = _guidance(frames, config, device)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUTS:
+        (out / name).unlink(missing_ok=True)
+
+    # 2. Refine
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.refine.steps, desc="refine", unit="step")
+
+    def report(step: int, record: dict) -> None:
+        if bar is not None:
+            bar.n = step
+            bar.set_postfix(psnr=f"{record['psnr']:.1f}", faces=record["faces"], refresh=False)
+            bar.update(0)
+
+    try:
+        result = refine_surface(
+            frames.images, frames.orbit.cameras(), init_sdf, config.refine, guidance, device, report
+        )
+    except ValueError as exc:  # an init that is empty or reaches the grid's boundary
+        raise InputError(f"{init}: {exc}") from None
+    finally:
+        if bar is not None:
+            bar.close()
+
+    # 3. Clean, unwrap, bake, export (each file atomically)
+    start = time.perf_counter()
+    with torch.no_grad():
+        vertices, faces = result.geometry.extract()
+        vertices, faces = clean_mesh(vertices.detach().cpu(), faces.cpu(), config.cleanup)
+        color = result.color.cpu()
+        textured = textured_mesh(vertices, faces, color, **asdict(config.bake))
+    export_mesh(textured, out, "mesh", ("glb", "obj"))
+    with torch.no_grad():
+        cameras = frames.orbit.cameras()
+        preview = render_mesh(textured, cameras, config.preview_resolution, shading="unlit").image
+    write_video(out / "preview.mp4", preview.clamp(0, 1).numpy())
+    summary = {
+        "history": result.history,
+        "refine_seconds": result.seconds,
+        "export_seconds": time.perf_counter() - start,
+        "faces": int(textured.faces.shape[0]),
+        "sds": guidance is not None,
+        "orbit_sha256": orbit_fingerprint(orbit_dir),
+        "config": asdict(config),
+    }
+    _atomic(out / "refine.json", lambda p: p.write_text(json.dumps(summary, indent=1, default=str)))
+    return out
+
+
+def _guidance(frames, config: RefineStageConfig, device: torch.device):
+    """The masked-SDS callable, or None: "auto" turns it on with a checkpoint on CUDA."""
+    wanted = config.sds == "on" or (config.sds == "auto" and config.checkpoint and device.type == "cuda")
+    if config.sds not in ("auto", "on", "off"):
+        raise InputError(f"--sds must be auto, on or off, got {config.sds!r}")
+    if not wanted:
+        return None
+    from .guidance import SDSConfig, make_sv3d_guidance
+    from .model.pipeline import SV3DPipeline
+    from .orbit import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(config.checkpoint)
+    kwargs = {"sgm_config": config.sgm_config} if config.sgm_config else {}
+    try:
+        pipeline = SV3DPipeline.load(checkpoint, **kwargs).to(device)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise InputError(f"{checkpoint}: cannot load the SV3D checkpoint: {exc}") from None
+    sds = SDSConfig(resolution=config.refine.sds_resolution)
+    last = frames.images[-1:].permute(0, 3, 1, 2).float()  # [1, 4, H, W] the input view
+    image = last[:, :3] * last[:, 3:] + (1.0 - last[:, 3:])  # over white
+    image = torch.nn.functional.interpolate(image, size=(sds.resolution,) * 2, mode="bilinear")
+    return make_sv3d_guidance(pipeline, (image * 2.0 - 1.0).to(device), frames.orbit, sds)

@@ -1,0 +1,110 @@
+"""`sv3d refine` at toy sizes: textured files out, one-line errors for bad input, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trimesh
+
+from sv3d.cli import main
+from sv3d.meshio import load_mesh, load_trimesh
+from sv3d.render_orbit import RenderOrbitConfig, render_orbit
+from sv3d.testing.objects import write_test_object
+
+TINY = ["--steps", "12", "--resolution", "48", "--tet-resolution", "24", "--texture-size", "64"]
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("refine")
+    obj = write_test_object(root / "objects", "blob")
+    orbit = render_orbit(obj, root / "orbit", RenderOrbitConfig(resolution=48, views=21))
+    placed = load_trimesh(obj)  # the world frame the orbit was rendered in
+    init = root / "init.ply"
+    placed.export(init)
+    return {"root": root, "orbit": orbit, "init": init, "placed": placed}
+
+
+def run(*args: str) -> int:
+    return main(["refine", *map(str, args), "--device", "cpu"])
+
+
+def test_refine_writes_a_watertight_textured_mesh(scene, tmp_path: Path):
+    out = tmp_path / "out"
+    assert run(scene["orbit"], "--init", scene["init"], "-o", out, *TINY) == 0
+    for name in ("mesh.glb", "mesh.obj", "mesh.mtl", "mesh.png", "preview.mp4", "refine.json"):
+        assert (out / name).is_file(), name
+    mesh = load_mesh(out / "mesh.glb", place=False)
+    assert mesh.texture is not None and mesh.texture.shape[:2] == (64, 64)
+    reloaded = load_trimesh(out / "mesh.obj", place=False)
+    welded = trimesh.Trimesh(reloaded.vertices, reloaded.faces, process=True)  # seams merged
+    assert welded.is_watertight
+    # Same place and size as the init (the orbit's world frame survives the glTF y-up round trip).
+    assert np.allclose(welded.bounds, scene["placed"].bounds, atol=0.06)
+    summary = json.loads((out / "refine.json").read_text())
+    assert summary["sds"] is False and summary["history"][-1]["step"] == 12
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--texture-size", "100"], "power of two"),
+        (["--sds", "on", "--checkpoint", "/nonexistent/sv3d_p.safetensors"], "checkpoint not found"),
+    ],
+)
+def test_bad_options_fail_before_anything_is_written(scene, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    assert run(scene["orbit"], "--init", scene["init"], "-o", out, *TINY[:6], *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_bad_inits_fail_with_one_line(scene, tmp_path, capsys):
+    root = scene["root"]
+    empty = tmp_path / "empty.ply"
+    empty.write_text(
+        "ply\nformat ascii 1.0\nelement vertex 0\nproperty float x\nproperty float y\n"
+        "property float z\nelement face 0\nproperty list uchar int vertex_indices\nend_header\n"
+    )
+    huge = tmp_path / "huge.ply"
+    big = scene["placed"].copy()
+    big.apply_scale(3.0)  # far larger than the tet grid
+    big.export(huge)
+    other_orbit = render_orbit(
+        write_test_object(tmp_path / "o2", "plate"), tmp_path / "orbit2", RenderOrbitConfig(resolution=32)
+    )
+    nerf_dir = tmp_path / "nerf"
+    nerf_dir.mkdir()
+    scene["placed"].export(nerf_dir / "mesh.ply")
+    from sv3d.fit_nerf import orbit_fingerprint
+
+    (nerf_dir / "fit_nerf.json").write_text(json.dumps({"orbit_sha256": orbit_fingerprint(other_orbit)}))
+    for init, message in [
+        (tmp_path / "missing.ply", "not found"),
+        (empty, ""),
+        (huge, "grid boundary"),
+        (nerf_dir, "another orbit"),
+        (root / "objects", "not a fit-nerf output"),
+    ]:
+        out = tmp_path / f"out_{init.name}"
+        assert run(scene["orbit"], "--init", init, "-o", out, *TINY) == 2, init
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("sv3d: error:") and message in err and len(err.splitlines()) == 1, err
+        assert not out.exists(), init
+
+
+def test_an_interrupted_refine_leaves_no_half_written_files(scene, tmp_path, monkeypatch):
+    import refine.export
+
+    out = tmp_path / "out"
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(refine.export, "_glb_bytes", boom)
+    assert run(scene["orbit"], "--init", scene["init"], "-o", out, *TINY) == 130
+    assert not [p for p in out.iterdir() if p.name.startswith("mesh") or p.name.startswith(".")]
