@@ -37,16 +37,25 @@ class ExtractConfig:
 
 @torch.no_grad()
 def density_grid(
-    field: torch.nn.Module, bound: float, resolution: int = 128, chunk: int = 1 << 16
+    field: torch.nn.Module,
+    bound: float,
+    resolution: int = 128,
+    chunk: int = 1 << 16,
+    occupancy=None,  # [N, 3] -> [N] bool, as in training: density 0 where False (never trained there)
 ) -> np.ndarray:
     """[R, R, R] float32 densities at the cell centres of [-bound, bound]^3 (index order x, y, z)."""
     device = next(field.parameters()).device
     centres = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution * 2.0 - 1.0
     axis = centres * bound  # [R]
     grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)  # [R^3, 3]
-    sigma = torch.cat(
-        [field.density(grid[i : i + chunk].to(device)).float().cpu() for i in range(0, len(grid), chunk)]
-    )
+    parts = []
+    for i in range(0, len(grid), chunk):
+        points = grid[i : i + chunk].to(device)
+        sigma = field.density(points)
+        if occupancy is not None:
+            sigma = torch.where(occupancy(points), sigma, torch.zeros_like(sigma))
+        parts.append(sigma.float().cpu())
+    sigma = torch.cat(parts)
     return sigma.reshape(resolution, resolution, resolution).numpy()
 
 

@@ -99,6 +99,7 @@ def fit_field(
     checkpoint_path: str | Path | None = None,  # written every `checkpoint_every` steps; resumed if present
     progress: Callable[[int, dict[str, float]], None] | None = None,  # called after every step
     occupancy: Callable[[Tensor], Tensor] | None = None,  # [N, 3] -> [N] bool: samples worth evaluating
+    model: RadianceField | None = None,  # the field to train (built from config.field when None)
 ) -> TrainResult:
     """Optimise a radiance field so that its renders reproduce the frames (over white) and their alpha."""
     config = config or TrainConfig()
@@ -132,7 +133,7 @@ def fit_field(
     rgb_t, alpha_t = target.reshape(-1, 3)[hits].to(device), alpha.reshape(-1, 1)[hits].to(device)
 
     # 3. Field, optimiser, and what a checkpoint restores
-    model = RadianceField(config.field).to(device)
+    model = (model if model is not None else RadianceField(config.field)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.99), eps=1e-15)
     gamma = config.lr_final_factor ** (1.0 / max(config.steps, 1))
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma)

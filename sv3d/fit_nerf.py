@@ -225,7 +225,7 @@ def fit_nerf(
     # 3. Extract and write every file atomically
     start = time.perf_counter()
     grid = density_grid(
-        result.field, config.train.field.bound, config.extract.resolution, config.extract.chunk
+        result.field, config.train.field.bound, config.extract.resolution, config.extract.chunk, occupancy
     )
     level = config.extract.level
     level_ious: dict[float, float] = {}

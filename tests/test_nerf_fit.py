@@ -99,6 +99,7 @@ def test_fit_nerf_writes_its_files_and_refuses_bad_input(orbit: Path, tmp_path: 
     out = tmp_path / "fit"
     # After 30 toy steps densities only grow from ~0.4 to ~0.9 (measured): a low level, for the plumbing.
     config = FitNerfConfig(train=TOY, extract=ExtractConfig(resolution=32, level=0.6), preview_resolution=32)
+    config.level_candidates = ()  # the fixed toy level above
     fit_nerf(orbit, out, config, progress=False)
     for name in ("mesh.ply", "density.npz", "field.safetensors", "preview.mp4", "checkpoint.pt"):
         assert (out / name).is_file(), name
@@ -111,3 +112,77 @@ def test_fit_nerf_writes_its_files_and_refuses_bad_input(orbit: Path, tmp_path: 
     (broken / "transforms.json").write_text("{not json")
     assert main(["fit-nerf", str(broken), "-o", str(tmp_path / "x")]) == 2
     assert "transforms.json" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def _copy_orbit(orbit: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(orbit, dest)
+    return dest
+
+
+def _empty_masks(d: Path) -> None:
+    from PIL import Image
+
+    for frame in sorted(d.glob("frame_*.png")):
+        Image.new("RGBA", Image.open(frame).size, (255, 255, 255, 0)).save(frame)
+
+
+def _resize_one(d: Path) -> None:
+    from PIL import Image
+
+    Image.open(d / "frame_003.png").resize((20, 20)).save(d / "frame_003.png")
+
+
+@pytest.mark.parametrize(
+    "breaker, fragment",
+    [
+        (lambda d: (d / "frame_005.png").unlink(), "frame_005.png"),
+        (_resize_one, "frame_003.png"),
+        (lambda d: (d / "transforms.json").write_text('{"frames": 3}'), "transforms.json"),
+        (_empty_masks, "alpha is empty"),
+    ],
+    ids=["missing frame", "size mismatch", "malformed transforms", "empty masks"],
+)
+def test_fit_nerf_cli_refuses_broken_orbits_with_one_line(orbit, tmp_path, capsys, breaker, fragment):
+    broken = _copy_orbit(orbit, tmp_path / "orbit")
+    breaker(broken)
+    out = tmp_path / "out"
+    assert main(["fit-nerf", str(broken), "-o", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sv3d: error:") and fragment in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_fit_nerf_resumes_after_an_interruption(orbit, tmp_path, monkeypatch):
+    import nerf.train
+
+    out = tmp_path / "fit"
+    config = FitNerfConfig(train=TOY, extract=ExtractConfig(resolution=32, level=0.6), preview_resolution=32)
+    config.level_candidates = ()
+    calls = {"n": 0}
+    original = nerf.train._atomic_save
+
+    def save_then_stop(obj, path):
+        original(obj, path)
+        calls["n"] += 1
+        if obj["step"] == 20:
+            raise KeyboardInterrupt  # Ctrl-C right after the step-20 checkpoint
+
+    monkeypatch.setattr(nerf.train, "_atomic_save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        fit_nerf(orbit, out, config, progress=False)
+    assert not (out / "mesh.ply").exists()  # nothing half-written: only the checkpoint
+    monkeypatch.setattr(nerf.train, "_atomic_save", original)
+    steps: list[int] = []
+    real_fit = nerf.train.fit_field
+
+    def spy(*args, **kwargs):
+        user = kwargs.get("progress")
+        kwargs["progress"] = lambda step, record: (steps.append(step), user and user(step, record))
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr("sv3d.fit_nerf.fit_field", spy)
+    fit_nerf(orbit, out, config, progress=False)
+    assert steps[0] == 21 and steps[-1] == TOY.steps  # resumed after the last checkpoint
+    assert (out / "mesh.ply").is_file()

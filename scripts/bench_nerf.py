@@ -1,0 +1,152 @@
+"""NeRF stage benchmark (CPU or CUDA): field throughput, and time to masked PSNR 28 on an oracle orbit.
+
+1. Field samples per second (forward + backward + Adam step, 2^18 random points) of the radiance field
+   with our hash-grid encoder and with a straightforward per-level implementation of the same encoding
+   (`hash_encode_reference`), same table, MLPs and optimiser; prints the ratio.
+2. Time to masked PSNR 28 dB: the built-in `blob` object rendered on SV3D's orbit, fitted with the device's
+   default `sv3d fit-nerf` configuration; every 25 steps (not timed) the field renders all 21 frames at
+   64 px and the PSNR over object pixels is measured. Prints the training seconds at which it first
+   reaches 28 dB.
+Usage: `.venv/bin/python scripts/bench_nerf.py [--device cpu] [--skip-fit]`. Figures depend on the machine's
+load: run it on a quiet machine and compare the ratio, not the absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nerf.encoding import HashGridConfig, hash_encode_reference
+from nerf.field import FieldConfig, RadianceField
+from nerf.occupancy import OccupancyGrid
+from nerf.train import fit_field
+from sv3d.evaluation.visual_hull import carve_occupancy
+from sv3d.fit_nerf import default_fit_config, render_views
+from sv3d.render_orbit import RenderOrbitConfig, render_orbit_frames
+from sv3d.testing.objects import write_test_object
+
+
+class PerLevelEncoder(nn.Module):
+    """The same encoding, one level at a time in plain torch: the baseline."""
+
+    def __init__(self, config: HashGridConfig, table: torch.Tensor) -> None:
+        super().__init__()
+        self.config = config
+        self.table = nn.Parameter(table.detach().clone())
+        self.output_dim = config.n_levels * config.n_features_per_level
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return hash_encode_reference(x, self.table, self.config)
+
+
+def field_samples_per_second(field: nn.Module, x: torch.Tensor, iters: int) -> float:
+    opt = torch.optim.Adam(field.parameters(), lr=1e-2, eps=1e-15)
+    times = []
+    for step in range(iters + 1):
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        rgb, sigma = field(x)
+        (rgb.square().mean() + sigma.mean()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+        if step:
+            times.append(time.perf_counter() - t0)
+    return x.shape[0] / sorted(times)[len(times) // 2]
+
+
+class Reached(Exception):
+    pass
+
+
+def time_to_psnr(device: torch.device, target_db: float, max_steps: int) -> tuple[float | None, int, float]:
+    root = Path(tempfile.mkdtemp(prefix="bench_nerf_"))
+    frames = render_orbit_frames(write_test_object(root, "blob"), RenderOrbitConfig(resolution=256))
+    config = default_fit_config(device)
+    config.train.steps = max_steps
+    config.train.checkpoint_every = 0
+    hull = carve_occupancy(frames.masks(), frames.orbit.cameras(), config.hull_resolution, 0.55)
+    occupancy = OccupancyGrid(hull, 0.55, config.hull_dilate).to(device)
+    small = torch.nn.functional.interpolate(frames.images.permute(0, 3, 1, 2), size=(64, 64), mode="area")
+    small = small.permute(0, 2, 3, 1)
+    alpha = small[..., 3:]
+    target = small[..., :3] * alpha + (1 - alpha)
+    mask = alpha[..., 0] > 0.5
+    state = {"train": 0.0, "last": time.perf_counter(), "psnr": 0.0, "step": 0}
+
+    def progress(step: int, record: dict) -> None:
+        state["train"] += time.perf_counter() - state["last"]
+        if step % 25 == 0:
+            rgb = torch.from_numpy(
+                render_views(
+                    model, frames.orbit.c2w(), frames.orbit.fov_deg, 64, 0.55, 96, occupancy=occupancy
+                )
+            )
+            err = (rgb - target).pow(2).mean(-1)[mask].mean()
+            state["psnr"], state["step"] = float(-10 * math.log10(err)), step
+            if state["psnr"] >= target_db:
+                raise Reached
+        state["last"] = time.perf_counter()
+
+    model = RadianceField(config.train.field)
+    try:
+        fit_field(
+            frames.images,
+            frames.orbit.c2w(),
+            frames.orbit.fov_deg,
+            config.train,
+            device,
+            progress=progress,
+            occupancy=occupancy,
+            model=model,
+        )
+    except Reached:
+        return state["train"], state["step"], state["psnr"]
+    return None, state["step"], state["psnr"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=2**18, help="points per throughput step")
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument(
+        "--max-steps", type=int, default=1500, help="give up on PSNR 28 after this many steps"
+    )
+    parser.add_argument("--skip-fit", action="store_true", help="only the throughput figures")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    config = default_fit_config(device).train.field
+    x = (torch.rand(args.batch, 3) - 0.5).to(device)  # world points inside the object's sphere
+    ours = RadianceField(config).to(device)
+    per_level = RadianceField(
+        FieldConfig(**{**config.__dict__}), encoder=PerLevelEncoder(config.encoder, ours.encoder.table)
+    ).to(device)
+    print(f"device={device} threads={torch.get_num_threads()} batch={args.batch} encoder={config.encoder}")
+    a = field_samples_per_second(ours, x, args.iters)
+    print(f"field fwd+bwd+Adam, our encoder:       {a:12,.0f} samples/s")
+    b = field_samples_per_second(per_level, x, max(2, args.iters // 2))
+    print(f"field fwd+bwd+Adam, per-level encoder: {b:12,.0f} samples/s")
+    print(f"ratio ours / per-level:                {a / b:12.1f}x")
+    if not args.skip_fit:
+        seconds, step, db = time_to_psnr(device, 28.0, args.max_steps)
+        if seconds is None:
+            print(f"masked PSNR 28 not reached in {args.max_steps} steps (last {db:.1f} dB at step {step})")
+        else:
+            print(
+                f"time to masked PSNR 28 (blob, oracle orbit): {seconds:.1f} s of training, step {step} "
+                f"({db:.1f} dB)"
+            )
+
+
+if __name__ == "__main__":
+    main()
