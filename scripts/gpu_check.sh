@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared run of the CUDA paths and benchmarks on a lent GPU machine (see the device tool's README):
-# the GPU-marked tests and the rasterizer benchmark, results written to $OUT (or ./gpu_check_out).
+# the GPU-marked tests and the rasterizer, SV3D, NeRF and refinement benchmarks; results in $OUT (or ./gpu_check_out).
 # Usage on the device machine, from the repository root:  bash scripts/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-gpu_check_out}
@@ -18,3 +18,5 @@ fi
 timeout 150 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.txt"
 timeout 120 $PY scripts/bench_raster.py 2>&1 | tee "$OUT/bench_raster.txt"
 timeout 200 $PY scripts/bench_sv3d.py --size full 2>&1 | tee "$OUT/bench_sv3d.txt"
+timeout 120 $PY scripts/bench_nerf.py --max-steps 3000 2>&1 | tee "$OUT/bench_nerf.txt"
+timeout 200 $PY scripts/bench_refine.py --full 2>&1 | tee "$OUT/bench_refine.txt"

@@ -234,25 +234,193 @@ def _cmd_refine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="photo -> textured mesh, end to end (orbit, NeRF, DMTet, export)",
+        description="Photo -> orbit/, nerf/, refine/, mesh.glb, turntable.mp4 and run.json in DIR. "
+        "Resumable: a rerun with the same settings skips finished stages; other settings need --force.",
+    )
+    p.add_argument("image", help="photo or RGBA image of one object")
+    p.add_argument("-o", "--output", required=True, help="run directory")
+    p.add_argument(
+        "--checkpoint", help="sv3d_p/sv3d_u .safetensors or diffusers folder (else $SV3D_CHECKPOINT)"
+    )
+    p.add_argument("--sgm-config", help="sgm yaml of the checkpoint, for models with non-SV3D head widths")
+    p.add_argument(
+        "--orbit", choices=("static", "sine"), default=None, help="sv3d_p only: static (default) or sine"
+    )
+    p.add_argument("--steps", type=int, default=50, help="SV3D sampling steps (default 50)")
+    p.add_argument("--seed", type=int, default=23, help="SV3D sampling seed (default 23, the reference's)")
+    p.add_argument("--resolution", type=int, default=576, help="orbit frame size (default 576, SV3D's)")
+    p.add_argument("--nerf-steps", type=int, help="NeRF optimisation steps (default: by device)")
+    p.add_argument("--refine-steps", type=int, help="DMTet optimisation steps (default: by device)")
+    p.add_argument("--tet-resolution", type=int, help="DMTet grid cells per side (default: by device)")
+    p.add_argument("--texture-size", type=int, help="baked texture size, a power of two (default 1024)")
+    p.add_argument(
+        "--consistency-threshold",
+        type=float,
+        default=20.0,
+        help="NeRF-vs-frames masked PSNR (dB) below which the orbit is flagged (default 20)",
+    )
+    p.add_argument(
+        "--allow-inconsistent", action="store_true", help="mesh an orbit flagged as not 3D-consistent anyway"
+    )
+    p.add_argument("--turntable-frames", type=int, default=60, help="frames of turntable.mp4 (default 60)")
+    p.add_argument("--turntable-resolution", type=int, default=256, help="turntable size (default 256)")
+    p.add_argument("--dtype", default="auto", help="SV3D dtype: auto (bfloat16 on CUDA), float32, ...")
+    p.add_argument("--allow-cpu", action="store_true", help="sample the full SV3D model on a CPU (hours)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
+    p.add_argument("--force", action="store_true", help="start over in a directory holding another run")
+    p.set_defaults(func=_cmd_run)
+
+
+def run_config_from_args(args: argparse.Namespace):
+    """The RunConfig of `sv3d run`'s options (stage defaults follow the device)."""
+    from .device import pick_device
+    from .orbit import OrbitConfig
+    from .run import RunConfig, default_fit_config, default_refine_config
+
+    device = pick_device(args.device)
+    nerf, refine = default_fit_config(device), default_refine_config(device)
+    if args.nerf_steps is not None:
+        nerf.train.steps = args.nerf_steps
+    if args.refine_steps is not None:
+        refine.refine.steps = args.refine_steps
+    if args.tet_resolution is not None:
+        refine.refine.tet.resolution = args.tet_resolution
+    if args.texture_size is not None:
+        refine.bake.texture_size = args.texture_size
+    orbit = OrbitConfig(
+        checkpoint=args.checkpoint,
+        orbit=args.orbit,
+        steps=args.steps,
+        seed=args.seed,
+        resolution=args.resolution,
+        dtype=args.dtype,
+        allow_cpu=args.allow_cpu,
+        sgm_config=args.sgm_config,
+        device=args.device,
+    )
+    return RunConfig(
+        orbit=orbit,
+        nerf=nerf,
+        refine=refine,
+        turntable_frames=args.turntable_frames,
+        turntable_resolution=args.turntable_resolution,
+        consistency_threshold_db=args.consistency_threshold,
+        allow_inconsistent=args.allow_inconsistent,
+        device=args.device,
+    )
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .run import run_image_to_mesh
+
+    start = time.perf_counter()
+    result = run_image_to_mesh(args.image, args.output, run_config_from_args(args), force=args.force)
+    score = result.summary.get("consistency") or {}
+    print(
+        f"wrote {result.mesh_path} and turntable.mp4 to {result.output_dir} in "
+        f"{time.perf_counter() - start:.1f} s (consistency {score.get('masked_psnr_db', float('nan')):.1f} dB"
+        f"{', FLAGGED' if result.flagged else ''})"
+    )
+    return 0
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="built-in demo: needs no weights and no GPU",
-        description="Writes the built-in test objects, renders one on SV3D's orbit, and "
-        "measures the visual-hull baseline against its ground truth.",
+        description="Renders a built-in test object on SV3D's orbit, reconstructs it (NeRF + DMTet) into "
+        "a textured mesh.glb and turntable.mp4, and scores it, the NeRF mesh and the visual-hull baseline "
+        "against the ground truth (metrics.json).",
     )
     p.add_argument("-o", "--output", default="demo_output", help="demo directory (default demo_output)")
     p.add_argument("--object", default="mug", help="which built-in test object (default mug)")
-    p.add_argument("--resolution", type=int, default=576, help="frame size (default 576)")
+    p.add_argument("--resolution", type=int, default=256, help="orbit frame size (default 256)")
+    p.add_argument("--nerf-steps", type=int, help="NeRF optimisation steps (default 300)")
+    p.add_argument("--refine-steps", type=int, help="DMTet optimisation steps (default 120)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
+    p.add_argument("--force", action="store_true", help="start over instead of resuming")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
-    run_demo(
-        Path(args.output), DemoConfig(object_name=args.object, resolution=args.resolution, device=args.device)
+    config = DemoConfig(object_name=args.object, resolution=args.resolution, device=args.device)
+    if args.nerf_steps is not None:
+        config.nerf_steps = args.nerf_steps
+    if args.refine_steps is not None:
+        config.refine_steps = args.refine_steps
+    run_demo(Path(args.output), config, force=args.force)
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate the pipeline on a GSO-layout dataset (Chamfer, F-score, IoU; visual-hull baseline)",
+        description="For each DATASET/<object>/meshes/model.obj: render its input (oracle: the ground-truth "
+        "orbit; generated: the input view), run the pipeline, score the final mesh, the NeRF mesh and the "
+        "visual hull against the ground truth into DIR/<object>/metrics.json, then DIR/summary.{json,md,"
+        "csv,png}. Finished objects are kept on a rerun; a failing object is recorded and the batch goes on.",
+    )
+    p.add_argument("dataset", help="GSO-layout folder: <object>/meshes/model.obj")
+    p.add_argument("-o", "--output", required=True, help="evaluation directory")
+    p.add_argument(
+        "--mode", choices=("oracle", "generated"), default="oracle", help="oracle (default) or generated"
+    )
+    p.add_argument("--objects", help="file listing the objects to evaluate, one name a line (default: all)")
+    p.add_argument("--checkpoint", help="SV3D checkpoint for generated mode (else $SV3D_CHECKPOINT)")
+    p.add_argument("--sgm-config", help="sgm yaml of the checkpoint, for models with non-SV3D head widths")
+    p.add_argument(
+        "--preset",
+        choices=("auto", "cpu", "gpu", "paper", "toy"),
+        default="auto",
+        help="sizes: auto (follow the device), cpu, gpu, paper, toy (plumbing only)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Hydra-style config override, repeatable (e.g. --set nerf.train.steps=300)",
+    )
+    p.add_argument("--device", help="auto (cuda if available), cpu or cuda[:N] (default: the preset's)")
+    p.add_argument(
+        "--force", action="store_true", help="redo finished objects (also those of another config)"
+    )
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    from .config import compose_config, eval_config, run_config
+    from .errors import InputError
+    from .evaluate import evaluate_dataset
+
+    try:
+        cfg = compose_config([f"preset={args.preset}", f"eval.mode={args.mode}", *args.overrides])
+    except Exception as exc:  # noqa: BLE001 - Hydra's override errors: a bad --set
+        raise InputError(f"--set: {str(exc).splitlines()[0]}") from None
+    for key, value in (
+        ("device", args.device), ("sv3d.checkpoint", args.checkpoint), ("sv3d.sgm_config", args.sgm_config)
+    ):
+        if value:  # paths set after composing: no override-grammar quoting needed
+            OmegaConf.update(cfg, key, value, force_add=True)
+    start = time.perf_counter()
+    result = evaluate_dataset(
+        args.dataset, args.output, eval_config(cfg), run_config(cfg), objects=args.objects, force=args.force
+    )
+    s = result.summary
+    print(
+        f"evaluated {s['n_ok']} of {s['n_objects']} objects ({s['n_failed']} failed, "
+        f"{s['n_flagged']} flagged) in {time.perf_counter() - start:.1f} s; "
+        f"wrote {result.output_dir / 'summary.md'}"
     )
     return 0
 
@@ -269,7 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_orbit(sub)
     _add_fit_nerf(sub)
     _add_refine(sub)
+    _add_run(sub)
     _add_demo(sub)
+    _add_eval(sub)
     return parser
 
 

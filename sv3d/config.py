@@ -1,19 +1,51 @@
 """Hydra configs -> typed dataclasses. Library code never sees a DictConfig; entry points call these.
 
 The config tree lives in `configs/` of a checkout and is installed as the package `sv3d.configs`, so
-`pkg://sv3d.configs` finds it both from a checkout (editable install) and from a wheel.
+`pkg://sv3d.configs` finds it both from a checkout (editable install) and from a wheel. Its groups mirror
+the packages (STYLE.md, after lightning-hydra-template): `sv3d` (stage 1, the orbit), `nerf`
+(`FitNerfConfig`), `refine` (`RefineStageConfig`), `eval` (`EvalConfig`), and the presets `auto`, `cpu`,
+`gpu`, `paper`, `toy`.
+
+The `nerf` and `refine` groups list every field of their dataclasses, with `null` meaning "the library's
+default for the device" (`default_fit_config` / `default_refine_config`), so that the `auto` preset keeps
+the device-following defaults and a preset or an override pins only what it names. `apply_overrides` does
+that merge, and rejects unknown keys with the key's dotted name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import torch
+
+from .errors import InputError
 from .render_orbit import RenderOrbitConfig
 
-__all__ = ["CONFIG_MODULE", "compose_config", "render_orbit_config"]
+if TYPE_CHECKING:
+    from .evaluate import EvalConfig
+    from .fit_nerf import FitNerfConfig
+    from .orbit import OrbitConfig
+    from .refine_stage import RefineStageConfig
+    from .run import RunConfig
+
+__all__ = [
+    "CONFIG_MODULE",
+    "apply_overrides",
+    "compose_config",
+    "eval_config",
+    "fit_nerf_config",
+    "orbit_config",
+    "refine_stage_config",
+    "render_orbit_config",
+    "run_config",
+    "to_container",
+]
 
 CONFIG_MODULE = "sv3d.configs"
+
+T = TypeVar("T")
 
 
 def compose_config(overrides: Sequence[str] = (), config_name: str = "config") -> Any:
@@ -24,6 +56,86 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "config") -
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         return compose(config_name=config_name, overrides=list(overrides))
+
+
+def to_container(node: Any) -> Any:
+    """A DictConfig/ListConfig (resolved) as plain dicts and lists; anything else unchanged."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+def _select(cfg: Any, key: str, default: Any = None) -> Any:
+    """cfg's value at the dotted `key`, or `default` when the key is absent or null."""
+    from omegaconf import OmegaConf
+
+    value = OmegaConf.select(cfg, key, default=None)
+    return default if value is None else to_container(value)
+
+
+def _coerce(value: Any, current: Any, where: str) -> Any:
+    """`value` in the type of the field's current value (YAML writes 1 for 1.0, lists for tuples)."""
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise InputError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if isinstance(current, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if isinstance(current, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if isinstance(current, str):
+        if not isinstance(value, str):
+            raise InputError(f"{where}: expected a string, got {value!r}")
+        return value
+    if isinstance(current, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise InputError(f"{where}: expected a list, got {value!r}")
+        kind = type(current[0]) if current else None
+        return tuple(_coerce(v, kind(), f"{where}[{i}]") if kind else v for i, v in enumerate(value))
+    return value  # a field whose default is None: taken as given
+
+
+def apply_overrides(base: T, values: Mapping | None, where: str) -> T:
+    """A copy of the dataclass `base` with the non-null entries of `values` (nested mappings for nested
+    dataclasses). Unknown keys and wrongly typed values raise InputError naming `where.key`."""
+    values = to_container(values)
+    if values is None:
+        return base
+    if not isinstance(values, Mapping):
+        raise InputError(f"{where}: expected a mapping of {type(base).__name__} fields, got {values!r}")
+    known = {f.name for f in dataclasses.fields(base)}
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in known:
+            raise InputError(f"{where}.{key}: unknown key (expected one of {', '.join(sorted(known))})")
+        if value is None:
+            continue
+        current = getattr(base, key)
+        if dataclasses.is_dataclass(current):
+            changes[key] = apply_overrides(current, value, f"{where}.{key}")
+        else:
+            changes[key] = _coerce(value, current, f"{where}.{key}")
+    try:
+        return dataclasses.replace(base, **changes)
+    except ValueError as exc:  # a dataclass's own validation (e.g. HashGridConfig)
+        raise InputError(f"{where}: {exc}") from None
+
+
+def _device_for_defaults(name: str) -> torch.device:
+    """The device whose defaults apply; an explicit cuda is not checked here (the stage checks it when it
+    runs), so that the gpu and paper presets convert on a machine without CUDA."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise InputError(f"device: unknown device {name!r}: expected auto, cpu or cuda[:N]") from None
 
 
 def render_orbit_config(cfg: Any) -> RenderOrbitConfig:
@@ -40,3 +152,69 @@ def render_orbit_config(cfg: Any) -> RenderOrbitConfig:
         views_per_batch=int(r.views_per_batch),
         device=str(cfg.device),
     )
+
+
+def fit_nerf_config(cfg: Any) -> FitNerfConfig:
+    """The `nerf` group over `default_fit_config(device)`: null entries keep the device's default."""
+    from .fit_nerf import default_fit_config
+
+    config = apply_overrides(default_fit_config(_device_for_defaults(str(cfg.device))), cfg.nerf, "nerf")
+    config.device = str(cfg.device)
+    return config
+
+
+def refine_stage_config(cfg: Any) -> RefineStageConfig:
+    """The `refine` group over `default_refine_config(device)`; the SDS checkpoint defaults to
+    `sv3d.checkpoint` (the model that makes the orbits)."""
+    from .refine_stage import default_refine_config
+
+    config = apply_overrides(
+        default_refine_config(_device_for_defaults(str(cfg.device))), cfg.refine, "refine"
+    )
+    config.device = str(cfg.device)
+    if config.checkpoint is None:
+        config.checkpoint = _select(cfg, "sv3d.checkpoint")
+    return config
+
+
+def orbit_config(cfg: Any) -> OrbitConfig:
+    """Stage 1's settings (`sv3d` group). `sv3d.orbit: static` is passed as None, which is static for
+    sv3d_p and the only orbit of sv3d_u, so the default works with both checkpoints."""
+    from .orbit import OrbitConfig
+
+    defaults = OrbitConfig()
+    kind = _select(cfg, "sv3d.orbit", "static")
+    return OrbitConfig(
+        checkpoint=_select(cfg, "sv3d.checkpoint"),
+        orbit=None if kind in ("static", "auto") else str(kind),
+        steps=int(_select(cfg, "sv3d.steps", defaults.steps)),
+        seed=int(_select(cfg, "sv3d.seed", defaults.seed)),
+        input_elevation_deg=float(_select(cfg, "sv3d.elevation_deg", defaults.input_elevation_deg)),
+        resolution=int(_select(cfg, "sv3d.resolution", defaults.resolution)),
+        sgm_config=_select(cfg, "sv3d.sgm_config"),
+        device=str(cfg.device),
+    )
+
+
+def run_config(cfg: Any) -> RunConfig:
+    """The end-to-end pipeline's settings: the stage groups plus the top-level `run` entries."""
+    from .run import RunConfig
+
+    base = RunConfig(
+        orbit=orbit_config(cfg),
+        nerf=fit_nerf_config(cfg),
+        refine=refine_stage_config(cfg),
+        device=str(cfg.device),
+    )
+    return apply_overrides(base, _select(cfg, "run", {}), "run")
+
+
+def eval_config(cfg: Any) -> EvalConfig:
+    """The evaluation protocol's settings (`eval` group) with the ground-truth renders' (`sv3d.render`)."""
+    from .evaluate import EvalConfig
+
+    not_protocol = ("dataset", "objects", "force")  # what to evaluate, not how: arguments of evaluate_dataset
+    values = {k: v for k, v in (to_container(cfg.eval) or {}).items() if k not in not_protocol}
+    config = apply_overrides(EvalConfig(render=render_orbit_config(cfg)), values, "eval")
+    config.validate()
+    return config

@@ -1,0 +1,96 @@
+"""Refinement benchmark: seconds per DMTet step (render the frames, losses, backward, Adam) at the device's
+defaults, and optionally the full run's wall time and one SDS step's cost.
+
+The scene is the built-in `blob` on SV3D's orbit (oracle frames), initialised from its own mesh shrunk by
+2% (a realistic NeRF-like start). Prints the median step time with `views_per_step` views and with all 21
+views, so the cost per view is visible. `--full` runs the whole default refinement (1000 steps at tet
+resolution 128 and 576^2 on CUDA; the CPU defaults on CPU) and prints its wall time. `--sds-checkpoint
+PATH` (+ `--sgm-config` for the tiny test models) times one masked-SDS step of the SV3D model on the 21
+renders at the model's resolution.
+Usage: `.venv/bin/python scripts/bench_refine.py [--device cuda] [--full] [--sds-checkpoint PATH]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from refine.fit import refine_surface
+from refine.tetgrid import tet_grid
+from sv3d.meshio import load_trimesh
+from sv3d.refine_stage import RefineStageConfig, default_refine_config, mesh_sdf
+from sv3d.render_orbit import RenderOrbitConfig, render_orbit_frames
+from sv3d.testing.objects import write_test_object
+
+
+def timed_steps(frames, init, config, device, guidance=None) -> float:
+    """Median seconds per step over config.steps steps (the first is a warm-up)."""
+    times: list[float] = []
+    last = [time.perf_counter()]
+
+    def progress(step: int, record: dict) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if step > 1:
+            times.append(now - last[0])
+        last[0] = now
+
+    refine_surface(frames.images, frames.orbit.cameras(), init, config, guidance, device, progress)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps (after one warm-up)")
+    parser.add_argument("--full", action="store_true", help="also time the whole default refinement")
+    parser.add_argument("--sds-checkpoint", help="SV3D checkpoint: also time one masked-SDS step")
+    parser.add_argument("--sgm-config", help="sgm yaml of a checkpoint with non-SV3D widths (tiny models)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    stage: RefineStageConfig = default_refine_config(device)
+    config = stage.refine
+    root = Path(tempfile.mkdtemp(prefix="bench_refine_"))
+    obj = write_test_object(root, "blob")
+    frames = render_orbit_frames(obj, RenderOrbitConfig(resolution=config.render_resolution))
+    mesh = load_trimesh(obj)
+    mesh.apply_scale(0.98)
+    init = mesh_sdf(mesh, tet_grid(config.tet.resolution, config.tet.bound).vertices)
+    print(
+        f"device={device} threads={torch.get_num_threads()} tet={config.tet.resolution} "
+        f"render={config.render_resolution}^2 views_per_step={config.views_per_step}"
+    )
+    short = replace(config, steps=args.steps + 1)
+    per_step = timed_steps(frames, init, short, device)
+    print(f"step, {config.views_per_step} views: {per_step:8.3f} s")
+    all_views = timed_steps(frames, init, replace(short, views_per_step=len(frames.orbit)), device)
+    print(f"step, all {len(frames.orbit)} views: {all_views:8.3f} s  ({all_views / per_step:.1f}x)")
+    if args.full:
+        start = time.perf_counter()
+        refine_surface(frames.images, frames.orbit.cameras(), init, config, None, device)
+        print(f"full refinement ({config.steps} steps, no SDS): {time.perf_counter() - start:.1f} s")
+    if args.sds_checkpoint:
+        from sv3d.guidance import SDSConfig, make_sv3d_guidance
+        from sv3d.model.pipeline import SV3DPipeline
+
+        kwargs = {"sgm_config": args.sgm_config} if args.sgm_config else {}
+        pipeline = SV3DPipeline.load(args.sds_checkpoint, **kwargs).to(device)
+        sds = SDSConfig(resolution=config.sds_resolution)
+        image = torch.ones(1, 3, sds.resolution, sds.resolution, device=device)
+        guidance = make_sv3d_guidance(pipeline, image, frames.orbit, sds)
+        with_sds = replace(short, sds_fraction=1.0)
+        seconds = timed_steps(frames, init, with_sds, device, guidance)
+        print(
+            f"step with SDS (all views at {config.sds_resolution}^2): {seconds:8.3f} s "
+            f"(+{seconds - per_step:.3f} s over a plain step)"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Hydra entry point for `sv3d eval`: `python scripts/evaluate.py eval.dataset=PATH [overrides]`.
+
+Writes `<object>/metrics.json` and `summary.{json,md,csv,png}` into Hydra's run directory (or `output=`);
+in a multirun each job writes its own, and `--aggregate SWEEP_DIR` gathers them into one table
+(`sweep_summary.csv` / `.md`, the overrides as columns). Examples:
+
+    python scripts/evaluate.py eval.dataset=gso preset=cpu
+    python scripts/evaluate.py -m eval.dataset=gso preset=toy hydra/launcher=joblib \\
+        refine.refine.tet.resolution=20,24 nerf.train.steps=20,40
+    python scripts/evaluate.py -m eval.dataset=gso preset=gpu hydra/launcher=slurm \\
+        hydra.launcher.partition=gpu refine.refine.tet.resolution=96,128
+    python scripts/evaluate.py --aggregate multirun/2024-01-01/12-00-00
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+
+from sv3d.config import eval_config, run_config, to_container
+from sv3d.errors import Sv3dError
+from sv3d.evaluate import aggregate_sweep, evaluate_dataset
+
+
+@hydra.main(version_base="1.3", config_path="pkg://sv3d.configs", config_name="config")
+def main(cfg) -> float | None:
+    if cfg.eval.dataset is None:
+        sys.exit("evaluate.py: error: give the dataset, e.g. eval.dataset=path/to/gso")
+    output = Path(cfg.output) if cfg.output else Path(HydraConfig.get().runtime.output_dir)
+    objects = to_container(cfg.eval.objects)
+    if isinstance(objects, str):
+        objects = hydra.utils.to_absolute_path(objects)
+    try:
+        result = evaluate_dataset(
+            hydra.utils.to_absolute_path(cfg.eval.dataset),
+            output,
+            eval_config(cfg),
+            run_config(cfg),
+            objects=objects,
+            force=bool(cfg.eval.force),
+        )
+    except Sv3dError as exc:
+        sys.exit(f"evaluate.py: error: {exc}")
+    s = result.summary
+    print(f"evaluated {s['n_ok']} of {s['n_objects']} objects; wrote {output / 'summary.md'}")
+    return s["aggregate"]["mean"]["final"]["chamfer"]  # what a sweeper would minimise
+
+
+def _aggregate(argv: list[str]) -> None:
+    if len(argv) != 1:
+        sys.exit("evaluate.py: error: --aggregate takes one sweep directory")
+    try:
+        paths = aggregate_sweep(argv[0])
+    except Sv3dError as exc:
+        sys.exit(f"evaluate.py: error: {exc}")
+    print(f"wrote {paths['csv']} and {paths['md']}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--aggregate":
+        _aggregate(sys.argv[2:])
+    else:
+        main()

@@ -1,0 +1,40 @@
+"""Hydra entry point for `sv3d run`: `python scripts/image_to_mesh.py +image=photo.png [overrides]`.
+
+Thin, as STYLE.md asks: `sv3d.config.run_config` turns the composed config (ARCHITECTURE.md "Names":
+`sv3d.checkpoint`, `sv3d.steps`, `sv3d.orbit`, `nerf.*`, `refine.*`, `run.*`; presets `cpu`, `gpu`, `paper`,
+`toy`) into `sv3d.run.RunConfig`, and `run_image_to_mesh` does the work. Example sweep over sampler steps,
+one run directory each:
+    python scripts/image_to_mesh.py -m +image=photo.png sv3d.steps=25,50 preset=gpu
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+
+from sv3d.config import run_config
+from sv3d.errors import Sv3dError
+from sv3d.run import run_image_to_mesh
+
+__all__ = ["main", "run_config"]
+
+
+@hydra.main(version_base="1.3", config_path="pkg://sv3d.configs", config_name="config")
+def main(cfg) -> None:
+    image = OmegaConf.select(cfg, "image")
+    if image is None:
+        sys.exit("image_to_mesh.py: error: give the photo, e.g. +image=path/to/photo.png")
+    output = Path(cfg.output) if cfg.output else Path(HydraConfig.get().runtime.output_dir) / "run"
+    try:
+        result = run_image_to_mesh(hydra.utils.to_absolute_path(image), output, run_config(cfg))
+    except Sv3dError as exc:
+        sys.exit(f"image_to_mesh.py: error: {exc}")
+    print(f"wrote {result.mesh_path}" + (" (FLAGGED: orbit not 3D-consistent)" if result.flagged else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,618 @@
+"""`sv3d eval`: the whole pipeline over a GSO-layout dataset, scored with the evaluation protocol.
+
+Follows ARCHITECTURE.md, "Evaluation protocol" (SV3D paper, Sec. 5.3 reports Chamfer distance and 3D IoU on
+50 GSO objects, in a `generated` and an oracle-like setting; the protocol itself is ours, stated there).
+For each object `<dataset>/<object>/meshes/model.obj`, in `<output>/<object>/`:
+
+- `oracle` mode: its ground-truth orbit is rendered (`gt_orbit/`, `sv3d.render_orbit`) and fed to the 3D
+  stages (`sv3d.run.run_from_orbit`); `generated` mode: the input view (the orbit's last frame: elevation
+  10°, azimuth 0° by default) is rendered as `input.png` and the full pipeline runs from it
+  (`sv3d.run.run_image_to_mesh`), so generation and reconstruction errors are told apart;
+- the final mesh, the NeRF stage's coarse mesh and the visual hull carved from the same 21 masks (the
+  generated orbit's in generated mode) are each scored against the ground truth (`evaluate_mesh`);
+- `metrics.json` (atomic) holds the three sets of metrics, the timings, the 3D-consistency flag (a flagged
+  object is meshed and scored anyway, with its flag) and the config's fingerprint.
+
+Then `summary.json`, `summary.md`, `summary.csv` (one row per object, mean and median rows, the hull beside
+every figure) and `summary.png` (bar charts, drawn with PIL). Runs follow "Runs and interruption": inputs
+are checked before anything is created; an object whose `metrics.json` matches the config is not
+recomputed, so a killed batch rerun finishes the rest and writes the same summary as an uninterrupted run;
+an object that fails is recorded with its error (`<object>/error.txt`) and the batch goes on.
+`aggregate_sweep` gathers the summaries of a Hydra multirun into one table with the overrides as columns.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import io
+import json
+import math
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import InputError
+from .evaluation.metrics import DEFAULT_THRESHOLDS, MODES
+from .fit_nerf import _atomic
+from .render_orbit import RenderOrbitConfig
+
+if TYPE_CHECKING:
+    from .run import RunConfig
+
+__all__ = [
+    "EvalConfig",
+    "EvalSummary",
+    "aggregate_sweep",
+    "evaluate_dataset",
+    "evaluate_object",
+    "list_objects",
+    "read_object_list",
+    "summarize",
+    "write_summary",
+]
+
+METRICS_FILE = "metrics.json"
+ERROR_FILE = "error.txt"
+RENDER_FILE = "render.json"  # the render config of gt_orbit/ or input.png, to know when to redo them
+SUMMARY_FORMAT = 1  # bump when summary.json's layout changes
+SOURCES = ("final", "nerf", "hull")  # the refined mesh, the NeRF stage's mesh, the visual-hull baseline
+
+
+@dataclass
+class EvalConfig:
+    mode: str = "oracle"  # "oracle": ground-truth renders feed the 3D stages; "generated": the full pipeline
+    n_points: int = 100_000  # visible-surface samples per mesh: Chamfer noise well under 1e-3 side units
+    seed: int = 0  # the same samples for every run, so figures are comparable across runs
+    fscore_thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS  # in units of the GT's largest side
+    iou_resolution: int = 64  # volume-IoU grid cells per side (the protocol's 64³)
+    hull_resolution: int = 128  # visual-hull voxels per side: finer than the 21 masks can carve anyway
+    icp: bool = False  # also report metrics after a rigid ICP (generated mode), as `*_icp`
+    n_views: int = 64  # directions of the visible-surface test (`sample_visible_surface`)
+    view_resolution: int = 512  # its depth-map size: a pixel ~ 0.2% of the object's diameter
+    # Ground-truth orbit (oracle) and input view (generated): SV3D's 21 frames at 576², elevation 10°
+    render: RenderOrbitConfig = field(default_factory=RenderOrbitConfig)
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise InputError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.n_points < 1:
+            raise InputError(f"eval.n_points must be >= 1, got {self.n_points}")
+        if not self.fscore_thresholds or any(not t > 0 for t in self.fscore_thresholds):
+            raise InputError(f"eval.fscore_thresholds must be positive, got {list(self.fscore_thresholds)}")
+        for name in ("iou_resolution", "hull_resolution", "n_views"):
+            if getattr(self, name) < 2:
+                raise InputError(f"eval.{name} must be >= 2, got {getattr(self, name)}")
+        if self.view_resolution < 16:
+            raise InputError(f"eval.view_resolution must be >= 16, got {self.view_resolution}")
+        self.render.validate()
+
+
+@dataclass
+class EvalSummary:
+    output_dir: Path
+    summary: dict  # the content of summary.json
+    records: list[dict]  # one per object: its metrics.json content, or {"object", "status": "error", ...}
+
+
+# ------------------------------------------------------------------------------------------------
+# Dataset and object list
+# ------------------------------------------------------------------------------------------------
+
+
+def list_objects(dataset: str | Path) -> list[str]:
+    """Sorted names of the objects of a GSO-layout folder (`<dataset>/<object>/meshes/model.obj`)."""
+    root = Path(dataset)
+    if not root.exists():
+        raise InputError(f"{root}: dataset not found")
+    if not root.is_dir():
+        raise InputError(f"{root}: the dataset must be a folder of <object>/meshes/model.obj")
+    names = sorted(p.name for p in root.iterdir() if (p / "meshes" / "model.obj").is_file())
+    if not names:
+        raise InputError(f"{root}: no objects in the dataset (expected <object>/meshes/model.obj)")
+    return names
+
+
+def read_object_list(path: str | Path) -> list[str]:
+    """Object names from a file, one a line; blank lines and `#` comments are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: object list not found")
+    names = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+    names = [n for n in names if n]
+    if not names:
+        raise InputError(f"{path}: the object list is empty")
+    return names
+
+
+def _select_objects(dataset: Path, objects: str | Path | Sequence[str] | None) -> list[str]:
+    available = list_objects(dataset)
+    if objects is None:
+        return available
+    names = read_object_list(objects) if isinstance(objects, (str, Path)) else [str(o) for o in objects]
+    if not names:
+        raise InputError("the object list is empty")
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise InputError(
+            f"{dataset}: unknown object {missing[0]!r} in the list ({len(missing)} unknown in all)"
+        )
+    return list(dict.fromkeys(names))  # the list's order, each object once
+
+
+# ------------------------------------------------------------------------------------------------
+# Config identity
+# ------------------------------------------------------------------------------------------------
+
+
+def _resolved_run_config(run_config: RunConfig | None, mode: str) -> RunConfig:
+    """The pipeline config as it will run: device defaults filled, flagged orbits meshed anyway (the
+    evaluation records their metrics with the flag), the checkpoint resolved in generated mode."""
+    from .device import pick_device
+    from .fit_nerf import default_fit_config
+    from .orbit import resolve_checkpoint
+    from .refine_stage import default_refine_config
+    from .run import RunConfig
+
+    config = copy.deepcopy(run_config or RunConfig())
+    device = pick_device(config.device)
+    config.nerf = config.nerf or default_fit_config(device)
+    config.refine = config.refine or default_refine_config(device)
+    config.allow_inconsistent = True
+    if mode == "generated":
+        config.orbit.checkpoint = str(resolve_checkpoint(config.orbit.checkpoint).resolve())
+    return config
+
+
+def config_fingerprint(config: EvalConfig, run_config: RunConfig) -> str:
+    """sha256 of what determines an object's figures: the protocol, the renders and the pipeline config
+    (in oracle mode without the orbit stage's settings, which it does not use)."""
+    run = json.loads(json.dumps(asdict(run_config), default=str))
+    run.pop("allow_inconsistent", None)
+    run.get("orbit", {}).pop("progress", None)
+    if config.mode == "oracle":
+        run.pop("orbit", None)
+    data = {"eval": asdict(config), "run": run}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_json(path: Path, data: Any) -> None:
+    _atomic(path, lambda p: p.write_text(json.dumps(data, indent=1, sort_keys=False, default=str) + "\n"))
+
+
+# ------------------------------------------------------------------------------------------------
+# One object
+# ------------------------------------------------------------------------------------------------
+
+
+def _render_input_view(mesh_path: Path, image_path: Path, config: RenderOrbitConfig) -> None:
+    """The orbit's last frame (the input view: static orbit's k = V, at the input azimuth) as RGBA PNG."""
+    from PIL import Image
+
+    from .render_orbit import render_orbit_frames
+
+    frames = render_orbit_frames(mesh_path, replace(config, views=1, orbit="static"))
+    rgba = (frames.images[0].clamp(0, 1).numpy() * 255.0 + 0.5).astype(np.uint8)  # [H, W, 4]
+    _atomic(image_path, lambda p: Image.fromarray(rgba, "RGBA").save(p, format="PNG"))
+
+
+def _prepare_input(mesh_path: Path, object_dir: Path, config: EvalConfig, force: bool) -> Path:
+    """gt_orbit/ (oracle) or input.png (generated), re-rendered only when missing or made otherwise."""
+    from .render_orbit import render_orbit
+
+    wanted = {"mode": config.mode, "render": asdict(config.render)}
+    done = _read_json(object_dir / RENDER_FILE) == wanted
+    if config.mode == "oracle":
+        target = object_dir / "gt_orbit"
+        if force or not done or not (target / "transforms.json").is_file():
+            render_orbit(mesh_path, target, config.render, overwrite=True)
+    else:
+        target = object_dir / "input.png"
+        if force or not done or not target.is_file():
+            _render_input_view(mesh_path, target, config.render)
+    _write_json(object_dir / RENDER_FILE, wanted)
+    return target
+
+
+def _score(pred_path: Path, gt, config: EvalConfig) -> dict:
+    """The protocol's metrics of one predicted mesh file (in the world frame; glb turned z-up)."""
+    from .meshio import load_trimesh
+
+    pred = load_trimesh(pred_path, place=False)
+    return _protocol(pred, gt, config)
+
+
+def _protocol(pred, gt, config: EvalConfig) -> dict:
+    from .evaluation.metrics import evaluate_mesh
+
+    metrics = evaluate_mesh(
+        pred,
+        gt,
+        mode=config.mode,
+        n_points=config.n_points,
+        seed=config.seed,
+        icp=config.icp,
+        thresholds=tuple(config.fscore_thresholds),
+        iou_resolution=config.iou_resolution,
+        n_views=config.n_views,
+        view_resolution=config.view_resolution,
+    )
+    return metrics.to_dict()
+
+
+def evaluate_object(
+    mesh_path: str | Path,
+    object_dir: str | Path,
+    config: EvalConfig,
+    run_config: RunConfig,
+    force: bool = False,
+    progress: bool = True,
+    fingerprint: str | None = None,
+) -> dict:
+    """Run the pipeline on one ground-truth mesh and score it; writes and returns `metrics.json`'s content.
+
+    `run_config` should come from `_resolved_run_config` (flagged orbits allowed); `force` redoes the
+    renders and the pipeline's finished stages.
+    """
+    from .evaluation.visual_hull import visual_hull_from_orbit_dir
+    from .meshio import load_trimesh
+    from .run import run_from_orbit, run_image_to_mesh
+
+    # 1. Inputs: the ground truth (placed in the world frame) and the pipeline's input
+    mesh_path, out = Path(mesh_path), Path(object_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / METRICS_FILE).unlink(missing_ok=True)
+    timings: dict[str, Any] = {}
+    start = time.perf_counter()
+    gt = load_trimesh(mesh_path, up=config.render.up)
+    source = _prepare_input(mesh_path, out, config, force)
+    timings["render_seconds"] = round(time.perf_counter() - start, 3)
+
+    # 2. The pipeline. A folder without run.json holds only our inputs: run.py may "force" into it then
+    # (it removes only its own files), and resumes its finished stages otherwise.
+    start = time.perf_counter()
+    pipeline_force = force or not (out / "run.json").is_file()
+    if config.mode == "oracle":
+        result = run_from_orbit(source, out, run_config, force=pipeline_force, progress=progress)
+        masks_orbit = source
+    else:
+        result = run_image_to_mesh(source, out, run_config, force=pipeline_force, progress=progress)
+        masks_orbit = out / "orbit"
+    timings["pipeline_seconds"] = round(time.perf_counter() - start, 3)
+    timings["stages"] = {k: v.get("seconds") for k, v in result.summary.get("stages", {}).items()}
+
+    # 3. Metrics: the final mesh, the NeRF stage's mesh, the visual hull of the same masks
+    start = time.perf_counter()
+    final = _score(result.mesh_path, gt, config)
+    timings["final_metrics_seconds"] = round(time.perf_counter() - start, 3)
+    start = time.perf_counter()
+    nerf = _score(out / "nerf" / "mesh.ply", gt, config)
+    timings["nerf_metrics_seconds"] = round(time.perf_counter() - start, 3)
+    start = time.perf_counter()
+    hull = _protocol(visual_hull_from_orbit_dir(masks_orbit, config.hull_resolution), gt, config)
+    timings["hull_seconds"] = round(time.perf_counter() - start, 3)
+
+    consistency = result.summary.get("consistency") or {}
+    record = {
+        "object": out.name,
+        "status": "ok",
+        "mode": config.mode,
+        "flagged": bool(result.flagged),
+        "consistency_psnr_db": consistency.get("masked_psnr_db"),
+        "final": final,
+        "nerf": nerf,
+        "hull": hull,
+        "timings": timings,
+        "fingerprint": fingerprint or config_fingerprint(config, run_config),
+        "ground_truth": str(mesh_path.resolve()),
+    }
+    _write_json(out / METRICS_FILE, record)
+    (out / ERROR_FILE).unlink(missing_ok=True)
+    return record
+
+
+# ------------------------------------------------------------------------------------------------
+# The dataset
+# ------------------------------------------------------------------------------------------------
+
+
+def evaluate_dataset(
+    dataset: str | Path,
+    output_dir: str | Path,
+    config: EvalConfig | None = None,
+    run_config: RunConfig | None = None,
+    objects: str | Path | Sequence[str] | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> EvalSummary:
+    """Evaluate every object of `dataset` (or those of `objects`: names, or a file of names) into
+    `output_dir`, then write the summaries. Finished objects are skipped unless `force`."""
+    # 1. Check inputs: nothing is created before all of them pass
+    config = copy.deepcopy(config or EvalConfig())
+    config.validate()
+    dataset, out = Path(dataset), Path(output_dir)
+    names = _select_objects(dataset, objects)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a directory")
+    run = _resolved_run_config(run_config, config.mode)
+    fingerprint = config_fingerprint(config, run)
+    done: dict[str, dict] = {}
+    stale: list[str] = []
+    for name in names:
+        previous = _read_json(out / name / METRICS_FILE)
+        if previous is None:
+            continue
+        if previous.get("fingerprint") == fingerprint:
+            done[name] = previous
+        else:
+            stale.append(name)
+    if stale and not force:
+        raise InputError(
+            f"{out / stale[0]}: was evaluated with another config ({len(stale)} object(s) in all); "
+            "use another -o, or --force to redo them"
+        )
+
+    # 2. Each object in turn; a failure is recorded and the batch goes on
+    out.mkdir(parents=True, exist_ok=True)
+    records: list[dict] = []
+    for i, name in enumerate(names):
+        if name in done and not force:
+            if progress:
+                print(f"sv3d eval: [{i + 1}/{len(names)}] {name}: done before, kept", file=sys.stderr)
+            records.append(done[name])
+            continue
+        if progress:
+            print(f"sv3d eval: [{i + 1}/{len(names)}] {name}", file=sys.stderr)
+        try:
+            record = evaluate_object(
+                dataset / name / "meshes" / "model.obj", out / name, config, run, force, progress, fingerprint
+            )
+        except Exception as exc:  # noqa: BLE001 - any failure of one object is recorded, the batch goes on
+            message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+            (out / name).mkdir(parents=True, exist_ok=True)
+            _atomic(out / name / ERROR_FILE, lambda p: p.write_text(traceback.format_exc()))
+            if progress:
+                print(f"sv3d eval: {name} failed: {message}", file=sys.stderr)
+            record = {"object": name, "status": "error", "error": message}
+        records.append(record)
+
+    # 3. The summaries
+    summary = summarize(records, config, fingerprint)
+    write_summary(out, summary)
+    return EvalSummary(out, summary, records)
+
+
+# ------------------------------------------------------------------------------------------------
+# Summaries
+# ------------------------------------------------------------------------------------------------
+
+
+def summary_metrics(config: EvalConfig) -> list[str]:
+    """The headline metrics of the tables: Chamfer, volume IoU and F-score at each threshold (+ ICP)."""
+    names = ["chamfer", "volume_iou", *(f"fscore@{t:g}" for t in config.fscore_thresholds)]
+    if config.icp:
+        names += ["chamfer_icp", "volume_iou_icp", *(f"fscore_icp@{t:g}" for t in config.fscore_thresholds)]
+    return names
+
+
+def _stat(values: list[float], how: str) -> float | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None
+    return float(np.mean(values) if how == "mean" else np.median(values))
+
+
+def summarize(records: list[dict], config: EvalConfig, fingerprint: str = "") -> dict:
+    """summary.json's content: per-object headline metrics (final, NeRF, hull), mean and median over the
+    objects that finished (flagged ones included: their flag is reported beside them). No timings, so that
+    the summary of a resumed batch equals an uninterrupted one's."""
+    metrics = summary_metrics(config)
+    rows = []
+    for r in records:
+        row = {"object": r["object"], "status": r["status"], "flagged": bool(r.get("flagged", False))}
+        if r["status"] == "ok":
+            row["consistency_psnr_db"] = r.get("consistency_psnr_db")
+            for source in SOURCES:
+                row[source] = {m: r[source].get(m) for m in metrics}
+        else:
+            row["error"] = r.get("error", "")
+        rows.append(row)
+    ok = [r for r in rows if r["status"] == "ok"]
+    aggregate = {
+        how: {source: {m: _stat([r[source][m] for r in ok], how) for m in metrics} for source in SOURCES}
+        for how in ("mean", "median")
+    }
+    return {
+        "format": SUMMARY_FORMAT,
+        "mode": config.mode,
+        "metrics": metrics,
+        "n_objects": len(rows),
+        "n_ok": len(ok),
+        "n_failed": len(rows) - len(ok),
+        "n_flagged": sum(r["flagged"] for r in ok),
+        "objects": rows,
+        "aggregate": aggregate,
+        "config": {"eval": asdict(config), "fingerprint": fingerprint},
+    }
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _table(summary: dict) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows (objects, then mean and median): each metric as final, NeRF, hull columns."""
+    metrics = summary["metrics"]
+    header = ["object", "status", "flagged"]
+    for m in metrics:
+        header += [m, f"{m}_nerf", f"{m}_hull"]
+    header.append("error")
+    rows = []
+    for r in summary["objects"]:
+        row: list[Any] = [r["object"], r["status"], int(r["flagged"])]
+        for m in metrics:
+            row += [r[s][m] if r["status"] == "ok" else None for s in SOURCES]
+        rows.append([*row, r.get("error", "")])
+    for how in ("mean", "median"):
+        row = [how, f"{summary['n_ok']}/{summary['n_objects']} ok", summary["n_flagged"]]
+        for m in metrics:
+            row += [summary["aggregate"][how][s][m] for s in SOURCES]
+        rows.append([*row, ""])
+    return header, rows
+
+
+def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(
+        [[repr(v) if isinstance(v, float) else ("" if v is None else v) for v in r] for r in rows]
+    )
+    return buffer.getvalue()
+
+
+def _markdown(summary: dict) -> str:
+    header, rows = _table(summary)
+    lines = [
+        f"# sv3d eval ({summary['mode']} mode)",
+        "",
+        f"{summary['n_ok']} of {summary['n_objects']} objects evaluated, {summary['n_failed']} failed, "
+        f"{summary['n_flagged']} flagged as not 3D-consistent (scored anyway). Distances in units of the "
+        "ground truth's largest bounding-box side; `_nerf`: the NeRF stage's mesh; `_hull`: the visual-hull "
+        "baseline from the same 21 masks (ARCHITECTURE.md, Evaluation protocol).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for row in rows:
+        cells = [_fmt(v).replace("|", "/") for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_COLORS = {"final": (52, 101, 164), "nerf": (136, 138, 133), "hull": (245, 121, 0)}
+
+
+def _chart(summary: dict) -> Any:
+    """summary.png: one bar panel per headline metric, bars per object (and the mean), final/NeRF/hull."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    metrics = [m for m in summary["metrics"] if "_icp" not in m]  # Chamfer, IoU and the F-scores
+    labels = [r["object"] for r in summary["objects"]] + ["mean"]
+    values = {
+        m: [[r[s][m] if r["status"] == "ok" else None for s in SOURCES] for r in summary["objects"]]
+        + [[summary["aggregate"]["mean"][s][m] for s in SOURCES]]
+        for m in metrics
+    }
+    group, bar, panel_h, margin = 3 * 14 + 16, 14, 180, 40
+    width = max(margin * 2 + group * len(labels), 360)
+    image = Image.new("RGB", (width, 30 + len(metrics) * (panel_h + 50)), "white")
+    draw = ImageDraw.Draw(image)
+    x = margin
+    for s in SOURCES:  # legend
+        draw.rectangle([x, 8, x + 10, 18], fill=_COLORS[s])
+        draw.text((x + 14, 7), s, fill="black", font=font)
+        x += 70
+    for k, m in enumerate(metrics):
+        top = 30 + k * (panel_h + 50)
+        finite = [v for row in values[m] for v in row if v is not None and math.isfinite(v)]
+        vmax = max(max(finite, default=0.0), 1e-12)
+        base = top + 20 + panel_h
+        draw.text((margin, top + 4), f"{m} (max {vmax:.3g})", fill="black", font=font)
+        draw.line([margin - 4, base, width - margin + 4, base], fill="black")
+        for i, (label, row) in enumerate(zip(labels, values[m], strict=True)):
+            x0 = margin + i * group
+            for j, v in enumerate(row):
+                if v is None or not math.isfinite(v):
+                    continue
+                h = int(round(panel_h * v / vmax))
+                draw.rectangle(
+                    [x0 + j * bar, base - h, x0 + (j + 1) * bar - 2, base], fill=_COLORS[SOURCES[j]]
+                )
+            draw.text((x0, base + 4), label[: group // 6], fill="black", font=font)
+    return image
+
+
+def write_summary(output_dir: str | Path, summary: dict) -> dict[str, Path]:
+    """Write summary.json, summary.md, summary.csv and summary.png into `output_dir` (each atomically)."""
+    out = Path(output_dir)
+    header, rows = _table(summary)
+    paths = {ext: out / f"summary.{ext}" for ext in ("json", "md", "csv", "png")}
+    _write_json(paths["json"], summary)
+    _atomic(paths["md"], lambda p: p.write_text(_markdown(summary)))
+    _atomic(paths["csv"], lambda p: p.write_text(_csv_text(header, rows)))
+    chart = _chart(summary)
+    _atomic(paths["png"], lambda p: chart.save(p, format="PNG"))
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------
+# Sweeps
+# ------------------------------------------------------------------------------------------------
+
+
+def _overrides(job_dir: Path) -> dict[str, str]:
+    """The Hydra overrides of a multirun job (`<job>/.hydra/overrides.yaml`) as {key: value}."""
+    import yaml
+
+    path = job_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return {}
+    items = yaml.safe_load(path.read_text()) or []
+    pairs = (str(item).split("=", 1) for item in items)
+    return {k.lstrip("+~"): v for k, v in (p if len(p) == 2 else (p[0], "") for p in pairs)}
+
+
+def aggregate_sweep(sweep_dir: str | Path, output: str | Path | None = None) -> dict[str, Path]:
+    """One table of a Hydra multirun's evaluations: a row per job (its `summary.json`), the overrides
+    that differ as columns, then the mean of each headline metric, final and hull. Writes
+    `sweep_summary.csv` and `sweep_summary.md` into `output` (default: the sweep directory)."""
+    root = Path(sweep_dir)
+    if not root.is_dir():
+        raise InputError(f"{root}: sweep directory not found")
+    found = sorted(p for p in root.rglob("summary.json") if p.parent != root)
+    jobs = [(p.parent, _read_json(p)) for p in found]
+    jobs = [(d, s) for d, s in jobs if s and s.get("format") == SUMMARY_FORMAT]
+    if not jobs:
+        raise InputError(f"{root}: no evaluation summaries (summary.json) in the sweep directory")
+    overrides = {d: _overrides(d) for d, _ in jobs}
+    keys = sorted({k for o in overrides.values() for k in o})
+    metrics = list(dict.fromkeys(m for _, s in jobs for m in s["metrics"]))
+    header = ["job", *keys, "n_ok", "n_failed", "n_flagged"]
+    header += [f"{m}{suffix}" for m in metrics for suffix in ("", "_hull")]
+    rows = []
+    for job_dir, s in jobs:
+        mean = s["aggregate"]["mean"]
+        row = [job_dir.relative_to(root).as_posix(), *(overrides[job_dir].get(k, "") for k in keys)]
+        row += [s["n_ok"], s["n_failed"], s["n_flagged"]]
+        row += [mean[src].get(m) for m in metrics for src in ("final", "hull")]
+        rows.append(row)
+    out = Path(output) if output else root
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out / "sweep_summary.csv", "md": out / "sweep_summary.md"}
+    _atomic(paths["csv"], lambda p: p.write_text(_csv_text(header, rows)))
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    text = f"# sweep {root.name}: {len(rows)} runs (means over objects)\n\n" + "\n".join(md) + "\n"
+    _atomic(paths["md"], lambda p: p.write_text(text))
+    return paths

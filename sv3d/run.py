@@ -1,0 +1,659 @@
+"""`sv3d run`: one photo (or an existing orbit directory) -> textured mesh, end to end and resumable.
+
+The whole data flow of ARCHITECTURE.md in one call: `orbit/` (SV3D, `sv3d.orbit.generate_orbit`) ->
+`nerf/` (Instant-NGP field + coarse mesh, `sv3d.fit_nerf.fit_nerf`) -> a 3D-consistency check of the orbit ->
+`refine/` (DMTet + texture, `sv3d.refine_stage.refine_stage`) -> `mesh.glb` + `turntable.mp4`, with
+`run.json` recording the config, package versions, the checkpoint's hash, per-stage timings and memory, and
+the consistency score (SV3D paper, Sec. 4: the coarse NeRF is fitted on the 21 generated frames; frames that
+no single field reproduces are not 3D-consistent, and meshing them would hide that).
+
+Runs follow ARCHITECTURE.md "Runs and interruption": every input is checked before anything is created;
+each stage writes into its own subfolder, atomically; `run.json` (itself written atomically) lists the
+finished stages, so a rerun with the same config skips them (the NeRF stage also resumes from its own
+checkpoint); a rerun with a different config refuses unless `force`.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import hashlib
+import json
+import math
+import resource
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .cameras import make_orbit, read_orbit_directory
+from .device import pick_device
+from .errors import InputError, Sv3dError
+from .fit_nerf import FitNerfConfig, _atomic, default_fit_config, fit_nerf, orbit_fingerprint, render_views
+from .orbit import OrbitConfig, generate_orbit, resolve_checkpoint
+from .refine_stage import RefineStageConfig, default_refine_config, refine_stage
+from .video import write_video
+
+__all__ = [
+    "DiskFullError",
+    "InconsistentOrbitError",
+    "OtherRunError",
+    "RunConfig",
+    "RunResult",
+    "checkpoint_identity",
+    "consistency_score",
+    "render_turntable",
+    "run_from_orbit",
+    "run_image_to_mesh",
+]
+
+RUN_FILE = "run.json"
+RUN_FORMAT = 1  # bump when run.json's layout changes
+STAGES = ("orbit", "nerf", "consistency", "refine", "export")
+OWNED = ("orbit", "nerf", "refine", "mesh.glb", "turntable.mp4", RUN_FILE)  # what --force may remove
+# A finished stage is skipped on a rerun only while these files are still there.
+STAGE_OUTPUTS = {
+    "orbit": ("orbit/transforms.json",),
+    "nerf": ("nerf/field.safetensors", "nerf/mesh.ply", "nerf/fit_nerf.json"),
+    "consistency": (),
+    "refine": ("refine/mesh.glb",),
+    "export": ("mesh.glb", "turntable.mp4"),
+}
+# Config entries that change how a run is shown or allowed, not what it computes: not compared on rerun.
+_NOT_IDENTITY = (("orbit", "progress"), ("allow_inconsistent",))
+_DISK_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_HASH_CHUNK = 1 << 24  # 16 MiB reads: a 9 GB checkpoint hashes in constant memory
+
+
+class InconsistentOrbitError(Sv3dError):
+    """The NeRF cannot reproduce the orbit's frames: the orbit is not 3D-consistent (run stopped)."""
+
+
+class OtherRunError(InputError):
+    """The output folder holds a run with another config or input (rerun with force to replace it)."""
+
+
+class DiskFullError(Sv3dError):
+    """A write failed for lack of disk space (or quota); the finished stages are kept."""
+
+
+@dataclass
+class RunConfig:
+    orbit: OrbitConfig = field(default_factory=OrbitConfig)  # sv3d orbit settings (checkpoint etc.)
+    nerf: FitNerfConfig | None = None  # None: default_fit_config(device)
+    refine: RefineStageConfig | None = None  # None: default_refine_config(device)
+    turntable_frames: int = 60  # 6 degrees a frame: smooth at turntable_fps
+    turntable_resolution: int = 256  # enough to judge the texture; 576 costs 5x the rendering
+    turntable_elevation_deg: float = 10.0  # SV3D's input elevation: the view the frames were made around
+    turntable_fps: int = 20  # 60 frames -> a 3 s spin
+    consistency_threshold_db: float = 20.0  # NeRF-vs-frames masked PSNR below this flags the run
+    consistency_resolution: int = 64  # frames compared at this size: the score needs no detail, only speed
+    allow_inconsistent: bool = False  # mesh a flagged orbit anyway (not part of the compared config)
+    seed: int = 0  # seeds torch's and numpy's global generators before every stage
+    device: str = "auto"  # auto: cuda when available; the stage configs left at "auto" follow it
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    mesh_path: Path  # output_dir / "mesh.glb"; absent when a flagged run stopped before meshing
+    summary: dict  # the content of run.json
+    flagged: bool  # orbit judged not 3D-consistent
+
+
+# ------------------------------------------------------------------------------------------------
+# Public entry points
+# ------------------------------------------------------------------------------------------------
+
+
+def run_image_to_mesh(
+    image: str | Path,
+    output_dir: str | Path,
+    config: RunConfig | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> RunResult:
+    """Photo -> `output_dir/{orbit,nerf,refine}/`, `mesh.glb`, `turntable.mp4`, `run.json`."""
+    image = Path(image)
+    # 1. Check inputs (nothing is created before all of them pass)
+    if not image.exists():
+        raise InputError(f"{image}: image not found")
+    if not image.is_file():
+        raise InputError(f"{image}: is a directory, expected an image file (PNG, JPEG, ...)")
+    config = copy.deepcopy(config or RunConfig())
+    _check_image(image, config.orbit)
+    checkpoint = resolve_checkpoint(config.orbit.checkpoint)
+    unet_params = _check_checkpoint(checkpoint)
+    if pick_device(config.orbit.device if config.orbit.device != "auto" else config.device).type == "cpu":
+        _check_cpu_budget(unet_params, config.orbit)
+    config.orbit.checkpoint = str(checkpoint.resolve())  # $SV3D_CHECKPOINT recorded as the path it named
+    source = {"kind": "image", "image": str(image.resolve()), "image_sha256": _file_sha256(image)}
+    return _run(source, Path(output_dir), config, checkpoint, force, progress)
+
+
+def run_from_orbit(
+    orbit_dir: str | Path,
+    output_dir: str | Path,
+    config: RunConfig | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> RunResult:
+    """Existing orbit directory (oracle renders, a user's own orbit) -> the same outputs, no orbit stage."""
+    orbit_dir = Path(orbit_dir)
+    # 1. Check inputs: the orbit directory is read and validated in full
+    read_orbit_directory(orbit_dir)
+    config = copy.deepcopy(config or RunConfig())
+    source = {
+        "kind": "orbit",
+        "orbit_dir": str(orbit_dir.resolve()),
+        "orbit_sha256": orbit_fingerprint(orbit_dir),
+    }
+    return _run(source, Path(output_dir), config, None, force, progress)
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+
+
+def _run(
+    source: dict, out: Path, config: RunConfig, checkpoint: Path | None, force: bool, progress: bool
+) -> RunResult:
+    # 1. Check inputs (continued): the config, then the output folder against what it holds
+    device = pick_device(config.device)
+    _resolve_configs(config, device)
+    _check_config(config, source["kind"])
+    identity = {"source": source, "config": _identity(config)}
+    previous = _check_output(out, identity, force)
+    ckpt_info = checkpoint_identity(checkpoint, (previous or {}).get("checkpoint")) if checkpoint else None
+
+    # 2. Start (or resume) the record; --force removes this run's own files, never anything else
+    if force:
+        for name in OWNED if source["kind"] == "image" else [n for n in OWNED if n != "orbit"]:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        previous = None
+    summary = previous or {
+        "format": RUN_FORMAT,
+        "source": source,
+        "config": asdict(config),
+        "identity": identity,
+        "versions": _versions(),
+        "checkpoint": ckpt_info,
+        "seed": config.seed,
+        "device": str(device),
+        "stages": {},
+        "finished_stages": [],
+        "consistency": None,
+        "flagged": False,
+        "status": "running",
+    }
+    summary["checkpoint"] = ckpt_info
+    orbit_dir = out / "orbit" if source["kind"] == "image" else Path(source["orbit_dir"])
+    summary["orbit_dir"] = str(orbit_dir)
+
+    stages = {
+        "orbit": lambda: generate_orbit(
+            source["image"], out / "orbit", _with_progress(config.orbit, progress), overwrite=True
+        ),
+        # fit_nerf resumes from nerf/checkpoint.pt; without one, an unfinished folder is started over
+        "nerf": lambda: fit_nerf(
+            orbit_dir,
+            out / "nerf",
+            config.nerf,
+            force=not (out / "nerf/checkpoint.pt").is_file(),
+            progress=progress,
+        ),
+        "consistency": lambda: _consistency_stage(summary, orbit_dir, out / "nerf", config, device),
+        "refine": lambda: refine_stage(
+            orbit_dir, out / "nerf", out / "refine", config.refine, True, progress
+        ),
+        "export": lambda: _export_stage(out, config, device),
+    }
+    names = [s for s in STAGES if s != "orbit" or source["kind"] == "image"]
+
+    # 3. Run the unfinished stages in order, recording each one as it ends
+    stage = None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        summary["status"] = "running"
+        _write_summary(out, summary)
+        for stage in names:
+            if _finished(out, summary, stage):
+                if stage == "consistency":
+                    _check_flag(summary, config)
+                continue
+            if progress:
+                print(f"sv3d run: stage {stage}", file=sys.stderr)
+            with _measure(device) as record:
+                _seed(config.seed)
+                stages[stage]()
+            summary["stages"][stage] = {"finished": True, **record}
+            summary["finished_stages"] = [s for s in names if summary["stages"].get(s, {}).get("finished")]
+            _write_summary(out, summary)
+            if stage == "consistency":
+                _check_flag(summary, config)
+        summary["status"] = "finished"
+        _write_summary(out, summary)
+    except KeyboardInterrupt:
+        summary["status"] = f"interrupted in stage {stage}"
+        _write_summary_quietly(out, summary)
+        raise
+    except InconsistentOrbitError:
+        summary["status"] = "stopped: the orbit is not 3D-consistent (rerun with --allow-inconsistent)"
+        _write_summary_quietly(out, summary)
+        raise
+    except Sv3dError as exc:
+        summary["status"] = f"failed in stage {stage}: {exc}"
+        _write_summary_quietly(out, summary)
+        raise
+    except OSError as exc:
+        if exc.errno in _DISK_ERRNOS:
+            summary["status"] = f"failed in stage {stage}: no space left on device"
+            _write_summary_quietly(out, summary)
+            raise DiskFullError(
+                f"{out}: no space left on device while running stage {stage}; free some space and rerun "
+                "the same command (finished stages are kept)"
+            ) from None
+        raise
+    return RunResult(out, out / "mesh.glb", summary, bool(summary["flagged"]))
+
+
+def _with_progress(config: OrbitConfig, progress: bool) -> OrbitConfig:
+    config = copy.deepcopy(config)
+    config.progress = config.progress and progress
+    return config
+
+
+def _finished(out: Path, summary: dict, stage: str) -> bool:
+    done = summary["stages"].get(stage, {}).get("finished", False)
+    return done and all((out / name).exists() for name in STAGE_OUTPUTS[stage])
+
+
+def _check_flag(summary: dict, config: RunConfig) -> None:
+    """Warn about a flagged orbit; stop the run unless the user allowed it."""
+    score = summary["consistency"]
+    if not summary["flagged"]:
+        return
+    warning = (
+        f"the NeRF reproduces the orbit's frames at {score['masked_psnr_db']:.1f} dB masked PSNR, below the "
+        f"{config.consistency_threshold_db:g} dB threshold: the orbit is not 3D-consistent"
+    )
+    if config.allow_inconsistent:
+        print(f"sv3d run: warning: {warning}; meshing it anyway (--allow-inconsistent)", file=sys.stderr)
+        return
+    raise InconsistentOrbitError(
+        f"{warning}, so it was not meshed; rerun the same command with --allow-inconsistent to mesh it anyway"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Stages of run.py's own
+# ------------------------------------------------------------------------------------------------
+
+
+def _consistency_stage(summary: dict, orbit_dir: Path, nerf_dir: Path, config: RunConfig, device) -> None:
+    score = consistency_score(orbit_dir, nerf_dir, config.nerf, config.consistency_resolution, device)
+    score["threshold_db"] = config.consistency_threshold_db
+    summary["consistency"] = score
+    summary["flagged"] = bool(score["masked_psnr_db"] < config.consistency_threshold_db)
+
+
+@torch.no_grad()
+def consistency_score(
+    orbit_dir: str | Path,
+    nerf_dir: str | Path,
+    fit_config: FitNerfConfig,
+    resolution: int = 64,
+    device: torch.device | str = "cpu",
+) -> dict:
+    """How well the fitted field reproduces the frames it was fitted on: masked PSNR over object pixels.
+
+    The field (`nerf_dir/field.safetensors`) is rendered on every view of the orbit at `resolution`, over
+    white and inside the same visual-hull occupancy as in training, and compared with the frames over white
+    where their alpha > 0.5. Returns {"masked_psnr_db": pooled over all views, "per_view_db": [V], ...}.
+    """
+    from safetensors.torch import load_file
+
+    from nerf.field import RadianceField
+    from nerf.occupancy import OccupancyGrid
+
+    from .evaluation.visual_hull import carve_occupancy
+
+    frames = read_orbit_directory(orbit_dir)
+    path = Path(nerf_dir) / "field.safetensors"
+    model = RadianceField(fit_config.train.field)
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except (OSError, RuntimeError) as exc:
+        raise InputError(f"{path}: cannot load the fitted field: {str(exc).splitlines()[0]}") from None
+    model = model.to(device).eval()
+    bound = fit_config.train.field.bound
+    hull = carve_occupancy(frames.masks(), frames.orbit.cameras(), fit_config.hull_resolution, bound)
+    occupancy = OccupancyGrid(hull, bound, fit_config.hull_dilate).to(device)
+    size = min(resolution, frames.images.shape[1])
+    renders = torch.from_numpy(
+        render_views(
+            model,
+            frames.orbit.c2w(),
+            frames.orbit.fov_deg,
+            size,
+            bound,
+            fit_config.train.n_samples,
+            occupancy=occupancy,
+        )
+    )  # [V, s, s, 3] over white
+    rgba = torch.nn.functional.interpolate(
+        frames.images.permute(0, 3, 1, 2).float(), size=(size, size), mode="area"
+    ).permute(0, 2, 3, 1)  # [V, H, W, 4] -> [V, s, s, 4]
+    target = rgba[..., :3] * rgba[..., 3:] + (1.0 - rgba[..., 3:])  # over white
+    mask = rgba[..., 3] > 0.5  # [V, s, s] object pixels
+    err = (renders - target).pow(2).mean(-1)  # [V, s, s]
+    per_view = [_psnr(err[v][mask[v]]) for v in range(err.shape[0])]  # 21 views, not pixels
+    return {
+        "masked_psnr_db": _psnr(err[mask]),
+        "per_view_db": per_view,
+        "worst_view": int(np.argmin(per_view)),
+        "resolution": size,
+        "object_pixels": int(mask.sum()),
+    }
+
+
+def _psnr(squared_errors: torch.Tensor) -> float:
+    if squared_errors.numel() == 0:
+        return float("nan")
+    return float(-10.0 * torch.log10(squared_errors.mean().clamp(min=1e-10)))
+
+
+def _export_stage(out: Path, config: RunConfig, device: torch.device) -> None:
+    _atomic(out / "mesh.glb", lambda p: shutil.copyfile(out / "refine/mesh.glb", p))
+    render_turntable(
+        out / "mesh.glb",
+        out / "turntable.mp4",
+        config.turntable_frames,
+        config.turntable_resolution,
+        config.turntable_elevation_deg,
+        config.turntable_fps,
+        device,
+    )
+
+
+@torch.no_grad()
+def render_turntable(
+    mesh_path: str | Path,
+    video_path: str | Path,
+    frames: int = 60,
+    resolution: int = 256,
+    elevation_deg: float = 10.0,
+    fps: int = 20,
+    device: torch.device | str = "cpu",
+    views_per_batch: int = 8,  # bounds peak memory of the rasterizer's buffers
+) -> Path:
+    """The textured mesh spun 360 deg about z at `elevation_deg`, unlit (lighting is baked), as an mp4."""
+    from refine.render import render_mesh
+
+    from .meshio import load_mesh
+
+    mesh = load_mesh(mesh_path, place=False).to(device)  # the file's world frame, as refined
+    cameras = make_orbit("static", elevation_deg, 0.0, num_frames=frames).cameras()
+    images = []
+    for start in range(0, frames, views_per_batch):
+        batch = cameras[start : start + views_per_batch]
+        images.append(render_mesh(mesh, batch, resolution, shading="unlit").image.clamp(0, 1).cpu())
+    return write_video(video_path, torch.cat(images).numpy(), fps=fps)  # [T, H, W, 3]
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks, identity, records
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_image(image: Path, orbit: OrbitConfig) -> None:
+    """The photo is preprocessed once here (cheap), so that an unusable one fails before anything exists."""
+    from .preprocess import preprocess_image
+
+    preprocess_image(image, size=max(orbit.resolution, 64), background=orbit.background)
+
+
+def _check_cpu_budget(unet_params: int | None, orbit: OrbitConfig) -> None:
+    """Refuse, before anything is created, what generate_orbit would refuse: hours of sampling on a CPU."""
+    from .orbit import CPU_PARAM_LIMIT
+
+    if unet_params is None or unet_params <= CPU_PARAM_LIMIT or orbit.allow_cpu:
+        return
+    from .cameras import NUM_FRAMES
+    from .model.pipeline import estimate_cpu_seconds
+
+    hours = (
+        estimate_cpu_seconds(unet_params, orbit.resolution, orbit.resolution, NUM_FRAMES, orbit.steps) / 3600
+    )
+    raise InputError(
+        f"no CUDA GPU: sampling this {unet_params / 1e9:.1f} B-parameter UNet on the CPU would take about "
+        f"{hours:.1f} h; pass --allow-cpu to run it anyway"
+    )
+
+
+def _check_checkpoint(path: Path) -> int | None:
+    """Cheap readability check (header only): a garbage or foreign file fails before anything is created.
+
+    Returns the UNet's parameter count (None for a diffusers folder, whose weights are not opened here).
+    """
+    from .model.checkpoint import COMPONENT_PREFIXES
+
+    prefix = COMPONENT_PREFIXES["unet"]
+    if path.is_dir():
+        if not (path / "sv3d_pipeline.json").is_file():
+            raise InputError(f"{path}: not an SV3D diffusers folder (no sv3d_pipeline.json)")
+        return None
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                keys = list(f.keys())  # noqa: SIM118 - safe_open has no __iter__
+                shapes = [f.get_slice(k).get_shape() for k in keys if k.startswith(prefix)]
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise InputError(f"{path}: unreadable safetensors checkpoint (corrupt?): {exc}") from None
+    elif path.suffix in (".ckpt", ".pt", ".pth"):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises many types for bad pickles
+            raise InputError(f"{path}: unreadable checkpoint: {str(exc).splitlines()[0]}") from None
+        obj = obj.get("state_dict", obj) if isinstance(obj, dict) else {}
+        keys = list(obj) if isinstance(obj, dict) else []
+        shapes = [tuple(obj[k].shape) for k in keys if k.startswith(prefix) and hasattr(obj[k], "shape")]
+    else:
+        raise InputError(
+            f"{path}: unsupported checkpoint type {path.suffix!r} (expected .safetensors or .ckpt)"
+        )
+    if not shapes:
+        raise InputError(f"{path}: not an SV3D checkpoint (no {prefix}* keys)")
+    return int(sum(math.prod(shape) for shape in shapes))
+
+
+def _resolve_configs(config: RunConfig, device: torch.device) -> None:
+    """Fill the device defaults; stage configs left at device "auto" follow the run's device."""
+    if config.nerf is None:
+        config.nerf = default_fit_config(device)
+    if config.refine is None:
+        config.refine = default_refine_config(device)
+    for stage in (config.orbit, config.nerf, config.refine):
+        if stage.device == "auto":
+            stage.device = str(device)
+    if config.refine.checkpoint is None and config.orbit.checkpoint is not None:
+        # SDS (on by default on CUDA) guides with the model that generated the orbit
+        config.refine.checkpoint = config.orbit.checkpoint
+        config.refine.sgm_config = config.refine.sgm_config or config.orbit.sgm_config
+
+
+def _check_config(config: RunConfig, kind: str) -> None:
+    from refine.bake import check_texture_size
+
+    o = config.orbit
+    if kind == "image":
+        if o.resolution < 64 or o.resolution % 8:
+            raise InputError(f"--resolution must be a multiple of 8 and >= 64, got {o.resolution}")
+        if o.steps < 1:
+            raise InputError(f"--steps must be >= 1, got {o.steps}")
+        if o.orbit not in (None, "static", "sine"):
+            raise InputError(f"--orbit must be static or sine, got {o.orbit!r}")
+    if config.nerf.train.steps < 1:
+        raise InputError(f"--nerf-steps must be >= 1, got {config.nerf.train.steps}")
+    if config.refine.refine.steps < 1:
+        raise InputError(f"--refine-steps must be >= 1, got {config.refine.refine.steps}")
+    try:
+        check_texture_size(config.refine.bake.texture_size)
+    except ValueError as exc:
+        raise InputError(f"--texture-size: {exc}") from None
+    if config.turntable_frames < 1:
+        raise InputError(f"turntable_frames must be >= 1, got {config.turntable_frames}")
+    if not 16 <= config.turntable_resolution <= 4096:
+        raise InputError(f"turntable_resolution must be in [16, 4096], got {config.turntable_resolution}")
+    if not math.isfinite(config.consistency_threshold_db):
+        raise InputError(f"consistency_threshold_db must be finite, got {config.consistency_threshold_db}")
+    if config.consistency_resolution < 8:
+        raise InputError(f"consistency_resolution must be >= 8, got {config.consistency_resolution}")
+
+
+def _identity(config: RunConfig) -> dict:
+    """The config as compared on a rerun: JSON-normalised, without display-only entries."""
+    data = json.loads(json.dumps(asdict(config), default=str))
+    for keys in _NOT_IDENTITY:
+        node = data
+        for key in keys[:-1]:
+            node = node[key]
+        node.pop(keys[-1], None)
+    return data
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+    return f"{prefix.rstrip('.')} {json.dumps(a)} -> {json.dumps(b)}"
+
+
+def _check_output(out: Path, identity: dict, force: bool) -> dict | None:
+    """The previous run.json when `out` holds this same run; an error when it holds something else."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    record = out / RUN_FILE
+    if not record.is_file():
+        if force:
+            return None
+        raise InputError(
+            f"{out}: output directory is not empty and holds no sv3d run (use --force to run there)"
+        )
+    try:
+        previous = json.loads(record.read_text())
+        same = previous.get("identity") == identity and previous.get("format") == RUN_FORMAT
+    except (OSError, ValueError, AttributeError):
+        if force:
+            return None
+        raise InputError(f"{record}: unreadable run record (use --force to start over)") from None
+    if same:
+        return None if force else previous
+    if force:
+        return None
+    change = _first_difference(previous.get("identity", {}), identity)
+    raise OtherRunError(
+        f"{out}: holds another run (different {change}); use another -o, or --force to start over"
+    )
+
+
+def _write_summary(out: Path, summary: dict) -> None:
+    _atomic(out / RUN_FILE, lambda p: p.write_text(json.dumps(summary, indent=1, default=str)))
+
+
+def _write_summary_quietly(out: Path, summary: dict) -> None:
+    """Record why the run stopped, if the disk allows; the previous run.json stays intact otherwise."""
+    try:
+        if out.is_dir():
+            _write_summary(out, summary)
+    except OSError:
+        pass
+
+
+def _versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    found: dict[str, str | None] = {}
+    for name in ("torch", "diffusers", "transformers", "nerfacc", "numpy"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    found["sv3d"] = __version__
+    found["python"] = sys.version.split()[0]
+    return found
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checkpoint_identity(path: Path, previous: dict | None = None) -> dict:
+    """{"path", "sha256", "method", ...} of a checkpoint; reuses `previous` while size and mtime match.
+
+    A single file is hashed in full, in chunks. A diffusers folder is identified by the sha256 of its json
+    configs and of every file's relative path and size (its weights are not read: say so in "method").
+    """
+    path = Path(path).resolve()
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            rel = file.relative_to(path).as_posix()
+            digest.update(f"{rel}\0{file.stat().st_size}\0".encode())
+            if file.suffix == ".json":
+                digest.update(file.read_bytes())
+        return {
+            "path": str(path),
+            "sha256": digest.hexdigest(),
+            "method": "directory: sha256 of its json configs and every file's path and size (weights unread)",
+        }
+    stat = path.stat()
+    key = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if previous and all(previous.get(k) == v for k, v in key.items()) and previous.get("sha256"):
+        return previous
+    return {**key, "sha256": _file_sha256(path), "method": "file: sha256 of its bytes"}
+
+
+@contextmanager
+def _measure(device: torch.device):
+    """Wall time and memory of a stage: process peak RSS (ru_maxrss) and its growth; CUDA peak allocation."""
+    scale = 1.0 if sys.platform == "darwin" else 1024.0  # ru_maxrss: bytes on macOS, KiB on Linux
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    record: dict[str, float] = {}
+    start = time.perf_counter()
+    yield record
+    record["seconds"] = round(time.perf_counter() - start, 3)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    record["peak_rss_mb"] = round(peak / 2**20, 1)
+    record["rss_peak_growth_mb"] = round((peak - before) / 2**20, 1)
+    if device.type == "cuda":
+        record["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+
+
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 - trimesh.sample (init SDF) draws from the global RNG

@@ -1,0 +1,324 @@
+"""`sv3d run` end to end at toy sizes with the tiny SV3D checkpoint: outputs, resume, refusal, the
+consistency flag, Ctrl-C, bad input (nothing created), running out of disk, and `run_from_orbit`."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import sv3d.run as run_module
+from nerf.encoding import HashGridConfig
+from nerf.extract import ExtractConfig
+from nerf.train import TrainConfig
+from refine.bake import BakeConfig
+from refine.dmtet import DMTetConfig
+from refine.fit import RefineConfig
+from sv3d.cli import main
+from sv3d.fit_nerf import FitNerfConfig
+from sv3d.refine_stage import RefineStageConfig
+from sv3d.render_orbit import RenderOrbitConfig, render_orbit
+from sv3d.run import RunConfig, run_from_orbit
+from sv3d.testing.objects import write_test_object
+
+
+def toy_nerf(device) -> FitNerfConfig:
+    train = TrainConfig(steps=20, batch_rays=512, n_samples=32, max_resolution=32, checkpoint_every=10)
+    train.field.encoder = HashGridConfig(log2_hashmap_size=14)
+    # 20 steps leave a nearly flat density (measured 0.68 to 0.74): dense candidate levels, so that some
+    # level always crosses it (only the crossing ones are meshed), for the plumbing only
+    return FitNerfConfig(
+        train=train,
+        extract=ExtractConfig(resolution=32),
+        level_candidates=tuple(np.geomspace(0.05, 50.0, 300).tolist()),
+        preview_resolution=32,
+        hull_resolution=32,
+    )
+
+
+def toy_refine(device) -> RefineStageConfig:
+    # The tiny model's frames are noise that covers the whole frame, so its NeRF can fill the field's whole
+    # sphere (radius 0.55): a wider tet grid keeps that init inside it
+    return RefineStageConfig(
+        refine=RefineConfig(steps=10, render_resolution=32, tet=DMTetConfig(resolution=20, bound=0.8)),
+        bake=BakeConfig(texture_size=64),
+        preview_resolution=32,
+    )
+
+
+@pytest.fixture(autouse=True)
+def toy_defaults(monkeypatch):
+    """The device defaults of the CLI and of run.py shrunk to toy sizes."""
+    monkeypatch.setattr(run_module, "default_fit_config", toy_nerf)
+    monkeypatch.setattr(run_module, "default_refine_config", toy_refine)
+
+
+def rgba_disc(path: Path, size: int = 80) -> Path:
+    yy, xx = np.mgrid[0:size, 0:size]
+    alpha = ((xx - size / 2) ** 2 + (yy - size / 2) ** 2 < (size / 3) ** 2).astype(np.uint8) * 255
+    rgb = np.zeros((size, size, 3), np.uint8) + np.array([200, 60, 40], np.uint8)
+    Image.fromarray(np.dstack([rgb, alpha])).save(path)
+    return path
+
+
+def run_args(fixtures: Path, image: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "run",
+        str(image),
+        "-o",
+        str(out),
+        "--checkpoint",
+        str(fixtures / "tiny_sv3d_p.safetensors"),
+        "--sgm-config",
+        str(fixtures / "tiny_sv3d_p.yaml"),
+        "--resolution",
+        "64",
+        "--steps",
+        "2",
+        "--turntable-frames",
+        "6",
+        "--turntable-resolution",
+        "32",
+        "--device",
+        "cpu",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(sv3d_tiny: Path, tmp_path_factory) -> dict:
+    """One full run, in two calls: first flagged (threshold 99 dB, no random-weight orbit reaches it) and
+    stopped after the NeRF, then continued with --allow-inconsistent."""
+    root = tmp_path_factory.mktemp("run")
+    image, out = rgba_disc(root / "disc.png"), root / "out"
+    mp = pytest.MonkeyPatch()
+    mp.setattr(run_module, "default_fit_config", toy_nerf)
+    mp.setattr(run_module, "default_refine_config", toy_refine)
+    try:
+        args = run_args(sv3d_tiny, image, out, "--consistency-threshold", "99")
+        first = main(args)
+        flagged_record = json.loads((out / "run.json").read_text())
+        second = main([*args, "--allow-inconsistent"])
+    finally:
+        mp.undo()
+    return {
+        "root": root,
+        "image": image,
+        "out": out,
+        "args": args,
+        "codes": (first, second),
+        "flagged_record": flagged_record,
+    }
+
+
+def test_a_flagged_orbit_stops_after_the_nerf_then_continues_when_allowed(tiny_run):
+    assert tiny_run["codes"] == (2, 0)
+    first = tiny_run["flagged_record"]
+    assert first["flagged"] is True and first["finished_stages"] == ["orbit", "nerf", "consistency"]
+    assert "not 3D-consistent" in first["status"]
+    score = first["consistency"]
+    assert score["masked_psnr_db"] < 99 and len(score["per_view_db"]) == 21
+    record = json.loads((tiny_run["out"] / "run.json").read_text())
+    assert record["flagged"] is True and record["status"] == "finished"
+    assert record["stages"]["nerf"] == first["stages"]["nerf"]  # not redone by the second call
+
+
+def test_run_writes_every_output_and_a_complete_record(tiny_run, sv3d_tiny: Path):
+    out = tiny_run["out"]
+    for name in (
+        "mesh.glb",
+        "turntable.mp4",
+        "orbit/transforms.json",
+        "nerf/field.safetensors",
+        "refine/mesh.glb",
+    ):
+        assert (out / name).is_file(), name
+    assert (out / "mesh.glb").read_bytes() == (out / "refine/mesh.glb").read_bytes()
+    record = json.loads((out / "run.json").read_text())
+    assert record["finished_stages"] == list(run_module.STAGES)
+    assert set(record["versions"]) >= {"torch", "diffusers", "transformers", "nerfacc", "numpy", "sv3d"}
+    import hashlib
+
+    expected = hashlib.sha256((sv3d_tiny / "tiny_sv3d_p.safetensors").read_bytes()).hexdigest()
+    assert record["checkpoint"]["sha256"] == expected
+    assert record["config"]["nerf"]["train"]["steps"] == 20 and record["seed"] == 0
+    for stage in run_module.STAGES:
+        timing = record["stages"][stage]
+        assert timing["seconds"] > 0 and timing["peak_rss_mb"] > 0 and timing["rss_peak_growth_mb"] >= 0
+    assert record["consistency"]["threshold_db"] == 99.0
+
+
+def test_rerun_skips_finished_stages(tiny_run, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("a finished stage ran again")
+
+    for name in ("generate_orbit", "fit_nerf", "refine_stage", "render_turntable"):
+        monkeypatch.setattr(run_module, name, never)
+    before = json.loads((tiny_run["out"] / "run.json").read_text())
+    assert main([*tiny_run["args"], "--allow-inconsistent"]) == 0
+    after = json.loads((tiny_run["out"] / "run.json").read_text())
+    assert after["stages"] == before["stages"]
+
+
+def test_a_changed_config_refuses_and_force_redoes(tiny_run, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_run["out"], out)
+    args = [*tiny_run["args"], "--allow-inconsistent"]
+    args[args.index(str(tiny_run["out"]))] = str(out)
+    before = (out / "run.json").read_bytes()
+    assert main([*args, "--nerf-steps", "25"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds another run" in err and "steps 20 -> 25" in err and "--force" in err
+    assert len(err.splitlines()) == 1 and (out / "run.json").read_bytes() == before
+
+    # --force starts over: the orbit is generated again (here interrupted right after, Ctrl-C)
+    calls = []
+
+    def interrupted(*a, **k):
+        calls.append(a)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "generate_orbit", interrupted)
+    assert main([*args, "--nerf-steps", "25", "--force"]) == 130
+    assert len(calls) == 1 and not (out / "nerf").exists() and not (out / "mesh.glb").exists()
+    record = json.loads((out / "run.json").read_text())
+    assert record["finished_stages"] == [] and record["status"] == "interrupted in stage orbit"
+
+
+@pytest.mark.parametrize(
+    "case", ["missing image", "directory as image", "corrupt image", "garbage checkpoint", "other run"]
+)
+def test_bad_input_fails_in_one_line_before_anything_is_created(tiny_run, sv3d_tiny, tmp_path, capsys, case):
+    image, out = tiny_run["image"], tmp_path / "out"
+    extra: list[str] = []
+    if case == "missing image":
+        image = tmp_path / "none.png"
+    elif case == "directory as image":
+        image = tmp_path
+    elif case == "corrupt image":
+        image = tmp_path / "bad.png"
+        image.write_bytes(b"\x89PNG\r\n\x1a\n" + b"x" * 50)
+    elif case == "garbage checkpoint":
+        garbage = tmp_path / "garbage.safetensors"
+        garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+        extra = ["--checkpoint", str(garbage)]
+    else:
+        out = tiny_run["out"]  # holds a run with other settings
+        extra = ["--steps", "3"]
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    before = (tiny_run["out"] / "run.json").read_bytes()
+    assert main([*run_args(sv3d_tiny, image, out), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sv3d: error:") and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing  # nothing created
+    assert (tiny_run["out"] / "run.json").read_bytes() == before
+    expected = {
+        "missing image": "not found",
+        "directory as image": "is a directory",
+        "corrupt image": "bad.png",
+        "garbage checkpoint": "unreadable safetensors",
+        "other run": "holds another run",
+    }[case]
+    assert expected in err
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_record(tiny_run, sv3d_tiny, tmp_path, capsys, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run_module, "generate_orbit", full)
+    out = tmp_path / "out"
+    assert main(run_args(sv3d_tiny, tiny_run["image"], out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the stage's progress line
+    assert err.startswith("sv3d: error:") and "no space left on device" in err and "rerun" in err
+    record = json.loads((out / "run.json").read_text())
+    assert record["finished_stages"] == [] and "no space" in record["status"]
+
+
+@pytest.fixture(scope="module")
+def oracle_orbit(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("oracle")
+    obj = write_test_object(root / "objects", "blob")
+    return render_orbit(obj, root / "orbit", RenderOrbitConfig(resolution=48, views=21))
+
+
+@pytest.mark.slow
+def test_run_from_orbit_survives_ctrl_c_and_resumes(oracle_orbit: Path, tmp_path: Path, monkeypatch):
+    out = tmp_path / "oracle_run"
+    # 20 toy NeRF steps reproduce even ground-truth frames poorly (measured 11 dB): allowed, for the plumbing
+    config = RunConfig(turntable_frames=4, turntable_resolution=32, allow_inconsistent=True, device="cpu")
+    real_refine = run_module.refine_stage
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "refine_stage", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_from_orbit(oracle_orbit, out, config, progress=False)
+    record = json.loads((out / "run.json").read_text())  # still valid JSON
+    assert record["finished_stages"] == ["nerf", "consistency"]
+    assert record["status"] == "interrupted in stage refine"
+    assert record["source"]["orbit_sha256"] == run_module.orbit_fingerprint(oracle_orbit)
+
+    monkeypatch.setattr(run_module, "refine_stage", real_refine)
+    monkeypatch.setattr(run_module, "fit_nerf", lambda *a, **k: pytest.fail("the NeRF stage ran again"))
+    result = run_from_orbit(oracle_orbit, out, config, progress=False)
+    assert result.mesh_path.is_file() and (out / "turntable.mp4").is_file()
+    assert result.summary["finished_stages"] == ["nerf", "consistency", "refine", "export"]
+    assert "orbit" not in result.summary["stages"] and not (out / "orbit").exists()
+    assert result.flagged == (result.summary["consistency"]["masked_psnr_db"] < 20.0)
+
+
+def test_image_to_mesh_hydra_entry_composes():
+    from sv3d.config import compose_config
+
+    module = _load_script("image_to_mesh")
+    overrides = ["+image=photo.png", "preset=toy", "sv3d.steps=3", "sv3d.orbit=sine"]
+    cfg = compose_config(
+        [*overrides, "sv3d.checkpoint=/x/sv3d_p.safetensors", "+run.allow_inconsistent=true"]
+    )
+    config = module.run_config(cfg)
+    assert isinstance(config, RunConfig) and config.allow_inconsistent and cfg.image == "photo.png"
+    assert config.orbit.steps == 3 and config.orbit.orbit == "sine" and config.device == "cpu"
+    assert config.orbit.checkpoint == "/x/sv3d_p.safetensors" and config.nerf.train.steps == 20  # toy
+
+
+def _load_script(name: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mirrored_orbit_negates_azimuths_about_the_input_view(oracle_orbit: Path, tmp_path: Path):
+    from sv3d.cameras import read_orbit_directory
+
+    check = _load_script("check_azimuth")
+    original = read_orbit_directory(oracle_orbit).orbit
+    mirrored = read_orbit_directory(check.mirror_orbit_directory(oracle_orbit, tmp_path / "m")).orbit
+    a_in = float(original.azimuths_deg[-1])  # 0 deg for render-orbit's default
+    # a' = 2 a_in - a: frame 0 at a_in + 360/21 = 17.14 deg goes to -17.14 = 342.86 deg
+    expected = (2 * a_in - original.azimuths_deg) % 360.0
+    assert np.allclose(mirrored.azimuths_deg.numpy() % 360.0, expected.numpy(), atol=1e-6)
+    assert abs(float(mirrored.azimuths_deg[0]) % 360.0 - 342.857) < 1e-2
+    assert np.allclose(mirrored.elevations_deg.numpy(), original.elevations_deg.numpy())
+
+
+@pytest.mark.slow
+def test_check_azimuth_end_to_end_with_the_tiny_checkpoint(sv3d_tiny: Path, tmp_path: Path, capsys):
+    check = _load_script("check_azimuth")
+    image = rgba_disc(tmp_path / "disc.png")
+    args = [str(image), "--checkpoint", str(sv3d_tiny / "tiny_sv3d_p.safetensors")]
+    args += ["--sgm-config", str(sv3d_tiny / "tiny_sv3d_p.yaml"), "--steps", "2", "--resolution", "64"]
+    assert check.main([*args, "-o", str(tmp_path / "out"), "--nerf-steps", "20", "--device", "cpu"]) == 0
+    report = json.loads((tmp_path / "out" / "check_azimuth.json").read_text())
+    assert len(report["masked_psnr_db"]) == 2 and all(np.isfinite(list(report["masked_psnr_db"].values())))
+    assert report["verdict"] in capsys.readouterr().out
