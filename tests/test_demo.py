@@ -27,11 +27,11 @@ from sv3d.refine_stage import RefineStageConfig
 def toy_nerf(device) -> FitNerfConfig:
     train = TrainConfig(steps=30, batch_rays=512, n_samples=32, max_resolution=32, checkpoint_every=0)
     train.field.encoder = HashGridConfig(log2_hashmap_size=14)
-    # a toy field's density is soft: dense candidate levels, of which only the crossing ones are meshed
+    # a toy field's density is soft: low candidate levels (every crossing one is meshed and compared)
     return FitNerfConfig(
         train=train,
         extract=ExtractConfig(resolution=32),
-        level_candidates=tuple(np.geomspace(0.05, 50.0, 300).tolist()),
+        level_candidates=tuple(np.geomspace(0.05, 50.0, 16).tolist()),
         preview_resolution=32,
         hull_resolution=32,
     )
@@ -51,7 +51,19 @@ def test_demo_writes_mesh_turntable_and_three_rows_of_metrics(tmp_path: Path, ca
     monkeypatch.setattr(run_module, "default_refine_config", toy_refine)
     out = tmp_path / "demo"
     config = DemoConfig(
-        object_name="blob", resolution=48, hull_resolution=48, turntable_resolution=32, eval_points=3000
+        object_name="blob",
+        resolution=48,
+        hull_resolution=48,
+        turntable_resolution=32,
+        eval_points=3000,
+        eval_views=16,
+        eval_view_resolution=128,
+        eval_iou_resolution=16,
+        nerf_steps=None,  # None: the (toy) device defaults
+        nerf_grid=None,
+        refine_steps=None,
+        tet_resolution=None,
+        texture_size=None,
     )
     report = run_demo(out, config)
     printed = capsys.readouterr().out
