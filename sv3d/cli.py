@@ -408,7 +408,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - Hydra's override errors: a bad --set
         raise InputError(f"--set: {str(exc).splitlines()[0]}") from None
     for key, value in (
-        ("device", args.device), ("sv3d.checkpoint", args.checkpoint), ("sv3d.sgm_config", args.sgm_config)
+        ("device", args.device),
+        ("sv3d.checkpoint", args.checkpoint),
+        ("sv3d.sgm_config", args.sgm_config),
     ):
         if value:  # paths set after composing: no override-grammar quoting needed
             OmegaConf.update(cfg, key, value, force_add=True)
