@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,10 +10,10 @@ import pytest
 import torch
 import trimesh
 
-from nerf.extract import ExtractConfig, density_grid, extract_mesh, load_density
+from nerf.extract import ExtractConfig, density_grid, extract_mesh, load_density, surface
 from nerf.train import TrainConfig, _distortion, fit_field
 from sv3d.cli import main
-from sv3d.fit_nerf import FitNerfConfig, fit_nerf
+from sv3d.fit_nerf import FitNerfConfig, fit_nerf, orbit_fingerprint
 from sv3d.render_orbit import RenderOrbitConfig, render_orbit
 from sv3d.testing.objects import write_test_object
 
@@ -93,6 +94,41 @@ def test_extraction_of_an_analytic_density():
     assert mesh.is_watertight and mesh.volume > 0
     assert abs(mesh.volume - 4 / 3 * np.pi * 0.3**3) / (4 / 3 * np.pi * 0.3**3) < 0.1
     assert (mesh.visual.vertex_colors[:, 0] == 255).all() and (mesh.visual.vertex_colors[:, 1] == 0).all()
+
+
+def _shell_grid(res: int = 48, hole: float = 0.0, mouth: float = 0.0) -> tuple[np.ndarray, float]:
+    """Density 100 in a spherical shell 0.25..0.3 (bound 0.55), with a hole of angular radius `hole` (rad)
+    around +z, or a wide `mouth` cut away above z = 0.3 - mouth (a cup)."""
+    c = (np.arange(res) + 0.5) / res * 1.1 - 0.55
+    x, y, z = np.meshgrid(c, c, c, indexing="ij")
+    r = np.sqrt(x**2 + y**2 + z**2)
+    shell = (r > 0.25) & (r < 0.3)
+    if hole:
+        shell &= np.arccos(np.clip(z / np.maximum(r, 1e-9), -1, 1)) > hole
+    if mouth:
+        shell &= z < 0.3 - mouth
+    return 100.0 * shell.astype(np.float32), 0.55
+
+
+def test_orbit_fingerprint_follows_the_frames_not_only_the_cameras(orbit: Path, tmp_path: Path):
+    copy = Path(shutil.copytree(orbit, tmp_path / "copy"))
+    assert orbit_fingerprint(copy) == orbit_fingerprint(orbit)
+    other = Path(shutil.copytree(orbit, tmp_path / "other"))
+    shutil.copyfile(other / "frame_001.png", other / "frame_000.png")  # same cameras, another frame
+    assert orbit_fingerprint(other) != orbit_fingerprint(orbit)
+
+
+def test_cavity_fill_closes_pinholed_shells_but_not_open_cups():
+    ball = 4 / 3 * np.pi * 0.3**3
+    grid, bound = _shell_grid()  # closed shell: solid ball
+    assert abs(surface(grid, bound, 10.0).volume - ball) / ball < 0.1
+    grid, bound = _shell_grid(hole=0.1)  # a hole ~3 cells wide: still filled with the default radius
+    assert abs(surface(grid, bound, 10.0).volume - ball) / ball < 0.1
+    open_shell = surface(grid, bound, 10.0, hole_radius=0)  # without: a thin double-sided shell
+    assert open_shell.volume < 0.7 * ball
+    grid, bound = _shell_grid(mouth=0.2)  # a cup: its wide mouth keeps the inside empty
+    cup = surface(grid, bound, 10.0)
+    assert cup.volume < 0.7 * ball
 
 
 def test_fit_nerf_writes_its_files_and_refuses_bad_input(orbit: Path, tmp_path: Path, capsys):
