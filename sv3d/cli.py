@@ -279,18 +279,15 @@ def run_config_from_args(args: argparse.Namespace):
     """The RunConfig of `sv3d run`'s options (stage defaults follow the device)."""
     from .device import pick_device
     from .orbit import OrbitConfig
-    from .run import RunConfig, default_fit_config, default_refine_config
+    from .run import RunConfig, stage_configs
 
-    device = pick_device(args.device)
-    nerf, refine = default_fit_config(device), default_refine_config(device)
-    if args.nerf_steps is not None:
-        nerf.train.steps = args.nerf_steps
-    if args.refine_steps is not None:
-        refine.refine.steps = args.refine_steps
-    if args.tet_resolution is not None:
-        refine.refine.tet.resolution = args.tet_resolution
-    if args.texture_size is not None:
-        refine.bake.texture_size = args.texture_size
+    nerf, refine = stage_configs(
+        pick_device(args.device),
+        nerf_steps=args.nerf_steps,
+        refine_steps=args.refine_steps,
+        tet_resolution=args.tet_resolution,
+        texture_size=args.texture_size,
+    )
     orbit = OrbitConfig(
         checkpoint=args.checkpoint,
         orbit=args.orbit,

@@ -69,20 +69,16 @@ def contact_sheet(images: np.ndarray, columns: int = 7, background: float = 1.0)
 
 def _run_config(config: DemoConfig):
     from .device import pick_device
-    from .run import RunConfig, default_fit_config, default_refine_config
+    from .run import RunConfig, stage_configs
 
-    device = pick_device(config.device)
-    nerf, refine = default_fit_config(device), default_refine_config(device)
-    if config.nerf_steps is not None:
-        nerf.train.steps = config.nerf_steps
-    if config.nerf_grid is not None:
-        nerf.extract.resolution = config.nerf_grid
-    if config.refine_steps is not None:
-        refine.refine.steps = config.refine_steps
-    if config.tet_resolution is not None:
-        refine.refine.tet.resolution = config.tet_resolution
-    if config.texture_size is not None:
-        refine.bake.texture_size = config.texture_size
+    nerf, refine = stage_configs(
+        pick_device(config.device),
+        nerf_steps=config.nerf_steps,
+        nerf_grid=config.nerf_grid,
+        refine_steps=config.refine_steps,
+        tet_resolution=config.tet_resolution,
+        texture_size=config.texture_size,
+    )
     # Ground-truth renders are 3D-consistent by construction: a low consistency score here means that the
     # NeRF underfits, which the demo reports (run.json, metrics.json) rather than stopping on.
     return RunConfig(

@@ -51,6 +51,7 @@ __all__ = [
     "render_turntable",
     "run_from_orbit",
     "run_image_to_mesh",
+    "stage_configs",
 ]
 
 RUN_FILE = "run.json"
@@ -478,6 +479,30 @@ def _check_checkpoint(path: Path) -> int | None:
     if not shapes:
         raise InputError(f"{path}: not an SV3D checkpoint (no {prefix}* keys)")
     return int(sum(math.prod(shape) for shape in shapes))
+
+
+def stage_configs(
+    device: torch.device,
+    nerf_steps: int | None = None,
+    nerf_grid: int | None = None,
+    refine_steps: int | None = None,
+    tet_resolution: int | None = None,
+    texture_size: int | None = None,
+) -> tuple[FitNerfConfig, RefineStageConfig]:
+    """The device's NeRF and DMTet stage defaults with the given sizes changed (None keeps a default);
+    what `sv3d run`'s options and the demo's sizes set."""
+    nerf, refine = default_fit_config(device), default_refine_config(device)
+    if nerf_steps is not None:
+        nerf.train.steps = nerf_steps
+    if nerf_grid is not None:
+        nerf.extract.resolution = nerf_grid
+    if refine_steps is not None:
+        refine.refine.steps = refine_steps
+    if tet_resolution is not None:
+        refine.refine.tet.resolution = tet_resolution
+    if texture_size is not None:
+        refine.bake.texture_size = texture_size
+    return nerf, refine
 
 
 def _resolve_configs(config: RunConfig, device: torch.device) -> None:
