@@ -8,41 +8,22 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import sv3d.run as run_module
-from nerf.encoding import HashGridConfig
-from nerf.extract import ExtractConfig
-from nerf.train import TrainConfig
-from refine.bake import BakeConfig
-from refine.dmtet import DMTetConfig
-from refine.fit import RefineConfig
 from sv3d.cli import main
 from sv3d.demo import DemoConfig, format_table, run_demo
 from sv3d.fit_nerf import FitNerfConfig
 from sv3d.refine_stage import RefineStageConfig
+from sv3d.testing.toy_configs import toy_fit_config, toy_refine_config
 
 
 def toy_nerf(device) -> FitNerfConfig:
-    train = TrainConfig(steps=30, batch_rays=512, n_samples=32, max_resolution=32, checkpoint_every=0)
-    train.field.encoder = HashGridConfig(log2_hashmap_size=14)
-    # a toy field's density is soft: low candidate levels (every crossing one is meshed and compared)
-    return FitNerfConfig(
-        train=train,
-        extract=ExtractConfig(resolution=32),
-        level_candidates=tuple(np.geomspace(0.05, 50.0, 16).tolist()),
-        preview_resolution=32,
-        hull_resolution=32,
-    )
+    return toy_fit_config(steps=30)
 
 
 def toy_refine(device) -> RefineStageConfig:
-    return RefineStageConfig(
-        refine=RefineConfig(steps=10, render_resolution=32, tet=DMTetConfig(resolution=20)),
-        bake=BakeConfig(texture_size=64),
-        preview_resolution=32,
-    )
+    return toy_refine_config()
 
 
 @pytest.mark.slow

@@ -13,42 +13,24 @@ import pytest
 from PIL import Image
 
 import sv3d.run as run_module
-from nerf.encoding import HashGridConfig
-from nerf.extract import ExtractConfig
-from nerf.train import TrainConfig
-from refine.bake import BakeConfig
-from refine.dmtet import DMTetConfig
-from refine.fit import RefineConfig
 from sv3d.cli import main
 from sv3d.fit_nerf import FitNerfConfig
 from sv3d.refine_stage import RefineStageConfig
 from sv3d.render_orbit import RenderOrbitConfig, render_orbit
 from sv3d.run import RunConfig, run_from_orbit
 from sv3d.testing.objects import write_test_object
+from sv3d.testing.toy_configs import toy_fit_config, toy_refine_config
 
 
 def toy_nerf(device) -> FitNerfConfig:
-    train = TrainConfig(steps=20, batch_rays=512, n_samples=32, max_resolution=32, checkpoint_every=10)
-    train.field.encoder = HashGridConfig(log2_hashmap_size=14)
-    # 20 steps leave a nearly flat density (measured 0.68 to 0.74): dense candidate levels, so that some
-    # level always crosses it (only the crossing ones are meshed), for the plumbing only
-    return FitNerfConfig(
-        train=train,
-        extract=ExtractConfig(resolution=32),
-        level_candidates=tuple(np.geomspace(0.05, 50.0, 300).tolist()),
-        preview_resolution=32,
-        hull_resolution=32,
-    )
+    # 20 steps leave a nearly flat density (measured 0.68 to 0.74): dense candidate levels
+    return toy_fit_config(steps=20, checkpoint_every=10, n_levels=300)
 
 
 def toy_refine(device) -> RefineStageConfig:
     # The tiny model's frames are noise that covers the whole frame, so its NeRF can fill the field's whole
     # sphere (radius 0.55): a wider tet grid keeps that init inside it
-    return RefineStageConfig(
-        refine=RefineConfig(steps=10, render_resolution=32, tet=DMTetConfig(resolution=20, bound=0.8)),
-        bake=BakeConfig(texture_size=64),
-        preview_resolution=32,
-    )
+    return toy_refine_config(tet_bound=0.8)
 
 
 @pytest.fixture(autouse=True)
