@@ -336,7 +336,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", default="demo_output", help="demo directory (default demo_output)")
     p.add_argument("--object", default="mug", help="which built-in test object (default mug)")
     p.add_argument("--resolution", type=int, default=256, help="orbit frame size (default 256)")
-    p.add_argument("--nerf-steps", type=int, help="NeRF optimisation steps (default 300)")
+    p.add_argument("--nerf-steps", type=int, help="NeRF optimisation steps (default 800)")
     p.add_argument("--refine-steps", type=int, help="DMTet optimisation steps (default 120)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
     p.add_argument("--force", action="store_true", help="start over instead of resuming")

@@ -47,10 +47,11 @@ class FitNerfConfig:
     preview_resolution: int = 96  # frames of preview.mp4
     hull_resolution: int = 64  # occupancy grid carved from the masks: samples outside it are skipped
     hull_dilate: int = 2  # cells added around the hull, a margin for matting errors
-    # The density iso-level is chosen among these as the one whose mesh best reproduces the frames'
-    # silhouettes (IoU over all views): a soft density has no single right level, the masks say which.
-    # Empty: use extract.level as it is.
+    # The density iso-level is chosen among these from the frames' silhouettes (IoU over all views): the
+    # lowest (most solid) level whose IoU is within `level_tolerance` of the best (`choose_level`): a soft
+    # density has no single right level, the masks say which. Empty: use extract.level as it is.
     level_candidates: tuple[float, ...] = (2.0, 3.0, 5.0, 7.0, 10.0, 15.0, 20.0, 30.0)
+    level_tolerance: float = 0.01
     level_mask_resolution: int = 256  # masks are compared at most at this size
     device: str = "auto"
 
@@ -251,13 +252,17 @@ def fit_nerf(
         alpha = frames.images[..., 3][:, None]  # [V, 1, H, W]
         masks = torch.nn.functional.interpolate(alpha, size=(size, size), mode="area")[:, 0] > 0.5
         level, level_ious = choose_level(
-            grid, bound, masks, frames.orbit.cameras(), config.level_candidates, config.extract.min_component
+            grid,
+            bound,
+            masks,
+            frames.orbit.cameras(),
+            config.level_candidates,
+            config.extract.min_component,
+            tolerance=config.level_tolerance,
         )
     mesh = extract_mesh(result.field, grid, bound, config.extract, level=level)
     _atomic(out / "mesh.ply", lambda p: mesh.export(p, file_type="ply"))
-    _atomic(
-        out / "density.npz", lambda p: save_density(p, grid, config.train.field.bound, config.extract.level)
-    )
+    _atomic(out / "density.npz", lambda p: save_density(p, grid, config.train.field.bound, level))
     meta = {"config": json.dumps(asdict(config)), "train_seconds": f"{result.seconds:.1f}"}
     _atomic(
         out / "field.safetensors",

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from sv3d.cameras import read_orbit_directory
 from sv3d.cli import main
+from sv3d.testing.images import rgba_disc
 
 
 def tiny_args(fixtures: Path, variant: str) -> list[str]:
@@ -27,14 +28,6 @@ def tiny_args(fixtures: Path, variant: str) -> list[str]:
         "--steps",
         "2",
     ]
-
-
-def rgba_disc(path: Path, size: int = 80) -> Path:
-    yy, xx = np.mgrid[0:size, 0:size]
-    alpha = ((xx - size / 2) ** 2 + (yy - size / 2) ** 2 < (size / 3) ** 2).astype(np.uint8) * 255
-    rgb = np.zeros((size, size, 3), np.uint8) + np.array([200, 60, 40], np.uint8)
-    Image.fromarray(np.dstack([rgb, alpha])).save(path)
-    return path
 
 
 @pytest.mark.parametrize("variant,orbit", [("p", "sine"), ("u", None)])

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import sv3d.run as run_module
 from sv3d.cli import main
@@ -18,6 +17,7 @@ from sv3d.fit_nerf import FitNerfConfig
 from sv3d.refine_stage import RefineStageConfig
 from sv3d.render_orbit import RenderOrbitConfig, render_orbit
 from sv3d.run import RunConfig, run_from_orbit
+from sv3d.testing.images import rgba_disc
 from sv3d.testing.objects import write_test_object
 from sv3d.testing.toy_configs import toy_fit_config, toy_refine_config
 
@@ -38,14 +38,6 @@ def toy_defaults(monkeypatch):
     """The device defaults of the CLI and of run.py shrunk to toy sizes."""
     monkeypatch.setattr(run_module, "default_fit_config", toy_nerf)
     monkeypatch.setattr(run_module, "default_refine_config", toy_refine)
-
-
-def rgba_disc(path: Path, size: int = 80) -> Path:
-    yy, xx = np.mgrid[0:size, 0:size]
-    alpha = ((xx - size / 2) ** 2 + (yy - size / 2) ** 2 < (size / 3) ** 2).astype(np.uint8) * 255
-    rgb = np.zeros((size, size, 3), np.uint8) + np.array([200, 60, 40], np.uint8)
-    Image.fromarray(np.dstack([rgb, alpha])).save(path)
-    return path
 
 
 def run_args(fixtures: Path, image: Path, out: Path, *extra: str) -> list[str]:
@@ -133,6 +125,11 @@ def test_run_writes_every_output_and_a_complete_record(tiny_run, sv3d_tiny: Path
         timing = record["stages"][stage]
         assert timing["seconds"] > 0 and timing["peak_rss_mb"] > 0 and timing["rss_peak_growth_mb"] >= 0
     assert record["consistency"]["threshold_db"] == 99.0
+    # density.npz records the iso-level the mesh was extracted at (the one chosen from the masks)
+    from nerf.extract import load_density
+
+    chosen = json.loads((out / "nerf" / "fit_nerf.json").read_text())["level"]
+    assert load_density(out / "nerf" / "density.npz")[2] == pytest.approx(chosen)
 
 
 def test_rerun_skips_finished_stages(tiny_run, monkeypatch):
