@@ -159,15 +159,21 @@ def test_winding_number_orders_converge() -> None:
 
 @pytest.mark.slow
 def test_fast_winding_numbers_speed_on_a_large_mesh() -> None:
-    # 64³ cell centres against 81,920 faces: seconds, not the minutes that the exact sum would take.
+    # 64³ cell centres against 81,920 faces: seconds, not the minutes that the exact sum would take. The
+    # exact sum's cost is timed on 512 of the points in the same run (a ratio, not a wall-clock limit, so a
+    # loaded machine does not fail it); measured 160x quiet, 26x with two other jobs on the same 2 cores.
     import time
 
     vertices, faces = _tensors(_bumpy_sphere(6), torch.float32)
     g = (torch.arange(64) + 0.5) / 64 * 2.5 - 1.25
     grid = torch.stack(torch.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)  # [262144, 3]
     start = time.perf_counter()
+    winding_numbers(grid[::512], vertices, faces, method="exact")
+    exact_estimate = (time.perf_counter() - start) * 512
+    start = time.perf_counter()
     w = winding_numbers(grid, vertices, faces)
-    assert time.perf_counter() - start < 60.0
+    fast = time.perf_counter() - start
+    assert fast < exact_estimate / 10.0, (fast, exact_estimate)
     r = grid.norm(dim=-1)
     assert (w[r < 0.7] > 0.5).all() and (w[r > 1.3] < 0.5).all()
 
