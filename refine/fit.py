@@ -154,6 +154,7 @@ def refine_surface(
     )
     sds_start = config.steps - int(round(config.sds_fraction * config.steps)) if guidance else config.steps
     n_views = images.shape[0]
+    detach = not config.color_moves_geometry  # colour-field queries at detached surface points
     history: list[dict[str, float]] = []
 
     # 3. Optimisation loop
@@ -163,9 +164,7 @@ def refine_surface(
         if faces.shape[0] == 0:
             raise RuntimeError(f"refinement step {step}: the surface vanished (every SDF value is positive)")
         pick = torch.randperm(n_views, device=device)[: config.views_per_step]
-        out = render_surface(
-            vertices, faces, color, cameras[pick], config.render_resolution, not config.color_moves_geometry
-        )
+        out = render_surface(vertices, faces, color, cameras[pick], config.render_resolution, detach)
         losses = {
             "rgb": (out.image - target_rgb[pick]).pow(2).mean(),
             "mask": (out.alpha - target_alpha[pick]).pow(2).mean(),
@@ -178,9 +177,7 @@ def refine_surface(
             losses["sdf_sign"] = sdf_sign_regulariser(geometry.sdf, geometry.edges)
         loss = sum(getattr(config, f"lambda_{name}") * value for name, value in losses.items())
         if guidance is not None and step >= sds_start:
-            full = render_surface(
-                vertices, faces, color, cameras, config.sds_resolution, not config.color_moves_geometry
-            )
+            full = render_surface(vertices, faces, color, cameras, config.sds_resolution, detach)
             sds = guidance(full.image, full.alpha, full.normals, step=step - sds_start)
             losses["sds"] = sds["loss_sds"]
             loss = loss + losses["sds"]

@@ -32,7 +32,7 @@ CHECKPOINT_HINT = (
 @dataclass
 class DemoConfig:
     object_name: str = "mug"  # one of sv3d.testing.objects.TEST_OBJECTS; the mug has a handle and a texture
-    resolution: int = 256  # orbit frames: the CPU NeRF trains at 128 and DMTet at 128, 576 adds only time
+    resolution: int = 256  # orbit frames: the CPU NeRF trains at 128 and DMTet at 256, 576 adds only time
     hull_resolution: int = 128  # voxels per side of the visual-hull baseline
     # Sizes below the CPU defaults of `sv3d run` keep the demo within ~5 minutes on 2 cores; None: the
     # device default of sv3d.fit_nerf.default_fit_config / sv3d.refine_stage.default_refine_config.
