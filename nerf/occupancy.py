@@ -58,8 +58,8 @@ class OccupancyGrid:
             zero = origins.new_zeros(origins.shape[0])
             return zero, zero
         size = 2.0 * self.bound / self.resolution
-        lo = cells.min(0).values.to(origins.dtype) * size - self.bound  # [3]
-        hi = (cells.max(0).values + 1).to(origins.dtype) * size - self.bound  # [3]
+        lo = cells.min(0).values.to(origins) * size - self.bound  # [3], on the rays' device
+        hi = (cells.max(0).values + 1).to(origins) * size - self.bound  # [3]
         inv = 1.0 / torch.where(directions.abs() < 1e-12, torch.full_like(directions, 1e-12), directions)
         t0, t1 = (lo - origins) * inv, (hi - origins) * inv  # [R, 3] each
         near = torch.minimum(t0, t1).amax(-1).clamp(min=0.0)  # [R]

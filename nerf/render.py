@@ -192,7 +192,9 @@ def make_estimator(
         raise ValueError(f"bound must be > 0, got {bound}")
     b = float(bound)
     aabb = torch.tensor([-b, -b, -b, b, b, b], dtype=torch.float32)
-    return nerfacc.OccGridEstimator(roi_aabb=aabb, resolution=int(resolution), levels=1).to(device)
+    estimator = nerfacc.OccGridEstimator(roi_aabb=aabb, resolution=int(resolution), levels=1)
+    estimator.binaries.fill_(True)  # nerfacc starts with every cell empty; its first update marks them
+    return estimator.to(device)
 
 
 def update_estimator(

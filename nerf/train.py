@@ -4,6 +4,11 @@ Losses: RGB composited over white against the frames over white, a mask loss bet
 and the frames' alpha (SV3D's frames come with alpha by matting or rendering), and the distortion
 regulariser of Mip-NeRF 360 (compact weights along each ray, fewer floaters). Adam, learning rate 1e-2 as
 instant-ngp; checkpoints hold everything needed to resume.
+
+Sampling: on CUDA, when nerfacc's CUDA extension builds, nerfacc's occupancy-grid estimator (instant-ngp's
+empty-space skipping: samples only in cells the field's density marks occupied, refreshed every 16 steps;
+`sampler="auto"`); elsewhere `n_samples` samples per ray between the bounds. An `occupancy` grid from the
+caller (the masks' visual hull) limits both: the estimator never marks a cell outside it occupied.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from torch import Tensor
 
 from .field import FieldConfig, RadianceField
 from .rays import generate_rays, ray_sphere_bounds
-from .render import render_rays
+from .render import estimator_available, make_estimator, render_rays, update_estimator
 
 __all__ = ["TrainConfig", "TrainResult", "fit_field", "psnr"]
 
@@ -40,6 +45,10 @@ class TrainConfig:
     max_resolution: int = 128  # frames are resized to at most this size for training
     seed: int = 0
     checkpoint_every: int = 250  # steps between checkpoints (0: only at the end)
+    sampler: str = (
+        "auto"  # "estimator" (nerfacc's occupancy grid, CUDA), "uniform"; "auto": the grid if it runs
+    )
+    estimator_resolution: int = 128  # occupancy-grid cells per side (instant-ngp: 128)
     field: FieldConfig = field(default_factory=FieldConfig)
 
 
@@ -67,16 +76,31 @@ def _resize(images: Tensor, size: int) -> Tensor:
     return x.permute(0, 2, 3, 1)
 
 
-def _distortion(weights: Tensor, t_mid: Tensor, t_delta: Tensor) -> Tensor:
-    """Mip-NeRF 360 distortion loss of weights [R, S] at sorted interval midpoints/lengths [R, S] -> scalar.
+def _distortion(
+    weights: Tensor,  # [R, S] batched, or [N] packed with `ray_indices`
+    t_mid: Tensor,  # like weights: sorted interval midpoints along each ray
+    t_delta: Tensor,  # like weights: interval lengths
+    ray_indices: Tensor | None = None,  # [N] packed: each sample's ray, non-decreasing
+    n_rays: int | None = None,  # packed: the number of rays the mean is over
+) -> Tensor:
+    """Mip-NeRF 360 distortion loss, the mean over rays -> scalar.
 
     sum_ij w_i w_j |m_i - m_j| = 2 sum_i w_i (m_i W_<i - (wm)_<i), exclusive prefix sums: O(S), not O(S^2).
+    Packed samples (nerfacc's estimator) use one running sum in float64 less its value at each ray's start.
     """
-    w_before = torch.cumsum(weights, -1) - weights  # [R, S] exclusive prefix sums
-    wm_before = torch.cumsum(weights * t_mid, -1) - weights * t_mid
-    pairwise = 2.0 * (weights * (t_mid * w_before - wm_before)).sum(-1)
-    self_term = (weights.pow(2) * t_delta).sum(-1) / 3.0
-    return (pairwise + self_term).mean()
+    self_term = weights.pow(2) * t_delta / 3.0
+    if ray_indices is None:
+        w_before = torch.cumsum(weights, -1) - weights  # [R, S] exclusive prefix sums
+        wm_before = torch.cumsum(weights * t_mid, -1) - weights * t_mid
+        return (2.0 * weights * (t_mid * w_before - wm_before) + self_term).sum(-1).mean()
+    first = torch.searchsorted(ray_indices, ray_indices)  # [N] index of the first sample of each one's ray
+
+    def exclusive(x: Tensor) -> Tensor:  # [N] sums over the earlier samples of the same ray
+        running = torch.cumsum(x.double(), 0) - x.double()
+        return (running - running[first]).to(x.dtype)
+
+    per_sample = 2.0 * weights * (t_mid * exclusive(weights) - exclusive(weights * t_mid)) + self_term
+    return per_sample.sum() / max(int(n_rays or 0), 1)
 
 
 def _atomic_save(obj: dict, path: Path) -> None:
@@ -110,7 +134,13 @@ def fit_field(
         raise ValueError(f"c2w must be [{images.shape[0]}, 4, 4], got {tuple(c2w.shape)}")
     if float(images[..., 3].max()) <= 0.0:
         raise ValueError("every frame's alpha is empty: there is no object to reconstruct")
+    if config.sampler not in ("auto", "estimator", "uniform"):
+        raise ValueError(f"sampler must be auto, estimator or uniform, got {config.sampler!r}")
     device = torch.device(device)
+    can_estimate = config.sampler != "uniform" and estimator_available(device)
+    use_estimator = config.sampler == "estimator" or (config.sampler == "auto" and can_estimate)
+    if use_estimator and not can_estimate:
+        raise ValueError(f"sampler 'estimator' needs CUDA and nerfacc's CUDA extension; device is {device}")
     torch.manual_seed(config.seed)
 
     # 2. Rays of every pixel of the (resized) frames, with their targets
@@ -127,6 +157,8 @@ def fit_field(
         near = torch.maximum(near, box_near.reshape(near.shape))
         far = torch.minimum(far, box_far.reshape(far.shape))
     hits = (far > near).reshape(-1)
+    if occupancy is not None and hasattr(occupancy, "to"):
+        occupancy = occupancy.to(device)  # it is queried with the training samples, on `device`
     rays_o = origins.reshape(-1, 3)[hits].to(device)
     rays_d = directions.reshape(-1, 3)[hits].to(device)
     ray_near, ray_far = near.reshape(-1)[hits].to(device), far.reshape(-1)[hits].to(device)
@@ -134,6 +166,16 @@ def fit_field(
 
     # 3. Field, optimiser, and what a checkpoint restores
     model = (model if model is not None else RadianceField(config.field)).to(device)
+    estimator = None
+    if use_estimator:
+        estimator = make_estimator(config.field.bound, config.estimator_resolution, device)
+        if occupancy is None:
+            density_fn = model.density
+        else:
+
+            def density_fn(x: Tensor) -> Tensor:  # [N, 3] -> [N]: none outside the caller's grid
+                return model.density(x) * occupancy(x).to(x.dtype)
+
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.99), eps=1e-15)
     gamma = config.lr_final_factor ** (1.0 / max(config.steps, 1))
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma)
@@ -147,6 +189,8 @@ def fit_field(
                 f"{checkpoint_path}: checkpoint of another configuration; remove it or use --force"
             )
         model.load_state_dict(state["field"])
+        if estimator is not None and state.get("estimator") is not None:
+            estimator.load_state_dict(state["estimator"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step, history = int(state["step"]), list(state["history"])
@@ -162,6 +206,7 @@ def fit_field(
                     "step": step,
                     "history": history,
                     "rng": torch.get_rng_state(),
+                    "estimator": estimator.state_dict() if estimator is not None else None,
                     "config": asdict(config),
                 },
                 checkpoint_path,
@@ -172,6 +217,8 @@ def fit_field(
     n_rays = rays_o.shape[0]
     for step in range(start_step, config.steps):
         pick = torch.randint(0, n_rays, (config.batch_rays,), device=device)
+        if estimator is not None:
+            update_estimator(estimator, density_fn, step, config.n_samples)
         out = render_rays(
             model,
             rays_o[pick],
@@ -180,13 +227,17 @@ def fit_field(
             ray_far[pick],
             config.n_samples,
             stratified=True,
+            estimator=estimator,
             occupancy=occupancy,
         )
         loss_rgb = (out["rgb"] - rgb_t[pick]).pow(2).mean()
         loss_mask = (out["opacity"] - alpha_t[pick]).pow(2).mean()
         loss = loss_rgb + config.mask_weight * loss_mask
         if config.distortion_weight > 0:
-            loss = loss + config.distortion_weight * _distortion(out["weights"], out["t_mid"], out["t_delta"])
+            distortion = _distortion(
+                out["weights"], out["t_mid"], out["t_delta"], out.get("ray_indices"), config.batch_rays
+            )
+            loss = loss + config.distortion_weight * distortion
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -4,15 +4,19 @@ defaults, and optionally the full run's wall time and one SDS step's cost.
 The scene is the built-in `blob` on SV3D's orbit (oracle frames), initialised from its own mesh shrunk by
 2% (a realistic NeRF-like start). Prints the median step time with `views_per_step` views and with all 21
 views, so the cost per view is visible. `--full` runs the whole default refinement (1000 steps at tet
-resolution 128 and 576^2 on CUDA; the CPU defaults on CPU) and prints its wall time. `--sds-checkpoint
-PATH` (+ `--sgm-config` for the tiny test models) times one masked-SDS step of the SV3D model on the 21
-renders at the model's resolution.
-Usage: `.venv/bin/python scripts/bench_refine.py [--device cuda] [--full] [--sds-checkpoint PATH]`.
+resolution 128 and 576^2 on CUDA; the CPU defaults on CPU) with all 21 views in every step (the issue's
+speed target) and prints its wall time. `--sds-checkpoint PATH` (+ `--sgm-config` for the tiny test
+models) times one masked-SDS step of the SV3D model on the 21 renders at the model's resolution;
+`--sds-random full|reduced` does the same with random weights in SV3D's layout (speed does not depend on
+the values; `full` is the real model's size, bfloat16 on CUDA as `sv3d run` loads it).
+Usage: `.venv/bin/python scripts/bench_refine.py [--device cuda] [--full] [--sds-checkpoint PATH]
+[--sds-random full]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -52,6 +56,9 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="also time the whole default refinement")
     parser.add_argument("--sds-checkpoint", help="SV3D checkpoint: also time one masked-SDS step")
     parser.add_argument("--sgm-config", help="sgm yaml of a checkpoint with non-SV3D widths (tiny models)")
+    parser.add_argument(
+        "--sds-random", choices=("full", "reduced"), help="time one SDS step with a random-weight SV3D model"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     stage: RefineStageConfig = default_refine_config(device)
@@ -73,14 +80,28 @@ def main() -> None:
     print(f"step, all {len(frames.orbit)} views: {all_views:8.3f} s  ({all_views / per_step:.1f}x)")
     if args.full:
         start = time.perf_counter()
-        refine_surface(frames.images, frames.orbit.cameras(), init, config, None, device)
-        print(f"full refinement ({config.steps} steps, no SDS): {time.perf_counter() - start:.1f} s")
-    if args.sds_checkpoint:
+        full = replace(config, views_per_step=len(frames.orbit))
+        refine_surface(frames.images, frames.orbit.cameras(), init, full, None, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        print(
+            f"full refinement ({config.steps} steps, all {len(frames.orbit)} views a step, no SDS): "
+            f"{time.perf_counter() - start:.1f} s"
+        )
+    if args.sds_checkpoint or args.sds_random:
         from sv3d.guidance import SDSConfig, make_sv3d_guidance
         from sv3d.model.pipeline import SV3DPipeline
 
-        kwargs = {"sgm_config": args.sgm_config} if args.sgm_config else {}
-        pipeline = SV3DPipeline.load(args.sds_checkpoint, **kwargs).to(device)
+        if args.sds_checkpoint:
+            kwargs = {"sgm_config": args.sgm_config} if args.sgm_config else {}
+            pipeline = SV3DPipeline.load(args.sds_checkpoint, **kwargs).to(device)
+        else:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from bench_sv3d import FULL, REDUCED, build
+
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            pipeline = build(FULL if args.sds_random == "full" else REDUCED).to(device, dtype)
+            print(f"random-weight SV3D ({args.sds_random} layout, {dtype})")
         sds = SDSConfig(resolution=config.sds_resolution)
         image = torch.ones(1, 3, sds.resolution, sds.resolution, device=device)
         guidance = make_sv3d_guidance(pipeline, image, frames.orbit, sds)

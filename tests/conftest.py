@@ -1,12 +1,16 @@
-"""Shared test helpers: where the team's reference fixtures live (../shared/fixtures beside the checkout)."""
+"""Shared test helpers: where the team's reference fixtures live (../shared/fixtures beside the checkout,
+or $SV3D_FIXTURES, e.g. on a lent GPU machine where only the checkout travels)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(
+    os.environ.get("SV3D_FIXTURES") or Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+)
 SV3D_TINY = FIXTURES / "sv3d_tiny"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +47,10 @@ from sv3d.errors import InputError, OrbitDirectoryError
 
 
 def fixtures_dir() -> Path:
-    """`../shared/fixtures` beside the checkout (tests/ -> checkout -> its parent)."""
-    return Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+    """`../shared/fixtures` beside the checkout (tests/ -> checkout -> its parent), or $SV3D_FIXTURES."""
+    return Path(
+        os.environ.get("SV3D_FIXTURES") or Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+    )
 
 
 def _to_ndc(points: torch.Tensor, orbit: Orbit) -> torch.Tensor:

@@ -335,3 +335,29 @@ def test_occupancy_grid_skips_empty_space_without_changing_renders():
     skipped = render_rays(Ball(), origins, directions, near, far, 256, occupancy=grid)
     assert torch.equal(full["rgb"], skipped["rgb"]) and torch.equal(full["opacity"], skipped["opacity"])
     assert full["opacity"][0] > 0.99 and full["opacity"][1] == 0
+
+
+def test_estimator_starts_with_every_cell_occupied() -> None:
+    """nerfacc's grid starts empty; ours is all occupied until its first update, so early renders are whole
+    (found on an H200: a fresh nerfacc grid rendered opacity 0 where the uniform path gave 0.91)."""
+    estimator = make_estimator(0.55, 16, "cpu")
+    assert bool(estimator.binaries.all()) and estimator.binaries.shape == (1, 16, 16, 16)
+
+
+def test_occupancy_bounds_follow_the_rays_device() -> None:
+    """`ray_bounds` returns on the rays' device whatever device the grid lives on (a CUDA grid met CPU
+    rays in fit_field on an H200); here both on CPU, plus CUDA when there is one."""
+    from nerf.occupancy import OccupancyGrid
+
+    occupied = torch.zeros(8, 8, 8, dtype=torch.bool)
+    occupied[2:6, 2:6, 2:6] = True
+    origins = torch.tensor([[0.0, -2.0, 0.0], [0.45, -2.0, 0.45]])
+    directions = torch.tensor([[0.0, 1.0, 0.0]]).expand(2, 3)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for grid_device in devices:
+        grid = OccupancyGrid(occupied, 0.5, dilate=0).to(grid_device)
+        near, far = grid.ray_bounds(origins, directions)
+        assert near.device == origins.device
+        # the box of the occupied cells is [-0.25, 0.25]^3: the first ray crosses it, the second misses
+        assert float(near[0]) == pytest.approx(1.75) and float(far[0]) == pytest.approx(2.25)
+        assert float(far[1]) == float(near[1])

@@ -37,6 +37,23 @@ def test_distortion_loss_equals_its_quadratic_definition():
     assert torch.allclose(_distortion(w, m, d), (pairwise + (w**2 * d).sum(-1) / 3).mean(), atol=1e-6)
 
 
+def test_packed_distortion_equals_the_batched_one_and_the_definition():
+    """nerfacc's estimator returns packed samples (rays of different lengths, sorted by ray)."""
+    gen = torch.Generator().manual_seed(3)
+    w, d = torch.rand(4, 6, generator=gen), torch.rand(4, 6, generator=gen)
+    m = torch.sort(torch.rand(4, 6, generator=gen), -1).values
+    rays = torch.arange(4).repeat_interleave(6)  # [24] the same samples, packed
+    packed = _distortion(w.reshape(-1), m.reshape(-1), d.reshape(-1), rays, 4)
+    torch.testing.assert_close(packed, _distortion(w, m, d))
+    counts = [3, 0, 5, 1]  # ragged rays, one empty: the mean is over all 4
+    rays = torch.repeat_interleave(torch.arange(4), torch.tensor(counts))
+    w, d = torch.rand(9, generator=gen), torch.rand(9, generator=gen)
+    m = torch.cat([torch.sort(torch.rand(c, generator=gen)).values for c in counts])
+    same = rays[:, None] == rays[None, :]  # [9, 9] pairs within one ray
+    pairwise = (w[:, None] * w[None, :] * (m[:, None] - m[None, :]).abs() * same).sum()
+    torch.testing.assert_close(_distortion(w, m, d, rays, 4), (pairwise + (w**2 * d).sum() / 3) / 4)
+
+
 def test_training_reduces_the_loss_and_resumes_identically(orbit: Path, tmp_path: Path):
     from sv3d.cameras import read_orbit_directory
 
@@ -222,3 +239,29 @@ def test_fit_nerf_resumes_after_an_interruption(orbit, tmp_path, monkeypatch):
     fit_nerf(orbit, out, config, progress=False)
     assert steps[0] == 21 and steps[-1] == TOY.steps  # resumed after the last checkpoint
     assert (out / "mesh.ply").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fit_nerf_runs_on_cuda(orbit: Path, tmp_path: Path):
+    """The whole stage on CUDA at toy sizes (its hull occupancy grid lives on the GPU, the rays start on
+    the CPU: the mix failed on an H200 before)."""
+    config = FitNerfConfig(
+        train=TOY, extract=ExtractConfig(resolution=32), preview_resolution=16, device="cuda"
+    )
+    out = fit_nerf(orbit, tmp_path / "nerf", config, progress=False)
+    assert (out / "mesh.ply").is_file() and (out / "density.npz").is_file()
+
+
+def test_sampler_choice_is_checked(orbit: Path):
+    """'estimator' needs CUDA and nerfacc's extension: asked for on CPU it says so instead of falling back."""
+    from dataclasses import replace
+
+    from sv3d.cameras import read_orbit_directory
+
+    frames = read_orbit_directory(orbit)
+    args = (frames.images, frames.orbit.c2w(), frames.orbit.fov_deg)
+    with pytest.raises(ValueError, match="nerfacc's CUDA extension"):
+        fit_field(*args, replace(TOY, sampler="estimator"), device="cpu")
+    with pytest.raises(ValueError, match="sampler must be"):
+        fit_field(*args, replace(TOY, sampler="grid"), device="cpu")

@@ -114,7 +114,8 @@ def test_cuda_bfloat16_matches_float32(sv3d_tiny: Path):
         sv3d_tiny / "tiny_sv3d_p.safetensors", sgm_config=sv3d_tiny / "tiny_sv3d_p.yaml", device="cuda"
     )
     fp32, _ = run_reference(gpu, ref)
-    assert (fp32.frames - cpu.frames).abs().max() <= 1e-3
+    # cuDNN runs float32 convolutions in TF32 by default: measured max 0.0046 on an H200 (torch 2.11)
+    assert (fp32.frames - cpu.frames).abs().max() <= 0.01
     gpu.to(dtype=torch.bfloat16)
     bf16, _ = run_reference(gpu, ref)
     diff = (bf16.frames - cpu.frames).abs()
