@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
@@ -44,17 +45,32 @@ __all__ = [
 ]
 
 CONFIG_MODULE = "sv3d.configs"
+CHECKOUT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the same tree in a checkout
 
 T = TypeVar("T")
 
 
 def compose_config(overrides: Sequence[str] = (), config_name: str = "config") -> Any:
     """Compose the Hydra config with command-line style overrides (e.g. ["preset=cpu"])."""
-    from hydra import compose, initialize_config_module
+    import importlib.util
+
+    from hydra import compose, initialize_config_dir, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+    try:
+        installed = importlib.util.find_spec(CONFIG_MODULE) is not None
+    except ModuleNotFoundError:
+        installed = False
+    if installed:
+        context = initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3")
+    elif (CHECKOUT_CONFIGS / f"{config_name}.yaml").is_file():  # a source tree on PYTHONPATH, not installed
+        context = initialize_config_dir(config_dir=str(CHECKOUT_CONFIGS), version_base="1.3")
+    else:
+        raise InputError(
+            f"the config package {CONFIG_MODULE} is not installed: run `make test` (or pip install .)"
+        )
+    with context:
         return compose(config_name=config_name, overrides=list(overrides))
 
 

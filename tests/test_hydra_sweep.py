@@ -163,3 +163,16 @@ def test_sweep_with_submitit_local_aggregates_into_one_table(tmp_path):
     rows = list(csv.DictReader((sweep / "sweep_summary.csv").open()))
     assert sorted(r["refine.refine.tet.resolution"] for r in rows) == ["20", "24"]
     assert all(r["n_ok"] == "1" and float(r["chamfer"]) > 0 and r["chamfer_hull"] for r in rows)
+
+
+def test_config_tree_is_found_from_an_uninstalled_checkout(monkeypatch):
+    """Run from a source tree on PYTHONPATH (no `sv3d.configs` package, as on a GPU machine that only gets
+    the checkout) the checkout's configs/ is used; with neither, a one-line InputError says what to do."""
+    import sv3d.config as config_module
+
+    monkeypatch.setattr(config_module, "CONFIG_MODULE", "sv3d.no_such_configs")
+    cfg = config_module.compose_config(["preset=cpu"])
+    assert cfg.device == "cpu"
+    monkeypatch.setattr(config_module, "CHECKOUT_CONFIGS", config_module.CHECKOUT_CONFIGS / "missing")
+    with pytest.raises(InputError, match="not installed"):
+        config_module.compose_config([])
