@@ -20,6 +20,9 @@ Three implementations, tested against each other (`tests/test_nerf_encoding.py`)
   the path on CUDA.
 * the numba kernels of `nerf/_hash_cpu.py` in a custom autograd Function (`backend="numba"`): the fast CPU
   path, differentiable once w.r.t. the table and the points.
+* the Triton kernels of `nerf/_hash_triton.py` (`backend="triton"`, CUDA; differentiable once): all levels
+  fused per point, the table's gradient by atomic adds. Tested here under Triton's CPU interpreter; its
+  speed on a GPU is not measured yet, so "auto" does not pick it.
 `hash_encode(..., backend="auto")` takes numba on CPU and torch elsewhere.
 """
 
@@ -34,7 +37,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from nerf import _hash_cpu
+from nerf import _hash_cpu, _hash_triton
 
 __all__ = [
     "HashGridConfig",
@@ -47,6 +50,7 @@ __all__ = [
 ]
 
 PRIMES = (1, 2654435761, 805459861)  # instant-ngp's spatial-hash primes, one per axis
+BACKENDS = ("auto", "torch", "numba", "triton")
 INIT_SCALE = 1e-4  # instant-ngp initialises the table U(-1e-4, 1e-4)
 
 
@@ -267,6 +271,40 @@ class _HashEncodeCPU(torch.autograd.Function):
         return grad_x, grad_table, None
 
 
+class _HashEncodeTriton(torch.autograd.Function):
+    """The Triton kernels as an autograd Function: gradients w.r.t. the table and the points (once)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, table: Tensor, levels: HashGridLevels) -> Tensor:
+        x, table = x.detach().contiguous(), table.detach().contiguous()
+        args = _triton_args(levels, x.dtype, x.device)
+        ctx.save_for_backward(x, table)
+        ctx.levels = levels
+        return _hash_triton.hash_forward_triton(x, table, *args)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        x, table = ctx.saved_tensors
+        args = _triton_args(ctx.levels, x.dtype, x.device)
+        grad_x, grad_table = _hash_triton.hash_backward_triton(
+            x, table, grad_out.contiguous(), *args, ctx.needs_input_grad[1], ctx.needs_input_grad[0]
+        )
+        return grad_x, grad_table, None
+
+
+@functools.lru_cache(maxsize=16)
+def _triton_args(levels: HashGridLevels, dtype: torch.dtype, device: torch.device) -> tuple:
+    # (scales [L] in x's dtype, resolutions [L] int64, offsets [L] int64, n_dense, hash_mask) on `device`
+    return (
+        torch.tensor(levels.scales, dtype=dtype, device=device),
+        torch.tensor(levels.resolutions, dtype=torch.int64, device=device),
+        torch.tensor(levels.offsets, dtype=torch.int64, device=device),
+        levels.n_dense,
+        levels.hash_mask,
+    )
+
+
 @functools.lru_cache(maxsize=64)
 def _kernel_args_cached(levels: HashGridLevels, dtype: np.dtype) -> tuple:
     scales = np.asarray(levels.scales, dtype=dtype)
@@ -287,16 +325,23 @@ def hash_encode(
     x: Tensor,  # [N, 3] in [0, 1] (clamped)
     table: Tensor,  # [n_rows, F] from `hash_grid_levels(config).n_rows`
     config: HashGridConfig,
-    backend: str = "auto",  # "numba" (compiled, CPU), "torch" (any device, twice differentiable), "auto"
+    backend: str = "auto",  # "numba" (CPU), "triton" (CUDA), "torch" (any device, twice differentiable)
 ) -> Tensor:  # [N, n_levels * F], levels coarse to fine, x's dtype
     """Encode points with the multiresolution hash grid.
 
     Differentiable w.r.t. `table` and `x`. "auto" picks numba for CPU tensors (when installed) and torch
-    otherwise. The numba path is differentiable once only: for double backward (an eikonal loss on
-    gradients w.r.t. x, with create_graph=True) pass backend="torch".
+    otherwise. The numba and triton paths are differentiable once only: for double backward (an eikonal
+    loss on gradients w.r.t. x, with create_graph=True) pass backend="torch".
     """
-    if backend not in ("auto", "torch", "numba"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'numba', got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "triton":
+        if not _hash_triton.runs_on(x.device):
+            raise RuntimeError(
+                f"backend='triton' needs the triton package and CUDA tensors (or TRITON_INTERPRET=1 on CPU), "
+                f"got {x.device}"
+            )
+        return _HashEncodeTriton.apply(x, table, _check_inputs(x, table, config))
     use_numba = backend == "numba" or (backend == "auto" and x.device.type == "cpu" and _hash_cpu.AVAILABLE)
     if use_numba and not _hash_cpu.AVAILABLE:
         raise RuntimeError("backend='numba' needs the numba package")
@@ -314,8 +359,8 @@ class HashGridEncoder(torch.nn.Module):
     def __init__(self, config: HashGridConfig | None = None, backend: str = "auto") -> None:
         super().__init__()
         self.config = config if config is not None else HashGridConfig()
-        if backend not in ("auto", "torch", "numba"):
-            raise ValueError(f"backend must be 'auto', 'torch' or 'numba', got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.backend = backend
         self.levels = hash_grid_levels(self.config)
         # one table for all levels: [sum of level sizes, F], U(-1e-4, 1e-4) as instant-ngp

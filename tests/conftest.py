@@ -7,6 +7,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels (nerf/_hash_triton_kernels.py) run under Triton's CPU interpreter; the
+# setting must precede triton's first import, hence here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 FIXTURES = Path(
     os.environ.get("SV3D_FIXTURES") or Path(__file__).resolve().parents[2] / "shared" / "fixtures"

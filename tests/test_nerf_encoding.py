@@ -8,6 +8,7 @@ autograd Function and of the torch path.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -224,3 +225,77 @@ def test_cuda_uses_torch_path_and_matches_cpu():
     cpu = hash_encode(x, table, config)
     cuda = hash_encode(x.cuda(), table.cuda(), config)
     torch.testing.assert_close(cuda.cpu(), cpu, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- triton kernels (CPU: Triton's interpreter)
+
+
+@pytest.fixture
+def triton_interpreter():
+    """The Triton kernels run by Triton's interpreter on CPU tensors (tests/conftest.py sets it up)."""
+    pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[dev]' on Linux x86-64)")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("TRITON_INTERPRET=1 is not set (a CUDA machine): the CUDA test covers the kernels")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_kernels_match_the_torch_path(triton_interpreter, dtype):
+    """Default geometry (dense and hashed levels), points also outside [0, 1] and on its faces; values and
+    both gradients equal the PyTorch path's."""
+    gen = torch.Generator().manual_seed(5)
+    config = HashGridConfig()
+    table = (
+        torch.rand(hash_grid_levels(config).n_rows, 2, generator=gen, dtype=dtype) * 2 - 1
+    ).requires_grad_()
+    x = torch.rand(150, 3, generator=gen, dtype=dtype) * 1.2 - 0.1
+    x[:4] = torch.tensor([0.0, 1.0, 0.5], dtype=dtype)
+    x.requires_grad_(True)
+    fast = hash_encode(x, table, config, backend="triton")
+    ref = hash_encode_torch(x, table, config)
+    tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-12, "rtol": 1e-12}
+    torch.testing.assert_close(fast, ref, **tol)
+    weights = torch.randn(fast.shape, generator=gen, dtype=dtype)
+    got = torch.autograd.grad((fast * weights).sum(), [x, table])
+    want = torch.autograd.grad((ref * weights).sum(), [x, table])
+    grad_tol = {"atol": 1e-3, "rtol": 1e-4} if dtype == torch.float32 else tol  # x's grad: ~1e3 scales
+    torch.testing.assert_close(got[0], want[0], **grad_tol)
+    torch.testing.assert_close(got[1], want[1], **tol)
+
+
+def test_triton_kernels_gradcheck(triton_interpreter):
+    """Float64 gradcheck (w.r.t. points and table) on a two-level grid, one dense and one hashed level:
+    small, since every numerical derivative is an interpreted kernel launch."""
+    config = HashGridConfig(n_levels=2, log2_hashmap_size=5, base_resolution=2, per_level_scale=2.0)
+    levels = hash_grid_levels(config)
+    assert levels.n_dense == 1 and levels.n_rows == 27 + 32
+    gen = torch.Generator().manual_seed(6)
+    table = (torch.rand(levels.n_rows, 2, generator=gen, dtype=torch.float64) - 0.5).requires_grad_()
+    x = (torch.rand(3, 3, generator=gen, dtype=torch.float64) * 0.9 + 0.05).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: hash_encode(a, b, config, backend="triton"), (x, table))
+
+
+def test_triton_backend_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
+    from nerf import _hash_triton
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    table = torch.zeros(hash_grid_levels(TINY).n_rows, 2)
+    with pytest.raises(RuntimeError, match="triton"):
+        hash_encode(torch.rand(4, 3), table, TINY, backend="triton")
+    assert not _hash_triton.runs_on(torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_triton_kernels_match_the_torch_path_on_cuda():
+    pytest.importorskip("triton")
+    gen = torch.Generator().manual_seed(7)
+    config = HashGridConfig()
+    table = (torch.rand(hash_grid_levels(config).n_rows, 2, generator=gen) * 2 - 1).cuda().requires_grad_()
+    x = torch.rand(1 << 16, 3, generator=gen).cuda().requires_grad_()
+    fast, ref = hash_encode(x, table, config, backend="triton"), hash_encode_torch(x, table, config)
+    torch.testing.assert_close(fast, ref, atol=1e-6, rtol=1e-5)
+    weights = torch.randn_like(fast)
+    got = torch.autograd.grad((fast * weights).sum(), [x, table])
+    want = torch.autograd.grad((ref * weights).sum(), [x, table])
+    torch.testing.assert_close(got[0], want[0], atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-4)  # atomics add in another order
