@@ -194,7 +194,9 @@ def fit_field(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step, history = int(state["step"]), list(state["history"])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())  # map_location moved it to `device`; it must be a CPU tensor
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)  # ray picks and jitter draw on CUDA
 
     def save(step: int) -> None:
         if checkpoint_path is not None:
@@ -206,6 +208,7 @@ def fit_field(
                     "step": step,
                     "history": history,
                     "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                     "estimator": estimator.state_dict() if estimator is not None else None,
                     "config": asdict(config),
                 },
