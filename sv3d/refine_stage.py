@@ -63,17 +63,56 @@ def default_refine_config(device: torch.device) -> RefineStageConfig:
     return RefineStageConfig()
 
 
-def mesh_sdf(mesh: trimesh.Trimesh, points: torch.Tensor, n_surface: int = 300_000) -> torch.Tensor:
-    """[N] signed distance (< 0 inside) of points [N, 3]: winding-number sign, distance to dense samples."""
-    surface = mesh.sample(n_surface, return_index=False) if len(mesh.faces) else np.zeros((0, 3))
-    distance, _ = cKDTree(np.concatenate([surface, mesh.vertices])).query(points.numpy(), workers=-1)
-    winding = winding_numbers(
-        points.double(),
-        torch.as_tensor(mesh.vertices, dtype=torch.float64),
-        torch.as_tensor(mesh.faces, dtype=torch.int64),
-    )
-    sign = torch.where(winding > 0.5, -1.0, 1.0)
-    return (sign * torch.as_tensor(distance)).float()
+def mesh_sdf(
+    mesh: trimesh.Trimesh,
+    points: torch.Tensor,  # [N, 3]
+    n_surface: int = 300_000,  # surface samples the distance is measured to (and the mesh's vertices)
+    exact_within: float = 0.03,  # world units: farther points measure against a sparser sample
+    n_coarse: int = 20_000,  # that sparser sample
+    anchor_stride: int = 8,  # one point in this many gets its own winding number
+) -> torch.Tensor:
+    """[N] signed distance (< 0 inside) of points [N, 3]: winding-number sign, distance to dense samples.
+
+    Two costs are kept down (tet-grid vertices at resolution 128: 2.1 M points; measured ~100 s on 2 cores
+    before): nearest-sample queries far from the surface are slow in a k-d tree of 300 k samples, so points
+    farther than `exact_within` are measured against `n_coarse` samples (off by at most their spacing);
+    and the winding number is computed for one point in `anchor_stride` (the anchors) and for the points
+    with no anchor near enough: a point p at distance d(p) takes the sign of its nearest anchor a when
+    |p - a| < d(p) - slack, since the segment from p to a then stays in a ball around p that no face enters
+    (slack: twice the spacing of the samples d was measured with).
+    """
+    pts = points.detach().cpu().double().numpy()  # [N, 3]
+    if len(mesh.faces) == 0:
+        return torch.ones(len(pts))  # nothing inside: all outside
+    rng = np.random.default_rng(0)
+    dense = np.concatenate([mesh.sample(n_surface, return_index=False), mesh.vertices])  # [S, 3]
+    distance, _ = cKDTree(dense).query(pts, distance_upper_bound=exact_within, workers=-1)  # [N], inf far
+    far = ~np.isfinite(distance)
+    coarse = dense[rng.choice(len(dense), size=min(n_coarse, len(dense)), replace=False)]
+    if far.any():
+        distance[far] = np.maximum(cKDTree(coarse).query(pts[far], workers=-1)[0], exact_within)
+    area = float(mesh.area)
+    slack = np.where(far, 2.0 * np.sqrt(area / len(coarse)), 2.0 * np.sqrt(area / len(dense)))  # [N]
+
+    vertices = torch.as_tensor(mesh.vertices, dtype=torch.float64)
+    faces = torch.as_tensor(mesh.faces, dtype=torch.int64)
+
+    def inside(index: np.ndarray) -> np.ndarray:  # [K] bool: winding number > 1/2
+        if len(index) == 0:
+            return np.zeros(0, dtype=bool)
+        return (winding_numbers(torch.from_numpy(pts[index]), vertices, faces) > 0.5).numpy()
+
+    is_inside = np.zeros(len(pts), dtype=bool)
+    n_anchors = min(len(pts), max(len(pts) // anchor_stride, 1))
+    anchors = np.sort(rng.permutation(len(pts))[:n_anchors])  # [A]
+    rest = np.setdiff1d(np.arange(len(pts)), anchors)  # [R]
+    is_inside[anchors] = inside(anchors)
+    if len(rest):
+        gap, nearest = cKDTree(pts[anchors]).query(pts[rest], workers=-1)  # [R]
+        inherits = gap < distance[rest] - slack[rest]
+        is_inside[rest[inherits]] = is_inside[anchors[nearest[inherits]]]
+        is_inside[rest[~inherits]] = inside(rest[~inherits])
+    return torch.as_tensor(np.where(is_inside, -distance, distance), dtype=torch.float32)
 
 
 def _load_init(init: Path, orbit_dir: Path) -> trimesh.Trimesh:

@@ -108,3 +108,27 @@ def test_an_interrupted_refine_leaves_no_half_written_files(scene, tmp_path, mon
     monkeypatch.setattr(refine.export, "_glb_bytes", boom)
     assert run(scene["orbit"], "--init", scene["init"], "-o", out, *TINY) == 130
     assert not [p for p in out.iterdir() if p.name.startswith("mesh") or p.name.startswith(".")]
+
+
+def test_mesh_sdf_matches_the_analytic_sdf_and_the_full_winding_sign():
+    """Signs equal those of the winding number at every point (most are inherited from anchors), distances
+    those of a sphere: close to it to the sample spacing, far from it to the sparser sample's."""
+    import torch
+
+    from refine.tetgrid import tet_grid
+    from sv3d.evaluation.winding import winding_numbers
+    from sv3d.refine_stage import mesh_sdf
+
+    torus = trimesh.creation.torus(0.3, 0.1, major_sections=48, minor_sections=24)  # a hole: sign matters
+    points = tet_grid(32).vertices  # [N, 3]
+    sdf = mesh_sdf(torus, points)
+    winding = winding_numbers(points.double(), torch.as_tensor(torus.vertices), torch.as_tensor(torus.faces))
+    assert torch.equal(sdf < 0, winding > 0.5)
+    sphere = trimesh.creation.icosphere(5, radius=0.3)
+    sdf = mesh_sdf(sphere, points).numpy()
+    truth = np.linalg.norm(points.numpy(), axis=1) - 0.3
+    assert np.array_equal(sdf < 0, truth < 0)
+    near = np.abs(truth) < 0.03
+    assert np.abs(sdf - truth)[near].max() < 0.004  # 300 k samples on the sphere: spacing ~0.001
+    assert np.abs(sdf - truth)[~near].max() < 0.015  # 20 k samples: spacing ~0.004; faceting ~0.0005
+    assert mesh_sdf(trimesh.Trimesh(), points).min() > 0  # nothing inside
