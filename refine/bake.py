@@ -48,6 +48,9 @@ class BakeConfig:
     chunk_size: int = 1 << 18  # points per color_fn call: bounds the MLP's peak memory (~0.26 M points)
 
 
+LARGE_MESH_FACES = 20_000  # above this, unwrap_uv bounds the charts' boundary (speed)
+
+
 def check_texture_size(texture_size: int) -> int:
     """The size as an int; ValueError unless it is a power of two in [64, 8192]."""
     if isinstance(texture_size, bool) or not isinstance(texture_size, int | np.integer):
@@ -108,6 +111,11 @@ def unwrap_uv(
     atlas.add_mesh(positions, indices)
     chart_options = xatlas.ChartOptions()
     chart_options.max_iterations = 1  # one chart-growing pass: 2-3x faster, barely more charts
+    if len(indices) > LARGE_MESH_FACES:
+        # Charts with a boundary at most the mesh's diagonal: on a 55k-face DMTet mug 1.8 s and 310 charts
+        # instead of 14.5 s and 1735 (growing charts over marching-tets slivers is slow), for a packing
+        # utilisation of 0.65 instead of 0.83 (measured). Small meshes keep xatlas's free growth.
+        chart_options.max_boundary_length = float(np.linalg.norm(np.ptp(positions, axis=0)))
     pack_options = xatlas.PackOptions()
     pack_options.resolution = size
     pack_options.padding = pad

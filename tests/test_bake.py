@@ -253,3 +253,20 @@ def test_bake_on_cuda_matches_cpu(unwrapped):
     # the two z-buffer paths may disagree on texels exactly on an edge; everything else is equal
     differs = ((gpu.cpu() - cpu).abs().amax(-1) > 1e-4).float().mean()
     assert float(differs) < 0.005
+
+
+def test_large_meshes_unwrap_with_bounded_charts_without_overlap():
+    """Above LARGE_MESH_FACES the charts' boundary is bounded (speed): the atlas still has no overlap
+    (covered texels = total UV area) and a usable share of the square."""
+    from refine import bake
+    from refine.rasterizer import rasterize
+
+    v, f = icosphere(5)  # 20,480 faces
+    assert f.shape[0] > bake.LARGE_MESH_FACES
+    _, f2, uv, _ = unwrap_uv(v, f, texture_size=512)
+    tri = uv[f2].double()  # [F, 3, 2]
+    a, b, c = tri[:, 0], tri[:, 1], tri[:, 2]
+    area = float(0.5 * ((b - a)[:, 0] * (c - a)[:, 1] - (b - a)[:, 1] * (c - a)[:, 0]).abs().sum())
+    pos = torch.cat([uv * 2 - 1, torch.zeros_like(uv[:, :1]), torch.ones_like(uv[:, :1])], -1)[None]
+    covered = float((rasterize(pos, f2, 1024)[0, ..., 3] > 0).double().mean())
+    assert abs(covered - area) < 0.01 and area > 0.4, (covered, area)
