@@ -36,9 +36,9 @@ class DemoConfig:
     hull_resolution: int = 128  # voxels per side of the visual-hull baseline
     # Sizes below the CPU defaults of `sv3d run` keep the demo within ~5 minutes on 2 cores; None: the
     # device default of sv3d.fit_nerf.default_fit_config / sv3d.refine_stage.default_refine_config.
-    # 800 NeRF steps (measured on the mug, 2 cores, quiet): final Chamfer 0.0232 / volume IoU 0.227 (refine
-    # at 256 px with colour gradients; 0.0236 / 0.243 before), NeRF mesh 0.0252, visual hull 0.0254,
-    # consistency 27.8 dB, 193 s in all; with 300 NeRF steps 0.0246 / 0.0289 / 0.0254, 23.1 dB, 120 s.
+    # 800 NeRF steps (measured on the mug, 2 cores, fresh clone of 6673218): final Chamfer 0.0230 / volume
+    # IoU 0.241, NeRF mesh 0.0254, visual hull 0.0254, consistency 28.0 dB, 174 s in all (191 s before the
+    # faster init SDF and unwrap); with 300 NeRF steps (older) 0.0246 / 0.0289 / 0.0254, 23.1 dB, 120 s.
     # Nothing inside the mug is carved (see the README's limitations).
     nerf_steps: int | None = 800
     nerf_grid: int | None = 96  # marching-cubes grid of the NeRF mesh: ~4x fewer faces to score than 128
