@@ -8,6 +8,21 @@ __all__ = ["backward_kernel", "forward_kernel"]
 
 
 @triton.jit
+def _cell(x, scale):
+    """Grid position x * scale + 0.5 of points x [B] in [0, 1]: (fraction in the cell, lower vertex int64)."""
+    q = x * scale + 0.5
+    c = tl.floor(q)
+    return q - c, c.to(tl.int64)
+
+
+@triton.jit
+def _rows(j0, j1, j2, dense, res, off, hash_mask, p0, p1, p2):
+    """Table rows [B] int64 of grid vertices (j0, j1, j2) of a level: dense index or instant-ngp's hash."""
+    hashed = ((j0 * p0) ^ (j1 * p1) ^ (j2 * p2)) & hash_mask
+    return off + tl.where(dense, j0 + j1 * res + j2 * res * res, hashed)
+
+
+@triton.jit
 def forward_kernel(
     x_ptr,
     table_ptr,
@@ -38,18 +53,9 @@ def forward_kernel(
         res = tl.load(res_ptr + level)
         off = tl.load(offsets_ptr + level)
         dense = level < n_dense
-        q0 = x0 * scale + 0.5
-        q1 = x1 * scale + 0.5
-        q2 = x2 * scale + 0.5
-        c0 = tl.floor(q0)
-        c1 = tl.floor(q1)
-        c2 = tl.floor(q2)
-        f0 = q0 - c0
-        f1 = q1 - c1
-        f2 = q2 - c2
-        i0 = c0.to(tl.int64)
-        i1 = c1.to(tl.int64)
-        i2 = c2.to(tl.int64)
+        f0, i0 = _cell(x0, scale)
+        f1, i1 = _cell(x1, scale)
+        f2, i2 = _cell(x2, scale)
         acc = tl.zeros([BLOCK_N, F], dtype=x0.dtype)
         for corner in tl.static_range(8):
             b0 = corner & 1  # which side of the cell, per axis (compile-time 0 or 1)
@@ -57,11 +63,7 @@ def forward_kernel(
             b2 = (corner >> 2) & 1
             w = (f0 * b0 + (1.0 - f0) * (1 - b0)) * (f1 * b1 + (1.0 - f1) * (1 - b1))
             w = w * (f2 * b2 + (1.0 - f2) * (1 - b2))
-            j0 = i0 + b0  # this corner's vertex
-            j1 = i1 + b1
-            j2 = i2 + b2
-            hashed = ((j0 * p0) ^ (j1 * p1) ^ (j2 * p2)) & hash_mask
-            rows = off + tl.where(dense, j0 + j1 * res + j2 * res * res, hashed)  # [B] int64 table rows
+            rows = _rows(i0 + b0, i1 + b1, i2 + b2, dense, res, off, hash_mask, p0, p1, p2)  # [B]
             values = tl.load(table_ptr + rows[:, None] * F + feat[None, :], mask=mask2, other=0.0)
             acc += w[:, None] * values
         tl.store(out_ptr + idx[:, None] * (n_levels * F) + level * F + feat[None, :], acc, mask=mask2)
@@ -108,18 +110,9 @@ def backward_kernel(
         res = tl.load(res_ptr + level)
         off = tl.load(offsets_ptr + level)
         dense = level < n_dense
-        q0 = x0 * scale + 0.5
-        q1 = x1 * scale + 0.5
-        q2 = x2 * scale + 0.5
-        c0 = tl.floor(q0)
-        c1 = tl.floor(q1)
-        c2 = tl.floor(q2)
-        f0 = q0 - c0
-        f1 = q1 - c1
-        f2 = q2 - c2
-        i0 = c0.to(tl.int64)
-        i1 = c1.to(tl.int64)
-        i2 = c2.to(tl.int64)
+        f0, i0 = _cell(x0, scale)
+        f1, i1 = _cell(x1, scale)
+        f2, i2 = _cell(x2, scale)
         g = tl.load(
             grad_out_ptr + idx[:, None] * (n_levels * F) + level * F + feat[None, :],
             mask=mask2,
@@ -132,11 +125,7 @@ def backward_kernel(
             w0 = f0 * b0 + (1.0 - f0) * (1 - b0)  # [B] this corner's weight along each axis
             w1 = f1 * b1 + (1.0 - f1) * (1 - b1)
             w2 = f2 * b2 + (1.0 - f2) * (1 - b2)
-            j0 = i0 + b0  # this corner's vertex
-            j1 = i1 + b1
-            j2 = i2 + b2
-            hashed = ((j0 * p0) ^ (j1 * p1) ^ (j2 * p2)) & hash_mask
-            rows = off + tl.where(dense, j0 + j1 * res + j2 * res * res, hashed)  # [B] int64 table rows
+            rows = _rows(i0 + b0, i1 + b1, i2 + b2, dense, res, off, hash_mask, p0, p1, p2)  # [B]
             if NEED_TABLE:
                 w = w0 * w1 * w2
                 tl.atomic_add(grad_table_ptr + rows[:, None] * F + feat[None, :], w[:, None] * g, mask=mask2)
