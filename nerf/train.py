@@ -45,9 +45,7 @@ class TrainConfig:
     max_resolution: int = 128  # frames are resized to at most this size for training
     seed: int = 0
     checkpoint_every: int = 250  # steps between checkpoints (0: only at the end)
-    sampler: str = (
-        "auto"  # "estimator" (nerfacc's occupancy grid, CUDA), "uniform"; "auto": the grid if it runs
-    )
+    sampler: str = "auto"  # "estimator" (nerfacc's occupancy grid, CUDA), "uniform"; auto: grid if it runs
     estimator_resolution: int = 128  # occupancy-grid cells per side (instant-ngp: 128)
     field: FieldConfig = field(default_factory=FieldConfig)
 
