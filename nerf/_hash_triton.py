@@ -32,6 +32,10 @@ def runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
+def _launch_grid(n: int) -> tuple[int]:
+    return ((n + BLOCK - 1) // BLOCK,)
+
+
 def hash_forward_triton(
     x: Tensor,  # [N, 3] contiguous, float32 or float64
     table: Tensor,  # [n_rows, F] contiguous, x's dtype and device
@@ -45,23 +49,9 @@ def hash_forward_triton(
 
     n, n_levels, n_feat = x.shape[0], scales.shape[0], table.shape[1]
     out = torch.empty(n, n_levels * n_feat, dtype=x.dtype, device=x.device)
+    levels = (scales, resolutions, offsets, n, n_levels, n_dense, hash_mask, *PRIMES)  # the kernels' order
     if n:
-        grid = ((n + BLOCK - 1) // BLOCK,)
-        forward_kernel[grid](
-            x,
-            table,
-            out,
-            scales,
-            resolutions,
-            offsets,
-            n,
-            n_levels,
-            n_dense,
-            hash_mask,
-            *PRIMES,
-            F=n_feat,
-            BLOCK_N=BLOCK,
-        )
+        forward_kernel[_launch_grid(n)](x, table, out, *levels, F=n_feat, BLOCK_N=BLOCK)
     return out
 
 
@@ -82,25 +72,10 @@ def hash_backward_triton(
     n, n_levels, n_feat = x.shape[0], scales.shape[0], table.shape[1]
     grad_table = torch.zeros_like(table) if need_table else None
     grad_x = torch.zeros_like(x) if need_x else None
+    levels = (scales, resolutions, offsets, n, n_levels, n_dense, hash_mask, *PRIMES)
     if n and (need_table or need_x):
-        grid = ((n + BLOCK - 1) // BLOCK,)
-        backward_kernel[grid](
-            x,
-            table,
-            grad_out,
-            grad_table if need_table else table,
-            grad_x if need_x else x,
-            scales,
-            resolutions,
-            offsets,
-            n,
-            n_levels,
-            n_dense,
-            hash_mask,
-            *PRIMES,
-            F=n_feat,
-            BLOCK_N=BLOCK,
-            NEED_TABLE=need_table,
-            NEED_X=need_x,
-        )
+        # unused gradient outputs get a placeholder pointer; the kernel never writes them
+        outputs = (table if grad_table is None else grad_table, x if grad_x is None else grad_x)
+        consts = {"F": n_feat, "BLOCK_N": BLOCK, "NEED_TABLE": need_table, "NEED_X": need_x}
+        backward_kernel[_launch_grid(n)](x, table, grad_out, *outputs, *levels, **consts)
     return grad_x, grad_table

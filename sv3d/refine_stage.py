@@ -29,7 +29,7 @@ from refine.tetgrid import tet_grid
 from .cameras import read_orbit_directory
 from .device import pick_device
 from .errors import InputError
-from .evaluation.winding import winding_numbers
+from .evaluation.winding import build_face_tree, winding_numbers_fast
 from .fit_nerf import _atomic, orbit_fingerprint
 from .meshio import load_trimesh
 from .video import write_video
@@ -94,13 +94,14 @@ def mesh_sdf(
     area = float(mesh.area)
     slack = np.where(far, 2.0 * np.sqrt(area / len(coarse)), 2.0 * np.sqrt(area / len(dense)))  # [N]
 
-    vertices = torch.as_tensor(mesh.vertices, dtype=torch.float64)
-    faces = torch.as_tensor(mesh.faces, dtype=torch.int64)
+    tree = build_face_tree(  # once, for both batches of winding numbers below
+        torch.as_tensor(mesh.vertices, dtype=torch.float64), torch.as_tensor(mesh.faces, dtype=torch.int64)
+    )
 
     def inside(index: np.ndarray) -> np.ndarray:  # [K] bool: winding number > 1/2
         if len(index) == 0:
             return np.zeros(0, dtype=bool)
-        return (winding_numbers(torch.from_numpy(pts[index]), vertices, faces) > 0.5).numpy()
+        return (winding_numbers_fast(torch.from_numpy(pts[index]), tree) > 0.5).numpy()
 
     is_inside = np.zeros(len(pts), dtype=bool)
     n_anchors = min(len(pts), max(len(pts) // anchor_stride, 1))
