@@ -9,6 +9,16 @@ Sampling: on CUDA, when nerfacc's CUDA extension builds, nerfacc's occupancy-gri
 empty-space skipping: samples only in cells the field's density marks occupied, refreshed every 16 steps;
 `sampler="auto"`); elsewhere `n_samples` samples per ray between the bounds. An `occupancy` grid from the
 caller (the masks' visual hull) limits both: the estimator never marks a cell outside it occupied.
+
+Occupied-volume prior (`volume_weight`, off by default): the mean of log(1 + sigma) at random points of the
+hull is added to the loss, so space that no view needs is emptied. From one orbit at elevation 10 the
+inside of a cup is seen only near its rim, and without the prior the field closes it with a lid that shows
+the far wall's colours; with it the cup opens and its walls become thin shells (the extraction fills what
+is enclosed). Measured on the oracle orbits at the CPU defaults with weight 0.01 (NeRF mesh Chamfer, without
+-> with): bowl 0.043 -> 0.0087, mug 0.023 -> 0.0100, plate 0.021 -> 0.0067, blob 0.0053 -> 0.0066, but
+`internal` 0.017 -> 0.036 (its flat bottom, never seen from above, is emptied too, so the box opens) and the
+checker sphere 0.0047 -> 0.0152 (hash collisions carry the push into its surface). Hence opt-in, for objects
+known to be open vessels; 0.001 barely changes the bowl (0.040).
 """
 
 from __future__ import annotations
@@ -47,6 +57,8 @@ class TrainConfig:
     checkpoint_every: int = 250  # steps between checkpoints (0: only at the end)
     sampler: str = "auto"  # "estimator" (nerfacc's occupancy grid, CUDA), "uniform"; auto: grid if it runs
     estimator_resolution: int = 128  # occupancy-grid cells per side (instant-ngp: 128)
+    volume_weight: float = 0.0  # occupied-volume prior (module doc): 0.01 opens cups, hollows closed objects
+    volume_points: int = 8192  # random points a step where the prior is measured (those inside the hull)
     field: FieldConfig = field(default_factory=FieldConfig)
 
 
@@ -101,6 +113,22 @@ def _distortion(
     return per_sample.sum() / max(int(n_rays or 0), 1)
 
 
+def _occupied_volume(
+    model: RadianceField,
+    n_points: int,
+    bound: float,
+    occupancy: Callable[[Tensor], Tensor] | None,
+    device: torch.device,
+) -> Tensor:
+    """Mean log(1 + sigma) at `n_points` uniform points of the cube, those inside `occupancy` -> scalar."""
+    points = (torch.rand(n_points, 3, device=device) * 2.0 - 1.0) * bound  # [P, 3]
+    if occupancy is not None:
+        points = points[occupancy(points)]  # [K, 3]: no field is trained outside the hull
+    if points.shape[0] == 0:
+        return torch.zeros((), device=device)
+    return torch.log1p(model.density(points)).mean()
+
+
 def _atomic_save(obj: dict, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
@@ -134,6 +162,8 @@ def fit_field(
         raise ValueError("every frame's alpha is empty: there is no object to reconstruct")
     if config.sampler not in ("auto", "estimator", "uniform"):
         raise ValueError(f"sampler must be auto, estimator or uniform, got {config.sampler!r}")
+    if not config.volume_weight >= 0.0:
+        raise ValueError(f"volume_weight must be >= 0, got {config.volume_weight}")
     device = torch.device(device)
     can_estimate = config.sampler != "uniform" and estimator_available(device)
     use_estimator = config.sampler == "estimator" or (config.sampler == "auto" and can_estimate)
@@ -239,6 +269,10 @@ def fit_field(
                 out["weights"], out["t_mid"], out["t_delta"], out.get("ray_indices"), config.batch_rays
             )
             loss = loss + config.distortion_weight * distortion
+        if config.volume_weight > 0:
+            loss = loss + config.volume_weight * _occupied_volume(
+                model, config.volume_points, config.field.bound, occupancy, device
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -301,3 +301,14 @@ def test_check_azimuth_end_to_end_with_the_tiny_checkpoint(sv3d_tiny: Path, tmp_
     report = json.loads((tmp_path / "out" / "check_azimuth.json").read_text())
     assert len(report["masked_psnr_db"]) == 2 and all(np.isfinite(list(report["masked_psnr_db"].values())))
     assert report["verdict"] in capsys.readouterr().out
+
+
+def test_volume_weight_reaches_the_nerf_stage():
+    from sv3d.cli import build_parser, run_config_from_args
+
+    args = build_parser().parse_args(
+        ["run", "cup.png", "-o", "out", "--volume-weight", "0.01", "--device", "cpu"]
+    )
+    assert run_config_from_args(args).nerf.train.volume_weight == 0.01
+    args = build_parser().parse_args(["run", "cup.png", "-o", "out", "--device", "cpu"])
+    assert run_config_from_args(args).nerf.train.volume_weight == 0.0  # off by default
