@@ -16,9 +16,9 @@ inside of a cup is seen only near its rim, and without the prior the field close
 the far wall's colours; with it the cup opens and its walls become thin shells (the extraction fills what
 is enclosed). Measured on the oracle orbits at the CPU defaults with weight 0.01 (NeRF mesh Chamfer, without
 -> with): bowl 0.043 -> 0.0087, mug 0.023 -> 0.0100, plate 0.021 -> 0.0067, blob 0.0053 -> 0.0066, but
-`internal` 0.017 -> 0.036 (its box's walls become shells that the extraction does not close: its flat bottom
-is never seen from above, yet on the sine orbit, which sees it from -10 degrees, it is still 0.035) and the
-checker sphere 0.0047 -> 0.0152 (a porous, noisy shell). Hence opt-in, for objects known to be open vessels;
+`internal` 0.017 -> 0.036 (density slices: its plain top and bottom faces are emptied and the box's inner
+walls take their colour, the cup's ambiguity reversed; 0.035 also on the sine orbit, which sees both) and
+the checker sphere 0.0047 -> 0.0152 (a porous, noisy shell). Hence opt-in, for objects known to be open vessels;
 0.001 barely changes the bowl (0.040).
 """
 
