@@ -18,8 +18,8 @@ is enclosed). Measured on the oracle orbits at the CPU defaults with weight 0.01
 -> with): bowl 0.043 -> 0.0087, mug 0.023 -> 0.0100, plate 0.021 -> 0.0067, blob 0.0053 -> 0.0066, but
 `internal` 0.017 -> 0.036 (density slices: its plain top and bottom faces are emptied and the box's inner
 walls take their colour, the cup's ambiguity reversed; 0.035 also on the sine orbit, which sees both) and
-the checker sphere 0.0047 -> 0.0152 (a porous, noisy shell). Hence opt-in, for objects known to be open vessels;
-0.001 barely changes the bowl (0.040).
+the checker sphere 0.0047 -> 0.0152 (a porous, noisy shell). Hence opt-in, for objects known to be open
+vessels; 0.001 barely changes the bowl (0.040).
 """
 
 from __future__ import annotations
@@ -61,6 +61,17 @@ class TrainConfig:
     volume_weight: float = 0.0  # occupied-volume prior (module doc): 0.01 opens cups, hollows closed objects
     volume_points: int = 8192  # random points a step where the prior is measured (those inside the hull)
     field: FieldConfig = field(default_factory=FieldConfig)
+
+    def __post_init__(self) -> None:
+        # Checked when the config is made (Hydra overrides too), before any stage runs.
+        _check_volume_prior(self)
+
+
+def _check_volume_prior(config: TrainConfig) -> None:
+    if not (math.isfinite(config.volume_weight) and config.volume_weight >= 0.0):
+        raise ValueError(f"volume_weight must be a finite number >= 0, got {config.volume_weight}")
+    if config.volume_points < 1:
+        raise ValueError(f"volume_points must be >= 1, got {config.volume_points}")
 
 
 @dataclass
@@ -163,8 +174,7 @@ def fit_field(
         raise ValueError("every frame's alpha is empty: there is no object to reconstruct")
     if config.sampler not in ("auto", "estimator", "uniform"):
         raise ValueError(f"sampler must be auto, estimator or uniform, got {config.sampler!r}")
-    if not config.volume_weight >= 0.0:
-        raise ValueError(f"volume_weight must be >= 0, got {config.volume_weight}")
+    _check_volume_prior(config)  # the fields may have been set after the config was made
     device = torch.device(device)
     can_estimate = config.sampler != "uniform" and estimator_available(device)
     use_estimator = config.sampler == "estimator" or (config.sampler == "auto" and can_estimate)
@@ -270,10 +280,10 @@ def fit_field(
                 out["weights"], out["t_mid"], out["t_delta"], out.get("ray_indices"), config.batch_rays
             )
             loss = loss + config.distortion_weight * distortion
+        volume = None
         if config.volume_weight > 0:
-            loss = loss + config.volume_weight * _occupied_volume(
-                model, config.volume_points, config.field.bound, occupancy, device
-            )
+            volume = _occupied_volume(model, config.volume_points, model.config.bound, occupancy, device)
+            loss = loss + config.volume_weight * volume
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -286,6 +296,8 @@ def fit_field(
             "mask_mse": loss_mask.item(),
             "psnr": -10.0 * math.log10(max(rgb_mse, 1e-12)),
         }
+        if volume is not None:
+            record["volume"] = volume.item()  # the prior's mean log(1 + sigma), before its weight
         if (step + 1) % 50 == 0 or step + 1 == config.steps:
             history.append(record)
         if progress is not None:

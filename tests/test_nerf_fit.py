@@ -97,22 +97,50 @@ def test_volume_prior_empties_what_no_view_needs(orbit: Path):
     """The occupied-volume prior lowers the density inside the blob (no ray reaches it) at the same fit."""
     import dataclasses
 
+    from nerf.occupancy import OccupancyGrid
     from sv3d.cameras import read_orbit_directory
 
     frames = read_orbit_directory(orbit)
+    images, c2w, fov = frames.images, frames.orbit.c2w(), frames.orbit.fov_deg
+    hull = OccupancyGrid(torch.ones(8, 8, 8, dtype=torch.bool), 0.55, 0)  # as fit_nerf passes its hull
     inside = (torch.rand(4096, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1) * 0.12  # [P, 3]
     measured = {}
     for weight in (0.0, 1.0):
         config = dataclasses.replace(TOY, steps=40, checkpoint_every=0, volume_weight=weight)
-        result = fit_field(frames.images, frames.orbit.c2w(), frames.orbit.fov_deg, config)
+        result = fit_field(images, c2w, fov, config, occupancy=hull)
         with torch.no_grad():
             interior = float(torch.log1p(result.field.density(inside)).mean())
         measured[weight] = (interior, result.history[-1]["rgb_mse"])
     (interior_off, mse_off), (interior_on, mse_on) = measured[0.0], measured[1.0]
     assert interior_on < 0.6 * interior_off, measured  # measured 0.78 -> 0.32
     assert mse_on < 1.3 * mse_off, measured  # the frames are fitted as well (PSNR 11.6 vs 11.2 dB)
-    with pytest.raises(ValueError, match="volume_weight"):
-        fit_field(frames.images, frames.orbit.c2w(), frames.orbit.fov_deg, TrainConfig(volume_weight=-1.0))
+    assert "volume" in result.history[-1]  # the prior's size is logged
+    for bad in ({"volume_weight": -1.0}, {"volume_weight": float("inf")}, {"volume_points": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TrainConfig(**bad)
+
+
+def test_volume_prior_resumes_identically(orbit: Path, tmp_path: Path):
+    """The prior's random points come from the checkpointed random state: a resumed fit is the same fit."""
+    from sv3d.cameras import read_orbit_directory
+
+    frames = read_orbit_directory(orbit)
+    images, c2w, fov = frames.images, frames.orbit.c2w(), frames.orbit.fov_deg
+    config = TrainConfig(steps=12, batch_rays=256, n_samples=16, max_resolution=32, checkpoint_every=5)
+    config.volume_weight = 0.5
+    whole = fit_field(images, c2w, fov, config)
+
+    def interrupt(step: int, record: dict) -> None:
+        if step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit_field(images, c2w, fov, config, checkpoint_path=tmp_path / "c.pt", progress=interrupt)
+    resumed = fit_field(images, c2w, fov, config, checkpoint_path=tmp_path / "c.pt")
+    for (name, a), b in zip(
+        resumed.field.state_dict().items(), whole.field.state_dict().values(), strict=True
+    ):
+        assert torch.allclose(a, b, atol=1e-5), name
 
 
 def test_extraction_of_an_analytic_density():
@@ -189,7 +217,7 @@ def test_fit_nerf_writes_its_files_and_refuses_bad_input(orbit: Path, tmp_path: 
     assert "transforms.json" in capsys.readouterr().err and not (tmp_path / "x").exists()
     with pytest.raises(SystemExit) as stop:  # argparse: usage and one error line, exit 2
         main(["fit-nerf", str(orbit), "-o", str(tmp_path / "y"), "--volume-weight", "-0.5"])
-    assert stop.value.code == 2 and "--volume-weight: must be >= 0" in capsys.readouterr().err
+    assert stop.value.code == 2 and "--volume-weight: must be a finite number >= 0" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
 
 
