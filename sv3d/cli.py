@@ -162,16 +162,16 @@ def _add_fit_nerf(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grid", type=int, help="marching-cubes grid resolution (default: by device)")
     p.add_argument(
         "--volume-weight",
-        type=_non_negative_float,
+        type=_finite_non_negative,
         help="occupied-volume prior (default 0, off): 0.01 opens cups and bowls seen from the side, but "
-        "empties unseen flat bottoms of closed objects (README, Limitations)",
+        "can also open closed objects with plain faces (README, Limitations)",
     )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
     p.add_argument("--force", action="store_true", help="start over in a non-empty output directory")
     p.set_defaults(func=_cmd_fit_nerf)
 
 
-def _non_negative_float(text: str) -> float:
+def _finite_non_negative(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -278,7 +278,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--texture-size", type=int, help="baked texture size, a power of two (default 1024)")
     p.add_argument(
         "--volume-weight",
-        type=_non_negative_float,
+        type=_finite_non_negative,
         help="NeRF occupied-volume prior (default 0, off): 0.01 opens cups and bowls (see sv3d fit-nerf)",
     )
     p.add_argument(
