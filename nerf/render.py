@@ -17,6 +17,7 @@ Two samplers:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import nerfacc
@@ -62,6 +63,7 @@ def render_rays(
     generator: torch.Generator | None = None,  # random source for `stratified`
     estimator: nerfacc.OccGridEstimator | None = None,  # occupancy-grid sampling (CUDA only)
     occupancy: Callable[[Tensor], Tensor] | None = None,  # [N, 3] -> [N] bool; skip samples where False
+    early_stop_eps: float = 0.0,  # uniform path: skip samples whose transmittance is below this (0: none)
 ) -> dict[str, Tensor]:
     """Render R rays through `field`. Differentiable in the field's outputs (not in near/far).
 
@@ -71,6 +73,11 @@ def render_rays(
       and per-sample tensors for regularisers: weights, sigmas, t_mid (the evaluated distances),
       t_delta (interval lengths), of shape [R, S] on the uniform path; positions [R, S, 3].
       With `occupancy`, the field is evaluated only at samples it marks occupied (density 0 elsewhere).
+      With `early_stop_eps` > 0 (nerfacc's early stop, which its estimator applies on CUDA), a first pass
+      without gradients finds each sample's transmittance, and the field is evaluated (with gradients)
+      only where it is at least `early_stop_eps`: samples hidden behind a surface, whose weights are below
+      it, are skipped (density 0 there), which changes the renders by less than that; `hidden` (0-dim)
+      is the share of the occupied samples skipped so.
       With `estimator` the per-sample tensors are packed ([N], positions [N, 3]) and `ray_indices` [N]
       says which ray each belongs to.
     """
@@ -100,10 +107,10 @@ def render_rays(
     positions = origins[:, None, :] + t_mid[..., None] * directions[:, None, :]  # [R, S, 3]
     dirs = directions[:, None, :].expand_as(positions)  # [R, S, 3]
     flat_pos, flat_dir = positions.reshape(-1, 3), dirs.reshape(-1, 3)  # [R*S, 3]
-    if occupancy is None:
+    if occupancy is None and early_stop_eps <= 0:
         rgbs, sigmas = field(flat_pos, flat_dir)  # [R*S, 3], [R*S]
     else:
-        keep = occupancy(flat_pos).nonzero(as_tuple=True)[0]  # [K] samples in occupied cells
+        keep, hidden = _live_samples(field, flat_pos, flat_dir, t_ends - t_starts, occupancy, early_stop_eps)
         rgb_k, sigma_k = field(flat_pos[keep], flat_dir[keep])  # [K, 3], [K]
         rgbs = rgb_k.new_zeros(flat_pos.shape[0], 3).index_put((keep,), rgb_k)  # [R*S, 3]
         sigmas = sigma_k.new_zeros(flat_pos.shape[0]).index_put((keep,), sigma_k)  # [R*S]
@@ -112,7 +119,40 @@ def render_rays(
     # 4. Weights and sums through nerfacc's batched path
     out = _composite(t_starts, t_ends, t_mid, sigmas, rgbs, bg)
     out["positions"] = positions
+    if early_stop_eps > 0:
+        out["hidden"] = hidden  # 0-dim: share of the occupied samples skipped as hidden
     return out
+
+
+def _live_samples(
+    field: FieldFn,
+    positions: Tensor,  # [R*S, 3]
+    directions: Tensor,  # [R*S, 3]
+    t_delta: Tensor,  # [R, S] interval lengths
+    occupancy: Callable[[Tensor], Tensor] | None,
+    early_stop_eps: float,
+) -> tuple[Tensor, Tensor]:
+    """(indices [K] of the samples to evaluate: in occupied cells and not hidden (transmittance >= eps),
+    share of the occupied samples that are hidden, 0-dim)."""
+    keep = torch.ones(positions.shape[0], dtype=torch.bool, device=positions.device)  # [R*S]
+    if occupancy is not None:
+        keep = occupancy(positions)
+    if early_stop_eps > 0:
+        idx = keep.nonzero(as_tuple=True)[0]  # [K0]
+        with torch.no_grad():
+            density = getattr(field, "density", None)  # density alone where the field offers it
+            if density is not None:
+                sigma_k = density(positions[idx])  # [K0]
+            else:
+                sigma_k = field(positions[idx], directions[idx])[1]
+            sigma = positions.new_zeros(positions.shape[0]).index_put((idx,), sigma_k.to(positions.dtype))
+            optical = sigma.reshape(t_delta.shape) * t_delta  # [R, S] sigma * delta
+            before = torch.cumsum(optical, -1)[:, :-1]  # [R, S - 1]: no inf - inf where a density overflows
+            before = torch.cat([torch.zeros_like(before[:, :1]), before], -1)  # [R, S] depth before each
+        visible = keep & (before.reshape(-1) <= -math.log(early_stop_eps))
+        hidden = (keep.sum() - visible.sum()) / keep.sum().clamp(min=1)  # 0 where nothing is occupied
+        return visible.nonzero(as_tuple=True)[0], hidden
+    return keep.nonzero(as_tuple=True)[0], positions.new_zeros(())
 
 
 def _composite(

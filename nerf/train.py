@@ -9,6 +9,10 @@ Sampling: on CUDA, when nerfacc's CUDA extension builds, nerfacc's occupancy-gri
 empty-space skipping: samples only in cells the field's density marks occupied, refreshed every 16 steps;
 `sampler="auto"`); elsewhere `n_samples` samples per ray between the bounds. An `occupancy` grid from the
 caller (the masks' visual hull) limits both: the estimator never marks a cell outside it occupied.
+On the uniform path, `early_stop_eps` skips the samples hidden behind a surface (nerfacc's early stop, as
+its estimator does): a pass without gradients finds their transmittance, and it is used while it hides
+more than 30% of the samples (checked every 50 steps). Measured at the CPU defaults, one run each in one
+session: the checker sphere's fit 497 -> 331 s, the mug's 188 -> 168 s, with the same Chamfer and PSNR.
 
 Occupied-volume prior (`volume_weight`, off by default): the mean of log(1 + sigma) at random points of the
 hull is added to the loss, so space that no view needs is emptied. From one orbit at elevation 10 the
@@ -58,20 +62,30 @@ class TrainConfig:
     checkpoint_every: int = 250  # steps between checkpoints (0: only at the end)
     sampler: str = "auto"  # "estimator" (nerfacc's occupancy grid, CUDA), "uniform"; auto: grid if it runs
     estimator_resolution: int = 128  # occupancy-grid cells per side (instant-ngp: 128)
+    early_stop_eps: float = 1e-4  # uniform sampler: skip samples hidden below this transmittance (nerfacc's)
     volume_weight: float = 0.0  # occupied-volume prior (module doc): 0.01 opens cups, hollows closed objects
     volume_points: int = 8192  # random points a step where the prior is measured (those inside the hull)
     field: FieldConfig = field(default_factory=FieldConfig)
 
     def __post_init__(self) -> None:
         # Checked when the config is made (Hydra overrides too), before any stage runs.
-        _check_volume_prior(self)
+        _check_train_config(self)
 
 
-def _check_volume_prior(config: TrainConfig) -> None:
+# Early stop's first pass (density without gradients at every occupied sample) only pays where enough is
+# hidden: it is tried every 50 steps and kept for the next 49 while it hides more than 30% of the samples
+# (a heuristic threshold; early in a fit little is opaque yet).
+_EARLY_STOP_CHECK_EVERY = 50
+_EARLY_STOP_MIN_HIDDEN = 0.3
+
+
+def _check_train_config(config: TrainConfig) -> None:
     if not (math.isfinite(config.volume_weight) and config.volume_weight >= 0.0):
         raise ValueError(f"volume_weight must be a finite number >= 0, got {config.volume_weight}")
     if config.volume_points < 1:
         raise ValueError(f"volume_points must be >= 1, got {config.volume_points}")
+    if not 0.0 <= config.early_stop_eps < 1.0:
+        raise ValueError(f"early_stop_eps must be in [0, 1), got {config.early_stop_eps}")
 
 
 @dataclass
@@ -174,7 +188,7 @@ def fit_field(
         raise ValueError("every frame's alpha is empty: there is no object to reconstruct")
     if config.sampler not in ("auto", "estimator", "uniform"):
         raise ValueError(f"sampler must be auto, estimator or uniform, got {config.sampler!r}")
-    _check_volume_prior(config)  # the fields may have been set after the config was made
+    _check_train_config(config)  # fields may have been set after the config was made
     device = torch.device(device)
     can_estimate = config.sampler != "uniform" and estimator_available(device)
     use_estimator = config.sampler == "estimator" or (config.sampler == "auto" and can_estimate)
@@ -220,6 +234,7 @@ def fit_field(
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma)
     history: list[dict[str, float]] = []
     start_step = 0
+    stop_pays = True  # whether early stop saves more than its first pass costs (measured every 50 steps)
     checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
     if checkpoint_path and checkpoint_path.is_file():
         state = torch.load(checkpoint_path, map_location=device, weights_only=True)
@@ -233,6 +248,7 @@ def fit_field(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step, history = int(state["step"]), list(state["history"])
+        stop_pays = bool(state.get("stop_pays", True))
         torch.set_rng_state(state["rng"].cpu())  # map_location moved it to `device`; it must be a CPU tensor
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)  # ray picks and jitter draw on CUDA
@@ -250,6 +266,7 @@ def fit_field(
                     "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                     "estimator": estimator.state_dict() if estimator is not None else None,
                     "config": asdict(config),
+                    "stop_pays": stop_pays,
                 },
                 checkpoint_path,
             )
@@ -258,6 +275,8 @@ def fit_field(
     started = time.perf_counter()
     n_rays = rays_o.shape[0]
     for step in range(start_step, config.steps):
+        if step % _EARLY_STOP_CHECK_EVERY == 0:
+            stop_pays = True  # measure again: try it this step
         pick = torch.randint(0, n_rays, (config.batch_rays,), device=device)
         if estimator is not None:
             update_estimator(estimator, density_fn, step, config.n_samples)
@@ -271,7 +290,10 @@ def fit_field(
             stratified=True,
             estimator=estimator,
             occupancy=occupancy,
+            early_stop_eps=config.early_stop_eps if stop_pays else 0.0,
         )
+        if step % _EARLY_STOP_CHECK_EVERY == 0 and "hidden" in out:
+            stop_pays = float(out["hidden"]) > _EARLY_STOP_MIN_HIDDEN
         loss_rgb = (out["rgb"] - rgb_t[pick]).pow(2).mean()
         loss_mask = (out["opacity"] - alpha_t[pick]).pow(2).mean()
         loss = loss_rgb + config.mask_weight * loss_mask

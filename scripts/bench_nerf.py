@@ -8,13 +8,20 @@
    default `sv3d fit-nerf` configuration; every 25 steps (not timed) the field renders all 21 frames at
    64 px and the PSNR over object pixels is measured. Prints the training seconds at which it first
    reaches 28 dB.
-Usage: `.venv/bin/python scripts/bench_nerf.py [--device cpu] [--skip-fit]`. Figures depend on the machine's
-load: run it on a quiet machine and compare the ratio, not the absolute figures.
+3. Seconds per training step on the checker sphere (the largest test object: every ray crosses ~48 samples
+   of its hull), from field states trained for `--warmup` / 4 and `--warmup` steps (the CPU default: 1200,
+   a fitted field) at the device's defaults, without early ray termination (the baseline) and with it
+   (`early_stop_eps`, the default, which training uses only while it hides > 30% of the samples: early in
+   a fit little is opaque yet); prints the ratios.
+Usage: `.venv/bin/python scripts/bench_nerf.py [--device cpu] [--skip-fit] [--skip-steps]`. Figures depend
+on the machine's load: run it on a quiet machine and compare the ratios, not the absolute figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import math
 import tempfile
 import time
@@ -27,7 +34,7 @@ from nerf import _hash_triton
 from nerf.encoding import HashGridConfig, HashGridEncoder, hash_encode_reference
 from nerf.field import FieldConfig, RadianceField
 from nerf.occupancy import OccupancyGrid
-from nerf.train import fit_field
+from nerf.train import TrainConfig, fit_field
 from sv3d.evaluation.visual_hull import carve_occupancy
 from sv3d.fit_nerf import default_fit_config, render_views
 from sv3d.render_orbit import RenderOrbitConfig, render_orbit_frames
@@ -115,6 +122,47 @@ def time_to_psnr(device: torch.device, target_db: float, max_steps: int) -> tupl
     return None, state["step"], state["psnr"]
 
 
+def step_seconds(device: torch.device, warmup: int, steps: int) -> None:
+    """Part 3: seconds per training step without and with early stop, from trained states (module doc)."""
+    root = Path(tempfile.mkdtemp(prefix="bench_nerf_"))
+    frames = render_orbit_frames(write_test_object(root, "checker"), RenderOrbitConfig(resolution=256))
+    config = default_fit_config(device)
+    hull = carve_occupancy(frames.masks(), frames.orbit.cameras(), config.hull_resolution, 0.55)
+    occupancy = OccupancyGrid(hull, 0.55, config.hull_dilate).to(device)
+
+    def fit(train: TrainConfig, model: RadianceField) -> float:
+        result = fit_field(
+            frames.images,
+            frames.orbit.c2w(),
+            frames.orbit.fov_deg,
+            train,
+            device,
+            occupancy=occupancy,
+            model=model,
+        )
+        return result.seconds / train.steps
+
+    base = dataclasses.replace(config.train, checkpoint_every=0, early_stop_eps=0.0)
+    eps = config.train.early_stop_eps or 1e-4
+    variants = {
+        "baseline (every sample in the hull)": base,
+        f"early stop (eps {eps:g})": dataclasses.replace(base, early_stop_eps=eps),
+    }
+    trained, done = RadianceField(config.train.field), 0
+    for until in sorted({max(1, warmup // 4), max(1, warmup)}):  # early in training, and fitted
+        warm = dataclasses.replace(config.train, checkpoint_every=0, steps=until - done)
+        fit(warm, trained)  # continued from the last state (its learning rate restarts)
+        done = until
+        first = None
+        for name, train in variants.items():
+            model = copy.deepcopy(trained)
+            seconds = fit(dataclasses.replace(train, steps=steps, lr=train.lr * train.lr_final_factor), model)
+            first = first or seconds
+            print(
+                f"train step after {until} steps (checker), {name}: {seconds:.3f} s  ({first / seconds:.2f}x)"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -123,7 +171,12 @@ def main() -> None:
     parser.add_argument(
         "--max-steps", type=int, default=1500, help="give up on PSNR 28 after this many steps"
     )
-    parser.add_argument("--skip-fit", action="store_true", help="only the throughput figures")
+    parser.add_argument("--skip-fit", action="store_true", help="skip the time to PSNR 28 (part 2)")
+    parser.add_argument("--skip-steps", action="store_true", help="skip the step timings (part 3)")
+    parser.add_argument(
+        "--warmup", type=int, default=1200, help="part 3: steps trained before timing (also timed at 1/4)"
+    )
+    parser.add_argument("--steps", type=int, default=30, help="part 3: steps timed per set-up")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -156,6 +209,8 @@ def main() -> None:
                 f"time to masked PSNR 28 (blob, oracle orbit): {seconds:.1f} s of training, step {step} "
                 f"({db:.1f} dB)"
             )
+    if not args.skip_steps:
+        step_seconds(device, args.warmup, args.steps)
 
 
 if __name__ == "__main__":

@@ -324,8 +324,9 @@ def test_real_pipeline_interrupted_and_rerun_equals_straight_run(dataset, tmp_pa
     resumed = evaluate_dataset(dataset, tmp_path / "b", config, run, progress=False)
     assert (tmp_path / "b/blob/metrics.json").read_bytes() == blob  # kept, not recomputed
     # The same summary up to the stages' own run-to-run float noise: the DMTet stage is not bit-reproducible
-    # on CPU (measured: the final Chamfer of one object moved by 0.3% between two identical runs), while the
-    # evaluation adds none (the fake-pipeline test above compares the files byte for byte).
+    # on CPU (measured: the final Chamfer of one object moved by 0.3% between two identical runs, and in one
+    # full-suite run a toy F@0.02 by 0.024, 0.436 vs 0.460), while the evaluation adds none (the
+    # fake-pipeline test above compares the files byte for byte).
     a, b = resumed.summary, straight.summary
     assert {k: v for k, v in a.items() if k not in ("objects", "aggregate")} == {
         k: v for k, v in b.items() if k not in ("objects", "aggregate")
@@ -333,6 +334,8 @@ def test_real_pipeline_interrupted_and_rerun_equals_straight_run(dataset, tmp_pa
     for row_a, row_b in zip(a["objects"], b["objects"], strict=True):
         assert (row_a["object"], row_a["status"]) == (row_b["object"], row_b["status"])
         for source in ("final", "nerf", "hull"):
-            assert row_a[source] == pytest.approx(row_b[source], rel=0.05, abs=0.02)
+            for metric, value in row_b[source].items():  # F-scores of toy shapes move most (above)
+                tolerance = 0.04 if metric.startswith("fscore") else 0.02
+                assert row_a[source][metric] == pytest.approx(value, rel=0.05, abs=tolerance), metric
         assert row_a["hull"] == row_b["hull"]  # carved from the same renders: exact
     shutil.rmtree(tmp_path / "a")

@@ -361,3 +361,34 @@ def test_occupancy_bounds_follow_the_rays_device() -> None:
         # the box of the occupied cells is [-0.25, 0.25]^3: the first ray crosses it, the second misses
         assert float(near[0]) == pytest.approx(1.75) and float(far[0]) == pytest.approx(2.25)
         assert float(far[1]) == float(near[1])
+
+
+def test_early_stop_skips_hidden_samples_and_changes_renders_by_less_than_eps():
+    """Samples behind an opaque surface are not evaluated; renders and gradients match the full render."""
+    field = _tiny_field()
+    with torch.no_grad():
+        field.density_mlp[-1].bias.fill_(6.0)  # sigma ~ e^5: rays saturate within a few samples
+    calls: list[int] = []
+    field.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    gen = torch.Generator().manual_seed(1)
+    origins = torch.randn(64, 3, generator=gen) * 0.05 + torch.tensor([0.0, -2.0, 0.0])
+    jitter = 0.05 * torch.randn(64, 3, generator=gen)
+    directions = torch.nn.functional.normalize(torch.tensor([0.0, 1.0, 0.0]) + jitter, dim=-1)
+    near, far = torch.full((64,), 1.5), torch.full((64,), 2.5)
+    full = render_rays(field, origins, directions, near, far, 64)
+    eps = 1e-3
+    fast = render_rays(field, origins, directions, near, far, 64, early_stop_eps=eps)
+    assert calls[0] == 64 * 64 and calls[1] < 0.5 * calls[0]  # most samples were hidden and skipped
+    assert float(full["opacity"].detach().min()) > 1 - eps
+    assert torch.allclose(fast["rgb"], full["rgb"], atol=eps)
+    assert torch.allclose(fast["opacity"], full["opacity"], atol=eps)
+
+    # Gradients: the hidden samples' share, which the skip drops, shrinks with eps
+    def grads(eps: float) -> Tensor:
+        field.zero_grad()
+        render_rays(field, origins, directions, near, far, 64, early_stop_eps=eps)["rgb"].sum().backward()
+        return torch.cat([p.grad.flatten() for p in field.parameters()])
+
+    exact = grads(0.0)
+    error = [float((grads(e) - exact).abs().max()) for e in (1e-4, 1e-6)]
+    assert error[0] < 2e-3 * float(exact.abs().max()) and error[1] < error[0] / 10

@@ -143,6 +143,61 @@ def test_volume_prior_resumes_identically(orbit: Path, tmp_path: Path):
         assert torch.allclose(a, b, atol=1e-5), name
 
 
+def test_early_stop_is_used_while_it_hides_enough(orbit: Path, tmp_path: Path, monkeypatch):
+    """Early stop's first pass is paid only while it hides > 30% of the samples (checked every 50 steps);
+    a resumed fit makes the same choice as an uninterrupted one (the choice is checkpointed)."""
+    import dataclasses
+
+    import nerf.train
+    from nerf.field import FieldConfig
+    from sv3d.cameras import read_orbit_directory
+
+    frames = read_orbit_directory(orbit)
+    images, c2w, fov = frames.images, frames.orbit.c2w(), frames.orbit.fov_deg
+    real, used = nerf.train.render_rays, []
+
+    def recording(*args, **kwargs):
+        used.append(kwargs["early_stop_eps"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nerf.train, "render_rays", recording)
+    thin = dataclasses.replace(TOY, steps=51, checkpoint_every=0, field=FieldConfig(hidden_dim=16))
+    fit_field(images, c2w, fov, thin)  # sigma ~ 0.4 at the start: nothing is hidden, the pass is dropped
+    assert used[0] == 1e-4 and set(used[1:50]) == {0.0} and used[50] == 1e-4
+    used.clear()
+    dense = dataclasses.replace(thin, field=FieldConfig(hidden_dim=16, density_bias=8.0))
+    fit_field(images, c2w, fov, dense)  # sigma ~ e^7: rays saturate within a few samples
+    assert set(used) == {1e-4}
+
+    def interrupt(step: int, record: dict) -> None:
+        if step == 12:
+            raise KeyboardInterrupt
+
+    used.clear()
+    with pytest.raises(KeyboardInterrupt):
+        fit_field(
+            images,
+            c2w,
+            fov,
+            dataclasses.replace(thin, checkpoint_every=10),
+            checkpoint_path=tmp_path / "c.pt",
+            progress=interrupt,
+        )
+    used.clear()
+    fit_field(
+        images, c2w, fov, dataclasses.replace(thin, checkpoint_every=10), checkpoint_path=tmp_path / "c.pt"
+    )
+    assert len(used) == 41 and set(used[:40]) == {0.0} and used[40] == 1e-4  # steps 10..50, as uninterrupted
+
+
+def test_early_stop_eps_is_checked():
+    from nerf.train import TrainConfig
+
+    for bad in (-1e-4, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="early_stop_eps"):
+            TrainConfig(early_stop_eps=bad)
+
+
 def test_extraction_of_an_analytic_density():
     class Ball(torch.nn.Module):  # density 100 inside radius 0.3, colour red
         def __init__(self):
