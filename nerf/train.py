@@ -9,10 +9,13 @@ Sampling: on CUDA, when nerfacc's CUDA extension builds, nerfacc's occupancy-gri
 empty-space skipping: samples only in cells the field's density marks occupied, refreshed every 16 steps;
 `sampler="auto"`); elsewhere `n_samples` samples per ray between the bounds. An `occupancy` grid from the
 caller (the masks' visual hull) limits both: the estimator never marks a cell outside it occupied.
-On the uniform path, `early_stop_eps` skips the samples hidden behind a surface (nerfacc's early stop, as
-its estimator does): a pass without gradients finds their transmittance, and it is used while it hides
-more than 30% of the samples (checked every 50 steps). Measured at the CPU defaults, one run each in one
-session: the checker sphere's fit 497 -> 331 s, the mug's 188 -> 168 s, with the same Chamfer and PSNR.
+On the uniform path, `early_stop_eps` (opt-in; nerfacc's is 1e-4) skips the samples hidden behind a surface
+(nerfacc's early stop, as its estimator does): a pass without gradients finds their transmittance, and it
+is used while it hides more than 30% of the samples (checked every 50 steps). Off by default because its
+speed-up is not established on 2 CPU cores: whole CPU fits, one run each, went 497 -> 331 s (checker) and
+188 -> 168 s (mug) at the same Chamfer and PSNR, but back-to-back step timings at the end of a checker fit
+(`scripts/bench_nerf.py`, part 3) measured 0.91x and 0.92x, and the machine's own speed drifted by ~25% in
+that session.
 
 Occupied-volume prior (`volume_weight`, off by default): the mean of log(1 + sigma) at random points of the
 hull is added to the loss, so space that no view needs is emptied. From one orbit at elevation 10 the
@@ -62,7 +65,7 @@ class TrainConfig:
     checkpoint_every: int = 250  # steps between checkpoints (0: only at the end)
     sampler: str = "auto"  # "estimator" (nerfacc's occupancy grid, CUDA), "uniform"; auto: grid if it runs
     estimator_resolution: int = 128  # occupancy-grid cells per side (instant-ngp: 128)
-    early_stop_eps: float = 1e-4  # uniform sampler: skip samples hidden below this transmittance (nerfacc's)
+    early_stop_eps: float = 0.0  # uniform sampler: skip samples hidden below this transmittance (module doc)
     volume_weight: float = 0.0  # occupied-volume prior (module doc): 0.01 opens cups, hollows closed objects
     volume_points: int = 8192  # random points a step where the prior is measured (those inside the hull)
     field: FieldConfig = field(default_factory=FieldConfig)
@@ -248,7 +251,7 @@ def fit_field(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step, history = int(state["step"]), list(state["history"])
-        stop_pays = bool(state.get("stop_pays", True))
+        stop_pays = bool(state["stop_pays"])  # written by every checkpoint of this configuration
         torch.set_rng_state(state["rng"].cpu())  # map_location moved it to `device`; it must be a CPU tensor
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)  # ray picks and jitter draw on CUDA

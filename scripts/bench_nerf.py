@@ -11,7 +11,7 @@
 3. Seconds per training step on the checker sphere (the largest test object: every ray crosses ~48 samples
    of its hull), from field states trained for `--warmup` / 4 and `--warmup` steps (the CPU default: 1200,
    a fitted field) at the device's defaults, without early ray termination (the baseline) and with it
-   (`early_stop_eps`, the default, which training uses only while it hides > 30% of the samples: early in
+   (`early_stop_eps` 1e-4, opt-in, which training uses only while it hides > 30% of the samples: early in
    a fit little is opaque yet); prints the ratios.
 Usage: `.venv/bin/python scripts/bench_nerf.py [--device cpu] [--skip-fit] [--skip-steps]`. Figures depend
 on the machine's load: run it on a quiet machine and compare the ratios, not the absolute figures.
@@ -148,15 +148,33 @@ def step_seconds(device: torch.device, warmup: int, steps: int) -> None:
         "baseline (every sample in the hull)": base,
         f"early stop (eps {eps:g})": dataclasses.replace(base, early_stop_eps=eps),
     }
-    trained, done = RadianceField(config.train.field), 0
-    for until in sorted({max(1, warmup // 4), max(1, warmup)}):  # early in training, and fitted
-        warm = dataclasses.replace(config.train, checkpoint_every=0, steps=until - done)
-        fit(warm, trained)  # continued from the last state (its learning rate restarts)
-        done = until
+    # One fit of `warmup` steps at the defaults, its field copied at 1/4 of them (little is opaque yet)
+    snapshots: dict[int, RadianceField] = {}
+    model = RadianceField(config.train.field)
+    early = max(1, warmup // 4)
+
+    def keep(step: int, record: dict) -> None:
+        if step == early:
+            snapshots[step] = copy.deepcopy(model)
+
+    fit_field(
+        frames.images,
+        frames.orbit.c2w(),
+        frames.orbit.fov_deg,
+        dataclasses.replace(config.train, checkpoint_every=0, steps=max(1, warmup)),
+        device,
+        occupancy=occupancy,
+        model=model,
+        progress=keep,
+    )
+    snapshots[max(1, warmup)] = model
+    for until, trained in sorted(snapshots.items()):
         first = None
         for name, train in variants.items():
-            model = copy.deepcopy(trained)
-            seconds = fit(dataclasses.replace(train, steps=steps, lr=train.lr * train.lr_final_factor), model)
+            seconds = fit(
+                dataclasses.replace(train, steps=steps, lr=train.lr * train.lr_final_factor),
+                copy.deepcopy(trained),
+            )
             first = first or seconds
             print(
                 f"train step after {until} steps (checker), {name}: {seconds:.3f} s  ({first / seconds:.2f}x)"

@@ -161,7 +161,9 @@ def test_early_stop_is_used_while_it_hides_enough(orbit: Path, tmp_path: Path, m
         return real(*args, **kwargs)
 
     monkeypatch.setattr(nerf.train, "render_rays", recording)
-    thin = dataclasses.replace(TOY, steps=51, checkpoint_every=0, field=FieldConfig(hidden_dim=16))
+    thin = dataclasses.replace(
+        TOY, steps=51, checkpoint_every=0, early_stop_eps=1e-4, field=FieldConfig(hidden_dim=16)
+    )
     fit_field(images, c2w, fov, thin)  # sigma ~ 0.4 at the start: nothing is hidden, the pass is dropped
     assert used[0] == 1e-4 and set(used[1:50]) == {0.0} and used[50] == 1e-4
     used.clear()
