@@ -278,7 +278,8 @@ def fit_field(
     started = time.perf_counter()
     n_rays = rays_o.shape[0]
     for step in range(start_step, config.steps):
-        if step % _EARLY_STOP_CHECK_EVERY == 0:
+        check_stop = step % _EARLY_STOP_CHECK_EVERY == 0
+        if check_stop:
             stop_pays = True  # measure again: try it this step
         pick = torch.randint(0, n_rays, (config.batch_rays,), device=device)
         if estimator is not None:
@@ -295,7 +296,7 @@ def fit_field(
             occupancy=occupancy,
             early_stop_eps=config.early_stop_eps if stop_pays else 0.0,
         )
-        if step % _EARLY_STOP_CHECK_EVERY == 0 and "hidden" in out:
+        if check_stop and "hidden" in out:
             stop_pays = float(out["hidden"]) > _EARLY_STOP_MIN_HIDDEN
         loss_rgb = (out["rgb"] - rgb_t[pick]).pow(2).mean()
         loss_mask = (out["opacity"] - alpha_t[pick]).pow(2).mean()

@@ -130,7 +130,7 @@ def step_seconds(device: torch.device, warmup: int, steps: int) -> None:
     hull = carve_occupancy(frames.masks(), frames.orbit.cameras(), config.hull_resolution, 0.55)
     occupancy = OccupancyGrid(hull, 0.55, config.hull_dilate).to(device)
 
-    def fit(train: TrainConfig, model: RadianceField) -> float:
+    def fit(train: TrainConfig, model: RadianceField, progress=None) -> float:
         result = fit_field(
             frames.images,
             frames.orbit.c2w(),
@@ -139,11 +139,12 @@ def step_seconds(device: torch.device, warmup: int, steps: int) -> None:
             device,
             occupancy=occupancy,
             model=model,
+            progress=progress,
         )
         return result.seconds / train.steps
 
     base = dataclasses.replace(config.train, checkpoint_every=0, early_stop_eps=0.0)
-    eps = config.train.early_stop_eps or 1e-4
+    eps = 1e-4  # nerfacc's early-stop threshold (opt-in here: the default is 0)
     variants = {
         "baseline (every sample in the hull)": base,
         f"early stop (eps {eps:g})": dataclasses.replace(base, early_stop_eps=eps),
@@ -157,16 +158,7 @@ def step_seconds(device: torch.device, warmup: int, steps: int) -> None:
         if step == early:
             snapshots[step] = copy.deepcopy(model)
 
-    fit_field(
-        frames.images,
-        frames.orbit.c2w(),
-        frames.orbit.fov_deg,
-        dataclasses.replace(config.train, checkpoint_every=0, steps=max(1, warmup)),
-        device,
-        occupancy=occupancy,
-        model=model,
-        progress=keep,
-    )
+    fit(dataclasses.replace(config.train, checkpoint_every=0, steps=max(1, warmup)), model, keep)
     snapshots[max(1, warmup)] = model
     for until, trained in sorted(snapshots.items()):
         first = None
