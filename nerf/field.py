@@ -86,12 +86,14 @@ class RadianceField(nn.Module):
         h = config.hidden_dim
         # instant-ngp: one hidden layer; output 0 is log-density, 1..15 the geometry feature
         self.density_mlp = nn.Sequential(
-            nn.Linear(int(encoder.output_dim), h), nn.ReLU(), nn.Linear(h, 1 + config.geo_feat_dim)
+            nn.Linear(int(encoder.output_dim), h),
+            nn.ReLU(inplace=True),
+            nn.Linear(h, 1 + config.geo_feat_dim),
         )
         in_dim = config.geo_feat_dim + (3 if config.use_view_dirs else 0)
         layers: list[nn.Module] = []
         for _ in range(config.color_layers):
-            layers += [nn.Linear(in_dim, h), nn.ReLU()]
+            layers += [nn.Linear(in_dim, h), nn.ReLU(inplace=True)]
             in_dim = h
         layers.append(nn.Linear(in_dim, 3))
         self.color_mlp = nn.Sequential(*layers)
@@ -100,8 +102,11 @@ class RadianceField(nn.Module):
         if x.ndim != 2 or x.shape[-1] != 3:
             raise ValueError(f"{name} must be [N, 3], got shape {tuple(x.shape)}")
 
-    def _geometry(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """World points [N, 3] -> (sigma [N] >= 0, geometry feature [N, geo_feat_dim])."""
+    def geometry(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """World points [N, 3] -> (sigma [N] >= 0, geometry feature [N, geo_feat_dim]).
+
+        With `color`, the two halves of `forward`: a renderer can evaluate the colour MLP only at the
+        samples that its weights say are seen (`render.render_rays`' `color_eps`)."""
         self._check_points(x)
         b = float(self.config.bound)
         inside = (x.abs() <= b).all(dim=-1)  # [N]
@@ -113,18 +118,22 @@ class RadianceField(nn.Module):
 
     def density(self, x: Tensor) -> Tensor:
         """Density sigma [N] >= 0 (per unit world length) at world points x [N, 3]."""
-        return self._geometry(x)[0]
+        return self.geometry(x)[0]
 
     def forward(self, x: Tensor, d: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """World points x [N, 3], unit directions d [N, 3] -> (rgb [N, 3] in [0, 1], sigma [N] >= 0).
 
         `d` is only read when `config.use_view_dirs`; it may be None otherwise.
         """
-        sigma, feat = self._geometry(x)  # [N], [N, F]
+        sigma, feat = self.geometry(x)  # [N], [N, F]
+        return self.color(feat, d), sigma
+
+    def color(self, feat: Tensor, d: Tensor | None = None) -> Tensor:
+        """Geometry features [N, geo_feat_dim] (from `geometry`), unit directions d [N, 3] or None ->
+        rgb [N, 3] in [0, 1]. `d` is only read when `config.use_view_dirs`."""
         if self.config.use_view_dirs:
-            if d is None or d.shape != x.shape:
+            if d is None or d.shape != (feat.shape[0], 3):
                 got = None if d is None else tuple(d.shape)
-                raise ValueError(f"d must be [N, 3] like x {tuple(x.shape)} with use_view_dirs, got {got}")
+                raise ValueError(f"d must be [N, 3] with N = {feat.shape[0]} with use_view_dirs, got {got}")
             feat = torch.cat([feat, d], dim=-1)  # [N, F + 3]
-        rgb = torch.sigmoid(self.color_mlp(feat))  # [N, 3] in [0, 1]
-        return rgb, sigma
+        return torch.sigmoid(self.color_mlp(feat))  # [N, 3] in [0, 1]

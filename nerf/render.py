@@ -13,6 +13,10 @@ Two samplers:
 - `nerfacc.OccGridEstimator` (instant-ngp's occupancy grid, empty-space skipping), on a CUDA device with
   nerfacc's CUDA extension built: pass `estimator=` (see `make_estimator`, `estimator_available`), and keep
   it up to date with `update_estimator` during training. It returns packed samples.
+Both can compute the colour only where it is seen (`color_eps`): densities first, then the colour MLP with
+gradients where a sample's weight exceeds color_eps, without gradients where the sample is faint but
+visible (transmittance >= color_eps), and not at all where it is hidden; most samples of a fitted field
+are in thin air, inside a solid or behind a surface, and the colour MLP is most of the field's cost.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ def render_rays(
     estimator: nerfacc.OccGridEstimator | None = None,  # occupancy-grid sampling (CUDA only)
     occupancy: Callable[[Tensor], Tensor] | None = None,  # [N, 3] -> [N] bool; skip samples where False
     early_stop_eps: float = 0.0,  # uniform path: skip samples whose transmittance is below this (0: none)
+    color_eps: float = 0.0,  # colour only at samples whose weight exceeds this (0: at every sample)
 ) -> dict[str, Tensor]:
     """Render R rays through `field`. Differentiable in the field's outputs (not in near/far).
 
@@ -78,6 +83,12 @@ def render_rays(
       only where it is at least `early_stop_eps`: samples hidden behind a surface, whose weights are below
       it, are skipped (density 0 there), which changes the renders by less than that; `hidden` (0-dim)
       is the share of the occupied samples skipped so.
+      With `color_eps` > 0 and a field that offers `geometry` (x -> sigma, feature) and `color`
+      (feature, d -> rgb), as `field.RadianceField` does, the weights come from the densities first and
+      the colour MLP runs only where a weight exceeds `color_eps` (colour 0 elsewhere): each ray's colour
+      changes by at most the sum of its skipped weights (< S * color_eps), and on a trained field most
+      samples (inside a solid, behind a surface, in thin air) are skipped; `colored` (0-dim) is the share
+      of the evaluated samples whose colour was computed.
       With `estimator` the per-sample tensors are packed ([N], positions [N, 3]) and `ray_indices` [N]
       says which ray each belongs to.
     """
@@ -87,9 +98,21 @@ def render_rays(
         raise ValueError(f"n_samples must be a positive integer, got {n_samples}")
     near, far = near.reshape(-1), far.reshape(-1)  # [R]
     bg = _background(background, origins)
+    if not 0.0 <= color_eps < 1.0:
+        raise ValueError(f"color_eps must be in [0, 1), got {color_eps}")
+    split = color_eps > 0 and hasattr(field, "geometry") and hasattr(field, "color")
     if estimator is not None:
         return _render_estimator(
-            field, origins, directions, near, far, int(n_samples), bg, stratified, estimator
+            field,
+            origins,
+            directions,
+            near,
+            far,
+            int(n_samples),
+            bg,
+            stratified,
+            estimator,
+            color_eps if split else 0.0,
         )
 
     # 2. Intervals: S equal pieces of [near, far] per ray; empty (zero-length) where far <= near
@@ -107,17 +130,35 @@ def render_rays(
     positions = origins[:, None, :] + t_mid[..., None] * directions[:, None, :]  # [R, S, 3]
     dirs = directions[:, None, :].expand_as(positions)  # [R, S, 3]
     flat_pos, flat_dir = positions.reshape(-1, 3), dirs.reshape(-1, 3)  # [R*S, 3]
-    if occupancy is None and early_stop_eps <= 0:
-        rgbs, sigmas = field(flat_pos, flat_dir)  # [R*S, 3], [R*S]
+    idx = None  # [K] the samples evaluated (None: all)
+    if occupancy is not None or early_stop_eps > 0:
+        idx, hidden = _live_samples(field, flat_pos, flat_dir, t_ends - t_starts, occupancy, early_stop_eps)
+    pos_k = flat_pos if idx is None else flat_pos[idx]  # [K, 3]
+    dir_k = flat_dir if idx is None else flat_dir[idx]
+
+    def scatter(values: Tensor) -> Tensor:  # [K, ...] at the evaluated samples -> [R*S, ...], 0 elsewhere
+        if idx is None:
+            return values
+        return values.new_zeros((flat_pos.shape[0], *values.shape[1:])).index_put((idx,), values)
+
+    weights = None  # computed first only when the colour waits for them
+    if split:
+        sigma_k, feat_k = field.geometry(pos_k)  # [K], [K, F]
+        sigmas = scatter(sigma_k).reshape(n_rays, s)  # [R, S]
+        weights, trans = _weights(t_starts, t_ends, sigmas)  # [R, S] each
+        w_k, t_k = weights.detach().reshape(-1), trans.detach().reshape(-1)  # [R*S]
+        if idx is not None:
+            w_k, t_k = w_k[idx], t_k[idx]  # [K]
+        rgb_k, colored = _seen_colors(field, feat_k, dir_k, w_k, t_k, color_eps)
     else:
-        keep, hidden = _live_samples(field, flat_pos, flat_dir, t_ends - t_starts, occupancy, early_stop_eps)
-        rgb_k, sigma_k = field(flat_pos[keep], flat_dir[keep])  # [K, 3], [K]
-        rgbs = rgb_k.new_zeros(flat_pos.shape[0], 3).index_put((keep,), rgb_k)  # [R*S, 3]
-        sigmas = sigma_k.new_zeros(flat_pos.shape[0]).index_put((keep,), sigma_k)  # [R*S]
-    rgbs, sigmas = rgbs.reshape(n_rays, s, 3), sigmas.reshape(n_rays, s)  # [R, S, 3], [R, S]
+        rgb_k, sigma_k = field(pos_k, dir_k)  # [K, 3], [K]
+        sigmas = scatter(sigma_k).reshape(n_rays, s)  # [R, S]
+    rgbs = scatter(rgb_k).reshape(n_rays, s, 3)  # [R, S, 3]
 
     # 4. Weights and sums through nerfacc's batched path
-    out = _composite(t_starts, t_ends, t_mid, sigmas, rgbs, bg)
+    out = _composite(t_starts, t_ends, t_mid, sigmas, rgbs, bg, weights=weights)
+    if split:
+        out["colored"] = colored  # 0-dim: share of the evaluated samples whose colour was computed
     out["positions"] = positions
     if early_stop_eps > 0:
         out["hidden"] = hidden  # 0-dim: share of the occupied samples skipped as hidden
@@ -155,6 +196,46 @@ def _live_samples(
     return keep.nonzero(as_tuple=True)[0], positions.new_zeros(())
 
 
+def _weights(
+    t_starts: Tensor,  # [R, S] batched or [N] packed
+    t_ends: Tensor,
+    sigmas: Tensor,
+    ray_indices: Tensor | None = None,  # [N] for packed samples
+    n_rays: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Volume-rendering weights w_i = T_i alpha_i and transmittances T_i (nerfacc), each like sigmas."""
+    weights, trans, _ = nerfacc.render_weight_from_density(
+        t_starts, t_ends, sigmas, ray_indices=ray_indices, n_rays=n_rays
+    )
+    return weights, trans
+
+
+def _seen_colors(
+    field: FieldFn,  # with `color(feature, d) -> rgb`
+    feat: Tensor,  # [K, F] geometry features of the evaluated samples
+    dirs: Tensor,  # [K, 3] their ray directions
+    weights: Tensor,  # [K] their rendering weights (no gradient needed)
+    trans: Tensor,  # [K] their transmittances (no gradient needed)
+    color_eps: float,
+) -> tuple[Tensor, Tensor]:
+    """(rgb [K, 3], share of the K whose colour MLP ran with gradients, 0-dim).
+
+    Where a weight exceeds `color_eps`: the field's colour, with gradients. Elsewhere, where the sample is
+    still visible (T >= color_eps, e.g. free space in front of a surface): its colour without gradients:
+    the colour's own gradient there is weighted by less than color_eps, but the density's gradient needs
+    the true colour (growing density there would show it; with 0 in its place the density's gradient
+    would see black, and a checker texture learnt measurably slower). Hidden samples (T < color_eps):
+    0, they cannot show.
+    """
+    live = (weights > color_eps).nonzero(as_tuple=True)[0]  # [L]
+    faint = ((weights <= color_eps) & (trans >= color_eps)).nonzero(as_tuple=True)[0]  # [M]
+    rgb_l = field.color(feat[live], dirs[live])  # [L, 3]
+    with torch.no_grad():
+        rgb_f = field.color(feat[faint].detach(), dirs[faint])  # [M, 3]
+    rgb = rgb_l.new_zeros(feat.shape[0], 3).index_put((live,), rgb_l).index_put((faint,), rgb_f)  # [K, 3]
+    return rgb, torch.tensor(live.numel() / max(feat.shape[0], 1))
+
+
 def _composite(
     t_starts: Tensor,  # [R, S] batched or [N] packed
     t_ends: Tensor,
@@ -164,11 +245,11 @@ def _composite(
     bg: Tensor,  # [3]
     ray_indices: Tensor | None = None,  # [N] for packed samples
     n_rays: int | None = None,
+    weights: Tensor | None = None,  # like sigmas, from `_weights` when already computed
 ) -> dict[str, Tensor]:
     """Weights, colour over the background, opacity and depth through nerfacc (batched or packed)."""
-    weights, _, _ = nerfacc.render_weight_from_density(
-        t_starts, t_ends, sigmas, ray_indices=ray_indices, n_rays=n_rays
-    )
+    if weights is None:
+        weights = _weights(t_starts, t_ends, sigmas, ray_indices, n_rays)[0]
     rgb = nerfacc.accumulate_along_rays(weights, rgbs, ray_indices, n_rays)  # [R, 3]
     opacity = nerfacc.accumulate_along_rays(weights, None, ray_indices, n_rays)  # [R, 1]
     depth = nerfacc.accumulate_along_rays(weights, t_mid[..., None], ray_indices, n_rays)  # [R, 1]
@@ -194,6 +275,7 @@ def _render_estimator(
     bg: Tensor,  # [3]
     stratified: bool,
     estimator: nerfacc.OccGridEstimator,
+    color_eps: float = 0.0,  # > 0: the field has geometry/color; colour only where weights exceed it
 ) -> dict[str, Tensor]:
     """Occupancy-grid sampling (nerfacc CUDA kernels), then the packed weights/sums of nerfacc."""
     if origins.device.type != "cuda":
@@ -205,7 +287,8 @@ def _render_estimator(
     def sigma_fn(t_starts: Tensor, t_ends: Tensor, ray_indices: Tensor) -> Tensor:
         t = (t_starts + t_ends)[:, None] / 2.0  # [N, 1]
         x = origins[ray_indices] + t * directions[ray_indices]  # [N, 3]
-        return field(x, directions[ray_indices])[1]  # [N]
+        density = getattr(field, "density", None)  # density alone where the field offers it
+        return density(x) if density is not None else field(x, directions[ray_indices])[1]  # [N]
 
     ray_indices, t_starts, t_ends = estimator.sampling(
         origins,
@@ -218,9 +301,19 @@ def _render_estimator(
     )  # [N] each, sorted by ray
     t_mid = (t_starts + t_ends) / 2.0  # [N]
     positions = origins[ray_indices] + t_mid[:, None] * directions[ray_indices]  # [N, 3]
-    rgbs, sigmas = field(positions, directions[ray_indices])  # [N, 3], [N]
-    out = _composite(t_starts, t_ends, t_mid, sigmas, rgbs, bg, ray_indices, n_rays)
+    weights = None
+    if color_eps > 0:
+        sigmas, feat = field.geometry(positions)  # [N], [N, F]
+        weights, trans = _weights(t_starts, t_ends, sigmas, ray_indices, n_rays)  # [N] each
+        rgbs, colored = _seen_colors(
+            field, feat, directions[ray_indices], weights.detach(), trans.detach(), color_eps
+        )
+    else:
+        rgbs, sigmas = field(positions, directions[ray_indices])  # [N, 3], [N]
+    out = _composite(t_starts, t_ends, t_mid, sigmas, rgbs, bg, ray_indices, n_rays, weights)
     out.update(positions=positions, ray_indices=ray_indices)
+    if color_eps > 0:
+        out["colored"] = colored
     return out
 
 

@@ -198,6 +198,8 @@ def test_early_stop_eps_is_checked():
     for bad in (-1e-4, 1.0, float("nan")):
         with pytest.raises(ValueError, match="early_stop_eps"):
             TrainConfig(early_stop_eps=bad)
+        with pytest.raises(ValueError, match="color_eps"):
+            TrainConfig(color_eps=bad)
 
 
 def test_extraction_of_an_analytic_density():
