@@ -85,10 +85,12 @@ def render_rays(
       is the share of the occupied samples skipped so.
       With `color_eps` > 0 and a field that offers `geometry` (x -> sigma, feature) and `color`
       (feature, d -> rgb), as `field.RadianceField` does, the weights come from the densities first and
-      the colour MLP runs only where a weight exceeds `color_eps` (colour 0 elsewhere): each ray's colour
-      changes by at most the sum of its skipped weights (< S * color_eps), and on a trained field most
-      samples (inside a solid, behind a surface, in thin air) are skipped; `colored` (0-dim) is the share
-      of the evaluated samples whose colour was computed.
+      the colour MLP runs with gradients only where a weight exceeds `color_eps`, without gradients where
+      the sample is faint but visible (transmittance >= color_eps), and not where it is hidden (colour 0):
+      each ray's colour changes by less than color_eps (the hidden samples' weights sum to less than the
+      transmittance where they start), and on a fitted field most samples (inside a solid, behind a
+      surface, in thin air) need no colour gradient; `colored` (0-dim) is the share of the evaluated
+      samples whose colour was computed with gradients.
       With `estimator` the per-sample tensors are packed ([N], positions [N, 3]) and `ray_indices` [N]
       says which ray each belongs to.
     """
@@ -100,7 +102,11 @@ def render_rays(
     bg = _background(background, origins)
     if not 0.0 <= color_eps < 1.0:
         raise ValueError(f"color_eps must be in [0, 1), got {color_eps}")
-    split = color_eps > 0 and hasattr(field, "geometry") and hasattr(field, "color")
+    split = (
+        color_eps > 0
+        and callable(getattr(field, "geometry", None))
+        and callable(getattr(field, "color", None))
+    )
     if estimator is not None:
         return _render_estimator(
             field,
@@ -158,7 +164,7 @@ def render_rays(
     # 4. Weights and sums through nerfacc's batched path
     out = _composite(t_starts, t_ends, t_mid, sigmas, rgbs, bg, weights=weights)
     if split:
-        out["colored"] = colored  # 0-dim: share of the evaluated samples whose colour was computed
+        out["colored"] = colored  # 0-dim: share of the evaluated samples coloured with gradients
     out["positions"] = positions
     if early_stop_eps > 0:
         out["hidden"] = hidden  # 0-dim: share of the occupied samples skipped as hidden
@@ -224,8 +230,8 @@ def _seen_colors(
     still visible (T >= color_eps, e.g. free space in front of a surface): its colour without gradients:
     the colour's own gradient there is weighted by less than color_eps, but the density's gradient needs
     the true colour (growing density there would show it; with 0 in its place the density's gradient
-    would see black, and a checker texture learnt measurably slower). Hidden samples (T < color_eps):
-    0, they cannot show.
+    would see black). Hidden samples (T < color_eps): 0; they enter the render and the densities'
+    gradient only scaled by their transmittance, below color_eps.
     """
     live = (weights > color_eps).nonzero(as_tuple=True)[0]  # [L]
     faint = ((weights <= color_eps) & (trans >= color_eps)).nonzero(as_tuple=True)[0]  # [M]
@@ -233,7 +239,7 @@ def _seen_colors(
     with torch.no_grad():
         rgb_f = field.color(feat[faint].detach(), dirs[faint])  # [M, 3]
     rgb = rgb_l.new_zeros(feat.shape[0], 3).index_put((live,), rgb_l).index_put((faint,), rgb_f)  # [K, 3]
-    return rgb, torch.tensor(live.numel() / max(feat.shape[0], 1))
+    return rgb, feat.new_tensor(live.numel() / max(feat.shape[0], 1))
 
 
 def _composite(

@@ -82,7 +82,7 @@ class TrainConfig:
     sampler: str = "auto"  # "estimator" (nerfacc's occupancy grid, CUDA), "uniform"; auto: grid if it runs
     estimator_resolution: int = 128  # occupancy-grid cells per side (instant-ngp: 128)
     early_stop_eps: float = 0.0  # uniform sampler: skip samples hidden below this transmittance (module doc)
-    color_eps: float = 1e-5  # colour MLP only at samples whose weight exceeds this (module doc; 0: all)
+    color_eps: float = 1e-5  # colour gradients only where a sample's weight exceeds this (module doc; 0: all)
     volume_weight: float = 0.0  # occupied-volume prior (module doc): 0.01 opens cups, hollows closed objects
     volume_points: int = 8192  # random points a step where the prior is measured (those inside the hull)
     field: FieldConfig = field(default_factory=FieldConfig)
@@ -219,12 +219,14 @@ def fit_field(
     torch.manual_seed(config.seed)
 
     # 2. Rays of every pixel of the (resized) frames, with their targets
-    frames = _resize(images.float(), config.max_resolution)  # [V, S, S, 4]
+    # Over white first, then resized: averaging straight RGBA would weigh edge pixels' colour by alpha twice
+    alpha_full = images[..., 3:].float()  # [V, H, W, 1]
+    over_white = images[..., :3].float() * alpha_full + (1.0 - alpha_full)  # [V, H, W, 3]
+    frames = _resize(torch.cat([over_white, alpha_full], dim=-1), config.max_resolution)  # [V, S, S, 4]
     size = frames.shape[1]
     focal = size / (2.0 * math.tan(math.radians(fov_deg) / 2.0))
     origins, directions = generate_rays(c2w.float(), focal, size, size)  # [V, S, S, 3] each
-    alpha = frames[..., 3:]
-    target = frames[..., :3] * alpha + (1.0 - alpha)  # over white, as the renders
+    alpha, target = frames[..., 3:], frames[..., :3]  # coverage, and colour over white as the renders
     near, far = ray_sphere_bounds(origins, directions, config.field.bound)
     if occupancy is not None and hasattr(occupancy, "ray_bounds"):
         # Sample only where the rays cross the box of the occupied cells: the same samples, denser.

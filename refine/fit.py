@@ -139,9 +139,11 @@ def refine_surface(
     geometry = DMTetGeometry(config.tet).to(device)
     geometry.init_from_sdf(init_sdf)  # ValueError when empty or reaching the grid's boundary
     color = ColorField(config.color).to(device)
-    frames = _resize(images.float(), config.render_resolution).to(device)  # [V, S, S, 4]
-    target_alpha = frames[..., 3:]
-    target_rgb = frames[..., :3] * target_alpha + (1.0 - target_alpha)  # over white, as the renders
+    # Over white first, then resized: averaging straight RGBA would weigh edge pixels' colour by alpha twice
+    alpha_full = images[..., 3:].float()  # [V, H, W, 1]
+    over_white = images[..., :3].float() * alpha_full + (1.0 - alpha_full)  # [V, H, W, 3]
+    frames = _resize(torch.cat([over_white, alpha_full], dim=-1), config.render_resolution).to(device)
+    target_alpha, target_rgb = frames[..., 3:], frames[..., :3]  # [V, S, S, 1], [V, S, S, 3] over white
     cameras = cameras.to(device)
     optimizer = torch.optim.Adam(
         [

@@ -86,11 +86,12 @@ def time_to_psnr(device: torch.device, target_db: float, max_steps: int) -> tupl
     config.train.checkpoint_every = 0
     hull = carve_occupancy(frames.masks(), frames.orbit.cameras(), config.hull_resolution, 0.55)
     occupancy = OccupancyGrid(hull, 0.55, config.hull_dilate).to(device)
-    small = torch.nn.functional.interpolate(frames.images.permute(0, 3, 1, 2), size=(64, 64), mode="area")
-    small = small.permute(0, 2, 3, 1)
-    alpha = small[..., 3:]
-    target = small[..., :3] * alpha + (1 - alpha)
-    mask = alpha[..., 0] > 0.5
+    alpha = frames.images[..., 3:]  # over white first, then averaged down (as training does)
+    full = torch.cat([frames.images[..., :3] * alpha + (1 - alpha), alpha], dim=-1)  # [V, H, W, 4]
+    small = torch.nn.functional.interpolate(full.permute(0, 3, 1, 2), size=(64, 64), mode="area")
+    small = small.permute(0, 2, 3, 1)  # [V, 64, 64, 4]
+    target = small[..., :3]
+    mask = small[..., 3] > 0.5
     state = {"train": 0.0, "last": time.perf_counter(), "psnr": 0.0, "step": 0}
 
     def progress(step: int, record: dict) -> None:

@@ -45,7 +45,9 @@ HULL_RESOLUTION = 128
 ORBIT_RESOLUTION = 256  # the ground-truth frames, as `sv3d eval --mode oracle` renders them on CPU
 
 
-def held_out_psnr(object_dir: Path, nerf_dir: Path, orbit_dir: Path, config) -> dict[str, float]:
+def held_out_psnr(
+    object_dir: Path, nerf_dir: Path, orbit_dir: Path, config, device: torch.device
+) -> dict[str, float]:
     """Masked PSNR (dB) of the field's held-out renders against the filtered reference, per elevation."""
     from safetensors.torch import load_file
 
@@ -55,19 +57,19 @@ def held_out_psnr(object_dir: Path, nerf_dir: Path, orbit_dir: Path, config) -> 
         [e for e in HELD_OUT_ELEVATIONS for _ in range(n)], list(HELD_OUT_AZIMUTHS) * len(HELD_OUT_ELEVATIONS)
     )
     with torch.no_grad():
-        big = render_mesh(load_mesh(object_dir), orbit.cameras(), SUPERSAMPLE * size).rgba  # [V, 4s, 4s, 4]
-    ref = torch.nn.functional.interpolate(big.permute(0, 3, 1, 2), size=(size, size), mode="area")
-    ref = ref.permute(0, 2, 3, 1)  # [V, s, s, 4] premultiplied colour + coverage
-    alpha = ref[..., 3:]
-    target = ref[..., :3] + (1.0 - alpha)  # over white (premultiplied colour)
+        big = render_mesh(load_mesh(object_dir).to(device), orbit.cameras(), SUPERSAMPLE * size)
+    # Colour over white and coverage are averaged down separately (both are linear in the pixel's area)
+    full = torch.cat([big.image, big.alpha], dim=-1).permute(0, 3, 1, 2)  # [V, 4, 4s, 4s]
+    ref = torch.nn.functional.interpolate(full, size=(size, size), mode="area").permute(0, 2, 3, 1)
+    target, alpha = ref[..., :3].cpu(), ref[..., 3:].cpu()  # [V, s, s, 3] over white, [V, s, s, 1]
 
     field = RadianceField(config.train.field)
     field.load_state_dict(load_file(str(nerf_dir / "field.safetensors")))
-    field.eval()
+    field = field.to(device).eval()
     frames = read_orbit_directory(orbit_dir)
     bound = config.train.field.bound
     hull = carve_occupancy(frames.masks(), frames.orbit.cameras(), config.hull_resolution, bound)
-    occupancy = OccupancyGrid(hull, bound, config.hull_dilate)  # as in training and `fit-nerf`'s previews
+    occupancy = OccupancyGrid(hull, bound, config.hull_dilate).to(device)  # as in training and previews
     pred = render_views(
         field, orbit.c2w(), orbit.fov_deg, size, bound, config.train.n_samples, occupancy=occupancy
     )
@@ -110,7 +112,7 @@ def check_object(
         "chamfer": round(chamfer, 5),
         "hull_chamfer": round(hull_chamfer, 5),
         "ratio": round(chamfer / hull_chamfer, 3),
-        "held_out_psnr": held_out_psnr(object_dir, nerf_dir, orbit_dir, config),
+        "held_out_psnr": held_out_psnr(object_dir, nerf_dir, orbit_dir, config, device),
         "train_psnr": round(summary["history"][-1]["psnr"], 2),
     }
 

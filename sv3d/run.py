@@ -353,11 +353,13 @@ def consistency_score(
             occupancy=occupancy,
         )
     )  # [V, s, s, 3] over white
-    rgba = torch.nn.functional.interpolate(
-        frames.images.permute(0, 3, 1, 2).float(), size=(size, size), mode="area"
-    ).permute(0, 2, 3, 1)  # [V, H, W, 4] -> [V, s, s, 4]
-    target = rgba[..., :3] * rgba[..., 3:] + (1.0 - rgba[..., 3:])  # over white
-    mask = rgba[..., 3] > 0.5  # [V, s, s] object pixels
+    # Over white first, then averaged down (averaging straight RGBA would weigh edge colour by alpha twice)
+    alpha = frames.images[..., 3:].float()  # [V, H, W, 1]
+    full = torch.cat([frames.images[..., :3].float() * alpha + (1.0 - alpha), alpha], dim=-1)
+    small = torch.nn.functional.interpolate(full.permute(0, 3, 1, 2), size=(size, size), mode="area")
+    small = small.permute(0, 2, 3, 1)  # [V, s, s, 4]: colour over white, coverage
+    target = small[..., :3]
+    mask = small[..., 3] > 0.5  # [V, s, s] object pixels
     err = (renders - target).pow(2).mean(-1)  # [V, s, s]
     per_view = [_psnr(err[v][mask[v]]) for v in range(err.shape[0])]  # 21 views, not pixels
     return {
