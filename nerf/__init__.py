@@ -9,7 +9,7 @@ from .field import FieldConfig, RadianceField, trunc_exp
 from .occupancy import OccupancyGrid
 from .rays import generate_rays, ray_sphere_bounds
 from .render import render_rays
-from .train import TrainConfig, TrainResult, fit_field, psnr
+from .train import TrainConfig, TrainResult, fit_field, frames_over_white, psnr
 
 __all__ = [
     "ExtractConfig",
@@ -23,6 +23,7 @@ __all__ = [
     "density_grid",
     "extract_mesh",
     "fit_field",
+    "frames_over_white",
     "generate_rays",
     "hash_encode",
     "hash_encode_reference",

@@ -62,7 +62,7 @@ from .field import FieldConfig, RadianceField
 from .rays import generate_rays, ray_sphere_bounds
 from .render import estimator_available, make_estimator, render_rays, update_estimator
 
-__all__ = ["TrainConfig", "TrainResult", "fit_field", "psnr"]
+__all__ = ["TrainConfig", "TrainResult", "fit_field", "frames_over_white", "psnr"]
 
 
 @dataclass
@@ -125,13 +125,16 @@ def psnr(a: Tensor, b: Tensor, mask: Tensor | None = None) -> float:
     return float(-10.0 * torch.log10(err.mean().clamp(min=1e-12)))
 
 
-def _resize(images: Tensor, size: int) -> Tensor:
-    """[V, H, W, C] -> [V, size, size, C] by area averaging (downscaling only)."""
-    if images.shape[1] <= size:
-        return images
-    x = images.permute(0, 3, 1, 2)
-    x = torch.nn.functional.interpolate(x, size=(size, size), mode="area")
-    return x.permute(0, 2, 3, 1)
+def frames_over_white(images: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """Straight RGBA frames [V, H, W, 4] -> (colour over white [V, s, s, 3], coverage [V, s, s, 1]), area-
+    averaged down to s = min(size, H). Composited first, then averaged: averaging straight RGBA would
+    weigh an edge pixel's colour by its alpha twice (darker or brighter silhouettes than the renders')."""
+    alpha = images[..., 3:].float()  # [V, H, W, 1]
+    full = torch.cat([images[..., :3].float() * alpha + (1.0 - alpha), alpha], dim=-1)  # [V, H, W, 4]
+    if full.shape[1] > size:
+        x = torch.nn.functional.interpolate(full.permute(0, 3, 1, 2), size=(size, size), mode="area")
+        full = x.permute(0, 2, 3, 1)  # [V, s, s, 4]
+    return full[..., :3], full[..., 3:]
 
 
 def _distortion(
@@ -219,14 +222,10 @@ def fit_field(
     torch.manual_seed(config.seed)
 
     # 2. Rays of every pixel of the (resized) frames, with their targets
-    # Over white first, then resized: averaging straight RGBA would weigh edge pixels' colour by alpha twice
-    alpha_full = images[..., 3:].float()  # [V, H, W, 1]
-    over_white = images[..., :3].float() * alpha_full + (1.0 - alpha_full)  # [V, H, W, 3]
-    frames = _resize(torch.cat([over_white, alpha_full], dim=-1), config.max_resolution)  # [V, S, S, 4]
-    size = frames.shape[1]
+    target, alpha = frames_over_white(images, config.max_resolution)  # [V, S, S, 3], [V, S, S, 1]
+    size = target.shape[1]
     focal = size / (2.0 * math.tan(math.radians(fov_deg) / 2.0))
     origins, directions = generate_rays(c2w.float(), focal, size, size)  # [V, S, S, 3] each
-    alpha, target = frames[..., 3:], frames[..., :3]  # coverage, and colour over white as the renders
     near, far = ray_sphere_bounds(origins, directions, config.field.bound)
     if occupancy is not None and hasattr(occupancy, "ray_bounds"):
         # Sample only where the rays cross the box of the occupied cells: the same samples, denser.

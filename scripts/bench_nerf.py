@@ -36,7 +36,7 @@ from nerf import _hash_triton
 from nerf.encoding import HashGridConfig, HashGridEncoder, hash_encode_reference
 from nerf.field import FieldConfig, RadianceField
 from nerf.occupancy import OccupancyGrid
-from nerf.train import TrainConfig, fit_field
+from nerf.train import TrainConfig, fit_field, frames_over_white
 from sv3d.evaluation.visual_hull import carve_occupancy
 from sv3d.fit_nerf import default_fit_config, render_views
 from sv3d.render_orbit import RenderOrbitConfig, render_orbit_frames
@@ -86,12 +86,8 @@ def time_to_psnr(device: torch.device, target_db: float, max_steps: int) -> tupl
     config.train.checkpoint_every = 0
     hull = carve_occupancy(frames.masks(), frames.orbit.cameras(), config.hull_resolution, 0.55)
     occupancy = OccupancyGrid(hull, 0.55, config.hull_dilate).to(device)
-    alpha = frames.images[..., 3:]  # over white first, then averaged down (as training does)
-    full = torch.cat([frames.images[..., :3] * alpha + (1 - alpha), alpha], dim=-1)  # [V, H, W, 4]
-    small = torch.nn.functional.interpolate(full.permute(0, 3, 1, 2), size=(64, 64), mode="area")
-    small = small.permute(0, 2, 3, 1)  # [V, 64, 64, 4]
-    target = small[..., :3]
-    mask = small[..., 3] > 0.5
+    target, alpha = frames_over_white(frames.images, 64)  # as training averages them down
+    mask = alpha[..., 0] > 0.5
     state = {"train": 0.0, "last": time.perf_counter(), "psnr": 0.0, "step": 0}
 
     def progress(step: int, record: dict) -> None:

@@ -327,6 +327,7 @@ def consistency_score(
 
     from nerf.field import RadianceField
     from nerf.occupancy import OccupancyGrid
+    from nerf.train import frames_over_white
 
     from .evaluation.visual_hull import carve_occupancy
 
@@ -353,13 +354,8 @@ def consistency_score(
             occupancy=occupancy,
         )
     )  # [V, s, s, 3] over white
-    # Over white first, then averaged down (averaging straight RGBA would weigh edge colour by alpha twice)
-    alpha = frames.images[..., 3:].float()  # [V, H, W, 1]
-    full = torch.cat([frames.images[..., :3].float() * alpha + (1.0 - alpha), alpha], dim=-1)
-    small = torch.nn.functional.interpolate(full.permute(0, 3, 1, 2), size=(size, size), mode="area")
-    small = small.permute(0, 2, 3, 1)  # [V, s, s, 4]: colour over white, coverage
-    target = small[..., :3]
-    mask = small[..., 3] > 0.5  # [V, s, s] object pixels
+    target, alpha = frames_over_white(frames.images, size)  # [V, s, s, 3] over white, [V, s, s, 1]
+    mask = alpha[..., 0] > 0.5  # [V, s, s] object pixels
     err = (renders - target).pow(2).mean(-1)  # [V, s, s]
     per_view = [_psnr(err[v][mask[v]]) for v in range(err.shape[0])]  # 21 views, not pixels
     return {

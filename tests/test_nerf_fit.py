@@ -398,3 +398,20 @@ def test_sampler_choice_is_checked(orbit: Path):
         fit_field(*args, replace(TOY, sampler="estimator"), device="cpu")
     with pytest.raises(ValueError, match="sampler must be"):
         fit_field(*args, replace(TOY, sampler="grid"), device="cpu")
+
+
+def test_frames_over_white_composites_before_averaging_down():
+    """A 2x2 block with one opaque red pixel and three transparent ones whose (meaningless) colour is green
+    averages to coverage 1/4 and red over white: (1, 3/4, 3/4); averaging the straight RGBA first would
+    leak the green and darken the red."""
+    from nerf.train import frames_over_white
+
+    images = torch.zeros(1, 2, 2, 4)
+    images[..., 1] = 1.0  # green everywhere, transparent
+    images[0, 0, 0] = torch.tensor([1.0, 0.0, 0.0, 1.0])  # one opaque red pixel
+    rgb, alpha = frames_over_white(images, 1)
+    assert rgb.shape == (1, 1, 1, 3) and alpha.shape == (1, 1, 1, 1)
+    assert torch.allclose(alpha, torch.full_like(alpha, 0.25))
+    assert torch.allclose(rgb[0, 0, 0], torch.tensor([1.0, 0.75, 0.75]))
+    same, _ = frames_over_white(images, 4)  # no upsampling: the frames as they are, over white
+    assert torch.allclose(same[0, 0, 0], torch.tensor([1.0, 0.0, 0.0])) and same.shape == (1, 2, 2, 3)
