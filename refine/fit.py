@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from nerf.train import frames_over_white
+
 from .camera import Cameras, transform_points
 from .color_field import ColorField, ColorFieldConfig
 from .dmtet import DMTetConfig, DMTetGeometry, sdf_sign_regulariser
@@ -139,9 +141,8 @@ def refine_surface(
     geometry = DMTetGeometry(config.tet).to(device)
     geometry.init_from_sdf(init_sdf)  # ValueError when empty or reaching the grid's boundary
     color = ColorField(config.color).to(device)
-    # Over white first, then resized: averaging straight RGBA would weigh edge pixels' colour by alpha twice
-    alpha_full = images[..., 3:].float()  # [V, H, W, 1]
-    over_white = images[..., :3].float() * alpha_full + (1.0 - alpha_full)  # [V, H, W, 3]
+    # Over white first (nerf's helper, no resizing there), then resized: up or down to the render size
+    over_white, alpha_full = frames_over_white(images, images.shape[1])  # [V, H, W, 3], [V, H, W, 1]
     frames = _resize(torch.cat([over_white, alpha_full], dim=-1), config.render_resolution).to(device)
     target_alpha, target_rgb = frames[..., 3:], frames[..., :3]  # [V, S, S, 1], [V, S, S, 3] over white
     cameras = cameras.to(device)
