@@ -5,7 +5,6 @@ The density grid is also what the DMTet stage starts from (`density.npz`: grid, 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,14 +12,12 @@ import torch
 import trimesh
 from scipy import ndimage
 from skimage import measure
-from torch import Tensor
 
 __all__ = [
     "ExtractConfig",
     "density_grid",
     "extract_mesh",
     "fill_cavities",
-    "optical_depth_grid",
     "load_density",
     "save_density",
     "surface",
@@ -57,67 +54,6 @@ def density_grid(
         parts.append(sigma.float().cpu())
     sigma = torch.cat(parts)
     return sigma.reshape(resolution, resolution, resolution).numpy()
-
-
-@torch.no_grad()
-def optical_depth_grid(
-    density: np.ndarray,  # [R, R, R] densities at cell centres of [-bound, bound]^3, index order x, y, z
-    bound: float,
-    c2w: Tensor,  # [V, 4, 4] the training cameras (OpenGL convention)
-    fov_deg: float,  # their field of view (square frames)
-    pixels: int = 128,  # rays per side of each view's frustum volume
-    depth_samples: int = 256,  # samples along each ray over the bounding sphere of the cube
-) -> np.ndarray:
-    """[R, R, R] min over views of the optical depth tau(x) = int sigma from the camera to x.
-
-    A point is free space when some camera sees it through transmittance exp(-tau) > 1/2, and solid
-    when every camera's ray to it is already half absorbed; the surface tau = ln 2 is where the rendered
-    opacity reaches 1/2, the median-depth surface of the renders. Unlike a density iso-level it does not
-    depend on how soft or porous the learned shell is, and what no camera sees into is solid.
-    Each view integrates the density (trilinear) along its rays into a frustum volume
-    [depth, pixels, pixels] by cumulative sums, which is then sampled at the cell centres.
-    """
-    device = c2w.device
-    res = density.shape[0]
-    sigma = torch.as_tensor(density, dtype=torch.float32, device=device)
-    volume = sigma.permute(2, 1, 0)[None, None]  # [1, 1, z, y, x]: grid_sample's (D, H, W) order
-    centres = (torch.arange(res, dtype=torch.float32, device=device) + 0.5) / res * 2.0 - 1.0  # [R]
-    cells = torch.stack(torch.meshgrid(centres, centres, centres, indexing="ij"), -1).reshape(-1, 3) * bound
-    tan_half = math.tan(math.radians(fov_deg) / 2.0)
-    ndc = (torch.arange(pixels, dtype=torch.float32, device=device) + 0.5) / pixels * 2.0 - 1.0  # [P]
-    ny, nx = torch.meshgrid(ndc, ndc, indexing="ij")  # [P, P]: row = ndc y ascending
-    d_cam = torch.stack([nx * tan_half, ny * tan_half, -torch.ones_like(nx)], -1)  # [P, P, 3]
-    d_cam = d_cam / d_cam.norm(dim=-1, keepdim=True)
-    reach = bound * math.sqrt(3.0)  # radius of the cube's bounding sphere
-    tau_min = torch.full((cells.shape[0],), float("inf"), device=device)  # [R^3]
-    for view in c2w.float():
-        origin, rot = view[:3, 3], view[:3, :3]
-        dist = float(origin.norm())
-        t0, t1 = max(dist - reach, 0.0), dist + reach
-        ts = t0 + (torch.arange(depth_samples, dtype=torch.float32, device=device) + 0.5) * (
-            (t1 - t0) / depth_samples
-        )  # [D]
-        dirs = d_cam @ rot.T  # [P, P, 3] world
-        points = origin + ts[:, None, None, None] * dirs  # [D, P, P, 3]
-        coords = (points / bound)[None]  # [1, D, P, P, 3] in the cube's [-1, 1]^3, (x, y, z)
-        s = torch.nn.functional.grid_sample(volume, coords, align_corners=False, padding_mode="zeros")
-        tau = torch.cumsum(s[0, 0], 0) * ((t1 - t0) / depth_samples)  # [D, P, P] optical depth
-        # Cell centres -> (ndc x, ndc y, t) in this view's frustum volume.
-        local = (cells - origin) @ rot  # [R^3, 3] camera coordinates
-        depth = -local[:, 2].clamp(max=-1e-6)
-        u = local[:, 0] / depth / tan_half
-        v = local[:, 1] / depth / tan_half
-        t = (cells - origin).norm(dim=-1)
-        w = (t - t0) / (t1 - t0) * 2.0 - 1.0
-        grid = torch.stack([u, v, w], -1)[None, :, None, None]  # [1, R^3, 1, 1, 3]
-        at = torch.nn.functional.grid_sample(
-            tau[None, None], grid, align_corners=False, padding_mode="border"
-        )
-        at = at.reshape(-1)
-        seen = (u.abs() <= 1.0) & (v.abs() <= 1.0)  # the view says nothing outside its image
-        tau_min = torch.minimum(tau_min, torch.where(seen, at, torch.full_like(at, float("inf"))))
-    tau_min = torch.nan_to_num(tau_min, posinf=float(tau_min[tau_min.isfinite()].max()))
-    return tau_min.reshape(res, res, res).cpu().numpy()
 
 
 def fill_cavities(grid: np.ndarray, level: float, hole_radius: int = 2) -> np.ndarray:
