@@ -15,6 +15,13 @@ design, the 21 views lie on one orbit, and the refine stage bakes an unlit textu
 colour would let the field explain the diffusion model's inter-frame inconsistencies with colour that
 changes with direction instead of settling on one surface colour. `use_view_dirs=True` adds the unit
 direction to the colour MLP's input for users who fit real captures.
+
+MLP precision (`mlp_dtype`): "bfloat16" runs the two MLPs' matrix products under autocast (weights,
+Adam's state, the hash grid, densities and colours stay float32), as instant-ngp's fully fused MLPs run
+in half precision. The CPU defaults use it where the CPU multiplies bfloat16 in hardware
+(`cpu_has_fast_bfloat16`): on 2 cores with AVX512-BF16 a training step on a fitted checker sphere took
+0.18-0.19 s instead of 0.25-0.26 s (alternated in one process), and renders differ by at most 0.01
+(mean 0.0009). Elsewhere the products would be emulated, slower than float32, so float32 stays.
 """
 
 from __future__ import annotations
@@ -27,7 +34,24 @@ from torch import Tensor, nn
 
 from nerf.encoding import HashGridConfig, HashGridEncoder
 
-__all__ = ["FieldConfig", "RadianceField", "TruncExp", "trunc_exp"]
+__all__ = ["MLP_DTYPES", "FieldConfig", "RadianceField", "TruncExp", "cpu_has_fast_bfloat16", "trunc_exp"]
+
+MLP_DTYPES = ("float32", "bfloat16")
+
+
+def cpu_has_fast_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX; Linux /proc/cpuinfo).
+
+    Elsewhere oneDNN emulates bfloat16 products, which is slower than float32."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
 
 
 class TruncExp(torch.autograd.Function):
@@ -63,6 +87,7 @@ class FieldConfig:
     density_bias: float = -1.0  # added to the raw log-density: starts thin (sigma ~ exp(-1)), fewer floaters
     bound: float = 0.55  # half-width of the encoded cube = radius of the sampled sphere; objects fit in 0.5
     use_view_dirs: bool = False  # view-dependent colour; off because SV3D frames have baked lighting (above)
+    mlp_dtype: str = "float32"  # "bfloat16": the MLPs' matrix products in bfloat16 (autocast; module doc)
 
 
 class RadianceField(nn.Module):
@@ -79,6 +104,8 @@ class RadianceField(nn.Module):
                 raise ValueError(f"FieldConfig.{name} must be a positive integer, got {value}")
         if not float(config.bound) > 0:
             raise ValueError(f"FieldConfig.bound must be > 0, got {config.bound}")
+        if config.mlp_dtype not in MLP_DTYPES:
+            raise ValueError(f"FieldConfig.mlp_dtype must be one of {MLP_DTYPES}, got {config.mlp_dtype!r}")
         self.config = config
         if encoder is None:
             encoder = HashGridEncoder(config.encoder)
@@ -98,6 +125,10 @@ class RadianceField(nn.Module):
         layers.append(nn.Linear(in_dim, 3))
         self.color_mlp = nn.Sequential(*layers)
 
+    def _mlp_precision(self, device: torch.device):
+        """Autocast for the MLPs: bfloat16 matrix products when `mlp_dtype` says so (weights stay float32)."""
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.config.mlp_dtype == "bfloat16")
+
     def _check_points(self, x: Tensor, name: str = "x") -> None:
         if x.ndim != 2 or x.shape[-1] != 3:
             raise ValueError(f"{name} must be [N, 3], got shape {tuple(x.shape)}")
@@ -111,7 +142,10 @@ class RadianceField(nn.Module):
         b = float(self.config.bound)
         inside = (x.abs() <= b).all(dim=-1)  # [N]
         unit = ((x + b) / (2.0 * b)).clamp(0.0, 1.0)  # [N, 3] world cube -> [0, 1]^3
-        h = self.density_mlp(self.encoder(unit))  # [N, 1 + F]
+        encoded = self.encoder(unit)  # [N, encoder.output_dim] float32
+        with self._mlp_precision(x.device):
+            h = self.density_mlp(encoded)  # [N, 1 + F]
+        h = h.float()  # densities and weights in float32 whatever the MLP's precision
         sigma = trunc_exp(h[:, 0] + self.config.density_bias)  # [N]
         sigma = torch.where(inside, sigma, torch.zeros_like(sigma))  # no density outside the grid
         return sigma, h[:, 1:]
@@ -136,4 +170,6 @@ class RadianceField(nn.Module):
                 got = None if d is None else tuple(d.shape)
                 raise ValueError(f"d must be [N, 3] with N = {feat.shape[0]} with use_view_dirs, got {got}")
             feat = torch.cat([feat, d], dim=-1)  # [N, F + 3]
-        return torch.sigmoid(self.color_mlp(feat))  # [N, 3] in [0, 1]
+        with self._mlp_precision(feat.device):
+            logits = self.color_mlp(feat)  # [N, 3]
+        return torch.sigmoid(logits.float())  # [N, 3] in [0, 1]

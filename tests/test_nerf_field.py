@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from nerf.field import FieldConfig, RadianceField, trunc_exp
+from nerf.field import FieldConfig, RadianceField, cpu_has_fast_bfloat16, trunc_exp
 from nerf.rays import generate_rays, ray_sphere_bounds
 from nerf.render import estimator_available, make_estimator, render_rays
 
@@ -153,6 +153,35 @@ def test_real_hash_grid_field_renders_and_trains() -> None:
     grads = {name: p.grad for name, p in field.named_parameters()}
     assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
     assert any("encoder" in name and g.abs().sum() > 0 for name, g in grads.items())
+
+
+def test_bfloat16_mlps_match_float32_and_keep_float32_outputs_and_gradients() -> None:
+    # The same weights with the MLPs' products in bfloat16 (autocast) and in float32: outputs within
+    # bfloat16's resolution, float32 out, and gradients pointing the same way for every parameter.
+    torch.manual_seed(0)
+    field = RadianceField(FieldConfig())  # the real hash grid
+    x = (torch.rand(2048, 3) - 0.5) * 0.8
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        field.config.mlp_dtype = dtype
+        field.zero_grad()
+        rgb, sigma = field(x)
+        assert rgb.dtype == sigma.dtype == torch.float32
+        (rgb.square().sum() + sigma.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in field.named_parameters()}
+        results[dtype] = (rgb.detach(), sigma.detach(), grads)
+    (rgb32, sigma32, g32), (rgb16, sigma16, g16) = results["float32"], results["bfloat16"]
+    assert (rgb16 - rgb32).abs().max() < 0.01
+    assert ((sigma16 - sigma32).abs() / sigma32).max() < 0.03  # exp of a log-density off by ~2^-8 * |h|
+    for name, g in g32.items():
+        cos = torch.nn.functional.cosine_similarity(g.flatten(), g16[name].flatten(), dim=0)
+        assert cos > 0.99, (name, float(cos))
+
+
+def test_mlp_dtype_is_checked_and_the_cpu_probe_answers() -> None:
+    with pytest.raises(ValueError, match="mlp_dtype"):
+        RadianceField(FieldConfig(mlp_dtype="float16"))
+    assert isinstance(cpu_has_fast_bfloat16(), bool)
 
 
 # ---------------------------------------------------------------- rendering
