@@ -12,9 +12,11 @@
    of its hull), from field states trained for `--warmup` / 4 and `--warmup` steps (the CPU default: 1200,
    a fitted field) at the device's defaults. The baseline evaluates the whole field at every sample in the
    hull; against it, the colour MLP only where a sample's weight exceeds `color_eps` (the default, 1e-5),
-   and that plus early ray termination (`early_stop_eps` 1e-4, opt-in, which training uses only while it
-   hides > 30% of the samples: early in a fit little is opaque yet). The set-ups are timed in turn, twice
-   (A B C A B C), so that a drift of the machine's speed shows up as a difference between the rounds.
+   that with the MLPs' products in bfloat16 (`FieldConfig.mlp_dtype`, the CPU default where the CPU has
+   AVX512-BF16 or AMX; on CPUs without, the products are emulated and slower), and colour where seen plus
+   early ray termination (`early_stop_eps` 1e-4, opt-in, which training uses only while it hides > 30% of
+   the samples: early in a fit little is opaque yet). The set-ups are timed in turn, twice (A B C D A B C
+   D), so that a drift of the machine's speed shows up as a difference between the rounds.
 Usage: `.venv/bin/python scripts/bench_nerf.py [--device cpu] [--skip-fit] [--skip-steps]`. Figures depend
 on the machine's load: run it on a quiet machine and compare the ratios, not the absolute figures.
 """
@@ -146,10 +148,14 @@ def step_seconds(device: torch.device, warmup: int, steps: int) -> None:
     eps = 1e-4  # nerfacc's early-stop threshold (opt-in here: the default is 0)
     color_eps = TrainConfig().color_eps  # the default
     seen = dataclasses.replace(base, color_eps=color_eps)
-    variants = {
-        "baseline (whole field at every sample in the hull)": base,
-        f"colour where seen (color_eps {color_eps:g})": seen,
-        f"colour where seen + early stop (eps {eps:g})": dataclasses.replace(seen, early_stop_eps=eps),
+    variants = {  # name -> (training config, the MLPs' precision)
+        "baseline (whole field at every sample in the hull, float32)": (base, "float32"),
+        f"colour where seen (color_eps {color_eps:g})": (seen, "float32"),
+        "colour where seen + bfloat16 MLPs": (seen, "bfloat16"),
+        f"colour where seen + early stop (eps {eps:g})": (
+            dataclasses.replace(seen, early_stop_eps=eps),
+            "float32",
+        ),
     }
     # One fit of `warmup` steps at the defaults, its field copied at 1/4 of them (little is opaque yet)
     snapshots: dict[int, RadianceField] = {}
@@ -165,10 +171,11 @@ def step_seconds(device: torch.device, warmup: int, steps: int) -> None:
     for until, trained in sorted(snapshots.items()):
         for round_ in (1, 2):
             first = None
-            for name, train in variants.items():
+            for name, (train, mlp_dtype) in variants.items():
+                model = copy.deepcopy(trained)
+                model.config = dataclasses.replace(model.config, mlp_dtype=mlp_dtype)
                 seconds = fit(
-                    dataclasses.replace(train, steps=steps, lr=train.lr * train.lr_final_factor),
-                    copy.deepcopy(trained),
+                    dataclasses.replace(train, steps=steps, lr=train.lr * train.lr_final_factor), model
                 )
                 first = first or seconds
                 print(
