@@ -16,12 +16,15 @@ colour would let the field explain the diffusion model's inter-frame inconsisten
 changes with direction instead of settling on one surface colour. `use_view_dirs=True` adds the unit
 direction to the colour MLP's input for users who fit real captures.
 
-MLP precision (`mlp_dtype`): "bfloat16" runs the two MLPs' matrix products under autocast (weights,
-Adam's state, the hash grid, densities and colours stay float32), as instant-ngp's fully fused MLPs run
-in half precision. The CPU defaults use it where the CPU multiplies bfloat16 in hardware
-(`cpu_has_fast_bfloat16`): on 2 cores with AVX512-BF16 a training step on a fitted checker sphere took
-0.18-0.19 s instead of 0.25-0.26 s (alternated in one process), and renders differ by at most 0.01
-(mean 0.0009). Elsewhere the products would be emulated, slower than float32, so float32 stays.
+MLP precision (`mlp_dtype`): "bfloat16" runs the two MLPs' matrix products under autocast, as
+instant-ngp's fully fused MLPs run in half precision. Weights, Adam's state and the hash grid stay
+float32; the MLPs' outputs (log-density, features, colour logits) are rounded to bfloat16 and then cast
+to float32, so a density is off by up to ~|log-density| * 2^-8 relative (3% at 8), and the gradients
+reaching the hash grid pass through bfloat16. The CPU defaults use it where the CPU multiplies
+bfloat16 in hardware (`cpu_has_fast_bfloat16`): on 2 cores with AVX512-BF16 a training step on a fitted
+checker sphere took 0.18-0.19 s instead of 0.25-0.26 s (alternated in one process), and renders differ
+by at most 0.01 (mean 0.0009). Elsewhere the products would be emulated, slower than float32, so
+float32 stays.
 """
 
 from __future__ import annotations
@@ -88,6 +91,11 @@ class FieldConfig:
     bound: float = 0.55  # half-width of the encoded cube = radius of the sampled sphere; objects fit in 0.5
     use_view_dirs: bool = False  # view-dependent colour; off because SV3D frames have baked lighting (above)
     mlp_dtype: str = "float32"  # "bfloat16": the MLPs' matrix products in bfloat16 (autocast; module doc)
+
+    def __post_init__(self) -> None:
+        # Checked when the config is made (Hydra overrides too), before any stage runs.
+        if self.mlp_dtype not in MLP_DTYPES:
+            raise ValueError(f"FieldConfig.mlp_dtype must be one of {MLP_DTYPES}, got {self.mlp_dtype!r}")
 
 
 class RadianceField(nn.Module):

@@ -71,7 +71,8 @@ def default_fit_config(device: torch.device) -> FitNerfConfig:
     # blob 36.7). 4096 rays of 48 samples learn faster than 2048 of 96 at the same cost. 2**17 rows:
     # Adam's update of a 2**19-row table alone took ~0.15 s a step. ~3.3 minutes of training on the mug.
     # bfloat16 MLP products where the CPU has them in hardware (nerf.field: 1.35x a step on the checker;
-    # its whole fit 266 s against 330-390 s in float32, same Chamfer and held-out PSNR, one run each).
+    # its whole fit 257-266 s against 330-390 s in float32; Chamfer on the six test objects within
+    # single-run differences but for `internal`, 0.0156 -> 0.0171: README, Limitations).
     cpu = FitNerfConfig(train=TrainConfig(steps=1200, batch_rays=4096, n_samples=48))
     cpu.train.field.encoder = HashGridConfig(log2_hashmap_size=17, n_levels=12, finest_resolution=1024)
     cpu.train.field.mlp_dtype = "bfloat16" if cpu_has_fast_bfloat16() else "float32"

@@ -180,7 +180,11 @@ def test_bfloat16_mlps_match_float32_and_keep_float32_outputs_and_gradients() ->
 
 def test_mlp_dtype_is_checked_and_the_cpu_probe_answers() -> None:
     with pytest.raises(ValueError, match="mlp_dtype"):
-        RadianceField(FieldConfig(mlp_dtype="float16"))
+        FieldConfig(mlp_dtype="float16")  # refused when the config is made, before any stage runs
+    config = FieldConfig()
+    config.mlp_dtype = "float16"  # set after the fact: the field refuses it
+    with pytest.raises(ValueError, match="mlp_dtype"):
+        RadianceField(config)
     assert isinstance(cpu_has_fast_bfloat16(), bool)
 
 
