@@ -93,9 +93,12 @@ class FieldConfig:
     mlp_dtype: str = "float32"  # "bfloat16": the MLPs' matrix products in bfloat16 (autocast; module doc)
 
     def __post_init__(self) -> None:
-        # Checked when the config is made (Hydra overrides too), before any stage runs.
-        if self.mlp_dtype not in MLP_DTYPES:
-            raise ValueError(f"FieldConfig.mlp_dtype must be one of {MLP_DTYPES}, got {self.mlp_dtype!r}")
+        _check_mlp_dtype(self.mlp_dtype)  # when the config is made (Hydra overrides too), before any stage
+
+
+def _check_mlp_dtype(value: str) -> None:
+    if value not in MLP_DTYPES:
+        raise ValueError(f"FieldConfig.mlp_dtype must be one of {MLP_DTYPES}, got {value!r}")
 
 
 class RadianceField(nn.Module):
@@ -112,8 +115,7 @@ class RadianceField(nn.Module):
                 raise ValueError(f"FieldConfig.{name} must be a positive integer, got {value}")
         if not float(config.bound) > 0:
             raise ValueError(f"FieldConfig.bound must be > 0, got {config.bound}")
-        if config.mlp_dtype not in MLP_DTYPES:
-            raise ValueError(f"FieldConfig.mlp_dtype must be one of {MLP_DTYPES}, got {config.mlp_dtype!r}")
+        _check_mlp_dtype(config.mlp_dtype)  # also when it was set after the config was made
         self.config = config
         if encoder is None:
             encoder = HashGridEncoder(config.encoder)
@@ -153,7 +155,7 @@ class RadianceField(nn.Module):
         encoded = self.encoder(unit)  # [N, encoder.output_dim] float32
         with self._mlp_precision(x.device):
             h = self.density_mlp(encoded)  # [N, 1 + F]
-        h = h.float()  # densities and weights in float32 whatever the MLP's precision
+        h = h.float()  # float32 from here on (its values rounded to bfloat16 under mlp_dtype "bfloat16")
         sigma = trunc_exp(h[:, 0] + self.config.density_bias)  # [N]
         sigma = torch.where(inside, sigma, torch.zeros_like(sigma))  # no density outside the grid
         return sigma, h[:, 1:]
