@@ -20,11 +20,12 @@ MLP precision (`mlp_dtype`): "bfloat16" runs the two MLPs' matrix products under
 instant-ngp's fully fused MLPs run in half precision. Weights, Adam's state and the hash grid stay
 float32; the MLPs' outputs (log-density, features, colour logits) are rounded to bfloat16 and then cast
 to float32, so a density is off by up to ~|log-density| * 2^-8 relative (3% at 8), and the gradients
-reaching the hash grid pass through bfloat16. The CPU defaults use it where the CPU multiplies
-bfloat16 in hardware (`cpu_has_fast_bfloat16`): on 2 cores with AVX512-BF16 a training step on a fitted
-checker sphere took 0.18-0.19 s instead of 0.25-0.26 s (alternated in one process), and renders differ
-by at most 0.01 (mean 0.0009). Elsewhere the products would be emulated, slower than float32, so
-float32 stays.
+reaching the hash grid pass through bfloat16. Opt-in: on 2 cores with AVX512-BF16 a training step on
+a fitted checker sphere took 0.18-0.19 s instead of 0.25-0.26 s (alternated in one process), renders
+differ by at most 0.01 (mean 0.0009), and the checker's whole fit took 257 s instead of 330 s; but one
+of ten bfloat16 fits of the test objects collapsed (`internal`, seed 1: its colours stuck by step 100,
+training PSNR 6 dB, where float32 reached 33 dB), so the defaults stay float32. On CPUs without
+AVX512-BF16 or AMX the products are emulated, slower than float32.
 """
 
 from __future__ import annotations
@@ -37,24 +38,9 @@ from torch import Tensor, nn
 
 from nerf.encoding import HashGridConfig, HashGridEncoder
 
-__all__ = ["MLP_DTYPES", "FieldConfig", "RadianceField", "TruncExp", "cpu_has_fast_bfloat16", "trunc_exp"]
+__all__ = ["MLP_DTYPES", "FieldConfig", "RadianceField", "TruncExp", "trunc_exp"]
 
 MLP_DTYPES = ("float32", "bfloat16")
-
-
-def cpu_has_fast_bfloat16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX; Linux /proc/cpuinfo).
-
-    Elsewhere oneDNN emulates bfloat16 products, which is slower than float32."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
-            for line in info:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
 
 
 class TruncExp(torch.autograd.Function):

@@ -12,8 +12,8 @@
    of its hull), from field states trained for `--warmup` / 4 and `--warmup` steps (the CPU default: 1200,
    a fitted field) at the device's defaults. The baseline evaluates the whole field at every sample in the
    hull; against it, the colour MLP only where a sample's weight exceeds `color_eps` (the default, 1e-5),
-   that with the MLPs' products in bfloat16 (`FieldConfig.mlp_dtype`, the CPU default where the CPU has
-   AVX512-BF16 or AMX; on CPUs without, the products are emulated and slower), and colour where seen plus
+   that with the MLPs' products in bfloat16 (`FieldConfig.mlp_dtype`, opt-in; on CPUs without AVX512-BF16
+   or AMX the products are emulated and slower), and colour where seen plus
    early ray termination (`early_stop_eps` 1e-4, opt-in, which training uses only while it hides > 30% of
    the samples: early in a fit little is opaque yet). The set-ups are timed in turn, twice (A B C D A B C
    D), so that a drift of the machine's speed shows up as a difference between the rounds.

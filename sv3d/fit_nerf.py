@@ -21,7 +21,6 @@ import trimesh
 
 from nerf.encoding import HashGridConfig
 from nerf.extract import ExtractConfig, density_grid, extract_mesh, save_density, surface
-from nerf.field import cpu_has_fast_bfloat16
 from nerf.occupancy import OccupancyGrid
 from nerf.rays import generate_rays, ray_sphere_bounds
 from nerf.render import render_rays
@@ -70,12 +69,10 @@ def default_fit_config(device: torch.device) -> FitNerfConfig:
     # (27 dB) but blur the blob's shading (27.7 dB against 35); 12 levels up to 1024 give both (mug 27.3,
     # blob 36.7). 4096 rays of 48 samples learn faster than 2048 of 96 at the same cost. 2**17 rows:
     # Adam's update of a 2**19-row table alone took ~0.15 s a step. ~3.3 minutes of training on the mug.
-    # bfloat16 MLP products where the CPU has them in hardware (nerf.field: 1.35x a step on the checker;
-    # its whole fit 257-266 s against 330-390 s in float32; Chamfer on the six test objects within
-    # single-run differences but for `internal`, 0.0156 -> 0.0171: README, Limitations).
+    # float32 MLPs: bfloat16 (nerf.field's mlp_dtype) was 1.35x faster a step, but one fit in ten
+    # collapsed in it (README, Limitations), so it is opt-in.
     cpu = FitNerfConfig(train=TrainConfig(steps=1200, batch_rays=4096, n_samples=48))
     cpu.train.field.encoder = HashGridConfig(log2_hashmap_size=17, n_levels=12, finest_resolution=1024)
-    cpu.train.field.mlp_dtype = "bfloat16" if cpu_has_fast_bfloat16() else "float32"
     return cpu
 
 
