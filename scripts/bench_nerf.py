@@ -13,9 +13,9 @@
    a fitted field) at the device's defaults. The baseline evaluates the whole field at every sample in the
    hull; against it, the colour MLP only where a sample's weight exceeds `color_eps` (the default, 1e-5),
    that with the MLPs' products in bfloat16 (`FieldConfig.mlp_dtype`, opt-in; on CPUs without AVX512-BF16
-   or AMX the products are emulated and slower), and colour where seen plus
-   early ray termination (`early_stop_eps` 1e-4, opt-in, which training uses only while it hides > 30% of
-   the samples: early in a fit little is opaque yet). The set-ups are timed in turn, twice (A B C D A B C
+   or AMX the products are emulated and slower), and colour where seen plus early ray termination
+   (`early_stop_eps` 1e-4, opt-in, which training uses only while it hides > 30% of the samples: early in
+   a fit little is opaque yet). The set-ups are timed in turn, twice (A B C D A B C
    D), so that a drift of the machine's speed shows up as a difference between the rounds.
 Usage: `.venv/bin/python scripts/bench_nerf.py [--device cpu] [--skip-fit] [--skip-steps]`. Figures depend
 on the machine's load: run it on a quiet machine and compare the ratios, not the absolute figures.
