@@ -20,12 +20,15 @@ MLP precision (`mlp_dtype`): "bfloat16" runs the two MLPs' matrix products under
 instant-ngp's fully fused MLPs run in half precision. Weights, Adam's state and the hash grid stay
 float32; the MLPs' outputs (log-density, features, colour logits) are rounded to bfloat16 and then cast
 to float32, so a density is off by up to ~|log-density| * 2^-8 relative (3% at 8), and the gradients
-reaching the hash grid pass through bfloat16. Opt-in: on 2 cores with AVX512-BF16 a training step on
-a fitted checker sphere took 0.18-0.19 s instead of 0.25-0.26 s (alternated in one process), renders
-differ by at most 0.01 (mean 0.0009), and the checker's whole fit took 257 s instead of 330 s; but one
-of ten bfloat16 fits of the test objects collapsed (`internal`, seed 1: its colours stuck by step 100,
-training PSNR 6 dB, where float32 reached 33 dB), so the defaults stay float32. On CPUs without
-AVX512-BF16 or AMX the products are emulated, slower than float32.
+reaching the hash grid pass through bfloat16. Opt-in. On 2 cores with AVX512-BF16 a training step on a
+fitted checker sphere took 0.18-0.19 s instead of 0.25-0.26 s (alternated in one process, 2026-11-29) and
+renders differ by at most 0.01 (mean 0.0009); but whole oracle fits at the CPU defaults (2026-12-05, one
+run each, colour learning rate 0.1 of lr) were not faster: 176 / 177 / 156 / 254 / 178 / 236 s against
+float32's 179 / 173 / 132 / 268 / 155 / 208 s (bowl, mug, plate, checker, blob, internal), at the same
+Chamfer within 0.0006. One bfloat16 fit had collapsed (`internal`, seed 1: colours stuck, 6 dB) before
+the colour MLP got its own learning rate (nerf.train's module doc: the run-away happened in float32 too);
+with it the same fit reached 43 dB on its training views. On CPUs without AVX512-BF16 or AMX the products
+are emulated, slower than float32.
 """
 
 from __future__ import annotations

@@ -69,8 +69,8 @@ def default_fit_config(device: torch.device) -> FitNerfConfig:
     # (27 dB) but blur the blob's shading (27.7 dB against 35); 12 levels up to 1024 give both (mug 27.3,
     # blob 36.7). 4096 rays of 48 samples learn faster than 2048 of 96 at the same cost. 2**17 rows:
     # Adam's update of a 2**19-row table alone took ~0.15 s a step. ~3.3 minutes of training on the mug.
-    # float32 MLPs: bfloat16 (nerf.field's mlp_dtype) was 1.35x faster a step, but one fit in ten
-    # collapsed in it (README, Limitations), so it is opt-in.
+    # float32 MLPs: bfloat16 (nerf.field's mlp_dtype) was 1.35x faster a step, but whole fits were not
+    # faster (nerf.field's module doc), so it is opt-in.
     cpu = FitNerfConfig(train=TrainConfig(steps=1200, batch_rays=4096, n_samples=48))
     cpu.train.field.encoder = HashGridConfig(log2_hashmap_size=17, n_levels=12, finest_resolution=1024)
     return cpu
