@@ -106,7 +106,17 @@ def test_volume_prior_empties_what_no_view_needs(orbit: Path):
     inside = (torch.rand(4096, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1) * 0.12  # [P, 3]
     measured = {}
     for weight in (0.0, 1.0):
-        config = dataclasses.replace(TOY, steps=40, checkpoint_every=0, volume_weight=weight)
+        # The start measures off (colour at lr, no mask-only steps): with them, 40 toy steps at this strong
+        # weight left the prior's fit behind (rgb MSE 0.124 vs 0.054; 0.021 vs 0.015 at 80 steps). The
+        # prior at the real defaults is measured in the README (before those measures: not re-measured).
+        config = dataclasses.replace(
+            TOY,
+            steps=40,
+            checkpoint_every=0,
+            volume_weight=weight,
+            color_lr_scale=1.0,
+            silhouette_fraction=0.0,
+        )
         result = fit_field(images, c2w, fov, config, occupancy=hull)
         with torch.no_grad():
             interior = float(torch.log1p(result.field.density(inside)).mean())
