@@ -352,10 +352,9 @@ def fit_field(
             stop_pays = float(out["hidden"]) > _EARLY_STOP_MIN_HIDDEN
         loss_rgb = (out["rgb"] - rgb_t[pick]).pow(2).mean()
         loss_mask = (out["opacity"] - alpha_t[pick]).pow(2).mean()
-        if step < silhouette_steps:  # the silhouettes first: no colour gradient yet
-            loss = config.mask_weight * loss_mask
-        else:
-            loss = loss_rgb + config.mask_weight * loss_mask
+        loss = config.mask_weight * loss_mask
+        if step >= silhouette_steps:  # the silhouettes first: no colour gradient before
+            loss = loss + loss_rgb
         if config.distortion_weight > 0:
             distortion = _distortion(
                 out["weights"], out["t_mid"], out["t_delta"], out.get("ray_indices"), config.batch_rays
