@@ -69,6 +69,7 @@ def render_rays(
     occupancy: Callable[[Tensor], Tensor] | None = None,  # [N, 3] -> [N] bool; skip samples where False
     early_stop_eps: float = 0.0,  # uniform path: skip samples whose transmittance is below this (0: none)
     color_eps: float = 0.0,  # colour only at samples whose weight exceeds this (0: at every sample)
+    proposal_samples: int = 0,  # uniform path: > 0 places the samples by a first pass of this many (below)
 ) -> dict[str, Tensor]:
     """Render R rays through `field`. Differentiable in the field's outputs (not in near/far).
 
@@ -91,6 +92,10 @@ def render_rays(
       transmittance where they start), and on a fitted field most samples (inside a solid, behind a
       surface, in thin air) need no colour gradient; `colored` (0-dim) is the share of the evaluated
       samples whose colour was computed with gradients.
+      With `proposal_samples` P > 0 (uniform path), a first pass without gradients evaluates the density
+      at P uniform samples and the `n_samples` intervals are then drawn from its weights (inverse
+      transform; half of them from a uniform share over the occupied samples, so free space keeps
+      samples): the intervals are short where the surface is (`_proposal_edges`).
       With `estimator` the per-sample tensors are packed ([N], positions [N, 3]) and `ray_indices` [N]
       says which ray each belongs to.
     """
@@ -102,6 +107,12 @@ def render_rays(
     bg = _background(background, origins)
     if not 0.0 <= color_eps < 1.0:
         raise ValueError(f"color_eps must be in [0, 1), got {color_eps}")
+    if (
+        isinstance(proposal_samples, bool)
+        or int(proposal_samples) != proposal_samples
+        or proposal_samples < 0
+    ):
+        raise ValueError(f"proposal_samples must be an integer >= 0, got {proposal_samples}")
     split = (
         color_eps > 0
         and callable(getattr(field, "geometry", None))
@@ -121,11 +132,17 @@ def render_rays(
             color_eps if split else 0.0,
         )
 
-    # 2. Intervals: S equal pieces of [near, far] per ray; empty (zero-length) where far <= near
+    # 2. Intervals: S equal pieces of [near, far] per ray (or drawn from a first pass's weights); empty
+    # (zero-length) where far <= near
     n_rays, s = origins.shape[0], int(n_samples)
-    span = (far - near).clamp(min=0.0)  # [R]
-    edges = torch.linspace(0.0, 1.0, s + 1, dtype=origins.dtype, device=origins.device)  # [S + 1]
-    t_edges = near[:, None] + span[:, None] * edges  # [R, S + 1]
+    if proposal_samples > 0:
+        t_edges = _proposal_edges(
+            field, origins, directions, near, far, int(proposal_samples), s, stratified, generator, occupancy
+        )  # [R, S + 1]
+    else:
+        span = (far - near).clamp(min=0.0)  # [R]
+        edges = torch.linspace(0.0, 1.0, s + 1, dtype=origins.dtype, device=origins.device)  # [S + 1]
+        t_edges = near[:, None] + span[:, None] * edges  # [R, S + 1]
     t_starts, t_ends = t_edges[:, :-1], t_edges[:, 1:]  # [R, S] each
     u = torch.full_like(t_starts, 0.5)
     if stratified:
@@ -169,6 +186,71 @@ def render_rays(
     if early_stop_eps > 0:
         out["hidden"] = hidden  # 0-dim: share of the occupied samples skipped as hidden
     return out
+
+
+def _density_at(field: FieldFn, positions: Tensor, directions: Tensor) -> Tensor:
+    """[N] densities at [N, 3] points: the field's density alone where it offers it."""
+    density = getattr(field, "density", None)
+    if density is not None:
+        return density(positions)
+    return field(positions, directions)[1]
+
+
+@torch.no_grad()
+def _proposal_edges(
+    field: FieldFn,
+    origins: Tensor,  # [R, 3]
+    directions: Tensor,  # [R, 3]
+    near: Tensor,  # [R]
+    far: Tensor,  # [R]
+    n_proposal: int,  # P uniform samples of the first pass
+    n_samples: int,  # S intervals to draw
+    stratified: bool,
+    generator: torch.Generator | None,
+    occupancy: Callable[[Tensor], Tensor] | None,
+    uniform_share: float = 0.5,
+) -> Tensor:
+    """[R, S + 1] sorted interval edges from `near` to `far`, dense where a first pass puts the weight.
+
+    NeRF's hierarchical sampling with the field itself as the coarse model: the density (no gradients) at
+    the midpoints of P equal pieces gives volume-rendering weights w; the pdf over the pieces is
+    (1 - uniform_share) w / sum(w) + uniform_share / (occupied pieces), and the S + 1 edges are its
+    inverse CDF at equally spaced (stratified: jittered) quantiles, linear inside each piece. A ray
+    without weight or without occupied pieces gets the uniform share alone. With uniform pieces of
+    length L, the intervals around a surface are about L / (S (1 - uniform_share) / n_pieces_it_spans)
+    long: the quadrature resolves the surface where uniform samples would blur it over L.
+    """
+    n_rays, p = origins.shape[0], n_proposal
+    span = (far - near).clamp(min=0.0)  # [R]
+    base = torch.linspace(0.0, 1.0, p + 1, dtype=origins.dtype, device=origins.device)  # [P + 1]
+    coarse = near[:, None] + span[:, None] * base  # [R, P + 1]
+    mid = (coarse[:, :-1] + coarse[:, 1:]) / 2.0  # [R, P]
+    points = (origins[:, None, :] + mid[..., None] * directions[:, None, :]).reshape(-1, 3)  # [R*P, 3]
+    keep = occupancy(points) if occupancy is not None else torch.ones_like(points[:, 0], dtype=torch.bool)
+    idx = keep.nonzero(as_tuple=True)[0]  # [K]
+    sigma_k = _density_at(field, points[idx], directions.repeat_interleave(p, 0)[idx])
+    sigma = points.new_zeros(points.shape[0]).index_put((idx,), sigma_k.to(points.dtype)).reshape(n_rays, p)
+    weights = _weights(coarse[:, :-1], coarse[:, 1:], sigma)[0]  # [R, P]
+    occupied = keep.reshape(n_rays, p).to(weights.dtype)  # [R, P]
+    occupied = torch.where(occupied.sum(-1, keepdim=True) > 0, occupied, torch.ones_like(occupied))
+    uniform = occupied / occupied.sum(-1, keepdim=True)  # [R, P]
+    total = weights.sum(-1, keepdim=True)  # [R, 1]
+    seen = weights / total.clamp(min=1e-12)
+    pdf = uniform_share * uniform + (1.0 - uniform_share) * torch.where(total > 1e-4, seen, uniform)
+    cdf = torch.cat([pdf.new_zeros(n_rays, 1), torch.cumsum(pdf, -1)], -1)  # [R, P + 1]
+    cdf = cdf / cdf[:, -1:]  # exactly 1 at the end
+    u = torch.linspace(0.0, 1.0, n_samples + 1, dtype=pdf.dtype, device=pdf.device).expand(n_rays, -1)
+    if stratified and n_samples > 1:  # jitter the inner quantiles within +-half a step; the ends stay
+        jitter = torch.rand((n_rays, n_samples - 1), generator=generator, dtype=pdf.dtype, device="cpu")
+        inner = u[:, 1:-1] + (jitter.to(pdf.device) - 0.5) / n_samples
+        u = torch.cat([u[:, :1], inner, u[:, -1:]], -1)
+    piece = torch.searchsorted(cdf.contiguous(), u.contiguous(), right=True).clamp(1, p) - 1  # [R, S + 1]
+    c0, c1 = cdf.gather(1, piece), cdf.gather(1, piece + 1)
+    t0, t1 = coarse.gather(1, piece), coarse.gather(1, piece + 1)
+    frac = ((u - c0) / (c1 - c0).clamp(min=1e-12)).clamp(0.0, 1.0)
+    edges = t0 + frac * (t1 - t0)  # [R, S + 1], non-decreasing in u
+    edges[:, 0], edges[:, -1] = near, torch.maximum(far, near)
+    return edges
 
 
 def _live_samples(

@@ -71,7 +71,14 @@ def held_out_psnr(
     hull = carve_occupancy(frames.masks(), frames.orbit.cameras(), config.hull_resolution, bound)
     occupancy = OccupancyGrid(hull, bound, config.hull_dilate).to(device)  # as in training and previews
     pred = render_views(
-        field, orbit.c2w(), orbit.fov_deg, size, bound, config.train.n_samples, occupancy=occupancy
+        field,
+        orbit.c2w(),
+        orbit.fov_deg,
+        size,
+        bound,
+        config.train.n_samples,
+        occupancy=occupancy,
+        proposal_samples=config.train.proposal_samples,
     )
     pred = torch.from_numpy(pred)  # [V, s, s, 3] over white
     scores = {}

@@ -152,6 +152,7 @@ def render_views(
     n_samples: int,
     chunk: int = 1 << 14,
     occupancy=None,  # [N, 3] -> [N] bool, as in training
+    proposal_samples: int = 0,  # > 0: samples drawn from a first pass (render_rays), as in training
 ) -> np.ndarray:
     """[V, size, size, 3] renders of the field over white."""
     import math
@@ -176,6 +177,7 @@ def render_views(
             n_samples,
             stratified=False,
             occupancy=occupancy,
+            proposal_samples=proposal_samples,
         )["rgb"]
         out[sel] = rgb.float().cpu()
     return out.reshape(c2w.shape[0], size, size, 3).clamp(0, 1).numpy()
@@ -280,6 +282,7 @@ def fit_nerf(
         config.train.field.bound,
         config.train.n_samples,
         occupancy=occupancy,
+        proposal_samples=config.train.proposal_samples,
     )
     write_video(out / "preview.mp4", previews)  # atomic itself
     summary = {

@@ -352,6 +352,7 @@ def consistency_score(
             bound,
             fit_config.train.n_samples,
             occupancy=occupancy,
+            proposal_samples=fit_config.train.proposal_samples,
         )
     )  # [V, s, s, 3] over white
     target, alpha = frames_over_white(frames.images, size)  # [V, s, s, 3] over white, [V, s, s, 1]

@@ -515,3 +515,85 @@ def test_color_eps_composes_with_occupancy_and_early_stop_and_ignores_plain_fiel
     for bad in (-1e-4, 1.0):
         with pytest.raises(ValueError, match="color_eps"):
             render_rays(field, origins, directions, near, far, 64, color_eps=bad)
+
+
+class StripedBall(nn.Module):
+    """A crisp ball (sigma 500 inside radius 0.3) with colour stripes 0.08 wide on its surface."""
+
+    def forward(self, x: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+        return self.color_at(x), self.density(x)
+
+    def density(self, x: Tensor) -> Tensor:
+        r = x.norm(dim=-1)
+        return torch.where(r < 0.3, torch.full_like(r, 500.0), torch.zeros_like(r))
+
+    @staticmethod
+    def color_at(x: Tensor) -> Tensor:
+        return torch.stack(
+            [0.5 + 0.5 * torch.sin(40 * x[:, 0]), 0.5 + 0.5 * torch.cos(40 * x[:, 2]), 0.3 + 0 * x[:, 0]], -1
+        )
+
+
+def _rays_at_ball(n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    o = torch.tensor([0.0, -2.0, 0.0]).expand(n, 3).clone()
+    aim = torch.rand(n, 3, generator=gen) * 0.6 - 0.3
+    aim[:, 1] = 0.0
+    d = torch.nn.functional.normalize(aim - o, dim=-1)
+    return o, d, torch.full((n,), 1.3), torch.full((n,), 2.7)
+
+
+def test_proposal_samples_resolve_a_crisp_surface() -> None:
+    # Colour is taken where the samples land inside the ball: uniform samples 1.4/48 apart land up to 0.03
+    # behind the surface, across the stripes; drawn from a first pass they land next to it.
+    o, d, near, far = _rays_at_ball(2000)
+    reference = render_rays(StripedBall(), o, d, near, far, 4096)["rgb"]
+
+    def db(rgb: Tensor) -> float:
+        return -10.0 * math.log10(float((rgb - reference).pow(2).mean()))
+
+    uniform = render_rays(StripedBall(), o, d, near, far, 48)["rgb"]
+    drawn = render_rays(StripedBall(), o, d, near, far, 48, proposal_samples=48)["rgb"]
+    drawn_jittered = render_rays(StripedBall(), o, d, near, far, 48, proposal_samples=48, stratified=True)
+    twice = render_rays(StripedBall(), o, d, near, far, 96)["rgb"]
+    # Measured: uniform 38.6 dB, drawn 46.5, jittered 47.9, 96 uniform samples 45.5.
+    assert db(drawn) > db(uniform) + 6.0
+    assert db(drawn_jittered["rgb"]) > db(twice)
+
+
+def test_proposal_edges_span_each_ray_in_order() -> None:
+    from nerf.render import _proposal_edges
+
+    o, d, near, far = _rays_at_ball(64)
+    far = far.clone()
+    far[:8] = near[:8]  # empty rays render nothing
+    edges = _proposal_edges(
+        StripedBall(), o, d, near, far, 32, 24, True, torch.Generator().manual_seed(3), None
+    )
+    assert edges.shape == (64, 25)
+    assert (edges[:, 1:] >= edges[:, :-1]).all()
+    torch.testing.assert_close(edges[:, 0], near)
+    torch.testing.assert_close(edges[:, -1], far)
+    # Half of the 24 intervals (the weights' share) lie in the piece (1.4 / 32 long) whose midpoint is the
+    # first inside the ball: within two pieces of the surface.
+    along = -(o * d).sum(-1)  # [R] distance to the point nearest the ball's centre
+    offset = (o + along[:, None] * d).norm(dim=-1)  # [R] the ray's distance from the centre
+    hits = (offset < 0.28) & (far > near)
+    t_surface = along - torch.sqrt(0.09 - offset.pow(2).clamp(max=0.09))  # [R] entry into the ball
+    close = ((edges - t_surface[:, None]).abs() < 2 * 1.4 / 32).sum(-1)  # [R]
+    assert hits.sum() > 30 and (close[hits] >= 12).all()
+    out = render_rays(StripedBall(), o, d, near, far, 24, proposal_samples=32)
+    torch.testing.assert_close(out["opacity"][:8], torch.zeros(8, 1))
+
+
+def test_proposal_samples_are_checked_and_train_every_parameter() -> None:
+    field = _tiny_field()
+    o, d = _rays_down_z([0.0, 0.1, 0.2])
+    near, far = ray_sphere_bounds(o, d, field.config.bound)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="proposal_samples"):
+            render_rays(field, o, d, near, far, 8, proposal_samples=bad)
+    out = render_rays(field, o, d, near, far, 16, stratified=True, proposal_samples=16)
+    ((out["rgb"] - 0.5).pow(2).sum() + out["opacity"].sum()).backward()
+    for name, p in field.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -265,6 +266,46 @@ def test_silhouette_steps_fit_the_masks_before_the_colours(orbit: Path):
     for bad in (-0.1, 1.0, float("nan")):
         with pytest.raises(ValueError, match="silhouette_fraction"):
             TrainConfig(silhouette_fraction=bad)
+
+
+def test_proposal_sampling_learns_and_resumes_identically(orbit: Path, tmp_path: Path):
+    from sv3d.cameras import read_orbit_directory
+
+    frames = read_orbit_directory(orbit)
+    config = dataclasses.replace(TOY, n_samples=16, proposal_samples=16)
+    records: list[dict] = []
+    once = fit_field(
+        frames.images,
+        frames.orbit.c2w(),
+        frames.orbit.fov_deg,
+        config,
+        progress=lambda s, r: records.append(r),
+    )
+    first = np.mean([r["rgb_mse"] for r in records[:5]])
+    last = np.mean([r["rgb_mse"] for r in records[-5:]])
+    assert last < 0.7 * first, (first, last)
+
+    def interrupt(step: int, record: dict) -> None:
+        if step == 12:
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "ckpt.pt"
+    with pytest.raises(KeyboardInterrupt):
+        fit_field(
+            frames.images,
+            frames.orbit.c2w(),
+            frames.orbit.fov_deg,
+            config,
+            checkpoint_path=ckpt,
+            progress=interrupt,
+        )
+    resumed = fit_field(frames.images, frames.orbit.c2w(), frames.orbit.fov_deg, config, checkpoint_path=ckpt)
+    for (name, a), b in zip(
+        resumed.field.state_dict().items(), once.field.state_dict().values(), strict=True
+    ):
+        assert torch.allclose(a, b, atol=1e-5), name
+    with pytest.raises(ValueError, match="proposal_samples"):
+        TrainConfig(proposal_samples=-1)
 
 
 def test_early_stop_eps_is_checked():
