@@ -41,8 +41,8 @@ far behind it, which other views see elsewhere on the surface: edges across the 
 checker's meridians) blur, and the field cannot reproduce its own frames (checker: 24.1 dB on training
 view 0; the same field rendered with 192 samples 27.0 dB; trained with 96 samples 28.5 dB, in 492 s).
 Measured with 32 proposal + 32 samples against the defaults (48 uniform) on the oracle orbits, CPU
-defaults otherwise, one run each (CPU fits are deterministic: the bowl's default fit gave the same
-Chamfer and PSNR in two sessions):
+defaults otherwise, one run each (CPU fits are deterministic: all six default fits gave the same Chamfer
+and PSNR as in the session before):
 - training PSNR (last step) bowl 30.8 -> 38.3, mug 36.6 -> 41.6, plate 47.5 -> 49.4, checker
   23.9 -> 31.9, blob 44.7 -> 48.3, `internal` 42.9 -> 47.5 dB;
 - held-out PSNR at elevation 10 (`scripts/check_nerf_oracle.py`'s views) bowl 26.6 -> 28.3, mug
@@ -54,8 +54,12 @@ Chamfer and PSNR in two sessions):
 - wall time, the defaults measured again in the same session: bowl 155 -> 164, mug 164 -> 173, plate
   132 -> 156, checker 240 -> 221, blob 147 -> 182 (about 10 s of it shared with another job), `internal`
   233 -> 217 s; 1071 -> 1113 s in all (1.04x).
-Opt-in while the Chamfer of the ambiguous objects is worse and the simple ones slower: concentrated
-samples each carry weight, so the colour MLP runs with gradients at more of them (`color_eps`).
+With three quarters of the samples uniform (`_proposal_edges`' uniform_share, not a config key; three
+objects): bowl 0.0384 in 149 s, checker 0.0051 in 213 s (held-out 24.9 / 20.0 / 21.5 dB), `internal`
+0.0187 in 213 s, between the two. Opt-in while the Chamfer of the ambiguous objects is worse: at every
+iso-level from 5 to 30 (`internal` 0.0180 -> 0.0189 at 5, 0.0172 -> 0.0235 at 30), perhaps because the
+inside gets fewer samples and its shell ends thinner (not verified). Why the plate and blob got slower
+was not profiled.
 
 Colour where it is seen (`color_eps`, 1e-5 by default; `render.render_rays`): the densities come first;
 the colour MLP (two thirds of the MLPs' multiply-adds) then runs with gradients only where a sample's
