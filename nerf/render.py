@@ -228,7 +228,7 @@ def _proposal_edges(
     points = (origins[:, None, :] + mid[..., None] * directions[:, None, :]).reshape(-1, 3)  # [R*P, 3]
     keep = occupancy(points) if occupancy is not None else torch.ones_like(points[:, 0], dtype=torch.bool)
     idx = keep.nonzero(as_tuple=True)[0]  # [K]
-    sigma_k = _density_at(field, points[idx], directions.repeat_interleave(p, 0)[idx])
+    sigma_k = _density_at(field, points[idx], directions[idx // p])  # [K]: point i is on ray i // P
     sigma = points.new_zeros(points.shape[0]).index_put((idx,), sigma_k.to(points.dtype)).reshape(n_rays, p)
     weights = _weights(coarse[:, :-1], coarse[:, 1:], sigma)[0]  # [R, P]
     occupied = keep.reshape(n_rays, p).to(weights.dtype)  # [R, P]
@@ -269,11 +269,7 @@ def _live_samples(
     if early_stop_eps > 0:
         idx = keep.nonzero(as_tuple=True)[0]  # [K0]
         with torch.no_grad():
-            density = getattr(field, "density", None)  # density alone where the field offers it
-            if density is not None:
-                sigma_k = density(positions[idx])  # [K0]
-            else:
-                sigma_k = field(positions[idx], directions[idx])[1]
+            sigma_k = _density_at(field, positions[idx], directions[idx])  # [K0]
             sigma = positions.new_zeros(positions.shape[0]).index_put((idx,), sigma_k.to(positions.dtype))
             optical = sigma.reshape(t_delta.shape) * t_delta  # [R, S] sigma * delta
             before = torch.cumsum(optical, -1)[:, :-1]  # [R, S - 1]: no inf - inf where a density overflows
@@ -375,8 +371,7 @@ def _render_estimator(
     def sigma_fn(t_starts: Tensor, t_ends: Tensor, ray_indices: Tensor) -> Tensor:
         t = (t_starts + t_ends)[:, None] / 2.0  # [N, 1]
         x = origins[ray_indices] + t * directions[ray_indices]  # [N, 3]
-        density = getattr(field, "density", None)  # density alone where the field offers it
-        return density(x) if density is not None else field(x, directions[ray_indices])[1]  # [N]
+        return _density_at(field, x, directions[ray_indices])  # [N]
 
     ray_indices, t_starts, t_ends = estimator.sampling(
         origins,

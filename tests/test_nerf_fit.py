@@ -55,6 +55,26 @@ def test_packed_distortion_equals_the_batched_one_and_the_definition():
     torch.testing.assert_close(_distortion(w, m, d, rays, 4), (pairwise + (w**2 * d).sum() / 3) / 4)
 
 
+def _interrupted_at_12_then_resumed(frames, config: TrainConfig, ckpt: Path):
+    """A fit stopped by Ctrl-C at step 12 (its last checkpoint: step 10), then run again to the end."""
+
+    def interrupt(step: int, record: dict) -> None:
+        if step == 12:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit_field(
+            frames.images,
+            frames.orbit.c2w(),
+            frames.orbit.fov_deg,
+            config,
+            checkpoint_path=ckpt,
+            progress=interrupt,
+        )
+    assert torch.load(ckpt, weights_only=True)["step"] == 10
+    return fit_field(frames.images, frames.orbit.c2w(), frames.orbit.fov_deg, config, checkpoint_path=ckpt)
+
+
 def test_training_reduces_the_loss_and_resumes_identically(orbit: Path, tmp_path: Path):
     from sv3d.cameras import read_orbit_directory
 
@@ -73,21 +93,7 @@ def test_training_reduces_the_loss_and_resumes_identically(orbit: Path, tmp_path
     assert last < 0.7 * first, (first, last)  # measured 0.105 -> 0.055
 
     # Interrupted at step 12 (Ctrl-C; last checkpoint at step 10), then resumed: same weights as one run.
-    def interrupt(step: int, record: dict) -> None:
-        if step == 12:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        fit_field(
-            frames.images,
-            frames.orbit.c2w(),
-            frames.orbit.fov_deg,
-            TOY,
-            checkpoint_path=ckpt,
-            progress=interrupt,
-        )
-    assert torch.load(ckpt, weights_only=True)["step"] == 10
-    resumed = fit_field(frames.images, frames.orbit.c2w(), frames.orbit.fov_deg, TOY, checkpoint_path=ckpt)
+    resumed = _interrupted_at_12_then_resumed(frames, TOY, ckpt)
     for (name, a), b in zip(
         resumed.field.state_dict().items(), again.field.state_dict().values(), strict=True
     ):
@@ -285,21 +291,7 @@ def test_proposal_sampling_learns_and_resumes_identically(orbit: Path, tmp_path:
     last = np.mean([r["rgb_mse"] for r in records[-5:]])
     assert last < 0.7 * first, (first, last)
 
-    def interrupt(step: int, record: dict) -> None:
-        if step == 12:
-            raise KeyboardInterrupt
-
-    ckpt = tmp_path / "ckpt.pt"
-    with pytest.raises(KeyboardInterrupt):
-        fit_field(
-            frames.images,
-            frames.orbit.c2w(),
-            frames.orbit.fov_deg,
-            config,
-            checkpoint_path=ckpt,
-            progress=interrupt,
-        )
-    resumed = fit_field(frames.images, frames.orbit.c2w(), frames.orbit.fov_deg, config, checkpoint_path=ckpt)
+    resumed = _interrupted_at_12_then_resumed(frames, config, tmp_path / "ckpt.pt")
     for (name, a), b in zip(
         resumed.field.state_dict().items(), once.field.state_dict().values(), strict=True
     ):
