@@ -108,7 +108,6 @@ def test_training_reduces_the_loss_and_resumes_identically(orbit: Path, tmp_path
 
 def test_volume_prior_empties_what_no_view_needs(orbit: Path):
     """The occupied-volume prior lowers the density inside the blob (no ray reaches it) at the same fit."""
-    import dataclasses
 
     from nerf.occupancy import OccupancyGrid
     from sv3d.cameras import read_orbit_directory
@@ -169,7 +168,6 @@ def test_volume_prior_resumes_identically(orbit: Path, tmp_path: Path):
 def test_early_stop_is_used_while_it_hides_enough(orbit: Path, tmp_path: Path, monkeypatch):
     """Early stop's first pass is paid only while it hides > 30% of the samples (checked every 50 steps);
     a resumed fit makes the same choice as an uninterrupted one (the choice is checkpointed)."""
-    import dataclasses
 
     import nerf.train
     from nerf.field import FieldConfig
@@ -218,7 +216,6 @@ def test_early_stop_is_used_while_it_hides_enough(orbit: Path, tmp_path: Path, m
 def test_colour_mlp_learns_at_its_own_rate(orbit: Path, tmp_path: Path):
     """The colour MLP's Adam group runs at lr x color_lr_scale (0.1), the rest at lr, and its logits stay
     in the sigmoid's working range; a bad scale is refused."""
-    import dataclasses
 
     from nerf.field import RadianceField
     from sv3d.cameras import read_orbit_directory
@@ -247,7 +244,6 @@ def test_silhouette_steps_fit_the_masks_before_the_colours(orbit: Path):
     """During the first `silhouette_fraction` of the steps only the mask loss trains: the colour MLP keeps
     its initial weights while the density moves; after them the colour trains too."""
     import copy
-    import dataclasses
 
     from nerf.field import RadianceField
     from sv3d.cameras import read_orbit_directory
