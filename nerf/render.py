@@ -119,6 +119,8 @@ def render_rays(
         and callable(getattr(field, "color", None))
     )
     if estimator is not None:
+        if proposal_samples > 0:
+            raise ValueError("proposal_samples and estimator both place the samples: pass one of them")
         return _render_estimator(
             field,
             origins,

@@ -33,7 +33,8 @@ speed-up is not established on 2 CPU cores: whole CPU fits, one run each, went 4
 (`scripts/bench_nerf.py`, part 3) measured 0.91x and 0.92x, and the machine's own speed drifted by ~25% in
 that session.
 
-Proposal sampling (`proposal_samples`, opt-in; uniform path): the `n_samples` intervals are drawn from a
+Proposal sampling (`proposal_samples`, opt-in; uniform path, which `sampler="auto"` then takes on CUDA too,
+and which `sampler="estimator"` refuses): the `n_samples` intervals are drawn from a
 first pass without gradients at `proposal_samples` uniform samples (`render._proposal_edges`: half from its
 weights, half spread over the hull), so they are short where the surface is. With 48 uniform samples over
 the hull's box (about 0.02 apart, two pixels at 128 px) a surface's colour is taken from points up to that
@@ -128,7 +129,7 @@ class TrainConfig:
     sampler: str = "auto"  # "estimator" (nerfacc's occupancy grid, CUDA), "uniform"; auto: grid if it runs
     estimator_resolution: int = 128  # occupancy-grid cells per side (instant-ngp: 128)
     early_stop_eps: float = 0.0  # uniform sampler: skip samples hidden below this transmittance (module doc)
-    proposal_samples: int = 0  # uniform sampler: > 0 draws the samples from a first pass (module doc)
+    proposal_samples: int = 0  # > 0: samples drawn from a first pass (module doc; not with the estimator)
     color_eps: float = 1e-5  # colour gradients only where a sample's weight exceeds this (module doc; 0: all)
     volume_weight: float = 0.0  # occupied-volume prior (module doc): 0.01 opens cups, hollows closed objects
     volume_points: int = 8192  # random points a step where the prior is measured (those inside the hull)
@@ -153,6 +154,8 @@ def _check_train_config(config: TrainConfig) -> None:
         raise ValueError(f"volume_points must be >= 1, got {config.volume_points}")
     if config.proposal_samples < 0:
         raise ValueError(f"proposal_samples must be >= 0, got {config.proposal_samples}")
+    if config.sampler == "estimator" and config.proposal_samples > 0:
+        raise ValueError("proposal_samples needs sampler uniform or auto: the estimator places its samples")
     if not 0.0 <= config.early_stop_eps < 1.0:
         raise ValueError(f"early_stop_eps must be in [0, 1), got {config.early_stop_eps}")
     if not 0.0 <= config.silhouette_fraction < 1.0:
@@ -268,9 +271,11 @@ def fit_field(
         raise ValueError(f"sampler must be auto, estimator or uniform, got {config.sampler!r}")
     _check_train_config(config)  # fields may have been set after the config was made
     device = torch.device(device)
-    can_estimate = config.sampler != "uniform" and estimator_available(device)
-    use_estimator = config.sampler == "estimator" or (config.sampler == "auto" and can_estimate)
-    if use_estimator and not can_estimate:
+    # auto: the estimator where it runs, unless proposal sampling is asked for (both place the samples)
+    use_estimator = config.sampler == "estimator" or (
+        config.sampler == "auto" and config.proposal_samples == 0 and estimator_available(device)
+    )
+    if use_estimator and not estimator_available(device):
         raise ValueError(f"sampler 'estimator' needs CUDA and nerfacc's CUDA extension; device is {device}")
     torch.manual_seed(config.seed)
 

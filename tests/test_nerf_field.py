@@ -300,6 +300,17 @@ def test_render_inputs_are_checked() -> None:
         render_rays(
             ConstantField(1.0, (0, 0, 0)), o, d, near, far, 4, estimator=make_estimator(0.55, 8, "cpu")
         )
+    with pytest.raises(ValueError, match="pass one of them"):
+        render_rays(
+            ConstantField(1.0, (0, 0, 0)),
+            o,
+            d,
+            near,
+            far,
+            4,
+            estimator=make_estimator(0.55, 8, "cpu"),
+            proposal_samples=8,
+        )
 
 
 @pytest.mark.gpu
