@@ -97,7 +97,7 @@ def time_to_psnr(device: torch.device, target_db: float, max_steps: int) -> tupl
         if step % 25 == 0:
             rgb = torch.from_numpy(
                 render_views(
-                    model, frames.orbit.c2w(), frames.orbit.fov_deg, 64, 0.55, 96, occupancy=occupancy
+                    model, frames.orbit.c2w(), frames.orbit.fov_deg, 64, config.train, occupancy=occupancy
                 )
             )
             err = (rgb - target).pow(2).mean(-1)[mask].mean()

@@ -75,10 +75,8 @@ def held_out_psnr(
         orbit.c2w(),
         orbit.fov_deg,
         size,
-        bound,
-        config.train.n_samples,
+        config.train,
         occupancy=occupancy,
-        proposal_samples=config.train.proposal_samples,
     )
     pred = torch.from_numpy(pred)  # [V, s, s, 3] over white
     scores = {}

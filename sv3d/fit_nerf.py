@@ -145,21 +145,19 @@ def _atomic(path: Path, write) -> None:
 @torch.no_grad()
 def render_views(
     model,
-    c2w: torch.Tensor,
+    c2w: torch.Tensor,  # [V, 4, 4] camera-to-world
     fov_deg: float,
     size: int,
-    bound: float,
-    n_samples: int,
-    chunk: int = 1 << 14,
+    train: TrainConfig,  # the field's training config: renders sample as its training did (bound, sampling)
     occupancy=None,  # [N, 3] -> [N] bool, as in training
-    proposal_samples: int = 0,  # > 0: samples drawn from a first pass (render_rays), as in training
+    chunk: int = 1 << 14,
 ) -> np.ndarray:
     """[V, size, size, 3] renders of the field over white."""
     import math
 
     focal = size / (2.0 * math.tan(math.radians(fov_deg) / 2.0))
     origins, directions = generate_rays(c2w.float(), focal, size, size)
-    near, far = ray_sphere_bounds(origins, directions, bound)
+    near, far = ray_sphere_bounds(origins, directions, train.field.bound)
     o, d = origins.reshape(-1, 3), directions.reshape(-1, 3)
     n, f = near.reshape(-1), far.reshape(-1)
     hit = f > n
@@ -174,10 +172,10 @@ def render_views(
             d[sel].to(device),
             n[sel].to(device),
             f[sel].to(device),
-            n_samples,
+            train.n_samples,
             stratified=False,
             occupancy=occupancy,
-            proposal_samples=proposal_samples,
+            proposal_samples=train.proposal_samples,
         )["rgb"]
         out[sel] = rgb.float().cpu()
     return out.reshape(c2w.shape[0], size, size, 3).clamp(0, 1).numpy()
@@ -279,10 +277,8 @@ def fit_nerf(
         c2w,
         frames.orbit.fov_deg,
         config.preview_resolution,
-        config.train.field.bound,
-        config.train.n_samples,
+        config.train,
         occupancy=occupancy,
-        proposal_samples=config.train.proposal_samples,
     )
     write_video(out / "preview.mp4", previews)  # atomic itself
     summary = {

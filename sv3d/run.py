@@ -349,10 +349,8 @@ def consistency_score(
             frames.orbit.c2w(),
             frames.orbit.fov_deg,
             size,
-            bound,
-            fit_config.train.n_samples,
+            fit_config.train,
             occupancy=occupancy,
-            proposal_samples=fit_config.train.proposal_samples,
         )
     )  # [V, s, s, 3] over white
     target, alpha = frames_over_white(frames.images, size)  # [V, s, s, 3] over white, [V, s, s, 1]
