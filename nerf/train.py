@@ -60,7 +60,9 @@ objects): bowl 0.0384 in 149 s, checker 0.0051 in 213 s (held-out 24.9 / 20.0 / 
 0.0187 in 213 s, between the two. Opt-in while the Chamfer of the ambiguous objects is worse: at every
 iso-level from 5 to 30 (`internal` 0.0180 -> 0.0189 at 5, 0.0172 -> 0.0235 at 30), perhaps because the
 inside gets fewer samples and its shell ends thinner (not verified). Why the plate and blob got slower
-was not profiled.
+was not profiled. Through `sv3d eval` (576-pixel orbits, meshes after refinement) it changed little: mean
+final Chamfer 0.0172 against 0.0173, the `.glb` renders within 0.3 dB (the refinement fits the colours
+again).
 
 Colour where it is seen (`color_eps`, 1e-5 by default; `render.render_rays`): the densities come first;
 the colour MLP (two thirds of the MLPs' multiply-adds) then runs with gradients only where a sample's
@@ -87,7 +89,10 @@ is enclosed). Measured on the oracle orbits at the CPU defaults with weight 0.01
 `internal` 0.017 -> 0.036 (density slices: its plain top and bottom faces are emptied and the box's inner
 walls take their colour, the cup's ambiguity reversed; 0.035 also on the sine orbit, which sees both) and
 the checker sphere 0.0047 -> 0.0152 (a porous, noisy shell). Hence opt-in, for objects known to be open
-vessels; 0.001 barely changes the bowl (0.040).
+vessels; 0.001 barely changes the bowl (0.040). Those figures are from 2026-11-29; at the defaults of
+2026-12-05 (`sv3d eval` with the prior, NeRF mesh, without -> with): bowl 0.0358 -> 0.0068, mug
+0.0226 -> 0.0127, plate 0.0223 -> 0.0070, blob 0.0047 -> 0.0081, checker 0.0058 -> 0.0115, `internal`
+0.0176 -> 0.0316 (the README has the final meshes).
 """
 
 from __future__ import annotations
