@@ -276,12 +276,12 @@ def fit_field(
         raise ValueError(f"sampler must be auto, estimator or uniform, got {config.sampler!r}")
     _check_train_config(config)  # fields may have been set after the config was made
     device = torch.device(device)
+    if config.sampler == "estimator" and not estimator_available(device):
+        raise ValueError(f"sampler 'estimator' needs CUDA and nerfacc's CUDA extension; device is {device}")
     # auto: the estimator where it runs, unless proposal sampling is asked for (both place the samples)
     use_estimator = config.sampler == "estimator" or (
         config.sampler == "auto" and config.proposal_samples == 0 and estimator_available(device)
     )
-    if use_estimator and not estimator_available(device):
-        raise ValueError(f"sampler 'estimator' needs CUDA and nerfacc's CUDA extension; device is {device}")
     torch.manual_seed(config.seed)
 
     # 2. Rays of every pixel of the (resized) frames, with their targets

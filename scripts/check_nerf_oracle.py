@@ -70,14 +70,7 @@ def held_out_psnr(
     bound = config.train.field.bound
     hull = carve_occupancy(frames.masks(), frames.orbit.cameras(), config.hull_resolution, bound)
     occupancy = OccupancyGrid(hull, bound, config.hull_dilate).to(device)  # as in training and previews
-    pred = render_views(
-        field,
-        orbit.c2w(),
-        orbit.fov_deg,
-        size,
-        config.train,
-        occupancy=occupancy,
-    )
+    pred = render_views(field, orbit.c2w(), orbit.fov_deg, size, config.train, occupancy=occupancy)
     pred = torch.from_numpy(pred)  # [V, s, s, 3] over white
     scores = {}
     for i, elevation in enumerate(HELD_OUT_ELEVATIONS):

@@ -505,8 +505,6 @@ def test_sampler_choice_is_checked(orbit: Path):
 def test_auto_sampler_leaves_the_estimator_to_proposal_sampling(orbit: Path, monkeypatch):
     """Where the estimator would run (faked here: on CPU it cannot), proposal sampling asked for by name
     takes the uniform path instead of being ignored: no estimator is made."""
-    from dataclasses import replace
-
     import nerf.train
     from sv3d.cameras import read_orbit_directory
 
@@ -517,10 +515,10 @@ def test_auto_sampler_leaves_the_estimator_to_proposal_sampling(orbit: Path, mon
     monkeypatch.setattr(nerf.train, "make_estimator", no_estimator)
     frames = read_orbit_directory(orbit)
     args = (frames.images, frames.orbit.c2w(), frames.orbit.fov_deg)
-    config = replace(TOY, steps=2, checkpoint_every=0, n_samples=8, proposal_samples=8)
+    config = dataclasses.replace(TOY, steps=2, checkpoint_every=0, n_samples=8, proposal_samples=8)
     assert fit_field(*args, config, device="cpu").history[-1]["step"] == 2
     with pytest.raises(AssertionError, match="the estimator was made"):
-        fit_field(*args, replace(config, proposal_samples=0), device="cpu")
+        fit_field(*args, dataclasses.replace(config, proposal_samples=0), device="cpu")
 
 
 def test_frames_over_white_composites_before_averaging_down():
