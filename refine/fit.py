@@ -177,7 +177,7 @@ def refine_surface(
         if config.lambda_laplacian > 0:
             losses["laplacian"] = laplacian_loss(vertices, faces)
         if config.lambda_sdf_sign > 0:
-            losses["sdf_sign"] = sdf_sign_regulariser(geometry.sdf, geometry.edges)
+            losses["sdf_sign"] = sdf_sign_regulariser(geometry.sdf, geometry.band_edges)
         loss = sum(getattr(config, f"lambda_{name}") * value for name, value in losses.items())
         if guidance is not None and step >= sds_start:
             full = render_surface(vertices, faces, color, cameras, config.sds_resolution, detach)

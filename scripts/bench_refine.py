@@ -3,14 +3,15 @@ defaults, and optionally the full run's wall time and one SDS step's cost.
 
 The scene is the built-in `blob` on SV3D's orbit (oracle frames), initialised from its own mesh shrunk by
 2% (a realistic NeRF-like start). Prints the median step time with `views_per_step` views and with all 21
-views, so the cost per view is visible. `--full` runs the whole default refinement (1000 steps at tet
-resolution 128 and 576^2 on CUDA; the CPU defaults on CPU) with all 21 views in every step (the issue's
-speed target) and prints its wall time. `--sds-checkpoint PATH` (+ `--sgm-config` for the tiny test
+views, so the cost per view is visible, and with `views_per_step` views over the whole tet grid instead of
+the narrow band (`DMTetConfig.band_rings`): the band's speed-up. `--full` runs the whole default
+refinement (1000 steps at tet resolution 128 and 576^2 on CUDA; the CPU defaults on CPU) with all 21 views
+in every step (the issue's speed target) and prints its wall time. `--sds-checkpoint PATH` (+ `--sgm-config` for the tiny test
 models) times one masked-SDS step of the SV3D model on the 21 renders at the model's resolution;
 `--sds-random full|reduced` does the same with random weights in SV3D's layout (speed does not depend on
 the values; `full` is the real model's size, bfloat16 on CUDA as `sv3d run` loads it).
-Usage: `.venv/bin/python scripts/bench_refine.py [--device cuda] [--full] [--sds-checkpoint PATH]
-[--sds-random full]`.
+Usage: `.venv/bin/python scripts/bench_refine.py [--device cuda] [--full] [--tet-resolution N]
+[--sds-checkpoint PATH] [--sds-random full]`.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=6, help="timed steps (after one warm-up)")
     parser.add_argument("--full", action="store_true", help="also time the whole default refinement")
+    parser.add_argument("--tet-resolution", type=int, help="tet grid resolution (default: the device's)")
     parser.add_argument("--sds-checkpoint", help="SV3D checkpoint: also time one masked-SDS step")
     parser.add_argument("--sgm-config", help="sgm yaml of a checkpoint with non-SV3D widths (tiny models)")
     parser.add_argument(
@@ -63,6 +65,8 @@ def main() -> None:
     device = torch.device(args.device)
     stage: RefineStageConfig = default_refine_config(device)
     config = stage.refine
+    if args.tet_resolution:
+        config = replace(config, tet=replace(config.tet, resolution=args.tet_resolution))
     root = Path(tempfile.mkdtemp(prefix="bench_refine_"))
     obj = write_test_object(root, "blob")
     frames = render_orbit_frames(obj, RenderOrbitConfig(resolution=config.render_resolution))
@@ -78,6 +82,12 @@ def main() -> None:
     print(f"step, {config.views_per_step} views: {per_step:8.3f} s")
     all_views = timed_steps(frames, init, replace(short, views_per_step=len(frames.orbit)), device)
     print(f"step, all {len(frames.orbit)} views: {all_views:8.3f} s  ({all_views / per_step:.1f}x)")
+    if config.tet.band_rings:  # the baseline: marching tets and the sign loss over every tet
+        whole = timed_steps(frames, init, replace(short, tet=replace(config.tet, band_rings=0)), device)
+        print(
+            f"step, {config.views_per_step} views, whole tet grid (band_rings 0): {whole:8.3f} s  "
+            f"(the {config.tet.band_rings}-ring band: {whole / per_step:.2f}x faster)"
+        )
     if args.full:
         start = time.perf_counter()
         full = replace(config, views_per_step=len(frames.orbit))

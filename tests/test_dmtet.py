@@ -190,3 +190,47 @@ def test_short_optimisation_moves_the_surface():
     assert float((radii - target).abs().max()) < 0.25 * geo.cell_size
     mesh = trimesh.Trimesh(verts.detach().double().numpy(), faces.numpy(), process=False)
     assert mesh.is_watertight and mesh.is_winding_consistent and mesh.volume > 0 and mesh.euler_number == 2
+
+
+def _grow_sphere(band_rings: int, steps: int = 60) -> tuple[DMTetGeometry, list[tuple[torch.Tensor, ...]]]:
+    """Adam grows a sphere of radius 0.3 towards 0.38 (1.2 cells) on a 16-grid; the meshes of every step."""
+    torch.manual_seed(0)
+    geo = DMTetGeometry(DMTetConfig(resolution=16, band_rings=band_rings))
+    geo.init_from_sdf(geo.grid_vertices.norm(dim=1) - 0.3)
+    optimiser = torch.optim.Adam(geo.parameters(), lr=1e-2)
+    meshes = []
+    for _ in range(steps):
+        verts, faces = geo()
+        loss = (verts.norm(dim=1) - 0.38).square().mean() + 1e-3 * sdf_sign_regulariser(geo.sdf, geo.band_edges)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        meshes.append((verts.detach(), faces))
+    return geo, meshes
+
+
+def test_narrow_band_gives_the_whole_grids_surface_at_every_step():
+    full, full_meshes = _grow_sphere(band_rings=0)
+    # One ring: the band (a fraction of the grid) must be rebuilt as the surface moves outwards.
+    band, band_meshes = _grow_sphere(band_rings=1)
+    assert band.band_rebuilds > 1
+    assert band._band[0].shape[0] < 0.5 * band.tets.shape[0]
+    for (v_full, f_full), (v_band, f_band) in zip(full_meshes, band_meshes, strict=True):
+        assert torch.equal(f_full, f_band) and torch.equal(v_full, v_band)
+    assert torch.equal(full.sdf, band.sdf) and torch.equal(full.deformation, band.deformation)
+
+
+def test_narrow_band_follows_new_sdf_values():
+    geo = DMTetGeometry(DMTetConfig(resolution=16, band_rings=1))
+    geo.init_from_sdf(geo.grid_vertices.norm(dim=1) - 0.3)
+    small = geo.extract()[0].detach().norm(dim=1).mean()
+    other = DMTetGeometry(DMTetConfig(resolution=16, band_rings=1))
+    other.init_from_sdf(other.grid_vertices.norm(dim=1) - 0.4)
+    geo.load_state_dict(other.state_dict())  # a resumed state: the old band must not be reused
+    assert float(geo.extract()[0].detach().norm(dim=1).mean()) > float(small) + 0.08
+    with torch.no_grad():
+        geo.sdf.copy_(geo.grid_vertices.norm(dim=1) - 0.2)
+    geo.reset_band()
+    assert float(geo.extract()[0].detach().norm(dim=1).mean()) < float(small) - 0.08
+    with pytest.raises(ValueError, match="band_rings"):
+        DMTetGeometry(DMTetConfig(resolution=4, band_rings=-1))

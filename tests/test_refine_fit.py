@@ -96,6 +96,22 @@ def test_reconstruction_grows_the_surface_to_the_frames(color_moves_geometry: bo
     assert last < 0.5 * first, (first, last)
 
 
+def test_narrow_band_refines_exactly_as_the_whole_grid():
+    # The same 30 steps with marching tets and the sign loss over a one-ring band and over every tet.
+    cameras = static_orbit(10.0, 0.0, num_frames=8).cameras()
+    rgba, _ = coloured_sphere_frames(0.4, cameras, RES)
+    images = torch.cat([rgba[..., :3] / rgba[..., 3:].clamp(min=1e-6), rgba[..., 3:]], -1).clamp(0, 1)
+    results = []
+    for rings in (0, 1):
+        config = RefineConfig(steps=30, render_resolution=RES, tet=replace(TET, band_rings=rings), lr_sdf=1e-2)
+        results.append(refine_surface(images, cameras, sphere_sdf(0.36), config))
+    (full, band) = results
+    assert band.geometry.band_rebuilds > 1  # the surface grew out of its first band
+    assert torch.equal(full.geometry.sdf, band.geometry.sdf)
+    assert torch.equal(full.geometry.deformation, band.geometry.deformation)
+    assert [r["loss"] for r in full.history] == [r["loss"] for r in band.history]
+
+
 @pytest.mark.parametrize("detach", [True, False])
 def test_colour_gradients_reach_the_vertices_only_when_not_detached(detach: bool):
     # Inside the silhouette the only path from a pixel's colour to the vertices is the colour field's
