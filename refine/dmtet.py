@@ -224,7 +224,7 @@ class DMTetGeometry(nn.Module):
         self.band_rebuilds += 1
 
     def _band_tets(self) -> Tensor:
-        """[Tb, 4] tets within `band_rings` rings of the surface, rebuilt when the surface reached the last."""
+        """[Tb, 4] tets within `band_rings` rings of the surface (rebuilt when it reaches the last ring)."""
         if self.config.band_rings == 0:
             return self.tets
         if self._band is not None and self._band[0].device == self.tets.device:
@@ -242,7 +242,7 @@ class DMTetGeometry(nn.Module):
 
     @property
     def band_edges(self) -> Tensor:
-        """[Eb, 2] grid edges inside the narrow band (all edges without one): every edge the surface crosses."""
+        """[Eb, 2] grid edges in the narrow band (all edges without one): every edge the surface crosses."""
         if self.config.band_rings == 0:
             return self.edges
         self._band_tets()  # builds or refreshes the band

@@ -6,10 +6,10 @@ The scene is the built-in `blob` on SV3D's orbit (oracle frames), initialised fr
 views, so the cost per view is visible, and with `views_per_step` views over the whole tet grid instead of
 the narrow band (`DMTetConfig.band_rings`): the band's speed-up. `--full` runs the whole default
 refinement (1000 steps at tet resolution 128 and 576^2 on CUDA; the CPU defaults on CPU) with all 21 views
-in every step (the issue's speed target) and prints its wall time. `--sds-checkpoint PATH` (+ `--sgm-config` for the tiny test
-models) times one masked-SDS step of the SV3D model on the 21 renders at the model's resolution;
-`--sds-random full|reduced` does the same with random weights in SV3D's layout (speed does not depend on
-the values; `full` is the real model's size, bfloat16 on CUDA as `sv3d run` loads it).
+in every step (the issue's speed target) and prints its wall time. `--sds-checkpoint PATH` (+ `--sgm-config`
+for the tiny test models) times one masked-SDS step of the SV3D model on the 21 renders at the model's
+resolution; `--sds-random full|reduced` does the same with random weights in SV3D's layout (speed does not
+depend on the values; `full` is the real model's size, bfloat16 on CUDA as `sv3d run` loads it).
 Usage: `.venv/bin/python scripts/bench_refine.py [--device cuda] [--full] [--tet-resolution N]
 [--sds-checkpoint PATH] [--sds-random full]`.
 """

@@ -201,7 +201,8 @@ def _grow_sphere(band_rings: int, steps: int = 60) -> tuple[DMTetGeometry, list[
     meshes = []
     for _ in range(steps):
         verts, faces = geo()
-        loss = (verts.norm(dim=1) - 0.38).square().mean() + 1e-3 * sdf_sign_regulariser(geo.sdf, geo.band_edges)
+        sign = sdf_sign_regulariser(geo.sdf, geo.band_edges)
+        loss = (verts.norm(dim=1) - 0.38).square().mean() + 1e-3 * sign
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()

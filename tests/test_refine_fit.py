@@ -103,7 +103,8 @@ def test_narrow_band_refines_exactly_as_the_whole_grid():
     images = torch.cat([rgba[..., :3] / rgba[..., 3:].clamp(min=1e-6), rgba[..., 3:]], -1).clamp(0, 1)
     results = []
     for rings in (0, 1):
-        config = RefineConfig(steps=30, render_resolution=RES, tet=replace(TET, band_rings=rings), lr_sdf=1e-2)
+        tet = replace(TET, band_rings=rings)
+        config = RefineConfig(steps=30, render_resolution=RES, tet=tet, lr_sdf=1e-2)
         results.append(refine_surface(images, cameras, sphere_sdf(0.36), config))
     (full, band) = results
     assert band.geometry.band_rebuilds > 1  # the surface grew out of its first band
