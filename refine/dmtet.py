@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .marching_tets import marching_tets
+from .marching_tets import crossed_tets, marching_tets
 from .mesh import Mesh
 from .tetgrid import kuhn_edges, tet_grid
 
@@ -211,7 +211,7 @@ class DMTetGeometry(nn.Module):
     @torch.no_grad()
     def _build_band(self) -> None:
         inside = self.sdf < 0  # [N]
-        active = _crossed(inside, self.tets)  # [T] tets the surface crosses
+        active = crossed_tets(inside, self.tets)  # [T] tets the surface crosses
         n = inside.shape[0]
         ring = torch.zeros(n, dtype=torch.bool, device=inside.device)  # [N] vertices of the active tets
         for _ in range(self.config.band_rings):  # a loop over the rings, each a pass over the grid
@@ -232,7 +232,7 @@ class DMTetGeometry(nn.Module):
             if self._checked_version == self.sdf._version:  # no SDF change since the last check
                 return tets
             with torch.no_grad():
-                crossed = tets[_crossed(self.sdf < 0, tets)]  # [Tc, 4]
+                crossed = tets[crossed_tets(self.sdf < 0, tets)]  # [Tc, 4]
             if not bool(last_ring[crossed].any()):
                 self._checked_version = self.sdf._version
                 return tets
@@ -278,9 +278,3 @@ class DMTetGeometry(nn.Module):
         self.sdf.copy_(values)
         self.deformation.zero_()
         self.reset_band()
-
-
-def _crossed(inside: Tensor, tets: Tensor) -> Tensor:
-    """[T] bool: the tets [T, 4] whose corners are neither all inside nor all outside (inside [N] bool)."""
-    packed = inside.to(torch.uint8)[tets].view(torch.int32).squeeze(1)  # 4 flags as one int32 (marching_tets)
-    return (packed != 0) & (packed != 0x01010101)

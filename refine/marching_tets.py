@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .tetgrid import TET_EDGES
 
-__all__ = ["marching_tets"]
+__all__ = ["crossed_tets", "marching_tets"]
 
 
 def _triangle_table() -> tuple[np.ndarray, np.ndarray]:
@@ -71,6 +71,14 @@ def _triangle_table() -> tuple[np.ndarray, np.ndarray]:
 _TABLE, _COUNTS = _triangle_table()
 
 
+def crossed_tets(inside: Tensor, tets: Tensor) -> Tensor:
+    """[T] bool: the tets [T, 4] whose corners are neither all inside nor all outside (inside [N] bool)."""
+    # The 4 inside flags of a tet as bytes of one int32 (a cheap reduction over 4 bytes): the tet is
+    # crossed unless they are all 0 or all 1 (0x01010101 reads the same in either byte order).
+    packed = inside.to(torch.uint8)[tets].view(torch.int32).squeeze(1)  # [T, 4] uint8 -> [T] int32
+    return (packed != 0) & (packed != 0x01010101)
+
+
 def marching_tets(
     vertices: Tensor,  # [N, 3] float, grid vertex positions (may require grad)
     tets: Tensor,  # [T, 4] int64, positive volume
@@ -99,10 +107,7 @@ def marching_tets(
 
     # 2. Select the tets that the surface crosses
     inside = sdf.detach() < 0  # [N] bool; an exact zero is outside
-    # The 4 inside flags of a tet as bytes of one int32 (a cheap reduction over 4 bytes): the tet is
-    # crossed unless they are all 0 or all 1 (0x01010101 reads the same in either byte order).
-    packed = inside.to(torch.uint8)[tets].view(torch.int32).squeeze(1)  # [T, 4] uint8 -> [T] int32
-    crossed = (packed != 0) & (packed != 0x01010101)  # [T]
+    crossed = crossed_tets(inside, tets)  # [T]
     if not bool(crossed.any()):
         # Still attached to the graph, so that a caller's backward() does not fail on an empty surface.
         empty_v = vertices.new_zeros((0, 3), dtype=dtype) + 0.0 * (vertices.sum() + sdf.sum())
