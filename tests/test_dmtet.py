@@ -192,10 +192,12 @@ def test_short_optimisation_moves_the_surface():
     assert mesh.is_watertight and mesh.is_winding_consistent and mesh.volume > 0 and mesh.euler_number == 2
 
 
-def _grow_sphere(band_rings: int, steps: int = 60) -> tuple[DMTetGeometry, list[tuple[torch.Tensor, ...]]]:
+def _grow_sphere(
+    band_rings: int, steps: int = 60, device: str = "cpu"
+) -> tuple[DMTetGeometry, list[tuple[torch.Tensor, ...]]]:
     """Adam grows a sphere of radius 0.3 towards 0.38 (1.2 cells) on a 16-grid; the meshes of every step."""
     torch.manual_seed(0)
-    geo = DMTetGeometry(DMTetConfig(resolution=16, band_rings=band_rings))
+    geo = DMTetGeometry(DMTetConfig(resolution=16, band_rings=band_rings)).to(device)
     geo.init_from_sdf(geo.grid_vertices.norm(dim=1) - 0.3)
     optimiser = torch.optim.Adam(geo.parameters(), lr=1e-2)
     meshes = []
@@ -210,10 +212,13 @@ def _grow_sphere(band_rings: int, steps: int = 60) -> tuple[DMTetGeometry, list[
     return geo, meshes
 
 
-def test_narrow_band_gives_the_whole_grids_surface_at_every_step():
-    full, full_meshes = _grow_sphere(band_rings=0)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_narrow_band_gives_the_whole_grids_surface_at_every_step(device: str):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    full, full_meshes = _grow_sphere(band_rings=0, device=device)
     # One ring: the band (a fraction of the grid) must be rebuilt as the surface moves outwards.
-    band, band_meshes = _grow_sphere(band_rings=1)
+    band, band_meshes = _grow_sphere(band_rings=1, device=device)
     assert band.band_rebuilds > 1
     assert band._band[0].shape[0] < 0.5 * band.tets.shape[0]
     for (v_full, f_full), (v_band, f_band) in zip(full_meshes, band_meshes, strict=True):
