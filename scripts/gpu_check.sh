@@ -26,8 +26,8 @@ BUDGET=${BUDGET:-560}
 EVAL_RESERVE=${EVAL_RESERVE:-20}  # seconds kept for the parts after the eval
 OBJECTS=${OBJECTS:-"mug plate bowl blob checker internal"}
 PARTS=${PARTS:-"tests refine estimator nerf eval"}  # a subset reruns only those parts
-TESTS=${TESTS:-"tests/test_bake.py tests/test_rasterizer.py tests/test_marching_tets.py tests/test_dmtet.py tests/test_nerf_encoding.py
-  tests/test_nerf_fit.py tests/test_sv3d_pipeline.py"}
+TESTS=${TESTS:-"tests/test_bake.py tests/test_rasterizer.py tests/test_marching_tets.py tests/test_dmtet.py
+  tests/test_nerf_encoding.py tests/test_nerf_fit.py tests/test_sv3d_pipeline.py"}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
