@@ -48,6 +48,13 @@ class DMTetConfig:
     # ring. The surface is the same as the whole grid's; 0 visits every tet at every step.
     band_rings: int = 3
 
+    def __post_init__(self) -> None:
+        # Checked when the config is made (Hydra overrides too), before any stage runs.
+        if not 0 < self.deformation_scale <= 1:
+            raise ValueError(f"deformation_scale must be in (0, 1] cells, got {self.deformation_scale}")
+        if self.band_rings < 0:
+            raise ValueError(f"band_rings must be >= 0, got {self.band_rings}")
+
 
 def validate_init(sdf: Tensor, boundary: Tensor) -> None:
     """Raise ValueError when an initial SDF [N] gives no surface or one that reaches the grid boundary.
@@ -171,8 +178,6 @@ class DMTetGeometry(nn.Module):
     def __init__(self, config: DMTetConfig | None = None) -> None:
         super().__init__()
         self.config = config = config or DMTetConfig()
-        if not 0 < config.deformation_scale <= 1:
-            raise ValueError(f"deformation_scale must be in (0, 1] cells, got {config.deformation_scale}")
         cache_dir = Path(config.cache_dir) if config.cache_dir is not None else None
         grid = tet_grid(config.resolution, config.bound, cache_dir=cache_dir)
         self.resolution = grid.resolution
@@ -184,8 +189,6 @@ class DMTetGeometry(nn.Module):
         n = grid.vertices.shape[0]
         self.sdf = nn.Parameter(torch.zeros(n))  # [N]; all zero = all outside = empty until initialised
         self.deformation = nn.Parameter(torch.zeros(n, 3))  # [N, 3] pre-tanh offsets
-        if config.band_rings < 0:
-            raise ValueError(f"band_rings must be >= 0, got {config.band_rings}")
         self._band: tuple[Tensor, Tensor, Tensor] | None = None  # tets [Tb, 4], last-ring mask [N], edges
         self._checked_version = -1  # `sdf._version` (in-place writes) when the band was last checked
         self.band_rebuilds = 0  # how often the band was built (for tests and benchmarks)

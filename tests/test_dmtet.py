@@ -239,4 +239,4 @@ def test_narrow_band_follows_new_sdf_values():
     geo.reset_band()
     assert float(geo.extract()[0].detach().norm(dim=1).mean()) < float(small) - 0.08
     with pytest.raises(ValueError, match="band_rings"):
-        DMTetGeometry(DMTetConfig(resolution=4, band_rings=-1))
+        DMTetConfig(resolution=4, band_rings=-1)  # refused when the config is made (Hydra overrides too)
