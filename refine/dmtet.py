@@ -167,12 +167,13 @@ class DMTetGeometry(nn.Module):
 
     Narrow band (`band_rings` > 0): only the tets the surface crosses produce triangles, and only the SDF
     values at their corners receive gradients (from marching tets and from the sign loss, which sees the
-    crossed edges only), so the surface can only spread into the tets next to those. `extract()` runs on
-    the tets within `band_rings` rings of the crossed ones and rebuilds that band (one pass over the whole
-    grid per ring) whenever a crossed tet touches its outermost ring: a surface moving by a ring or two
-    between rebuilds stays inside. `band_edges` are the grid edges inside the band. On the CPU's tet grid
-    (64) about a tenth of the tets lie in a 3-ring band. The band is rebuilt from scratch after
-    `init_from_sdf` and after loading a state dict; call `reset_band()` after writing `sdf` any other way.
+    crossed edges only), so the surface can only spread into the tets next to those. `extract()` looks
+    for the crossed tets among those within `band_rings` rings of the last ones, rebuilds that band (one
+    pass over the whole grid per ring) whenever a crossed tet touches its outermost ring, and hands only
+    the crossed tets to marching tets: a surface moving by a ring or two between rebuilds stays inside.
+    `band_edges` are the grid edges inside the band. On the CPU's tet grid (64) about a tenth of the tets
+    lie in a 3-ring band. The band is rebuilt from scratch after `init_from_sdf` and after loading a state
+    dict; call `reset_band()` after writing `sdf` any other way.
     """
 
     def __init__(self, config: DMTetConfig | None = None) -> None:
@@ -190,7 +191,7 @@ class DMTetGeometry(nn.Module):
         self.sdf = nn.Parameter(torch.zeros(n))  # [N]; all zero = all outside = empty until initialised
         self.deformation = nn.Parameter(torch.zeros(n, 3))  # [N, 3] pre-tanh offsets
         self._band: tuple[Tensor, Tensor, Tensor] | None = None  # tets [Tb, 4], last-ring mask [N], edges
-        self._checked_version = -1  # `sdf._version` (in-place writes) when the band was last checked
+        self._surface: tuple[int, Tensor] | None = None  # (`sdf._version`, crossed tets [Tc, 4]) cached
         self.band_rebuilds = 0  # how often the band was built (for tests and benchmarks)
         self.register_load_state_dict_post_hook(lambda module, keys: module.reset_band())
 
@@ -209,14 +210,12 @@ class DMTetGeometry(nn.Module):
     def reset_band(self) -> None:
         """Forget the narrow band: the next `extract()` builds it from the current SDF."""
         self._band = None
-        self._checked_version = -1
+        self._surface = None
 
     @torch.no_grad()
-    def _build_band(self) -> None:
-        inside = self.sdf < 0  # [N]
+    def _build_band(self, inside: Tensor) -> None:
         active = crossed_tets(inside, self.tets)  # [T] tets the surface crosses
-        n = inside.shape[0]
-        ring = torch.zeros(n, dtype=torch.bool, device=inside.device)  # [N] vertices of the active tets
+        ring = torch.zeros_like(inside)  # [N] vertices of the active tets
         for _ in range(self.config.band_rings):  # a loop over the rings, each a pass over the grid
             ring[self.tets[active].reshape(-1)] = True
             active = ring[self.tets].any(dim=1)  # the tets touching those vertices
@@ -226,37 +225,42 @@ class DMTetGeometry(nn.Module):
         self._band = (self.tets[active], ring & ~inner, edges[ring[edges[:, 0]] & ring[edges[:, 1]]])
         self.band_rebuilds += 1
 
-    def _band_tets(self) -> Tensor:
-        """[Tb, 4] tets within `band_rings` rings of the surface (rebuilt when it reaches the last ring)."""
+    def _surface_tets(self) -> Tensor:
+        """[Tc, 4] the tets the surface crosses, found in the narrow band (the whole grid without one).
+
+        Rebuilds the band first when those tets reach its last ring; cached until the SDF is written.
+        """
         if self.config.band_rings == 0:
-            return self.tets
-        if self._band is not None and self._band[0].device == self.tets.device:
-            tets, last_ring, _ = self._band
-            if self._checked_version == self.sdf._version:  # no SDF change since the last check
-                return tets
-            with torch.no_grad():
-                crossed = tets[crossed_tets(self.sdf < 0, tets)]  # [Tc, 4]
-            if not bool(last_ring[crossed].any()):
-                self._checked_version = self.sdf._version
-                return tets
-        self._build_band()
-        self._checked_version = self.sdf._version
-        return self._band[0]
+            return self.tets  # marching tets selects the crossed ones itself
+        cached = self._surface
+        if cached is not None and cached[0] == self.sdf._version and cached[1].device == self.tets.device:
+            return cached[1]
+        with torch.no_grad():
+            inside = self.sdf < 0  # [N]
+            if self._band is None or self._band[0].device != self.tets.device:
+                self._build_band(inside)
+            crossed = self._band[0][crossed_tets(inside, self._band[0])]  # [Tc, 4]
+            if bool(self._band[1][crossed].any()):  # the surface reached the last ring
+                self._build_band(inside)
+                crossed = self._band[0][crossed_tets(inside, self._band[0])]
+        self._surface = (self.sdf._version, crossed)
+        return crossed
 
     @property
     def band_edges(self) -> Tensor:
         """[Eb, 2] grid edges in the narrow band (all edges without one): every edge the surface crosses."""
         if self.config.band_rings == 0:
             return self.edges
-        self._band_tets()  # builds or refreshes the band
+        self._surface_tets()  # builds or refreshes the band
         return self._band[2]
 
     def extract(self) -> tuple[Tensor, Tensor]:
         """Surface sdf = 0 of the deformed grid: verts [M, 3] (differentiable), faces [K, 3] int64 CCW.
 
-        The same as `marching_tets` over the whole grid, narrow band or not (class doc).
+        The same as `marching_tets` over the whole grid, narrow band or not (class doc): the crossed tets
+        keep the grid's order, and marching tets' output depends only on them.
         """
-        return marching_tets(self.deformed_vertices(), self._band_tets(), self.sdf)
+        return marching_tets(self.deformed_vertices(), self._surface_tets(), self.sdf)
 
     def forward(self) -> tuple[Tensor, Tensor]:
         return self.extract()
