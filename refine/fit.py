@@ -26,7 +26,7 @@ from .camera import Cameras, transform_points
 from .color_field import ColorField, ColorFieldConfig
 from .dmtet import DMTetConfig, DMTetGeometry, sdf_sign_regulariser
 from .mesh import vertex_normals
-from .rasterizer import antialias, edge_topology, interpolate, rasterize
+from .rasterizer import antialias, edge_topology, interpolate, interpolate_covered, rasterize
 from .regularisers import laplacian_loss, normal_consistency_loss
 
 __all__ = ["Guidance", "RefineConfig", "RefineResult", "refine_surface", "render_surface"]
@@ -75,7 +75,7 @@ class RefineResult:
 class SurfaceRender:
     image: Tensor  # [V, H, W, 3] over white, in [0, 1]
     alpha: Tensor  # [V, H, W, 1] antialiased coverage
-    normals: Tensor  # [V, H, W, 3] unit world normals (outward), 0 off the surface
+    normals: Tensor | None  # [V, H, W, 3] unit world normals (outward), 0 off the surface; None if not asked
 
 
 def render_surface(
@@ -85,21 +85,23 @@ def render_surface(
     cameras: Cameras,
     resolution: int,
     detach_points: bool = True,  # False: photometric error moves the surface through the colour field
+    with_normals: bool = True,  # False: no normals image (the reconstruction losses do not use it)
 ) -> SurfaceRender:
     """Render the surface with its colour field (unlit: the lighting is in the colours)."""
     pos_clip = transform_points(vertices, cameras.world_to_clip())  # [V, N, 4]
     rast = rasterize(pos_clip, faces, resolution)  # [V, H, W, 4]
     mask = rast[..., 3:] > 0  # [V, H, W, 1]
-    points = interpolate(vertices, rast, faces)  # [V, H, W, 3]
-    normals = interpolate(vertex_normals(vertices, faces), rast, faces)
-    normals = torch.nn.functional.normalize(normals, dim=-1) * mask
-    covered = mask[..., 0].reshape(-1).nonzero(as_tuple=True)[0]  # [P]
+    normals = None
+    if with_normals:
+        normals = interpolate(vertex_normals(vertices, faces), rast, faces)
+        normals = torch.nn.functional.normalize(normals, dim=-1) * mask
+    # The colour field is queried at the covered pixels' surface points only: [P] flat indices, [P, 3].
     # Detached points: geometry learns from the silhouettes only (through the antialiasing); attached, the
     # colour field's positional gradient also moves the surface where its colours disagree with the frames.
-    queried = points.reshape(-1, 3)[covered]  # [P, 3]
+    covered, queried = interpolate_covered(vertices, rast, faces)
     rgb = color(queried.detach() if detach_points else queried)  # [P, 3]
-    flat = points.new_zeros(points.shape[:-1].numel(), 3).index_put((covered,), rgb)
-    rgba = torch.cat([flat.reshape(points.shape), mask.to(points.dtype)], dim=-1)  # premultiplied
+    flat = queried.new_zeros(mask.numel(), 3).index_put((covered,), rgb)
+    rgba = torch.cat([flat.view(*mask.shape[:-1], 3), mask.to(queried.dtype)], dim=-1)  # premultiplied
     rgba = antialias(rgba, rast, pos_clip, faces, edge_topology(faces))
     alpha = rgba[..., 3:].clamp(0.0, 1.0)
     return SurfaceRender(image=rgba[..., :3] + (1.0 - alpha), alpha=alpha, normals=normals)
@@ -167,7 +169,9 @@ def refine_surface(
         if faces.shape[0] == 0:
             raise RuntimeError(f"refinement step {step}: the surface vanished (every SDF value is positive)")
         pick = torch.randperm(n_views, device=device)[: config.views_per_step]
-        out = render_surface(vertices, faces, color, cameras[pick], config.render_resolution, detach)
+        out = render_surface(
+            vertices, faces, color, cameras[pick], config.render_resolution, detach, with_normals=False
+        )
         losses = {
             "rgb": (out.image - target_rgb[pick]).pow(2).mean(),
             "mask": (out.alpha - target_alpha[pick]).pow(2).mean(),

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import _zbuffer_cpu
 
-__all__ = ["rasterize", "interpolate", "texture", "antialias", "edge_topology"]
+__all__ = ["rasterize", "interpolate", "interpolate_covered", "texture", "antialias", "edge_topology"]
 
 _EMPTY_KEY = torch.iinfo(torch.int64).max
 _W_EPS = 1e-8  # vertices with w below this are behind the camera
@@ -251,6 +251,22 @@ def interpolate(
 
     Differentiable w.r.t. `attr` and, through the barycentrics in `rast`, the vertex positions.
     """
+    n_views, height, width, _ = rast.shape
+    covered, values = interpolate_covered(attr, rast, tri)  # [P], [P, C]
+    out = values.new_zeros(n_views * height * width, attr.shape[-1]).index_put((covered,), values)
+    return out.view(n_views, height, width, attr.shape[-1])
+
+
+def interpolate_covered(
+    attr: Tensor,  # [N, C] or [V, N, C] per-vertex attributes
+    rast: Tensor,  # [V, H, W, 4] from rasterize
+    tri: Tensor,  # [F, 3] the triangles given to rasterize
+) -> tuple[Tensor, Tensor]:
+    """`interpolate` at the covered pixels only: their flat indices into V*H*W [P] and the values [P, C].
+
+    For callers that work on the covered pixels (a field queried at the surface points): no dense image to
+    fill and gather from again. Same values and gradients as `interpolate` there.
+    """
     if attr.ndim not in (2, 3):
         raise ValueError(f"attr must be [N, C] or [V, N, C], got {tuple(attr.shape)}")
     n_views, height, width, _ = rast.shape
@@ -264,9 +280,7 @@ def interpolate(
     else:
         view = torch.div(covered, height * width, rounding_mode="floor")
         a0, a1, a2 = attr[view, corner[:, 0]], attr[view, corner[:, 1]], attr[view, corner[:, 2]]
-    values = u * a0 + v * a1 + (1.0 - u - v) * a2  # [P, C]
-    out = values.new_zeros(flat.shape[0], attr.shape[-1]).index_put((covered,), values)
-    return out.view(n_views, height, width, attr.shape[-1])
+    return covered, u * a0 + v * a1 + (1.0 - u - v) * a2
 
 
 def texture(

@@ -1,7 +1,8 @@
 """Issue 4's oracle check of the NeRF stage: each test object's ground-truth orbit -> `fit-nerf` -> scores.
 
-For each object: its 21 ground-truth frames on SV3D's orbit (`render-orbit`, 256 px, as `sv3d eval
---mode oracle` renders them), `fit_nerf` at the device's defaults (or with the overrides given), then
+For each object: its 21 ground-truth frames on SV3D's orbit (`render-orbit`, 256 px, 576 on CUDA, as
+`sv3d eval --mode oracle` renders them), `fit_nerf` at the device's defaults (or with the overrides given),
+then
 - wall time of the stage (training + extraction + preview);
 - Chamfer distance of `mesh.ply` to the ground truth (ARCHITECTURE.md's protocol, `evaluate_mesh`) and of
   the visual hull carved from the same 21 masks (128^3), and their ratio (issue 4: <= 0.015 and <= 0.8);
@@ -42,7 +43,8 @@ HELD_OUT_ELEVATIONS = (10.0, 30.0, -10.0)  # the orbit's, and +-20 degrees off i
 HELD_OUT_AZIMUTHS = tuple((k + 0.5) * 360.0 / 21 for k in range(0, 21, 3))  # between training views
 SUPERSAMPLE = 4  # the reference is rendered at 4x the field's render size and area-averaged down
 HULL_RESOLUTION = 128
-ORBIT_RESOLUTION = 256  # the ground-truth frames, as `sv3d eval --mode oracle` renders them on CPU
+# the ground-truth frames, as `sv3d eval --mode oracle` renders them with the cpu and gpu presets
+ORBIT_RESOLUTION = {"cpu": 256, "cuda": 576}
 
 
 def held_out_psnr(
@@ -86,7 +88,7 @@ def check_object(
 ) -> dict:
     object_dir = write_test_object(root / "objects", name)
     orbit_dir = render_orbit(
-        object_dir, root / name / "orbit", RenderOrbitConfig(resolution=ORBIT_RESOLUTION)
+        object_dir, root / name / "orbit", RenderOrbitConfig(resolution=ORBIT_RESOLUTION[device.type])
     )
     config = default_fit_config(device)
     if volume_weight is not None:

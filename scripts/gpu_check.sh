@@ -6,7 +6,9 @@
 #   3. bench_refine.py: one DMTet step at the CUDA defaults (FULL=1: also 1000 steps with 21 views at 576^2);
 #   4. the nerfacc estimator test, once the extension is built, and the NeRF field throughput (PyTorch vs
 #      the fused Triton kernels);
-#   5. `sv3d eval --mode oracle` with the CUDA defaults over the test objects (eval.json: each finished
+#   5. (PARTS=profile) scripts/profile_steps.py: torch.profiler tables of NeRF and DMTet steps;
+#      (PARTS=oracle) scripts/check_nerf_oracle.py on $OBJECTS, once per entry of ORACLE_STEPS;
+#      `sv3d eval --mode oracle` with the CUDA defaults over the test objects (eval.json: each finished
 #      object's metrics and timings), for as long as the budget allows;
 #   6. (PARTS=sds) one masked-SDS step with a random-weight SV3D model of the real size (measured: 1.35 s).
 # Missing pure-Python packages travel as wheels in .whl/; the SV3D fixtures as .fx/ ($SV3D_FIXTURES).
@@ -49,42 +51,9 @@ torch.cuda.is_available(), 'diffusers', diffusers.__version__, 'transformers', t
   nproc; which nvcc ffmpeg || true
 } 2>&1 | tee -a "$LOG"
 
-part "nerfacc CUDA extension build (background)"
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-12}
-( start=$SECONDS; $PY -c "from nerfacc.cuda._backend import _C; print('nerfacc _C:', _C)" >"$OUT/nerfacc_build.txt" 2>&1
-  echo "build finished after $((SECONDS - start)) s" >>"$OUT/nerfacc_build.txt" ) &
-BUILD=$!
-
-if want tests; then
-  part "GPU tests (all but the nerfacc estimator)"
-  timeout 150 $PY -m pytest -q -m gpu -p no:cacheprovider -k "not estimator" $TESTS >"$OUT/pytest_gpu.txt" 2>&1
-  tail -3 "$OUT/pytest_gpu.txt" | tee -a "$LOG"
-fi
-
-if want refine; then
-  part "bench_refine${FULL:+ --full}"
-  timeout 260 $PY scripts/bench_refine.py ${FULL:+--full} 2>&1 | tail -8 | tee -a "$LOG"
-fi
-
-if want estimator; then
-  part "wait for the nerfacc build, then its estimator test"
-  while kill -0 $BUILD 2>/dev/null && [ "$(left)" -gt 120 ]; do sleep 5; done
-  tail -3 "$OUT/nerfacc_build.txt" | tee -a "$LOG"
-  timeout 60 $PY -m pytest -q -m gpu -p no:cacheprovider -k estimator tests/test_nerf_field.py >"$OUT/pytest_estimator.txt" 2>&1
-  tail -3 "$OUT/pytest_estimator.txt" | tee -a "$LOG"
-fi
-
-if want nerf; then
-  part "bench_nerf: field throughput"
-  timeout 60 $PY scripts/bench_nerf.py --skip-fit 2>&1 | tail -6 | tee -a "$LOG"
-fi
-
-if want eval; then
-part "sv3d eval --mode oracle, CUDA defaults (until $((BUDGET - EVAL_RESERVE)) s)"
-$PY -c "from sv3d.testing.objects import write_test_objects; write_test_objects('/tmp/gso', '$OBJECTS'.split())"
-printf "%s\n" $OBJECTS >/tmp/objects.txt
-# imageio-ffmpeg's 68 MB wheel does not fit the transfer: videos go through OpenCV (on the image) here.
-cat >/tmp/eval_cv2.py <<'EOF'
+# imageio-ffmpeg's 68 MB wheel does not fit the transfer: videos go through OpenCV (on the image) here:
+# $PY /tmp/cv2run.py ARGS runs the CLI, $PY /tmp/cv2run.py SCRIPT.py ARGS a script.
+cat >/tmp/cv2run.py <<'EOF'
 import sys
 from pathlib import Path
 
@@ -106,11 +75,68 @@ def write_video(path, frames, fps=7, background=1.0):
 
 
 sv3d.video.write_video = write_video
-from sv3d.cli import main  # noqa: E402
+if sys.argv[1].endswith(".py"):  # a script, else the CLI
+    import runpy
 
-sys.exit(main(sys.argv[1:]))
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+else:
+    from sv3d.cli import main
+
+    sys.exit(main(sys.argv[1:]))
 EOF
-timeout $(($(left) - EVAL_RESERVE)) $PY /tmp/eval_cv2.py eval /tmp/gso -o /tmp/eval --objects /tmp/objects.txt 2>&1 \
+
+part "nerfacc CUDA extension build (background)"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-12}
+( start=$SECONDS; $PY -c "from nerfacc.cuda._backend import _C; print('nerfacc _C:', _C)" >"$OUT/nerfacc_build.txt" 2>&1
+  echo "build finished after $((SECONDS - start)) s" >>"$OUT/nerfacc_build.txt" ) &
+BUILD=$!
+
+if want tests; then
+  part "GPU tests (all but the nerfacc estimator)"
+  timeout 150 $PY -m pytest -q -m gpu -p no:cacheprovider -k "not estimator" $TESTS >"$OUT/pytest_gpu.txt" 2>&1
+  tail -3 "$OUT/pytest_gpu.txt" | tee -a "$LOG"
+fi
+
+if want refine; then
+  part "bench_refine${FULL:+ --full}"
+  timeout 260 $PY scripts/bench_refine.py ${FULL:+--full} 2>&1 | tail -8 | tee -a "$LOG"
+fi
+
+if want profile; then
+  part "profile_steps: where a NeRF and a DMTet step's time goes (waits for the nerfacc build)"
+  while kill -0 $BUILD 2>/dev/null && [ "$(left)" -gt 120 ]; do sleep 5; done
+  timeout 150 $PY scripts/profile_steps.py --out "$OUT" 2>&1 | grep -E "^(median|NeRF|DMTet)" | tee -a "$LOG"
+fi
+
+if want estimator; then
+  part "wait for the nerfacc build, then its estimator test"
+  while kill -0 $BUILD 2>/dev/null && [ "$(left)" -gt 120 ]; do sleep 5; done
+  tail -3 "$OUT/nerfacc_build.txt" | tee -a "$LOG"
+  timeout 60 $PY -m pytest -q -m gpu -p no:cacheprovider -k estimator tests/test_nerf_field.py >"$OUT/pytest_estimator.txt" 2>&1
+  tail -3 "$OUT/pytest_estimator.txt" | tee -a "$LOG"
+fi
+
+if want nerf; then
+  part "bench_nerf: field throughput"
+  timeout 60 $PY scripts/bench_nerf.py --skip-fit --skip-steps 2>&1 | tail -6 | tee -a "$LOG"
+fi
+
+if want oracle; then
+  for steps in ${ORACLE_STEPS:-default}; do
+    [ "$(left)" -gt 90 ] || break
+    part "check_nerf_oracle $OBJECTS, steps $steps (issue 4's NeRF check at the CUDA defaults)"
+    extra=""; [ "$steps" = default ] || extra="--steps $steps"
+    timeout $(($(left) - 30)) $PY /tmp/cv2run.py scripts/check_nerf_oracle.py $OBJECTS $extra \
+      --json "$OUT/oracle_$steps.json" 2>&1 | grep -v -E "^\s*$" | tail -12 | tee -a "$LOG"
+  done
+fi
+
+if want eval; then
+part "sv3d eval --mode oracle, CUDA defaults (until $((BUDGET - EVAL_RESERVE)) s)"
+$PY -c "from sv3d.testing.objects import write_test_objects; write_test_objects('/tmp/gso', '$OBJECTS'.split())"
+printf "%s\n" $OBJECTS >/tmp/objects.txt
+timeout $(($(left) - EVAL_RESERVE)) $PY /tmp/cv2run.py eval /tmp/gso -o /tmp/eval --objects /tmp/objects.txt 2>&1 \
   | tr '\r' '\n' | grep -v -E "^\s*$" | tail -40 >"$OUT/eval_log.txt"
 tail -5 "$OUT/eval_log.txt" | tee -a "$LOG"
 $PY - <<'EOF' 2>&1 | tee -a "$LOG"

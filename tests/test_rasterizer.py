@@ -11,7 +11,7 @@ import trimesh
 
 from refine import Cameras, Mesh, antialias, edge_topology, interpolate, rasterize, render_mesh, texture
 from refine.camera import transform_points
-from refine.rasterizer import _zbuffer_cpu
+from refine.rasterizer import _zbuffer_cpu, interpolate_covered
 from sv3d.cameras import FOV_DEG, c2w_from_angles, projection_from_fov
 
 
@@ -162,6 +162,25 @@ def test_gradcheck_interpolate():
         return interpolate(attr, rast, faces)
 
     assert torch.autograd.gradcheck(fn, (attr, pos), eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+def test_interpolate_covered_gives_interpolates_covered_pixels_and_their_gradients():
+    verts, faces, pos = _small_scene()
+    pos = pos.detach().requires_grad_(True)
+    rast = rasterize(pos, faces, 16)  # [2, 16, 16, 4]
+    per_view = torch.rand(2, verts.shape[0], 3, dtype=torch.float64)
+    for attr in (verts.clone().requires_grad_(True), per_view.requires_grad_(True)):
+        dense = interpolate(attr, rast, faces).reshape(-1, 3)  # [V*H*W, 3]
+        covered, values = interpolate_covered(attr, rast, faces)
+        assert torch.equal(covered, (rast[..., 3].reshape(-1) > 0).nonzero(as_tuple=True)[0])
+        assert 0 < covered.numel() < dense.shape[0]
+        assert torch.equal(values, dense[covered])
+        assert torch.all(dense[rast[..., 3].reshape(-1) == 0] == 0)
+        weights = torch.rand_like(values)
+        g_dense = torch.autograd.grad((dense[covered] * weights).sum(), (attr, pos), retain_graph=True)
+        g_covered = torch.autograd.grad((values * weights).sum(), (attr, pos), retain_graph=True)
+        for a, b in zip(g_dense, g_covered, strict=True):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("boundary", ["wrap", "clamp"])
