@@ -45,7 +45,7 @@ def test_check_object_reports_finite_figures_at_toy_sizes(tmp_path: Path, monkey
         hull_resolution=32,
     )
     monkeypatch.setattr(script, "default_fit_config", lambda device: toy)
-    monkeypatch.setattr(script, "ORBIT_RESOLUTION", 64)
+    monkeypatch.setattr(script, "ORBIT_RESOLUTION", {"cpu": 64})
     monkeypatch.setattr(script, "HULL_RESOLUTION", 32)
     fewer_points = functools.partial(
         evaluate_mesh, n_points=5000, n_views=8, view_resolution=128, iou_resolution=16
