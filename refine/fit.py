@@ -86,6 +86,7 @@ def render_surface(
     resolution: int,
     detach_points: bool = True,  # False: photometric error moves the surface through the colour field
     with_normals: bool = True,  # False: no normals image (the reconstruction losses do not use it)
+    topology: Tensor | None = None,  # [F, 3] edge_topology(faces), when the caller has it already
 ) -> SurfaceRender:
     """Render the surface with its colour field (unlit: the lighting is in the colours)."""
     pos_clip = transform_points(vertices, cameras.world_to_clip())  # [V, N, 4]
@@ -102,7 +103,7 @@ def render_surface(
     rgb = color(queried.detach() if detach_points else queried)  # [P, 3]
     flat = queried.new_zeros(mask.numel(), 3).index_put((covered,), rgb)
     rgba = torch.cat([flat.view(*mask.shape[:-1], 3), mask.to(queried.dtype)], dim=-1)  # premultiplied
-    rgba = antialias(rgba, rast, pos_clip, faces, edge_topology(faces))
+    rgba = antialias(rgba, rast, pos_clip, faces, edge_topology(faces) if topology is None else topology)
     alpha = rgba[..., 3:].clamp(0.0, 1.0)
     return SurfaceRender(image=rgba[..., :3] + (1.0 - alpha), alpha=alpha, normals=normals)
 
@@ -169,22 +170,25 @@ def refine_surface(
         if faces.shape[0] == 0:
             raise RuntimeError(f"refinement step {step}: the surface vanished (every SDF value is positive)")
         pick = torch.randperm(n_views, device=device)[: config.views_per_step]
+        topology = edge_topology(faces)  # [K, 3] the face across each edge: antialiasing, normal consistency
         out = render_surface(
-            vertices, faces, color, cameras[pick], config.render_resolution, detach, with_normals=False
+            vertices, faces, color, cameras[pick], config.render_resolution, detach, False, topology
         )
         losses = {
             "rgb": (out.image - target_rgb[pick]).pow(2).mean(),
             "mask": (out.alpha - target_alpha[pick]).pow(2).mean(),
         }
         if config.lambda_normal > 0:
-            losses["normal"] = normal_consistency_loss(vertices, faces)
+            losses["normal"] = normal_consistency_loss(vertices, faces, topology)
         if config.lambda_laplacian > 0:
             losses["laplacian"] = laplacian_loss(vertices, faces)
         if config.lambda_sdf_sign > 0:
             losses["sdf_sign"] = sdf_sign_regulariser(geometry.sdf, geometry.band_edges)
         loss = sum(getattr(config, f"lambda_{name}") * value for name, value in losses.items())
         if guidance is not None and step >= sds_start:
-            full = render_surface(vertices, faces, color, cameras, config.sds_resolution, detach)
+            full = render_surface(
+                vertices, faces, color, cameras, config.sds_resolution, detach, topology=topology
+            )
             sds = guidance(full.image, full.alpha, full.normals, step=step - sds_start)
             losses["sds"] = sds["loss_sds"]
             loss = loss + losses["sds"]

@@ -1,13 +1,15 @@
 """Surface regularisers of the refinement (SV3D paper, fine stage; nvdiffrec / threestudio's DMTet losses).
 
 Both take the current marching-tets mesh, whose topology changes every step, so adjacency is rebuilt
-each call with sorts (no Python loops).
+each step with sorts (no Python loops): the normal consistency takes the antialiasing's edge topology.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from .rasterizer import edge_topology
 
 __all__ = ["laplacian_loss", "normal_consistency_loss"]
 
@@ -26,19 +28,20 @@ def laplacian_loss(vertices: Tensor, faces: Tensor) -> Tensor:
     return delta[used].pow(2).sum(-1).mean()
 
 
-def normal_consistency_loss(vertices: Tensor, faces: Tensor) -> Tensor:
-    """Mean (1 - cos) between the normals of faces that share an edge; 0 for a flat surface."""
+def normal_consistency_loss(vertices: Tensor, faces: Tensor, topology: Tensor | None = None) -> Tensor:
+    """Mean (1 - cos) between the normals of faces that share an edge; 0 for a flat surface.
+
+    `topology` [F, 3]: `edge_topology(faces)` (the face across each edge), when the caller has it already
+    (the refinement's antialiasing needs it too). Each edge shared by exactly two faces counts once.
+    """
     if faces.shape[0] == 0:
         return vertices.sum() * 0.0
     v0, v1, v2 = vertices[faces[:, 0]], vertices[faces[:, 1]], vertices[faces[:, 2]]
     normals = torch.nn.functional.normalize(torch.cross(v1 - v0, v2 - v0, dim=-1), dim=-1)  # [F, 3]
-    edges = torch.stack([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], 1).reshape(-1, 2)  # [3F, 2]
-    edges = torch.sort(edges, dim=-1).values
-    key = edges[:, 0] * vertices.shape[0] + edges[:, 1]  # [3F] one id per undirected edge
-    order = torch.argsort(key)
-    face_of = torch.arange(faces.shape[0], device=faces.device).repeat_interleave(3)[order]  # [3F]
-    same = key[order][1:] == key[order][:-1]  # consecutive equal keys: the two faces of one edge
-    if not bool(same.any()):
+    opposite = edge_topology(faces) if topology is None else topology  # [F, 3]; < 0: no single neighbour
+    face = torch.arange(faces.shape[0], device=faces.device)[:, None].expand_as(opposite)  # [F, 3]
+    once = opposite > face  # the pair (f, g) is seen from f and from g: keep it where f < g
+    if not bool(once.any()):
         return vertices.sum() * 0.0
-    fa, fb = face_of[:-1][same], face_of[1:][same]
+    fa, fb = face[once], opposite[once]
     return (1.0 - (normals[fa] * normals[fb]).sum(-1)).mean()
