@@ -10,6 +10,8 @@ the table and the spatial hash (primes 1, 2654435761, 805459861, XOR) for the ot
   a disjoint slice of the table, so no two threads ever add to the same row: no atomics needed).
 * `hash_backward_input_cpu`: the gradient w.r.t. the input points through the trilinear weights'
   derivatives, parallel over points.
+* `hash_backward_both_cpu`: both gradients in one pass, parallel over levels (each point's corners found
+  once): what autograd calls when the points need a gradient too (the refinement's colour field).
 
 The kernels compile lazily for float32 and float64 (the float64 versions serve `gradcheck`) and are cached
 on disk. The PyTorch paths stay the reference and the path for other devices.
@@ -24,7 +26,13 @@ try:
 except ImportError:  # pragma: no cover - numba is a dependency; the torch path still works without it
     numba = None
 
-__all__ = ["AVAILABLE", "hash_backward_input_cpu", "hash_backward_table_cpu", "hash_forward_cpu"]
+__all__ = [
+    "AVAILABLE",
+    "hash_backward_both_cpu",
+    "hash_backward_input_cpu",
+    "hash_backward_table_cpu",
+    "hash_forward_cpu",
+]
 
 AVAILABLE = numba is not None
 
@@ -212,6 +220,59 @@ if AVAILABLE:
                 if not (x[i, d] >= zero and x[i, d] <= one):
                     grad_x[i, d] = zero
 
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def _backward_both(
+        x, table, grad_out, scales, consts, resolutions, offsets, n_dense, hash_mask, grad_table, per_level
+    ):  # pragma: no cover
+        # Both gradients in one pass over the points per level (the corners are found once): grad_table
+        # [T, F] zero-initialised, accumulated as in _backward_table; per_level [L, N, 3] each level's input
+        # gradient (written fully), summed over the levels in order by the caller's kernel below.
+        n = x.shape[0]
+        n_levels = scales.shape[0]
+        n_feat = table.shape[1]
+        zero, one = consts[0], consts[2]
+        for level in numba.prange(n_levels):
+            s = scales[level]
+            col = level * n_feat
+            rows = np.empty(8, dtype=np.int64)
+            ws = np.empty(8, dtype=x.dtype)
+            gs = np.empty(8, dtype=x.dtype)
+            for i in range(n):
+                fx, fy, fz = _corners(
+                    x, i, level, scales, consts, resolutions, offsets, n_dense, hash_mask, rows, ws
+                )
+                for c in range(8):
+                    g = zero  # grad_out . table[row]
+                    for f in range(n_feat):
+                        go = grad_out[i, col + f]
+                        g += go * table[rows[c], f]
+                        grad_table[rows[c], f] += ws[c] * go
+                    gs[c] = g
+                gx = one - fx
+                gy = one - fy
+                gz = one - fz
+                lx = (gs[1] - gs[0]) * gy * gz + (gs[3] - gs[2]) * fy * gz
+                lx += (gs[5] - gs[4]) * gy * fz + (gs[7] - gs[6]) * fy * fz
+                ly = (gs[2] - gs[0]) * gx * gz + (gs[3] - gs[1]) * fx * gz
+                ly += (gs[6] - gs[4]) * gx * fz + (gs[7] - gs[5]) * fx * fz
+                lz = (gs[4] - gs[0]) * gx * gy + (gs[5] - gs[1]) * fx * gy
+                lz += (gs[6] - gs[2]) * gx * fy + (gs[7] - gs[3]) * fx * fy
+                per_level[level, i, 0] = lx * s
+                per_level[level, i, 1] = ly * s
+                per_level[level, i, 2] = lz * s
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def _sum_levels(x, per_level, consts, grad_x):  # pragma: no cover
+        # grad_x [N, 3] = the levels' gradients added in level order (as _backward_input adds them), zero
+        # outside [0, 1] (the clamp's gradient)
+        zero, one = consts[0], consts[2]
+        for i in numba.prange(x.shape[0]):
+            for d in range(3):
+                acc = zero
+                for level in range(per_level.shape[0]):
+                    acc += per_level[level, i, d]
+                grad_x[i, d] = acc if (x[i, d] >= zero and x[i, d] <= one) else zero
+
 
 def _consts(dtype):
     # (0, 0.5, 1) in the points' dtype, so float32 arithmetic never widens to float64 inside the kernels
@@ -244,3 +305,21 @@ def hash_backward_input_cpu(x, table, grad_out, scales, resolutions, offsets, n_
         x, table, grad_out, scales, _consts(x.dtype), resolutions, offsets, n_dense, hash_mask, grad_x
     )
     return grad_x
+
+
+def hash_backward_both_cpu(x, table, grad_out, scales, resolutions, offsets, n_dense, hash_mask, n_rows):
+    """(gradient [N, 3] of the points, gradient [n_rows, F] of the table) in one pass over the corners.
+
+    Equal, bit for bit, to `hash_backward_input_cpu` and `hash_backward_table_cpu` (same sums in the same
+    order); it finds each point's corners once instead of twice. Holds [L, N, 3] level gradients meanwhile.
+    """
+    consts = _consts(x.dtype)
+    grad_table = np.empty((n_rows, table.shape[1]), dtype=grad_out.dtype)
+    grad_table.fill(0)  # sequential zeroing, as in hash_backward_table_cpu
+    per_level = np.empty((scales.shape[0], x.shape[0], 3), dtype=x.dtype)
+    _backward_both(
+        x, table, grad_out, scales, consts, resolutions, offsets, n_dense, hash_mask, grad_table, per_level
+    )
+    grad_x = np.empty_like(x)
+    _sum_levels(x, per_level, consts, grad_x)
+    return grad_x, grad_table

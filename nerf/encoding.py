@@ -263,6 +263,10 @@ class _HashEncodeCPU(torch.autograd.Function):
         x_np = x.detach().contiguous().numpy()
         g_np = grad_out.contiguous().numpy()
         grad_x = grad_table = None
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:  # one pass over the corners for both
+            table_np = table.detach().contiguous().numpy()
+            both = _hash_cpu.hash_backward_both_cpu(x_np, table_np, g_np, *args, levels.n_rows)
+            return torch.from_numpy(both[0]), torch.from_numpy(both[1]), None
         if ctx.needs_input_grad[1]:
             grad_table = torch.from_numpy(_hash_cpu.hash_backward_table_cpu(x_np, g_np, *args, levels.n_rows))
         if ctx.needs_input_grad[0]:

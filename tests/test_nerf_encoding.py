@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -160,6 +161,26 @@ def test_numba_function_gradcheck_float64(n_features):
     table = torch.randn(levels.n_rows, n_features, generator=gen, dtype=torch.float64, requires_grad=True)
     x = (0.05 + 0.9 * torch.rand(12, 3, generator=gen, dtype=torch.float64)).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a, b: _numba(a, b, config), (x, table), eps=1e-6, atol=1e-5)
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numba_fused_backward_equals_the_two_kernels_bitwise(dtype):
+    # Autograd takes the fused kernel when the points need a gradient too (the refinement's colour field),
+    # the table kernel alone otherwise (NeRF training): both must give the same numbers.
+    from nerf.encoding import _kernel_args
+
+    config = HashGridConfig(log2_hashmap_size=12)  # dense and hashed levels
+    levels = hash_grid_levels(config)
+    rng = np.random.default_rng(3)
+    table = rng.uniform(-1, 1, (levels.n_rows, 2)).astype(dtype)
+    x = rng.uniform(-0.1, 1.1, (2000, 3)).astype(dtype)  # some outside the box: zero gradient there
+    grad_out = rng.normal(size=(2000, config.output_dim)).astype(dtype)
+    args = _kernel_args(levels, torch.float32 if dtype == np.float32 else torch.float64)
+    grad_x, grad_table = _hash_cpu.hash_backward_both_cpu(x, table, grad_out, *args, levels.n_rows)
+    assert np.array_equal(grad_x, _hash_cpu.hash_backward_input_cpu(x, table, grad_out, *args))
+    assert np.array_equal(grad_table, _hash_cpu.hash_backward_table_cpu(x, grad_out, *args, levels.n_rows))
+    assert np.any(grad_x == 0) and np.all(np.isfinite(grad_x)) and np.abs(grad_table).sum() > 0
 
 
 def test_torch_path_gradcheck_and_gradgradcheck_float64():
