@@ -22,6 +22,11 @@
 #   mkdir -p .fx/sv3d_tiny && cp ../shared/fixtures/sv3d_tiny/{README.md,*_p.*,input_image.png,...} .fx/sv3d_tiny
 # On an H200 (2026-11-28) the nerfacc build took 71-83 s; tests ~60 s; bench_refine --full over 160 s;
 # the eval of one object at the CUDA defaults over 2.5 minutes (NeRF ~150 s then). Size BUDGET to the lease.
+# On 2026-12-05 an H100 stopped answering during one 540-second call (PARTS="tests refine profile estimator
+# nerf oracle", OBJECTS=mug, ORACLE_STEPS="default 1000") and nothing came back: $OUT returns only when a
+# call ends. Prefer two shorter calls, each of whose results come back on their own, e.g.
+#   BUDGET=230 PARTS="tests refine profile" bash scripts/gpu_check.sh
+#   BUDGET=300 PARTS="estimator nerf oracle" OBJECTS=mug ORACLE_STEPS="default 1000" bash scripts/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-gpu_check_out}
 BUDGET=${BUDGET:-560}
