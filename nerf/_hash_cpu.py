@@ -111,6 +111,21 @@ if AVAILABLE:
         ws[7] = fx * w11
         return fx, fy, fz
 
+    @numba.njit(inline="always")
+    def _fraction_gradient(gs, fx, fy, fz, one):  # pragma: no cover
+        # d out / d (fx, fy, fz) at one level, from gs[8] = grad_out . table[corner c] (corner c = bx + 2*by
+        # + 4*bz): w_c = wx * wy * wz with wx = fx or 1 - fx, so d w_c / d fx = +-(wy * wz), etc.
+        gx = one - fx
+        gy = one - fy
+        gz = one - fz
+        lx = (gs[1] - gs[0]) * gy * gz + (gs[3] - gs[2]) * fy * gz
+        lx += (gs[5] - gs[4]) * gy * fz + (gs[7] - gs[6]) * fy * fz
+        ly = (gs[2] - gs[0]) * gx * gz + (gs[3] - gs[1]) * fx * gz
+        ly += (gs[6] - gs[4]) * gx * fz + (gs[7] - gs[5]) * fx * fz
+        lz = (gs[4] - gs[0]) * gx * gy + (gs[5] - gs[1]) * fx * gy
+        lz += (gs[6] - gs[2]) * gx * fy + (gs[7] - gs[3]) * fx * fy
+        return lx, ly, lz
+
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _forward(x, table, scales, consts, resolutions, offsets, n_dense, hash_mask, out):  # pragma: no cover
         # x: [N, 3] (float32 or float64), table: [T, F], scales: [L] and consts: [3] in x's dtype,
@@ -201,16 +216,7 @@ if AVAILABLE:
                         for f in range(n_feat):
                             g += grad_out[i, col + f] * table[rows[c], f]
                         gs[c] = g
-                    gx = one - fx
-                    gy = one - fy
-                    gz = one - fz
-                    # w_c = wx * wy * wz with wx = fx or 1 - fx: d w_c / d fx = +-(wy * wz), etc.
-                    lx = (gs[1] - gs[0]) * gy * gz + (gs[3] - gs[2]) * fy * gz
-                    lx += (gs[5] - gs[4]) * gy * fz + (gs[7] - gs[6]) * fy * fz
-                    ly = (gs[2] - gs[0]) * gx * gz + (gs[3] - gs[1]) * fx * gz
-                    ly += (gs[6] - gs[4]) * gx * fz + (gs[7] - gs[5]) * fx * fz
-                    lz = (gs[4] - gs[0]) * gx * gy + (gs[5] - gs[1]) * fx * gy
-                    lz += (gs[6] - gs[2]) * gx * fy + (gs[7] - gs[3]) * fx * fy
+                    lx, ly, lz = _fraction_gradient(gs, fx, fy, fz, one)
                     grad_x[i, 0] += lx * s
                     grad_x[i, 1] += ly * s
                     grad_x[i, 2] += lz * s
@@ -248,15 +254,7 @@ if AVAILABLE:
                         g += go * table[rows[c], f]
                         grad_table[rows[c], f] += ws[c] * go
                     gs[c] = g
-                gx = one - fx
-                gy = one - fy
-                gz = one - fz
-                lx = (gs[1] - gs[0]) * gy * gz + (gs[3] - gs[2]) * fy * gz
-                lx += (gs[5] - gs[4]) * gy * fz + (gs[7] - gs[6]) * fy * fz
-                ly = (gs[2] - gs[0]) * gx * gz + (gs[3] - gs[1]) * fx * gz
-                ly += (gs[6] - gs[4]) * gx * fz + (gs[7] - gs[5]) * fx * fz
-                lz = (gs[4] - gs[0]) * gx * gy + (gs[5] - gs[1]) * fx * gy
-                lz += (gs[6] - gs[2]) * gx * fy + (gs[7] - gs[3]) * fx * fy
+                lx, ly, lz = _fraction_gradient(gs, fx, fy, fz, one)
                 per_level[level, i, 0] = lx * s
                 per_level[level, i, 1] = ly * s
                 per_level[level, i, 2] = lz * s

@@ -172,7 +172,14 @@ def refine_surface(
         pick = torch.randperm(n_views, device=device)[: config.views_per_step]
         topology = edge_topology(faces)  # [K, 3] the face across each edge: antialiasing, normal consistency
         out = render_surface(
-            vertices, faces, color, cameras[pick], config.render_resolution, detach, False, topology
+            vertices,
+            faces,
+            color,
+            cameras[pick],
+            config.render_resolution,
+            detach,
+            with_normals=False,
+            topology=topology,
         )
         losses = {
             "rgb": (out.image - target_rgb[pick]).pow(2).mean(),
