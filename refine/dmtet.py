@@ -260,7 +260,10 @@ class DMTetGeometry(nn.Module):
         The same as `marching_tets` over the whole grid, narrow band or not (class doc): the crossed tets
         keep the grid's order, and marching tets' output depends only on them.
         """
-        return marching_tets(self.deformed_vertices(), self._surface_tets(), self.sdf)
+        crossed_only = self.config.band_rings > 0  # the band hands over the crossed tets only
+        return marching_tets(
+            self.deformed_vertices(), self._surface_tets(), self.sdf, all_crossed=crossed_only
+        )
 
     def forward(self) -> tuple[Tensor, Tensor]:
         return self.extract()

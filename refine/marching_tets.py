@@ -84,14 +84,16 @@ def marching_tets(
     tets: Tensor,  # [T, 4] int64, positive volume
     sdf: Tensor,  # [N] float, < 0 inside (may require grad)
     edges: Tensor | None = None,  # [T, 6] int64 optional: global edge id per tet edge (see below)
+    all_crossed: bool = False,  # the caller passes only tets the surface crosses: skip selecting them
 ) -> tuple[Tensor, Tensor]:
     """Iso-surface sdf = 0 as (verts [M, 3], faces [K, 3] int64), differentiable in sdf and vertices.
 
-    Only tets with mixed signs are processed. `edges`, the second output of
-    `tet_edges(tets, return_tet_edges=True)`, names the crossed edges directly instead of deduplicating
-    them per call; results are the same either way (same vertex order: sorted by edge). Returns empty
-    [0, 3] tensors when the surface is empty. `verts` has the dtype of `vertices` and `sdf` combined;
-    `faces` are CCW seen from outside (normals towards increasing sdf). Runs on the inputs' device.
+    Only tets with mixed signs are processed (`all_crossed`: the caller found them already). `edges`,
+    the second output of `tet_edges(tets, return_tet_edges=True)`, names the crossed edges directly
+    instead of deduplicating them per call; results are the same either way (same vertex order: sorted
+    by edge). Returns empty [0, 3] tensors when the surface is empty. `verts` has the dtype of `vertices`
+    and `sdf` combined; `faces` are CCW seen from outside (normals towards increasing sdf). Runs on the
+    inputs' device.
     """
     # 1. Check inputs
     if vertices.ndim != 2 or vertices.shape[1] != 3:
@@ -107,13 +109,13 @@ def marching_tets(
 
     # 2. Select the tets that the surface crosses
     inside = sdf.detach() < 0  # [N] bool; an exact zero is outside
-    crossed = crossed_tets(inside, tets)  # [T]
-    if not bool(crossed.any()):
+    crossed = None if all_crossed else crossed_tets(inside, tets)  # [T]
+    if tets.shape[0] == 0 or (crossed is not None and not bool(crossed.any())):
         # Still attached to the graph, so that a caller's backward() does not fail on an empty surface.
         empty_v = vertices.new_zeros((0, 3), dtype=dtype) + 0.0 * (vertices.sum() + sdf.sum())
         return empty_v, torch.zeros((0, 3), dtype=torch.int64, device=device)
-    sel = crossed.nonzero().squeeze(1)  # [Tc]
-    tets_c = tets[sel]  # [Tc, 4]
+    sel = None if crossed is None else crossed.nonzero().squeeze(1)  # [Tc]
+    tets_c = tets if sel is None else tets[sel]  # [Tc, 4]
     inside_c = inside[tets_c]  # [Tc, 4]
 
     # 3. One output vertex per crossed grid edge
@@ -124,7 +126,7 @@ def marching_tets(
         pairs_sorted = torch.sort(pairs, dim=2).values
         keys = pairs_sorted[..., 0] * vertices.shape[0] + pairs_sorted[..., 1]  # [Tc, 6]
     else:
-        keys = edges[sel]  # [Tc, 6]
+        keys = edges if sel is None else edges[sel]  # [Tc, 6]
     uniq, inverse = torch.unique(keys[edge_crossed], return_inverse=True)  # [M], [n_crossed]
     vert_of_edge = torch.full(keys.shape, -1, dtype=torch.int64, device=device)  # [Tc, 6]
     vert_of_edge[edge_crossed] = inverse
