@@ -15,6 +15,7 @@ from skimage import measure
 
 __all__ = [
     "ExtractConfig",
+    "clear_below",
     "density_grid",
     "extract_mesh",
     "fill_cavities",
@@ -80,6 +81,19 @@ def fill_cavities(grid: np.ndarray, level: float, hole_radius: int = 2) -> np.nd
     filled = grid.copy()
     filled[cavities] = np.float32(level) * 2.0
     return filled
+
+
+def clear_below(grid: np.ndarray, bound: float, height: float) -> np.ndarray:
+    """[R, R, R] densities (a copy) with every cell whose centre lies below z = `height` emptied.
+
+    For the floor cut (`sv3d.fit_nerf`): what lies below the lowest surface point that any view sees is
+    never observed, and silhouettes from above leave a wedge of solid there that no photo supports.
+    """
+    resolution = grid.shape[2]
+    z = ((np.arange(resolution) + 0.5) / resolution * 2.0 - 1.0) * bound  # [R] cell centres (index order z)
+    cleared = grid.copy()
+    cleared[:, :, z < height] = 0.0
+    return cleared
 
 
 def surface(

@@ -166,6 +166,12 @@ def _add_fit_nerf(sub: argparse._SubParsersAction) -> None:
         help="occupied-volume prior (default 0, off): 0.01 opens cups and bowls seen from the side, but "
         "can also open closed objects with plain faces (README, Limitations)",
     )
+    p.add_argument(
+        "--no-floor-cut",
+        action="store_true",
+        help="keep the solid that the masks leave below the lowest surface point any frame sees (by default "
+        "it is cut away: a hidden bottom is taken as flat)",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
     p.add_argument("--force", action="store_true", help="start over in a non-empty output directory")
     p.set_defaults(func=_cmd_fit_nerf)
@@ -195,6 +201,8 @@ def _cmd_fit_nerf(args: argparse.Namespace) -> int:
         config.extract.resolution = args.grid
     if args.volume_weight is not None:
         config.train.volume_weight = args.volume_weight
+    if args.no_floor_cut:
+        config.floor_cut = False
     start = time.perf_counter()
     out = fit_nerf(args.orbit_dir, args.output, config, force=args.force)
     print(
@@ -282,6 +290,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         help="NeRF occupied-volume prior (default 0, off): 0.01 opens cups and bowls (see sv3d fit-nerf)",
     )
     p.add_argument(
+        "--no-floor-cut",
+        action="store_true",
+        help="keep the NeRF's solid below the lowest surface point any frame sees (see sv3d fit-nerf)",
+    )
+    p.add_argument(
         "--consistency-threshold",
         type=float,
         default=20.0,
@@ -314,6 +327,8 @@ def run_config_from_args(args: argparse.Namespace):
     )
     if args.volume_weight is not None:
         nerf.train.volume_weight = args.volume_weight
+    if args.no_floor_cut:
+        nerf.floor_cut = False
     orbit = OrbitConfig(
         checkpoint=args.checkpoint,
         orbit=args.orbit,

@@ -20,13 +20,13 @@ import torch
 import trimesh
 
 from nerf.encoding import HashGridConfig
-from nerf.extract import ExtractConfig, density_grid, extract_mesh, save_density, surface
+from nerf.extract import ExtractConfig, clear_below, density_grid, extract_mesh, save_density, surface
 from nerf.occupancy import OccupancyGrid
 from nerf.rays import generate_rays, ray_sphere_bounds
 from nerf.render import render_rays
 from nerf.train import TrainConfig, fit_field
 from refine.camera import Cameras, transform_points
-from refine.rasterizer import rasterize
+from refine.rasterizer import interpolate_covered, rasterize
 
 from .cameras import read_orbit_directory
 from .device import pick_device
@@ -34,7 +34,14 @@ from .errors import InputError
 from .evaluation.visual_hull import carve_occupancy
 from .video import write_video
 
-__all__ = ["FitNerfConfig", "choose_level", "default_fit_config", "fit_nerf", "orbit_fingerprint"]
+__all__ = [
+    "FitNerfConfig",
+    "choose_level",
+    "default_fit_config",
+    "fit_nerf",
+    "lowest_seen_height",
+    "orbit_fingerprint",
+]
 
 CHECKPOINT = "checkpoint.pt"
 OUTPUTS = ("mesh.ply", "density.npz", "field.safetensors", "preview.mp4")
@@ -53,6 +60,11 @@ class FitNerfConfig:
     level_candidates: tuple[float, ...] = (2.0, 3.0, 5.0, 7.0, 10.0, 15.0, 20.0, 30.0)
     level_tolerance: float = 0.01
     level_mask_resolution: int = 256  # masks are compared at most at this size
+    # Floor cut: empty the density below the lowest surface point that any frame sees (`lowest_seen_height`)
+    # before meshing. Masks from above leave a wedge of solid under an object that no frame sees; objects
+    # rest on something, so the hidden bottom is taken as flat at the lowest point seen. On a sphere seen
+    # from elevation 10 the lowest point seen is 0.045 of the radius above its bottom, which is cut off.
+    floor_cut: bool = True
     device: str = "auto"
 
 
@@ -88,6 +100,22 @@ def silhouette_iou(
     with torch.no_grad():
         covered = rasterize(pos_clip, faces, tuple(masks.shape[1:]))[..., 3] > 0  # [V, H, W]
     return float((covered & masks).sum()) / max(float((covered | masks).sum()), 1.0)
+
+
+def lowest_seen_height(
+    mesh: trimesh.Trimesh,
+    cameras: Cameras,
+    resolution: int,  # pixels per side of the views
+) -> float:
+    """The lowest z of the mesh's surface that any camera sees: first hits at pixel centres, all views."""
+    vertices = torch.as_tensor(np.asarray(mesh.vertices), dtype=torch.float32)  # [N, 3]
+    faces = torch.as_tensor(np.asarray(mesh.faces), dtype=torch.int64)  # [F, 3]
+    with torch.no_grad():
+        rast = rasterize(transform_points(vertices, cameras.world_to_clip()), faces, resolution)
+        _, seen = interpolate_covered(vertices, rast, faces)  # [P, 3] visible surface points
+    if len(seen) == 0:
+        raise InputError("no view sees the extracted surface: the cameras do not look at the object")
+    return float(seen[:, 2].min())
 
 
 def choose_level(
@@ -249,8 +277,8 @@ def fit_nerf(
     )
     level = config.extract.level
     level_ious: dict[float, float] = {}
+    size = min(config.level_mask_resolution, frames.images.shape[1])
     if config.level_candidates:
-        size = min(config.level_mask_resolution, frames.images.shape[1])
         alpha = frames.images[..., 3][:, None]  # [V, 1, H, W]
         masks = torch.nn.functional.interpolate(alpha, size=(size, size), mode="area")[:, 0] > 0.5
         level, level_ious = choose_level(
@@ -262,6 +290,11 @@ def fit_nerf(
             config.extract.min_component,
             tolerance=config.level_tolerance,
         )
+    floor = None
+    if config.floor_cut:
+        seen = surface(grid, bound, level, config.extract.min_component)
+        floor = lowest_seen_height(seen, frames.orbit.cameras(), size)
+        grid = clear_below(grid, bound, floor)
     mesh = extract_mesh(result.field, grid, bound, config.extract, level=level)
     _atomic(out / "mesh.ply", lambda p: mesh.export(p, file_type="ply"))
     _atomic(out / "density.npz", lambda p: save_density(p, grid, config.train.field.bound, level))
@@ -288,6 +321,7 @@ def fit_nerf(
         "extract_seconds": time.perf_counter() - start,
         "mesh_faces": len(mesh.faces),
         "level": level,
+        "floor_height": floor,
         "level_silhouette_iou": {str(k): v for k, v in level_ious.items()},
     }
     _atomic(out / "fit_nerf.json", lambda p: p.write_text(json.dumps(summary, indent=1)))

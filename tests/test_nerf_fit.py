@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -11,10 +12,11 @@ import pytest
 import torch
 import trimesh
 
-from nerf.extract import ExtractConfig, density_grid, extract_mesh, load_density, surface
+from nerf.extract import ExtractConfig, clear_below, density_grid, extract_mesh, load_density, surface
 from nerf.train import TrainConfig, _distortion, fit_field
+from sv3d.cameras import static_orbit
 from sv3d.cli import main
-from sv3d.fit_nerf import FitNerfConfig, fit_nerf, orbit_fingerprint
+from sv3d.fit_nerf import FitNerfConfig, fit_nerf, lowest_seen_height, orbit_fingerprint
 from sv3d.render_orbit import RenderOrbitConfig, render_orbit
 from sv3d.testing.objects import write_test_object
 
@@ -336,6 +338,29 @@ def _shell_grid(res: int = 48, hole: float = 0.0, mouth: float = 0.0) -> tuple[n
     return 100.0 * shell.astype(np.float32), 0.55
 
 
+def test_clear_below_empties_exactly_the_cells_under_the_height():
+    grid = np.random.default_rng(0).uniform(1.0, 2.0, (8, 8, 8)).astype(np.float32)
+    centres = (np.arange(8) + 0.5) / 8 * 2.0 - 1.0  # bound 1: cell centres -0.875 .. 0.875
+    cleared = clear_below(grid, 1.0, -0.3)  # cuts the centres -0.875, -0.625, -0.375
+    assert (cleared[:, :, centres < -0.3] == 0).all()
+    np.testing.assert_array_equal(cleared[:, :, centres > -0.3], grid[:, :, centres > -0.3])
+    assert (grid > 0).all()  # the input is left as it was
+    np.testing.assert_array_equal(clear_below(grid, 1.0, -2.0), grid)  # under the grid: nothing cut
+
+
+def test_lowest_seen_height_finds_a_flat_bottom_and_a_spheres_horizon():
+    cameras = static_orbit(10.0, 0.0).cameras()  # SV3D's 21 views at elevation 10, radius 2
+    box = trimesh.creation.box(extents=(0.6, 0.5, 0.3))  # bottom face at z = -0.15, never seen from above
+    assert lowest_seen_height(box, cameras, 256) == pytest.approx(-0.15, abs=1e-4)  # its edge is seen
+    # Sphere of radius 0.5 seen from distance 2: each view's horizon is the circle of tangent points, whose
+    # lowest point is at z = (r^2 / d) sin(e) - r sqrt(1 - r^2 / d^2) cos(e); the pole below is hidden.
+    r, d, e = 0.5, 2.0, np.radians(10.0)
+    horizon = r * r / d * np.sin(e) - r * np.sqrt(1 - r * r / (d * d)) * np.cos(e)  # -0.4551
+    seen = lowest_seen_height(trimesh.creation.icosphere(subdivisions=6, radius=r), cameras, 256)
+    pixel = 2 * d * np.tan(np.radians(33.8 / 2)) / 256  # a pixel's size at the sphere's centre
+    assert horizon - 1e-3 <= seen <= horizon + 2 * pixel  # pixel centres fall just inside the horizon
+
+
 def test_orbit_fingerprint_follows_the_frames_not_only_the_cameras(orbit: Path, tmp_path: Path):
     copy = Path(shutil.copytree(orbit, tmp_path / "copy"))
     assert orbit_fingerprint(copy) == orbit_fingerprint(orbit)
@@ -367,7 +392,12 @@ def test_fit_nerf_writes_its_files_and_refuses_bad_input(orbit: Path, tmp_path: 
         assert (out / name).is_file(), name
     grid, bound, level = load_density(out / "density.npz")
     assert grid.shape == (32, 32, 32) and bound == pytest.approx(0.55) and level == pytest.approx(0.6)
-    assert len(trimesh.load(out / "mesh.ply").faces) > 0
+    mesh = trimesh.load(out / "mesh.ply")
+    assert len(mesh.faces) > 0
+    # The floor cut (on by default): nothing below the lowest point seen, but a cell's rounding.
+    floor = json.loads((out / "fit_nerf.json").read_text())["floor_height"]
+    assert -0.55 < floor < 0.55 and mesh.vertices[:, 2].min() > floor - 2 * 0.55 / 32
+    assert (grid[:, :, (np.arange(32) + 0.5) / 32 * 1.1 - 0.55 < floor] == 0).all()
     # Bad input: a missing frame, a malformed transforms.json -> one line, nothing created.
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -312,3 +312,12 @@ def test_volume_weight_reaches_the_nerf_stage():
     assert run_config_from_args(args).nerf.train.volume_weight == 0.01
     args = build_parser().parse_args(["run", "cup.png", "-o", "out", "--device", "cpu"])
     assert run_config_from_args(args).nerf.train.volume_weight == 0.0  # off by default
+
+
+def test_no_floor_cut_reaches_the_nerf_stage():
+    from sv3d.cli import build_parser, run_config_from_args
+
+    args = build_parser().parse_args(["run", "cup.png", "-o", "out", "--device", "cpu"])
+    assert run_config_from_args(args).nerf.floor_cut  # on by default
+    args = build_parser().parse_args(["run", "cup.png", "-o", "out", "--no-floor-cut", "--device", "cpu"])
+    assert not run_config_from_args(args).nerf.floor_cut
