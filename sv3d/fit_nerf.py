@@ -106,16 +106,15 @@ def lowest_seen_height(
     mesh: trimesh.Trimesh,
     cameras: Cameras,
     resolution: int,  # pixels per side of the views
-) -> float:
-    """The lowest z of the mesh's surface that any camera sees: first hits at pixel centres, all views."""
+) -> float | None:
+    """The lowest z of the mesh's surface that any camera sees (first hits at pixel centres, all views);
+    None when no view sees it."""
     vertices = torch.as_tensor(np.asarray(mesh.vertices), dtype=torch.float32)  # [N, 3]
     faces = torch.as_tensor(np.asarray(mesh.faces), dtype=torch.int64)  # [F, 3]
     with torch.no_grad():
         rast = rasterize(transform_points(vertices, cameras.world_to_clip()), faces, resolution)
         _, seen = interpolate_covered(vertices, rast, faces)  # [P, 3] visible surface points
-    if len(seen) == 0:
-        raise InputError("no view sees the extracted surface: the cameras do not look at the object")
-    return float(seen[:, 2].min())
+    return float(seen[:, 2].min()) if len(seen) else None
 
 
 def choose_level(
@@ -294,7 +293,8 @@ def fit_nerf(
     if config.floor_cut:
         seen = surface(grid, bound, level, config.extract.min_component)
         floor = lowest_seen_height(seen, frames.orbit.cameras(), size)
-        grid = clear_below(grid, bound, floor)
+        if floor is not None:  # no view sees the surface: nothing is known to cut
+            grid = clear_below(grid, bound, floor)
     mesh = extract_mesh(result.field, grid, bound, config.extract, level=level)
     _atomic(out / "mesh.ply", lambda p: mesh.export(p, file_type="ply"))
     _atomic(out / "density.npz", lambda p: save_density(p, grid, config.train.field.bound, level))

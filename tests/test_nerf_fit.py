@@ -359,6 +359,9 @@ def test_lowest_seen_height_finds_a_flat_bottom_and_a_spheres_horizon():
     seen = lowest_seen_height(trimesh.creation.icosphere(subdivisions=6, radius=r), cameras, 256)
     pixel = 2 * d * np.tan(np.radians(33.8 / 2)) / 256  # a pixel's size at the sphere's centre
     assert horizon - 1e-3 <= seen <= horizon + 2 * pixel  # pixel centres fall just inside the horizon
+    behind = trimesh.creation.box(extents=(0.2, 0.2, 0.2))
+    behind.apply_translation((3.0, 0.0, 0.0))  # behind the one camera, at azimuth 0: seen by none
+    assert lowest_seen_height(behind, static_orbit(10.0, 0.0, num_frames=1).cameras(), 64) is None
 
 
 def test_orbit_fingerprint_follows_the_frames_not_only_the_cameras(orbit: Path, tmp_path: Path):
