@@ -62,8 +62,8 @@ class FitNerfConfig:
     level_mask_resolution: int = 256  # masks are compared at most at this size
     # Floor cut: empty the density below the lowest surface point that any frame sees (`lowest_seen_height`)
     # before meshing. Masks from above leave a wedge of solid under an object that no frame sees; objects
-    # rest on something, so the hidden bottom is taken as flat at the lowest point seen. On a sphere seen
-    # from elevation 10 the lowest point seen is 0.045 of the radius above its bottom, which is cut off.
+    # rest on something, so the hidden bottom is taken as flat at the lowest point seen. A round bottom
+    # loses the cap below the views' horizon: 0.045 high on a sphere of radius 0.5 seen from elevation 10.
     floor_cut: bool = True
     device: str = "auto"
 
