@@ -20,18 +20,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from bench_refine import blob_scene  # scripts/ is on sys.path when a script runs
 from torch.profiler import ProfilerActivity, profile, schedule
 
 from nerf.occupancy import OccupancyGrid
 from nerf.train import fit_field
 from refine.fit import refine_surface
-from refine.tetgrid import tet_grid
 from sv3d.cameras import read_orbit_directory
 from sv3d.evaluation.visual_hull import carve_occupancy
 from sv3d.fit_nerf import default_fit_config
-from sv3d.meshio import load_trimesh
-from sv3d.refine_stage import default_refine_config, mesh_sdf
-from sv3d.render_orbit import RenderOrbitConfig, render_orbit, render_orbit_frames
+from sv3d.refine_stage import default_refine_config
+from sv3d.render_orbit import RenderOrbitConfig, render_orbit
 from sv3d.testing.objects import write_test_object
 
 
@@ -94,11 +93,7 @@ def profile_nerf(device: torch.device, root: Path, warmup: int, steps: int, out:
 
 def profile_refine(device: torch.device, root: Path, steps: int, out: Path) -> None:
     config = default_refine_config(device).refine
-    obj = write_test_object(root, "blob")
-    frames = render_orbit_frames(obj, RenderOrbitConfig(resolution=config.render_resolution))
-    mesh = load_trimesh(obj)
-    mesh.apply_scale(0.98)
-    init = mesh_sdf(mesh, tet_grid(config.tet.resolution, config.tet.bound).vertices)
+    frames, init = blob_scene(config, root)
     unprofiled = 3
     config = replace(config, steps=unprofiled + 1 + steps + 1, views_per_step=len(frames.orbit))
     timer = StepProfiler(device, unprofiled, steps)
