@@ -33,7 +33,7 @@ from .rasterizer import interpolate, rasterize
 
 __all__ = ["BakeConfig", "ColorFn", "bake_texture", "check_texture_size", "default_padding", "unwrap_uv"]
 
-ColorFn = Callable[[Tensor], Tensor]  # points [P, 3] world -> rgb [P, 3] in [0, 1]
+ColorFn = Callable[..., Tensor]  # points [P, 3] world (, unit normals [P, 3]) -> rgb [P, 3] in [0, 1]
 
 MIN_TEXTURE_SIZE = 64  # below this a chart's padding eats most of the texture
 MAX_TEXTURE_SIZE = 8192  # a float32 8192² RGB texture is 768 MiB; beyond is not worth it for one object
@@ -138,12 +138,16 @@ def unwrap_uv(
 
 
 @torch.no_grad()
-def _evaluate(color_fn: ColorFn, points: Tensor, chunk_size: int) -> Tensor:
-    """color_fn over points [P, 3] in chunks -> [P, 3] float32 in [0, 1]."""
+def _evaluate(color_fn: ColorFn, points: Tensor, chunk_size: int, normals: Tensor | None = None) -> Tensor:
+    """color_fn over points [P, 3] (and unit normals [P, 3] when given) in chunks -> [P, 3] float32 in
+    [0, 1]."""
     out = []
     for start in range(0, points.shape[0], chunk_size):  # chunks, not points: a handful of calls
         chunk = points[start : start + chunk_size]
-        rgb = color_fn(chunk)
+        if normals is None:
+            rgb = color_fn(chunk)
+        else:
+            rgb = color_fn(chunk, normals[start : start + chunk_size])
         if not isinstance(rgb, Tensor) or rgb.shape != (chunk.shape[0], 3):
             shape = tuple(rgb.shape) if isinstance(rgb, Tensor) else type(rgb).__name__
             raise ValueError(f"color_fn must return a [{chunk.shape[0]}, 3] tensor, got {shape}")
@@ -177,6 +181,7 @@ def bake_texture(
     gutter: int = 8,
     supersample: int = 1,
     chunk_size: int = 1 << 18,
+    normals: Tensor | None = None,  # [N, 3] per-vertex normals: color_fn(points, unit normals) is baked
 ) -> Tensor:
     """Bake `color_fn` over the surface into a texture [S, S, 3] float32 in [0, 1], row 0 = top.
 
@@ -197,6 +202,9 @@ def bake_texture(
         raise ValueError(f"supersample must be an int in [1, 4], got {supersample!r}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if normals is not None and normals.shape != vertices.shape:
+        got = tuple(normals.shape)
+        raise ValueError(f"normals must be [{vertices.shape[0]}, 3] (one per vertex), got {got}")
     device = vertices.device
     k = int(supersample)
     res = size * k
@@ -207,12 +215,16 @@ def bake_texture(
     # 2. Rasterize in UV space: clip (2u - 1, 2v - 1, 0, 1); v = 1 lands on row 0 = top
     pos_clip = torch.cat([uvs * 2.0 - 1.0, torch.zeros_like(uvs[:, :1]), torch.ones_like(uvs[:, :1])], -1)
     rast = rasterize(pos_clip[None], faces, res)  # [1, kS, kS, 4]
-    points = interpolate(vertices, rast, faces)[0]  # [kS, kS, 3] world position per sample
+    attrs = vertices if normals is None else torch.cat([vertices, normals.detach().to(vertices)], dim=-1)
+    attrs = interpolate(attrs, rast, faces)[0]  # [kS, kS, 3 or 6] world position (and normal) per sample
     sample_hit = rast[0, ..., 3] > 0  # [kS, kS]
+    points, sample_normals = attrs[sample_hit, :3], None  # [Q, 3]
+    if normals is not None:
+        sample_normals = torch.nn.functional.normalize(attrs[sample_hit, 3:], dim=-1)  # [Q, 3]
 
     # 3. Colour at covered samples, averaged per texel: [kS, kS] -> [S, k, S, k] -> [S, S]
     colors = torch.zeros(res, res, 3, device=device)
-    colors[sample_hit] = _evaluate(color_fn, points[sample_hit], chunk_size)
+    colors[sample_hit] = _evaluate(color_fn, points, chunk_size, sample_normals)
     hits = sample_hit.float().view(size, k, size, k).sum(dim=(1, 3))  # [S, S] covered samples per texel
     summed = colors.view(size, k, size, k, 3).sum(dim=(1, 3))  # [S, S, 3]
     covered = hits > 0  # [S, S]
@@ -230,7 +242,13 @@ def bake_texture(
         if bool(empty.any()):
             row, col = row[empty], col[empty]
             centroid = vertices[faces[missed[empty]]].mean(dim=1)  # [Q', 3]
-            texture[row, col] = _evaluate(color_fn, centroid, chunk_size)  # several per texel: one wins
+            centroid_normals = None
+            if normals is not None:
+                centroid_normals = torch.nn.functional.normalize(
+                    normals.detach().to(vertices)[faces[missed[empty]]].mean(dim=1), dim=-1
+                )
+            # several per texel: one wins
+            texture[row, col] = _evaluate(color_fn, centroid, chunk_size, centroid_normals)
             covered[row, col] = True
     if not bool(covered.any()):
         raise ValueError("no texel is covered: uvs must lie in [0, 1] and span non-degenerate triangles")

@@ -230,12 +230,14 @@ def textured_mesh(
     The keyword arguments are the fields of `bake.BakeConfig`: `textured_mesh(v, f, fn, **asdict(config))`.
 
     Vertex normals are computed on the input (welded) mesh and copied to the split seam vertices, so that
-    shading shows no seams.
+    shading shows no seams. A colour field whose `shaded` is true (`refine.color_field.ColorField` with its
+    learned shading) is baked lit: called with those normals as well.
     """
     check_texture_size(texture_size)  # before the (slow) unwrap
     normals = vertex_normals(vertices.detach().float(), faces.long())  # [N, 3]
     vertices2, faces2, uvs, vmap = unwrap_uv(vertices, faces, texture_size, padding)
-    tex = bake_texture(vertices2, faces2, uvs, color_fn, texture_size, gutter, supersample, chunk_size)
+    lit = normals[vmap] if getattr(color_fn, "shaded", False) else None  # [N2, 3]: bake albedo * shading
+    tex = bake_texture(vertices2, faces2, uvs, color_fn, texture_size, gutter, supersample, chunk_size, lit)
     return Mesh(
         vertices=vertices2.detach().float(),
         faces=faces2.long(),

@@ -228,6 +228,12 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--texture-size", type=int, help="baked texture size, a power of two (default 1024)")
     p.add_argument("--target-faces", type=int, help="decimate the exported mesh to this many faces")
     p.add_argument(
+        "--no-shading",
+        action="store_true",
+        help="fit an unlit colour field (by default colour = albedo x a learned shading of the surface "
+        "normal, which lets the frames' shading shape plain surfaces)",
+    )
+    p.add_argument(
         "--sds",
         choices=("auto", "on", "off"),
         default="auto",
@@ -255,6 +261,8 @@ def _cmd_refine(args: argparse.Namespace) -> int:
         config.bake.texture_size = args.texture_size
     if args.target_faces is not None:
         config.cleanup.target_faces = args.target_faces
+    if args.no_shading:
+        config.refine.color.shading = False
     start = time.perf_counter()
     out = refine_stage(args.orbit_dir, args.init, args.output, config, force=args.force)
     print(f"wrote mesh.glb, mesh.obj/.mtl/.png, preview.mp4 to {out} in {time.perf_counter() - start:.1f} s")
@@ -295,6 +303,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         help="keep the NeRF's solid below the lowest surface point any frame sees (see sv3d fit-nerf)",
     )
     p.add_argument(
+        "--no-shading",
+        action="store_true",
+        help="refine with an unlit colour field instead of albedo x learned shading (see sv3d refine)",
+    )
+    p.add_argument(
         "--consistency-threshold",
         type=float,
         default=20.0,
@@ -329,6 +342,8 @@ def run_config_from_args(args: argparse.Namespace):
         nerf.train.volume_weight = args.volume_weight
     if args.no_floor_cut:
         nerf.floor_cut = False
+    if args.no_shading:
+        refine.refine.color.shading = False
     orbit = OrbitConfig(
         checkpoint=args.checkpoint,
         orbit=args.orbit,

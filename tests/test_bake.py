@@ -270,3 +270,19 @@ def test_large_meshes_unwrap_with_bounded_charts_without_overlap():
     pos = torch.cat([uv * 2 - 1, torch.zeros_like(uv[:, :1]), torch.ones_like(uv[:, :1])], -1)[None]
     covered = float((rasterize(pos, f2, 1024)[0, ..., 3] > 0).double().mean())
     assert abs(covered - area) < 0.01 and area > 0.4, (covered, area)
+
+
+def test_a_shaded_colour_is_baked_with_the_given_normals(unwrapped):
+    """With per-vertex normals, color_fn(points, normals) is baked at the normals interpolated and
+    normalised: on a sphere given inward normals, a colour of the normal bakes as minus the radial one."""
+    (_, _), (v2, f2, uv, _) = unwrapped
+    inward = -torch.nn.functional.normalize(v2, dim=-1)  # [N, 3]
+    by_normal = bake_texture(
+        v2, f2, uv, lambda p, n: 0.5 + 0.5 * n, texture_size=128, gutter=0, normals=inward
+    )
+    by_point = bake_texture(
+        v2, f2, uv, lambda p: 0.5 - 0.5 * torch.nn.functional.normalize(p, dim=-1), texture_size=128, gutter=0
+    )
+    assert (by_normal - by_point).abs().max().item() < 1e-4  # same direction: position and normal are linear
+    with pytest.raises(ValueError, match="normals"):
+        bake_texture(v2, f2, uv, lambda p, n: n, texture_size=64, normals=inward[:-1])

@@ -321,3 +321,14 @@ def test_no_floor_cut_reaches_the_nerf_stage():
     assert run_config_from_args(args).nerf.floor_cut  # on by default
     args = build_parser().parse_args(["run", "cup.png", "-o", "out", "--no-floor-cut", "--device", "cpu"])
     assert not run_config_from_args(args).nerf.floor_cut
+
+
+def test_no_shading_reaches_the_refine_stage():
+    from sv3d.cli import build_parser, run_config_from_args
+
+    args = build_parser().parse_args(["run", "cup.png", "-o", "out", "--device", "cpu"])
+    assert run_config_from_args(args).refine.refine.color.shading  # on by default
+    args = build_parser().parse_args(["run", "cup.png", "-o", "out", "--no-shading", "--device", "cpu"])
+    assert not run_config_from_args(args).refine.refine.color.shading
+    args = build_parser().parse_args(["refine", "orbit", "--init", "nerf", "-o", "out", "--no-shading"])
+    assert args.no_shading
