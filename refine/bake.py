@@ -210,12 +210,13 @@ def bake_texture(
     res = size * k
     faces = faces.long()
     vertices = vertices.detach().float()
+    normals = None if normals is None else normals.detach().to(vertices)
     uvs = uvs.detach().to(device=device, dtype=torch.float32)
 
     # 2. Rasterize in UV space: clip (2u - 1, 2v - 1, 0, 1); v = 1 lands on row 0 = top
     pos_clip = torch.cat([uvs * 2.0 - 1.0, torch.zeros_like(uvs[:, :1]), torch.ones_like(uvs[:, :1])], -1)
     rast = rasterize(pos_clip[None], faces, res)  # [1, kS, kS, 4]
-    attrs = vertices if normals is None else torch.cat([vertices, normals.detach().to(vertices)], dim=-1)
+    attrs = vertices if normals is None else torch.cat([vertices, normals], dim=-1)
     attrs = interpolate(attrs, rast, faces)[0]  # [kS, kS, 3 or 6] world position (and normal) per sample
     sample_hit = rast[0, ..., 3] > 0  # [kS, kS]
     points, sample_normals = attrs[sample_hit, :3], None  # [Q, 3]
@@ -245,7 +246,7 @@ def bake_texture(
             centroid_normals = None
             if normals is not None:
                 centroid_normals = torch.nn.functional.normalize(
-                    normals.detach().to(vertices)[faces[missed[empty]]].mean(dim=1), dim=-1
+                    normals[faces[missed[empty]]].mean(dim=1), dim=-1
                 )
             # several per texel: one wins
             texture[row, col] = _evaluate(color_fn, centroid, chunk_size, centroid_normals)
