@@ -31,7 +31,7 @@ from .rasterizer import antialias, edge_topology, interpolate, interpolate_cover
 from .regularisers import laplacian_loss, normal_consistency_loss
 from .shading import albedo_smoothness
 
-__all__ = ["Guidance", "RefineConfig", "RefineResult", "refine_surface", "render_surface"]
+__all__ = ["Guidance", "RefineConfig", "RefineResult", "frame_loss", "refine_surface", "render_surface"]
 
 # guidance(images [V, H, W, 3] in [0, 1], alpha [V, H, W, 1], normals [V, H, W, 3], step) -> {"loss_sds": ...}
 Guidance = Callable[..., dict[str, Tensor]]
@@ -142,6 +142,40 @@ def _resize(images: Tensor, size: int) -> Tensor:
     return x.permute(0, 2, 3, 1)
 
 
+def _targets(images: Tensor, resolution: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Straight RGBA frames [V, H, W, 4] -> over white [V, S, S, 3] and alpha [V, S, S, 1] at `resolution`."""
+    # Over white first (nerf's helper, no resizing there), then resized: up or down to the render size
+    over_white, alpha_full = frames_over_white(images, images.shape[1])  # [V, H, W, 3], [V, H, W, 1]
+    frames = _resize(torch.cat([over_white, alpha_full], dim=-1), resolution).to(device)
+    return frames[..., :3], frames[..., 3:]
+
+
+@torch.no_grad()
+def frame_loss(
+    result: RefineResult,
+    images: Tensor,  # [V, H, W, 4] straight RGBA frames in [0, 1]
+    cameras: Cameras,  # V cameras of the frames
+    resolution: int,  # frames compared at this size (the refinement's render_resolution)
+    views_per_batch: int = 4,
+) -> float:
+    """Mean squared RGB error (over white) plus mean squared coverage error of the refined surface's
+    renders against all the frames: the reconstruction loss with unit weights, over every view."""
+    vertices, faces = result.geometry.extract()
+    device = vertices.device
+    target_rgb, target_alpha = _targets(images, resolution, device)
+    cameras = cameras.to(device)
+    topology = edge_topology(faces)
+    total = 0.0
+    for start in range(0, len(cameras), views_per_batch):
+        views = torch.arange(start, min(start + views_per_batch, len(cameras)), device=device)
+        out = render_surface(
+            vertices, faces, result.color, cameras[views], resolution, with_normals=False, topology=topology
+        )
+        total += float((out.image - target_rgb[views]).pow(2).sum() / (3 * resolution**2))
+        total += float((out.alpha - target_alpha[views]).pow(2).sum() / resolution**2)
+    return total / len(cameras)
+
+
 def refine_surface(
     images: Tensor,  # [V, H, W, 4] straight RGBA frames in [0, 1]
     cameras: Cameras,  # V cameras of the frames (SV3D order when guidance is used)
@@ -169,10 +203,7 @@ def refine_surface(
     geometry = DMTetGeometry(config.tet).to(device)
     geometry.init_from_sdf(init_sdf)  # ValueError when empty or reaching the grid's boundary
     color = ColorField(config.color).to(device)
-    # Over white first (nerf's helper, no resizing there), then resized: up or down to the render size
-    over_white, alpha_full = frames_over_white(images, images.shape[1])  # [V, H, W, 3], [V, H, W, 1]
-    frames = _resize(torch.cat([over_white, alpha_full], dim=-1), config.render_resolution).to(device)
-    target_alpha, target_rgb = frames[..., 3:], frames[..., :3]  # [V, S, S, 1], [V, S, S, 3] over white
+    target_rgb, target_alpha = _targets(images, config.render_resolution, device)  # [V, S, S, 3], [.., 1]
     cameras = cameras.to(device)
     optimizer = torch.optim.Adam(
         [

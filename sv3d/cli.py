@@ -234,6 +234,12 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
         "normal, which lets the frames' shading shape plain surfaces)",
     )
     p.add_argument(
+        "--no-open-cavities",
+        action="store_true",
+        help="refine from the init only (by default also from the init with its cavities opened, kept "
+        "when it fits the frames as well: bowls and cups keep their insides; about twice the time)",
+    )
+    p.add_argument(
         "--sds",
         choices=("auto", "on", "off"),
         default="auto",
@@ -263,6 +269,8 @@ def _cmd_refine(args: argparse.Namespace) -> int:
         config.cleanup.target_faces = args.target_faces
     if args.no_shading:
         config.refine.color.shading = False
+    if args.no_open_cavities:
+        config.open_cavities = False
     start = time.perf_counter()
     out = refine_stage(args.orbit_dir, args.init, args.output, config, force=args.force)
     print(f"wrote mesh.glb, mesh.obj/.mtl/.png, preview.mp4 to {out} in {time.perf_counter() - start:.1f} s")
@@ -308,6 +316,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         help="refine with an unlit colour field instead of albedo x learned shading (see sv3d refine)",
     )
     p.add_argument(
+        "--no-open-cavities",
+        action="store_true",
+        help="refine from the NeRF mesh only, not also with its cavities opened (see sv3d refine)",
+    )
+    p.add_argument(
         "--consistency-threshold",
         type=float,
         default=20.0,
@@ -344,6 +357,8 @@ def run_config_from_args(args: argparse.Namespace):
         nerf.floor_cut = False
     if args.no_shading:
         refine.refine.color.shading = False
+    if args.no_open_cavities:
+        refine.open_cavities = False
     orbit = OrbitConfig(
         checkpoint=args.checkpoint,
         orbit=args.orbit,

@@ -46,6 +46,10 @@ def test_refine_writes_a_watertight_textured_mesh(scene, tmp_path: Path):
     assert np.allclose(welded.bounds, scene["placed"].bounds, atol=0.06)
     summary = json.loads((out / "refine.json").read_text())
     assert summary["sds"] is False and summary["history"][-1]["step"] == 12
+    # Both starts are on record (the solid blob's open-cavity start fits far worse) and one is chosen.
+    starts = summary["starts"]
+    assert [s["start"] for s in starts] == ["init", "open cavities"]
+    assert sum(s["chosen"] for s in starts) == 1 and np.isfinite(starts[0]["frame_loss"])
 
 
 @pytest.mark.parametrize(

@@ -332,3 +332,14 @@ def test_no_shading_reaches_the_refine_stage():
     assert not run_config_from_args(args).refine.refine.color.shading
     args = build_parser().parse_args(["refine", "orbit", "--init", "nerf", "-o", "out", "--no-shading"])
     assert args.no_shading
+
+
+def test_no_open_cavities_reaches_the_refine_stage():
+    from sv3d.cli import build_parser, run_config_from_args
+
+    args = build_parser().parse_args(["run", "cup.png", "-o", "out", "--device", "cpu"])
+    assert run_config_from_args(args).refine.open_cavities  # on by default
+    args = build_parser().parse_args(["run", "cup.png", "-o", "out", "--no-open-cavities", "--device", "cpu"])
+    assert not run_config_from_args(args).refine.open_cavities
+    args = build_parser().parse_args(["refine", "orbit", "--init", "nerf", "-o", "out", "--no-open-cavities"])
+    assert args.no_open_cavities

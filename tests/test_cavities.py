@@ -1,0 +1,115 @@
+"""The refinement's open-cavity start: the init SDF hollowed out and opened upwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from refine.cavities import open_cavities
+from refine.tetgrid import tet_grid
+
+R, BOUND = 32, 0.55
+
+
+def _lattice() -> torch.Tensor:
+    return tet_grid(R, BOUND).vertices  # [(R+1)^3, 3], z fastest
+
+
+def _box_sdf(points: torch.Tensor, half: float) -> torch.Tensor:
+    q = points.abs() - half
+    return q.clamp(min=0).norm(dim=-1) + q.max(dim=-1).values.clamp(max=0)  # [N] exact box SDF
+
+
+def test_a_solid_box_becomes_an_open_shell_of_the_given_thickness():
+    p = _lattice()
+    sdf = _box_sdf(p, 0.3)
+    opened = open_cavities(sdf, R, BOUND, thickness=0.06)
+    cell = 2 * BOUND / R
+    # Walls and floor stay: points within the thickness under the sides and bottom are still inside.
+    depth = 0.3 - p[:, 0]  # under the +x face
+    wall = (depth > 0.005) & (depth < 0.06 - cell) & (p[:, 1].abs() < 0.2) & (p[:, 2].abs() < 0.2)
+    assert wall.any() and (opened[wall] < 0).all()
+    height = p[:, 2] + 0.3  # over the bottom face
+    floor = (height > 0.005) & (height < 0.06 - cell) & (p[:, :2].abs() < 0.2).all(dim=-1)
+    assert floor.any() and (opened[floor] < 0).all()
+    # The core and everything above it, through the top face, is removed: the top is open.
+    core = (p.abs() < 0.15).all(dim=-1)
+    top = (p[:, 2] - 0.29).abs() < cell / 2
+    top &= (p[:, :2].abs() < 0.15).all(dim=-1)
+    assert (opened[core] > 0).all() and (opened[top] > 0).all()
+    # Never adds material: the outside stays outside.
+    assert (opened >= sdf - 1e-6).all() and (opened[sdf > 0] > 0).all()
+
+
+def test_a_thin_object_has_no_cavity_to_open():
+    p = _lattice()
+    plate = torch.maximum(_box_sdf(p, 0.4), p[:, 2].abs() - 0.02)  # 4 cm thick slab
+    assert torch.equal(open_cavities(plate, R, BOUND, thickness=0.03), plate)
+
+
+def test_open_cavities_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="resolution"):
+        open_cavities(torch.zeros(10), R, BOUND, 0.03)
+    with pytest.raises(ValueError, match="thickness"):
+        open_cavities(torch.zeros((R + 1) ** 3), R, BOUND, 0.0)
+
+
+class _Frames:
+    """The two things `_refine_starts` reads of an orbit: its images and its cameras."""
+
+    images = torch.zeros(2, 8, 8, 4)
+
+    class orbit:  # noqa: N801
+        @staticmethod
+        def cameras():
+            return None
+
+
+def _starts(monkeypatch, init_sdf, open_loss: float, open_step_loss: float = 0.01, **overrides):
+    """Run `_refine_starts` with a stand-in refinement: each start reports a constant step loss (the open
+    start `open_step_loss`, the init 0.01) and ends with frame loss 1.0 (init) or `open_loss` (open)."""
+    from types import SimpleNamespace
+
+    import sv3d.refine_stage as stage
+
+    def refine(images, cameras, sdf, config, guidance, device, progress):
+        name = "init" if torch.equal(sdf, init_sdf) else "open"
+        for step in range(1, config.steps + 1):
+            progress(step, {"rgb": open_step_loss if name == "open" else 0.01, "mask": 0.0})
+        return SimpleNamespace(name=name, seconds=0.0)
+
+    monkeypatch.setattr(stage, "refine_surface", refine)
+    monkeypatch.setattr(stage, "frame_loss", lambda result, *a: 1.0 if result.name == "init" else open_loss)
+    config = stage.RefineStageConfig(**overrides)
+    config.refine.steps = 20
+    grid = SimpleNamespace(resolution=R, bound=BOUND)
+    result, starts = stage._refine_starts(_Frames, init_sdf, grid, config, None, "cpu", lambda *a: None)
+    return result.name, starts
+
+
+def test_the_open_start_is_kept_only_when_it_fits_clearly_better(monkeypatch):
+    box = _box_sdf(_lattice(), 0.3)
+    name, starts = _starts(monkeypatch, box, open_loss=0.9)  # 10% better than the init's 1.0
+    assert name == "open" and [s["chosen"] for s in starts] == [False, True]
+    assert starts[1]["removed"] > 0.5
+    name, starts = _starts(monkeypatch, box, open_loss=0.95)  # 5%: the frames cannot tell, keep the init
+    assert name == "init" and [s["chosen"] for s in starts] == [True, False]
+    name, starts = _starts(monkeypatch, box, open_loss=0.95, cavity_gain=0.04)
+    assert name == "open"
+
+
+def test_a_far_worse_open_start_is_stopped_early(monkeypatch):
+    box = _box_sdf(_lattice(), 0.3)
+    name, starts = _starts(monkeypatch, box, open_loss=0.5, open_step_loss=0.03)  # 3x the init's steps
+    assert name == "init" and "step 5" in starts[1]["abandoned"]  # a quarter of 20 steps
+    assert "frame_loss" not in starts[1]
+
+
+def test_no_second_start_when_off_or_when_nothing_would_open(monkeypatch):
+    p = _lattice()
+    box = _box_sdf(p, 0.3)
+    name, starts = _starts(monkeypatch, box, open_loss=0.1, open_cavities=False)
+    assert name == "init" and len(starts) == 1 and starts[0]["chosen"]
+    slab = torch.maximum(_box_sdf(p, 0.4), p[:, 2].abs() - 0.02)
+    name, starts = _starts(monkeypatch, slab, open_loss=0.1)
+    assert name == "init" and "skipped" in starts[1]
