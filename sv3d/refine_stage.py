@@ -262,9 +262,9 @@ def _refine_starts(frames, init_sdf, grid, config: RefineStageConfig, guidance, 
         loss = frame_loss(result, frames.images, cameras, config.refine.render_resolution)
         return result, {"start": name, "frame_loss": loss, "seconds": result.seconds}
 
-    best, record = run("init", init_sdf)
+    from_init, record = run("init", init_sdf)
     starts = [record]
-    chosen = best
+    chosen = from_init
     if config.open_cavities:
         opened = open_cavities(init_sdf, grid.resolution, grid.bound, config.cavity_thickness)
         inside = init_sdf < 0
@@ -281,7 +281,7 @@ def _refine_starts(frames, init_sdf, grid, config: RefineStageConfig, guidance, 
                 starts.append({"start": "open cavities", "removed": removed, "abandoned": str(exc)})
     for start in starts:
         start["chosen"] = False
-    starts[0 if chosen is best else 1]["chosen"] = True
+    starts[0 if chosen is from_init else 1]["chosen"] = True
     return chosen, starts
 
 
