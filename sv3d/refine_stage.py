@@ -57,7 +57,7 @@ class RefineStageConfig:
     open_cavities: bool = True
     cavity_thickness: float = 0.03  # world units of wall left under the init's surface
     cavity_min_fraction: float = 0.02  # tried when it removes at least this share of the inside vertices
-    cavity_gain: float = 0.08  # the open start's frame loss must be this share below the plain start's
+    cavity_gain: float = 0.10  # the open start's frame loss must be this share below the plain start's
     # The second start stops early, after this share of the steps, when its reconstruction loss (mean of
     # the last 10 steps) is over cavity_abort_ratio x the plain start's at the same steps (a solid object
     # with a hole cut in its top: measured 60x at the end on the checker sphere).
