@@ -190,7 +190,8 @@ class DMTetGeometry(nn.Module):
         n = grid.vertices.shape[0]
         self.sdf = nn.Parameter(torch.zeros(n))  # [N]; all zero = all outside = empty until initialised
         self.deformation = nn.Parameter(torch.zeros(n, 3))  # [N, 3] pre-tanh offsets
-        self._band: tuple[Tensor, Tensor, Tensor] | None = None  # tets [Tb, 4], last-ring mask [N], edges
+        # band: tets [Tb, 4], last-ring vertices [N], edges [Eb, 2], vertices whose every tet is in it [N]
+        self._band: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         self._surface: tuple[int, Tensor] | None = None  # (`sdf._version`, crossed tets [Tc, 4]) cached
         self.band_rebuilds = 0  # how often the band was built (for tests and benchmarks)
         self.register_load_state_dict_post_hook(lambda module, keys: module.reset_band())
@@ -222,7 +223,8 @@ class DMTetGeometry(nn.Module):
         inner = ring.clone()  # [N] vertices whose every tet is in the band
         ring[self.tets[active].reshape(-1)] = True  # [N] every vertex of the band's tets
         edges = self.edges
-        self._band = (self.tets[active], ring & ~inner, edges[ring[edges[:, 0]] & ring[edges[:, 1]]])
+        band_edges = edges[ring[edges[:, 0]] & ring[edges[:, 1]]]
+        self._band = (self.tets[active], ring & ~inner, band_edges, inner)
         self.band_rebuilds += 1
 
     def _surface_tets(self) -> Tensor:
@@ -273,6 +275,27 @@ class DMTetGeometry(nn.Module):
         """The current surface as a detached `Mesh` (no colours)."""
         verts, faces = self.extract()
         return Mesh(verts.detach(), faces)
+
+    @torch.no_grad()
+    def cut_below(self, height: float) -> float:
+        """Remove everything below z = `height` (deformed positions): sdf = max(sdf, height - z), so the
+        surface there becomes the plane z = `height`. Returns the share of inside vertices removed.
+
+        Cheap as a projection after each step: the narrow band is rebuilt only when a removed vertex has a
+        tet outside it (the first cut, through the deep inside), not for the few vertices near the cut's
+        plane that a step moved under it. Raises ValueError (changing nothing) when nothing would be left.
+        """
+        below = height - self.deformed_vertices()[:, 2]  # [N] > 0 under the plane
+        inside = self.sdf < 0
+        removed = inside & (below > 0)
+        n_removed = int(removed.sum())
+        if n_removed and not bool((inside & ~removed).any()):
+            raise ValueError(f"cutting below z = {height:.4g} leaves nothing inside")
+        if bool((below > self.sdf).any()):
+            self.sdf.copy_(torch.maximum(self.sdf, below))
+        if n_removed and (self._band is None or not bool(self._band[3][removed].all())):
+            self.reset_band()  # the plane crosses tets outside the band
+        return n_removed / max(int(inside.sum()), 1)
 
     @torch.no_grad()
     def init_from_sdf(self, values: Tensor) -> None:

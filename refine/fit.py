@@ -26,6 +26,7 @@ from nerf.train import frames_over_white
 from .camera import Cameras, transform_points
 from .color_field import ColorField, ColorFieldConfig
 from .dmtet import DMTetConfig, DMTetGeometry, sdf_sign_regulariser
+from .floor import seen_floor_height
 from .mesh import vertex_normals
 from .rasterizer import antialias, edge_topology, interpolate, interpolate_covered, rasterize
 from .regularisers import laplacian_loss, normal_consistency_loss
@@ -70,6 +71,13 @@ class RefineConfig:
     # (clamped lights): measured from the NeRF meshes, 0.8 against 1.0: exported mesh's PSNR blob 33.4 vs
     # 32.2 dB, mug 31.9 vs 30.4, plate 31.6 vs 31.4, `internal` 35.3 vs 35.3; Chamfer within 0.0002.
     albedo_smooth_until: float = 0.8
+    # Floor cut (refine.floor): the init is cut flat below the height down to which every frame sees its
+    # surface, and the surface is kept above that plane after every step (the belly a fit grows under an
+    # object: the plate's refined underside reached 0.017 below the NeRF's floor). Measured once, on the init:
+    # measured again on the fitted surface halfway, it rose on the spheres (checker: Chamfer 0.0051 against
+    # 0.0044) and not on the plate (0.0103 both). Cut only once at the end, the plate's refined top met the
+    # cut at its rim with no side left, and the exported mesh's PSNR fell from 31.8 to 22.1 dB.
+    floor_cut: bool = True
     sds_fraction: float = 0.2  # SDS in the last 20% of the steps (the paper: last 200 of 1000)
     sds_resolution: int = 576  # renders handed to the guidance (the model's frame size)
     seed: int = 0
@@ -83,6 +91,8 @@ class RefineResult:
     color: ColorField
     history: list[dict[str, float]]  # per logged step: loss terms
     seconds: float
+    # The floor cut: height, share of the inside removed, or why skipped; None when off
+    floor: dict | None = None
 
 
 @dataclass
@@ -218,6 +228,7 @@ def refine_surface(
     n_views = images.shape[0]
     detach = not config.color_moves_geometry  # colour-field queries at detached surface points
     history: list[dict[str, float]] = []
+    floor = _cut_floor(geometry, cameras, config.render_resolution) if config.floor_cut else None
 
     # 3. Optimisation loop
     started = time.perf_counter()
@@ -263,6 +274,8 @@ def refine_surface(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if floor is not None and floor["height"] is not None:
+            _keep_above(geometry, floor["height"])
         record = {"step": step + 1, "loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
         record["psnr"] = -10.0 * math.log10(max(record["rgb"], 1e-12))
         record["faces"] = int(faces.shape[0])
@@ -271,4 +284,26 @@ def refine_surface(
         if progress is not None:
             progress(step + 1, record)
     seconds = time.perf_counter() - started
-    return RefineResult(geometry=geometry, color=color.eval(), history=history, seconds=seconds)
+    return RefineResult(geometry=geometry, color=color.eval(), history=history, seconds=seconds, floor=floor)
+
+
+def _cut_floor(geometry: DMTetGeometry, cameras: Cameras, resolution: int) -> dict:
+    """Cut the surface below the height every view sees it down to; a record of the cut (height None: no
+    view sees the surface, or the cut would leave nothing: nothing is cut, now or later)."""
+    with torch.no_grad():
+        vertices, faces = geometry.extract()
+    height = seen_floor_height(vertices, faces, cameras, resolution)
+    if height is None:
+        return {"height": None, "removed": 0.0, "skipped": "no view sees the surface"}
+    try:
+        return {"height": height, "removed": geometry.cut_below(height)}
+    except ValueError as exc:
+        return {"height": None, "removed": 0.0, "skipped": str(exc)}
+
+
+def _keep_above(geometry: DMTetGeometry, height: float) -> None:
+    """Project the surface above the floor after a step (what a step moved under it is cut)."""
+    try:
+        geometry.cut_below(height)
+    except ValueError:  # the whole surface went under it in one step: leave it to the vanishing check
+        pass

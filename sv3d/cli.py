@@ -169,8 +169,8 @@ def _add_fit_nerf(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-floor-cut",
         action="store_true",
-        help="keep the solid that the masks leave below the lowest surface point any frame sees (by default "
-        "it is cut away: a hidden bottom is taken as flat)",
+        help="keep the solid that the masks leave below the height down to which every frame sees the "
+        "surface (by default it is cut away: a hidden bottom is taken as flat)",
     )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
     p.add_argument("--force", action="store_true", help="start over in a non-empty output directory")
@@ -240,6 +240,12 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
         "when it fits the frames at least 10%% better: a bowl keeps its inside; about twice the time)",
     )
     p.add_argument(
+        "--no-floor-cut",
+        action="store_true",
+        help="keep the refined surface below the height down to which every frame sees it (by default it "
+        "is cut away: a hidden bottom is taken as flat)",
+    )
+    p.add_argument(
         "--sds",
         choices=("auto", "on", "off"),
         default="auto",
@@ -271,6 +277,8 @@ def _cmd_refine(args: argparse.Namespace) -> int:
         config.refine.color.shading = False
     if args.no_open_cavities:
         config.open_cavities = False
+    if args.no_floor_cut:
+        config.refine.floor_cut = False
     start = time.perf_counter()
     out = refine_stage(args.orbit_dir, args.init, args.output, config, force=args.force)
     print(f"wrote mesh.glb, mesh.obj/.mtl/.png, preview.mp4 to {out} in {time.perf_counter() - start:.1f} s")
@@ -308,7 +316,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-floor-cut",
         action="store_true",
-        help="keep the NeRF's solid below the lowest surface point any frame sees (see sv3d fit-nerf)",
+        help="keep what lies below the height down to which every frame sees the surface, in the NeRF "
+        "and the refined mesh (see sv3d fit-nerf and sv3d refine)",
     )
     p.add_argument(
         "--no-shading",
@@ -354,7 +363,7 @@ def run_config_from_args(args: argparse.Namespace):
     if args.volume_weight is not None:
         nerf.train.volume_weight = args.volume_weight
     if args.no_floor_cut:
-        nerf.floor_cut = False
+        nerf.floor_cut = refine.refine.floor_cut = False
     if args.no_shading:
         refine.refine.color.shading = False
     if args.no_open_cavities:

@@ -26,7 +26,8 @@ from nerf.rays import generate_rays, ray_sphere_bounds
 from nerf.render import render_rays
 from nerf.train import TrainConfig, fit_field
 from refine.camera import Cameras, transform_points
-from refine.rasterizer import interpolate_covered, rasterize
+from refine.floor import seen_floor_height
+from refine.rasterizer import rasterize
 
 from .cameras import read_orbit_directory
 from .device import pick_device
@@ -39,7 +40,6 @@ __all__ = [
     "choose_level",
     "default_fit_config",
     "fit_nerf",
-    "lowest_seen_height",
     "orbit_fingerprint",
 ]
 
@@ -60,10 +60,11 @@ class FitNerfConfig:
     level_candidates: tuple[float, ...] = (2.0, 3.0, 5.0, 7.0, 10.0, 15.0, 20.0, 30.0)
     level_tolerance: float = 0.01
     level_mask_resolution: int = 256  # masks are compared at most at this size
-    # Floor cut: empty the density below the lowest surface point that any frame sees (`lowest_seen_height`)
-    # before meshing. Masks from above leave a wedge of solid under an object that no frame sees; objects
-    # rest on something, so the hidden bottom is taken as flat at the lowest point seen. A round bottom
-    # loses the cap below the views' horizon: 0.045 high on a sphere of radius 0.5 seen from elevation 10.
+    # Floor cut: empty the density below the height down to which every frame sees the surface
+    # (`refine.floor.seen_floor_height`) before meshing. Masks from above leave a wedge of solid under an
+    # object that no frame sees; objects rest on something, so the hidden bottom is taken as flat there. A
+    # round bottom loses the cap below the views' horizon: 0.045 high on a sphere of radius 0.5 seen from
+    # elevation 10.
     floor_cut: bool = True
     device: str = "auto"
 
@@ -100,21 +101,6 @@ def silhouette_iou(
     with torch.no_grad():
         covered = rasterize(pos_clip, faces, tuple(masks.shape[1:]))[..., 3] > 0  # [V, H, W]
     return float((covered & masks).sum()) / max(float((covered | masks).sum()), 1.0)
-
-
-def lowest_seen_height(
-    mesh: trimesh.Trimesh,
-    cameras: Cameras,
-    resolution: int,  # pixels per side of the views
-) -> float | None:
-    """The lowest z of the mesh's surface that any camera sees (first hits at pixel centres, all views);
-    None when no view sees it."""
-    vertices = torch.as_tensor(np.asarray(mesh.vertices), dtype=torch.float32)  # [N, 3]
-    faces = torch.as_tensor(np.asarray(mesh.faces), dtype=torch.int64)  # [F, 3]
-    with torch.no_grad():
-        rast = rasterize(transform_points(vertices, cameras.world_to_clip()), faces, resolution)
-        _, seen = interpolate_covered(vertices, rast, faces)  # [P, 3] visible surface points
-    return float(seen[:, 2].min()) if len(seen) else None
 
 
 def choose_level(
@@ -292,7 +278,9 @@ def fit_nerf(
     floor = None
     if config.floor_cut:
         seen = surface(grid, bound, level, config.extract.min_component)
-        floor = lowest_seen_height(seen, frames.orbit.cameras(), size)
+        vertices = torch.as_tensor(np.asarray(seen.vertices), dtype=torch.float32)  # [N, 3]
+        faces = torch.as_tensor(np.asarray(seen.faces), dtype=torch.int64)  # [F, 3]
+        floor = seen_floor_height(vertices, faces, frames.orbit.cameras(), size)
         if floor is not None:  # no view sees the surface: nothing is known to cut
             grid = clear_below(grid, bound, floor)
     mesh = extract_mesh(result.field, grid, bound, config.extract, level=level)

@@ -226,6 +226,7 @@ def refine_stage(
         "faces": int(textured.faces.shape[0]),
         "sds": guidance is not None,
         "starts": starts,
+        "floor": result.floor,
         "orbit_sha256": orbit_fingerprint(orbit_dir),
         "config": asdict(config),
     }

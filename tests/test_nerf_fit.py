@@ -14,9 +14,8 @@ import trimesh
 
 from nerf.extract import ExtractConfig, clear_below, density_grid, extract_mesh, load_density, surface
 from nerf.train import TrainConfig, _distortion, fit_field
-from sv3d.cameras import static_orbit
 from sv3d.cli import main
-from sv3d.fit_nerf import FitNerfConfig, fit_nerf, lowest_seen_height, orbit_fingerprint
+from sv3d.fit_nerf import FitNerfConfig, fit_nerf, orbit_fingerprint
 from sv3d.render_orbit import RenderOrbitConfig, render_orbit
 from sv3d.testing.objects import write_test_object
 
@@ -346,22 +345,6 @@ def test_clear_below_empties_exactly_the_cells_under_the_height():
     np.testing.assert_array_equal(cleared[:, :, centres > -0.3], grid[:, :, centres > -0.3])
     assert (grid > 0).all()  # the input is left as it was
     np.testing.assert_array_equal(clear_below(grid, 1.0, -2.0), grid)  # under the grid: nothing cut
-
-
-def test_lowest_seen_height_finds_a_flat_bottom_and_a_spheres_horizon():
-    cameras = static_orbit(10.0, 0.0).cameras()  # SV3D's 21 views at elevation 10, radius 2
-    box = trimesh.creation.box(extents=(0.6, 0.5, 0.3))  # bottom face at z = -0.15, never seen from above
-    assert lowest_seen_height(box, cameras, 256) == pytest.approx(-0.15, abs=1e-4)  # its edge is seen
-    # Sphere of radius 0.5 seen from distance 2: each view's horizon is the circle of tangent points, whose
-    # lowest point is at z = (r^2 / d) sin(e) - r sqrt(1 - r^2 / d^2) cos(e); the pole below is hidden.
-    r, d, e = 0.5, 2.0, np.radians(10.0)
-    horizon = r * r / d * np.sin(e) - r * np.sqrt(1 - r * r / (d * d)) * np.cos(e)  # -0.4551
-    seen = lowest_seen_height(trimesh.creation.icosphere(subdivisions=6, radius=r), cameras, 256)
-    pixel = 2 * d * np.tan(np.radians(33.8 / 2)) / 256  # a pixel's size at the sphere's centre
-    assert horizon - 1e-3 <= seen <= horizon + 2 * pixel  # pixel centres fall just inside the horizon
-    behind = trimesh.creation.box(extents=(0.2, 0.2, 0.2))
-    behind.apply_translation((3.0, 0.0, 0.0))  # behind the one camera, at azimuth 0: seen by none
-    assert lowest_seen_height(behind, static_orbit(10.0, 0.0, num_frames=1).cameras(), 64) is None
 
 
 def test_orbit_fingerprint_follows_the_frames_not_only_the_cameras(orbit: Path, tmp_path: Path):

@@ -314,13 +314,17 @@ def test_volume_weight_reaches_the_nerf_stage():
     assert run_config_from_args(args).nerf.train.volume_weight == 0.0  # off by default
 
 
-def test_no_floor_cut_reaches_the_nerf_stage():
+def test_no_floor_cut_reaches_the_nerf_and_refine_stages():
     from sv3d.cli import build_parser, run_config_from_args
 
     args = build_parser().parse_args(["run", "cup.png", "-o", "out", "--device", "cpu"])
-    assert run_config_from_args(args).nerf.floor_cut  # on by default
+    config = run_config_from_args(args)
+    assert config.nerf.floor_cut and config.refine.refine.floor_cut  # on by default
     args = build_parser().parse_args(["run", "cup.png", "-o", "out", "--no-floor-cut", "--device", "cpu"])
-    assert not run_config_from_args(args).nerf.floor_cut
+    config = run_config_from_args(args)
+    assert not config.nerf.floor_cut and not config.refine.refine.floor_cut
+    args = build_parser().parse_args(["refine", "orbit", "--init", "nerf", "-o", "out", "--no-floor-cut"])
+    assert args.no_floor_cut
 
 
 def test_no_shading_reaches_the_refine_stage():
