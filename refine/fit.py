@@ -8,7 +8,8 @@ to the vertices), and minimises
   + lambda_albedo_smooth * albedo smoothness (with the colour field's learned shading, refine.shading)
 and, in the last `sds_fraction` of the steps, the score-distillation loss returned by `guidance` (a callable
 given by the caller; the SV3D model lives in `sv3d`, never here). Losses are returned by name so the
-weights are plain config entries.
+weights are plain config entries. With `floor_cut` the init is cut below the height every view sees it down
+to (`refine.floor`) and each step's surface is projected above that plane.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Masks seen from above leave a solid wedge under an object that no frame sees, and a fit leaves a belly
 there (the NeRF's density, the refined surface). Objects rest on something, so both stages take the hidden
 bottom as flat at the height down to which the views see the surface (`sv3d.fit_nerf` empties the density
-below it, `sv3d.refine_stage` cuts the refined SDF there).
+below it; `refine.fit.refine_surface` cuts its init there and keeps the surface above it after every step).
 
 Each view's lowest seen point is the object's bottom edge for a flat base; a fit's corners droop a little
 below it in some views (a refined box: lowest seen point 0.013 under its true edge, the highest of the

@@ -242,8 +242,8 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-floor-cut",
         action="store_true",
-        help="keep the refined surface below the height down to which every frame sees it (by default it "
-        "is cut away: a hidden bottom is taken as flat)",
+        help="let the surface grow below the height down to which every frame sees the init (by default "
+        "the init is cut there and the surface kept above it: a hidden bottom is taken as flat)",
     )
     p.add_argument(
         "--sds",
