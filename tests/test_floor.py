@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -142,5 +144,4 @@ def test_refinement_keeps_the_surface_above_the_inits_floor():
     assert floor["removed"] > 0 and floor["height"] == pytest.approx(-0.15, abs=0.03)
     verts = result.geometry.to_mesh().vertices
     assert float(verts[:, 2].min()) >= floor["height"] - 1e-5
-    off = RefineConfig(**{**config.__dict__, "floor_cut": False})
-    assert refine_surface(images, cameras, sdf, off).floor is None
+    assert refine_surface(images, cameras, sdf, dataclasses.replace(config, floor_cut=False)).floor is None
