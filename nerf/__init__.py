@@ -9,6 +9,7 @@ from .field import FieldConfig, RadianceField, trunc_exp
 from .occupancy import OccupancyGrid
 from .rays import generate_rays, ray_sphere_bounds
 from .render import render_rays
+from .smoothness import color_smoothness
 from .train import TrainConfig, TrainResult, fit_field, frames_over_white, psnr
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "RadianceField",
     "TrainConfig",
     "TrainResult",
+    "color_smoothness",
     "density_grid",
     "extract_mesh",
     "fit_field",

@@ -23,6 +23,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from nerf import color_smoothness
+
 __all__ = ["SHShading", "albedo_smoothness", "sh_basis"]
 
 
@@ -56,10 +58,9 @@ def albedo_smoothness(
     jitter: float,  # standard deviation of the offsets, world units
     cap: float,  # summed |difference| over RGB above this costs no more
 ) -> Tensor:
-    """Mean over `samples` surface points of min(|albedo(p) - albedo(p + jitter * N(0, I))|_1, cap)."""
+    """Mean over `samples` surface points of min(|albedo(p) - albedo(p + jitter * N(0, I))|_1, cap)
+    (`nerf.smoothness.color_smoothness` at points drawn from `points`)."""
     if points.shape[0] == 0 or samples < 1:
         return points.new_zeros(())
     pick = points.detach()[torch.randint(points.shape[0], (samples,), device=points.device)]  # [S, 3]
-    moved = pick + jitter * torch.randn_like(pick)
-    here, there = albedo(torch.cat([pick, moved])).split(samples)  # one pass of the field: [S, 3] each
-    return (here - there).abs().sum(dim=-1).clamp(max=cap).mean()
+    return color_smoothness(albedo, pick, jitter, cap)
