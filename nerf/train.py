@@ -286,18 +286,14 @@ def _surface_color_smoothness(
     sample's ray direction for both points (read only by fields with view directions)."""
     weights = out["weights"].detach().reshape(-1)  # [R * S] batched or [N] packed
     surface = (weights > _SURFACE_WEIGHT).nonzero(as_tuple=True)[0]  # [K] flat sample indices
-
-    def rays_of(samples: Tensor) -> Tensor:  # flat sample indices -> their rays
-        if "ray_indices" in out:  # packed samples (the estimator)
-            return out["ray_indices"][samples]
-        return samples // out["weights"].shape[-1]  # [R, S] batched
-
     if surface.numel() == 0:
         return weights.new_zeros(())
     draw = torch.randint(surface.numel(), (config.color_smooth_points,), device=surface.device)
     pick = surface[draw]  # [P] flat indices of the chosen samples
     points = out["positions"].reshape(-1, 3)[pick].detach()  # [P, 3]
-    dirs = directions[rays_of(pick)]  # [P, 3]
+    # each sample's ray: packed samples (the estimator) name it, batched [R, S] ones are in row order
+    rays = out["ray_indices"][pick] if "ray_indices" in out else pick // out["weights"].shape[-1]  # [P]
+    dirs = directions[rays]  # [P, 3]
     return color_smoothness(
         lambda x: model(x, torch.cat([dirs, dirs]))[0],
         points,

@@ -164,8 +164,8 @@ def test_color_smoothness_evens_the_surface_colour_and_keeps_the_fit(orbit: Path
             np.mean([r["rgb_mse"] for r in records[-10:]]),
         )
     (rough, mse_off), (smooth, mse_on) = measured[1e-12], measured[1.0]
-    assert smooth < 0.7 * rough, measured
-    assert mse_on < 1.2 * mse_off, measured
+    assert smooth < 0.7 * rough, measured  # measured 0.0056 -> 0.0019
+    assert mse_on < 1.2 * mse_off, measured  # measured 0.060 -> 0.062
     for bad in (
         {"color_smooth_weight": -1.0},
         {"color_smooth_weight": float("nan")},
