@@ -14,8 +14,11 @@ import trimesh
 
 from nerf.extract import ExtractConfig, clear_below, density_grid, extract_mesh, load_density, surface
 from nerf.train import TrainConfig, _distortion, fit_field
+from refine.camera import transform_points
+from refine.rasterizer import rasterize
+from sv3d.cameras import static_orbit
 from sv3d.cli import main
-from sv3d.fit_nerf import FitNerfConfig, fit_nerf, orbit_fingerprint
+from sv3d.fit_nerf import FitNerfConfig, choose_level, fit_nerf, orbit_fingerprint
 from sv3d.render_orbit import RenderOrbitConfig, render_orbit
 from sv3d.testing.objects import write_test_object
 
@@ -369,6 +372,47 @@ def _shell_grid(res: int = 48, hole: float = 0.0, mouth: float = 0.0) -> tuple[n
     if mouth:
         shell &= z < 0.3 - mouth
     return 100.0 * shell.astype(np.float32), 0.55
+
+
+def _grid_of(profile, res: int = 64, bound: float = 0.55) -> np.ndarray:
+    """[res]^3 densities profile(x, y, z) at the cell centres of [-bound, bound]^3."""
+    c = (np.arange(res) + 0.5) / res * 2.0 * bound - bound
+    return profile(*np.meshgrid(c, c, c, indexing="ij")).astype(np.float32)
+
+
+def test_level_choice_matches_the_masks_and_stops_where_an_inner_sheet_opens():
+    """A ball of radius 0.3 seen on the 21-view orbit (96-pixel masks). (a) A soft solid, density falling
+    from 100 at r = 0.25 to 0 at 0.35: the level whose surface is the masks' sphere (50: r = 0.30) is
+    chosen, not a larger, more solid one. (b) A soft shell: 100 up to r = 0.3, falling to 0 at 0.35, but
+    only 40 inside r = 0.25 and in a tunnel 0.12 wide from there down through the bottom (enclosed, the
+    inside would be filled by the extraction). The IoU rises with the level, but above 40 the surface
+    gains an inner sheet at r = 0.25 that the silhouettes cannot see: the search stops at the first such
+    level, 50 (its area is recorded), and the solid ball that fits the masks best below it, level 30
+    (r = 0.335), is taken; without the area guard it would be 80."""
+    bound, candidates = 0.55, (2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 80.0)
+    cameras = static_orbit().cameras()
+    ball = trimesh.creation.icosphere(subdivisions=4, radius=0.3)
+    pos_clip = transform_points(torch.as_tensor(ball.vertices, dtype=torch.float32), cameras.world_to_clip())
+    masks = rasterize(pos_clip, torch.as_tensor(ball.faces), (96, 96))[..., 3] > 0  # [V, 96, 96]
+
+    radius = lambda x, y, z: np.sqrt(x**2 + y**2 + z**2)  # noqa: E731
+    soft = _grid_of(lambda x, y, z: np.clip((0.35 - radius(x, y, z)) / 0.1, 0.0, 1.0) * 100.0)
+    level, ious, areas = choose_level(soft, bound, masks, cameras, candidates)
+    assert level == 50.0 and max(ious, key=ious.get) == 50.0
+    assert list(areas) == list(candidates)  # a solid's surfaces shrink as the level rises: all are tried
+
+    hollow = lambda x, y, z: (radius(x, y, z) < 0.25) | ((x**2 + y**2 < 0.06**2) & (z < 0))  # noqa: E731
+    ramp = lambda x, y, z: np.clip((0.35 - radius(x, y, z)) / 0.05, 0.0, 1.0) * 100.0  # noqa: E731
+    shell = _grid_of(lambda x, y, z: np.where(hollow(x, y, z), 40.0, ramp(x, y, z)))
+    level, ious, areas = choose_level(shell, bound, masks, cameras, candidates)
+    assert level == 30.0
+    assert list(ious) == [2.0, 5.0, 10.0, 20.0, 30.0] and list(areas) == [*ious, 50.0]
+    assert areas[50.0] > 1.3 * areas[30.0]  # the outer surface plus the inner sheet
+    assert choose_level(shell, bound, masks, cameras, candidates, area_growth=np.inf)[0] == 80.0  # unguarded
+    solid = 4 / 3 * np.pi * 0.335**3
+    assert abs(surface(shell, bound, level).volume - solid) < 0.1 * solid
+    with pytest.raises(ValueError, match="level_area_growth"):
+        FitNerfConfig(level_area_growth=-0.1)
 
 
 def test_clear_below_empties_exactly_the_cells_under_the_height():
