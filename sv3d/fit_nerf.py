@@ -130,7 +130,8 @@ def choose_level(
     The surfaces of a solid's density are nested: a higher level's lies inside a lower one's and is
     smaller. A soft shell breaks that: above some level its inside falls under the level and an inner
     sheet opens, which the silhouettes cannot see (the blob of 2026-11-28: level 20 had the best IoU,
-    0.9925, and Chamfer 0.026; level 10 had 0.9863 and 0.0065) but the area shows. So the levels are
+    0.9925, and Chamfer 0.026; level 10 had 0.9863 and 0.0065) but which adds area (`internal`'s fit of
+    2026-12-06: +13% at level 20; that old blob fit was not kept to check). So the levels are
     tried from the lowest up, and the search ends at the first whose surface area exceeds
     (1 + area_growth) x the smallest area so far; of the levels before it, the lowest whose IoU against
     the masks is within `tolerance` of their best is taken. Measured on the oracle NeRF fits of 2026-12-06
