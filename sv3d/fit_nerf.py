@@ -147,12 +147,10 @@ def choose_level(
         if not grid.max() > level > grid.min():
             continue
         mesh = surface(grid, bound, level, min_component)
-        area = float(mesh.area)
-        if area > (1.0 + area_growth) * smallest:
-            areas[float(level)] = area  # recorded, not a candidate: an inner sheet has opened
-            break
-        smallest = min(smallest, area)
-        areas[float(level)] = area
+        areas[float(level)] = float(mesh.area)
+        if areas[float(level)] > (1.0 + area_growth) * smallest:
+            break  # an inner sheet has opened: its area is recorded, the level is not a candidate
+        smallest = min(smallest, areas[float(level)])
         ious[float(level)] = silhouette_iou(mesh, masks, cameras)
     if not ious:
         raise InputError(

@@ -360,24 +360,26 @@ def test_extraction_of_an_analytic_density():
     assert (mesh.visual.vertex_colors[:, 0] == 255).all() and (mesh.visual.vertex_colors[:, 1] == 0).all()
 
 
-def _shell_grid(res: int = 48, hole: float = 0.0, mouth: float = 0.0) -> tuple[np.ndarray, float]:
-    """Density 100 in a spherical shell 0.25..0.3 (bound 0.55), with a hole of angular radius `hole` (rad)
-    around +z, or a wide `mouth` cut away above z = 0.3 - mouth (a cup)."""
-    c = (np.arange(res) + 0.5) / res * 1.1 - 0.55
-    x, y, z = np.meshgrid(c, c, c, indexing="ij")
-    r = np.sqrt(x**2 + y**2 + z**2)
-    shell = (r > 0.25) & (r < 0.3)
-    if hole:
-        shell &= np.arccos(np.clip(z / np.maximum(r, 1e-9), -1, 1)) > hole
-    if mouth:
-        shell &= z < 0.3 - mouth
-    return 100.0 * shell.astype(np.float32), 0.55
-
-
 def _grid_of(profile, res: int = 64, bound: float = 0.55) -> np.ndarray:
     """[res]^3 densities profile(x, y, z) at the cell centres of [-bound, bound]^3."""
     c = (np.arange(res) + 0.5) / res * 2.0 * bound - bound
     return profile(*np.meshgrid(c, c, c, indexing="ij")).astype(np.float32)
+
+
+def _shell_grid(res: int = 48, hole: float = 0.0, mouth: float = 0.0) -> tuple[np.ndarray, float]:
+    """Density 100 in a spherical shell 0.25..0.3 (bound 0.55), with a hole of angular radius `hole` (rad)
+    around +z, or a wide `mouth` cut away above z = 0.3 - mouth (a cup)."""
+
+    def profile(x, y, z):
+        r = np.sqrt(x**2 + y**2 + z**2)
+        shell = (r > 0.25) & (r < 0.3)
+        if hole:
+            shell &= np.arccos(np.clip(z / np.maximum(r, 1e-9), -1, 1)) > hole
+        if mouth:
+            shell &= z < 0.3 - mouth
+        return 100.0 * shell
+
+    return _grid_of(profile, res, 0.55), 0.55
 
 
 def test_level_choice_matches_the_masks_and_stops_where_an_inner_sheet_opens():
