@@ -146,12 +146,12 @@ def choose_level(
     for level in sorted(candidates):
         if not grid.max() > level > grid.min():
             continue
-        mesh = surface(grid, bound, level, min_component)
-        areas[float(level)] = float(mesh.area)
-        if areas[float(level)] > (1.0 + area_growth) * smallest:
+        mesh, key = surface(grid, bound, level, min_component), float(level)
+        areas[key] = float(mesh.area)
+        if areas[key] > (1.0 + area_growth) * smallest:
             break  # an inner sheet has opened: its area is recorded, the level is not a candidate
-        smallest = min(smallest, areas[float(level)])
-        ious[float(level)] = silhouette_iou(mesh, masks, cameras)
+        smallest = min(smallest, areas[key])
+        ious[key] = silhouette_iou(mesh, masks, cameras)
     if not ious:
         raise InputError(
             f"the fitted density never crosses any of the levels {list(candidates)} (range "
