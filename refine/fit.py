@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -208,6 +209,35 @@ def refine_surface(
             f"steps and views_per_step must be >= 1, got {config.steps} and {config.views_per_step}"
         )
     device = torch.device(device)
+    with _repeatable(device):
+        return _optimise(images, cameras, init_sdf, config, guidance, device, progress)
+
+
+@contextmanager
+def _repeatable(device: torch.device) -> Iterator[None]:
+    """On CPU, runs with the same seed repeat bit for bit: the backward of every indexed gather (`x[index]`)
+    adds into its source from threads in any order unless torch's deterministic algorithms are on (those
+    sort first; measured on 2 cores: a 2M-index gather's backward no slower). CUDA keeps torch's defaults."""
+    if device.type != "cpu" or torch.are_deterministic_algorithms_enabled():
+        yield
+        return
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def _optimise(
+    images: Tensor,  # [V, H, W, 4]
+    cameras: Cameras,
+    init_sdf: Tensor,  # [N]
+    config: RefineConfig,
+    guidance: Guidance | None,
+    device: torch.device,
+    progress: Callable[[int, dict[str, float]], None] | None,
+) -> RefineResult:
+    """refine_surface's optimisation, its inputs checked."""
     torch.manual_seed(config.seed)
 
     # 2. Geometry from the init, colour field, targets at the working resolution

@@ -99,7 +99,9 @@ def mesh_sdf(
     if len(mesh.faces) == 0:
         return torch.ones(len(pts))  # nothing inside: all outside
     rng = np.random.default_rng(0)
-    dense = np.concatenate([mesh.sample(n_surface, return_index=False), mesh.vertices])  # [S, 3]
+    dense = np.concatenate(
+        [mesh.sample(n_surface, seed=rng), mesh.vertices]
+    )  # [S, 3] seeded: same SDF each call
     distance, _ = cKDTree(dense).query(pts, distance_upper_bound=exact_within, workers=-1)  # [N], inf far
     far = ~np.isfinite(distance)
     coarse = dense[rng.choice(len(dense), size=min(n_coarse, len(dense)), replace=False)]

@@ -143,3 +143,4 @@ def test_mesh_sdf_matches_the_analytic_sdf_and_the_full_winding_sign():
     assert np.abs(sdf - truth)[near].max() < 0.004  # 300 k samples on the sphere: spacing ~0.001
     assert np.abs(sdf - truth)[~near].max() < 0.015  # 20 k samples: spacing ~0.004; faceting ~0.0005
     assert mesh_sdf(trimesh.Trimesh(), points).min() > 0  # nothing inside
+    assert torch.equal(mesh_sdf(sphere, points), mesh_sdf(sphere, points))  # seeded samples: same SDF again
