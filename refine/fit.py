@@ -34,7 +34,7 @@ from .rasterizer import antialias, edge_topology, interpolate, interpolate_cover
 from .regularisers import laplacian_loss, normal_consistency_loss
 from .shading import albedo_smoothness
 
-__all__ = ["Guidance", "RefineConfig", "RefineResult", "frame_loss", "refine_surface", "render_surface"]
+__all__ = ["Guidance", "RefineConfig", "RefineResult", "frame_errors", "refine_surface", "render_surface"]
 
 # guidance(images [V, H, W, 3] in [0, 1], alpha [V, H, W, 1], normals [V, H, W, 3], step) -> {"loss_sds": ...}
 Guidance = Callable[..., dict[str, Tensor]]
@@ -163,29 +163,30 @@ def _targets(images: Tensor, resolution: int, device: torch.device) -> tuple[Ten
 
 
 @torch.no_grad()
-def frame_loss(
+def frame_errors(
     result: RefineResult,
     images: Tensor,  # [V, H, W, 4] straight RGBA frames in [0, 1]
     cameras: Cameras,  # V cameras of the frames
     resolution: int,  # frames compared at this size (the refinement's render_resolution)
     views_per_batch: int = 4,
-) -> float:
-    """Mean squared RGB error (over white) plus mean squared coverage error of the refined surface's
-    renders against all the frames: the reconstruction loss with unit weights, over every view."""
+) -> dict[str, float]:
+    """{"rgb": mean squared RGB error (over white), "mask": mean squared coverage error} of the refined
+    surface's renders against all the frames, over every view (their sum: the reconstruction loss with
+    unit weights)."""
     vertices, faces = result.geometry.extract()
     device = vertices.device
     target_rgb, target_alpha = _targets(images, resolution, device)
     cameras = cameras.to(device)
     topology = edge_topology(faces)
-    total = 0.0
+    rgb = mask = 0.0
     for start in range(0, len(cameras), views_per_batch):
         views = torch.arange(start, min(start + views_per_batch, len(cameras)), device=device)
         out = render_surface(
             vertices, faces, result.color, cameras[views], resolution, with_normals=False, topology=topology
         )
-        total += float((out.image - target_rgb[views]).pow(2).sum() / (3 * resolution**2))
-        total += float((out.alpha - target_alpha[views]).pow(2).sum() / resolution**2)
-    return total / len(cameras)
+        rgb += float((out.image - target_rgb[views]).pow(2).sum() / (3 * resolution**2))
+        mask += float((out.alpha - target_alpha[views]).pow(2).sum() / resolution**2)
+    return {"rgb": rgb / len(cameras), "mask": mask / len(cameras)}
 
 
 def refine_surface(
@@ -217,7 +218,9 @@ def refine_surface(
 def _repeatable(device: torch.device) -> Iterator[None]:
     """On CPU, runs with the same seed repeat bit for bit: the backward of every indexed gather (`x[index]`)
     adds into its source from threads in any order unless torch's deterministic algorithms are on (those
-    sort first; measured on 2 cores: a 2M-index gather's backward no slower). CUDA keeps torch's defaults."""
+    sort first). The setting is process-wide: on for the loop, off again after it. Measured on 2 cores: a
+    2M-index gather's backward no slower, a default refinement step within the run-to-run noise. CUDA
+    keeps torch's defaults (atomic adds)."""
     if device.type != "cpu" or torch.are_deterministic_algorithms_enabled():
         yield
         return

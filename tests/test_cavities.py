@@ -67,7 +67,7 @@ class _Frames:
 
 def _starts(monkeypatch, init_sdf, open_loss: float, open_step_loss: float = 0.01, **overrides):
     """Run `_refine_starts` with a stand-in refinement: each start reports a constant step loss (the open
-    start `open_step_loss`, the init 0.01) and ends with frame loss 1.0 (init) or `open_loss` (open)."""
+    start `open_step_loss`, the init 0.01) and ends with RGB error 1.0 (init) or `open_loss` (open)."""
     from types import SimpleNamespace
 
     import sv3d.refine_stage as stage
@@ -79,7 +79,11 @@ def _starts(monkeypatch, init_sdf, open_loss: float, open_step_loss: float = 0.0
         return SimpleNamespace(name=name, seconds=0.0)
 
     monkeypatch.setattr(stage, "refine_surface", refine)
-    monkeypatch.setattr(stage, "frame_loss", lambda result, *a: 1.0 if result.name == "init" else open_loss)
+
+    def errors(result, *args):  # the open start's coverage error is the worse: only colours decide
+        return {"rgb": 1.0, "mask": 0.5} if result.name == "init" else {"rgb": open_loss, "mask": 0.8}
+
+    monkeypatch.setattr(stage, "frame_errors", errors)
     config = stage.RefineStageConfig(**overrides)
     config.refine.steps = 20
     grid = SimpleNamespace(resolution=R, bound=BOUND)
