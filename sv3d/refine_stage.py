@@ -101,9 +101,8 @@ def mesh_sdf(
     if len(mesh.faces) == 0:
         return torch.ones(len(pts))  # nothing inside: all outside
     rng = np.random.default_rng(0)
-    dense = np.concatenate(
-        [mesh.sample(n_surface, seed=rng), mesh.vertices]
-    )  # [S, 3] seeded: same SDF each call
+    # [S, 3] surface samples (seeded: the same SDF on every call) and the vertices
+    dense = np.concatenate([mesh.sample(n_surface, seed=rng), mesh.vertices])
     distance, _ = cKDTree(dense).query(pts, distance_upper_bound=exact_within, workers=-1)  # [N], inf far
     far = ~np.isfinite(distance)
     coarse = dense[rng.choice(len(dense), size=min(n_coarse, len(dense)), replace=False)]
