@@ -84,6 +84,11 @@ def coloured_sphere_frames(radius: float, cameras, res: int) -> tuple[torch.Tens
     return out.rgba, colors  # straight alpha is fine: coverage 1 inside
 
 
+def straight_rgba(rgba: torch.Tensor) -> torch.Tensor:
+    """Premultiplied renders [V, H, W, 4] -> straight RGBA frames in [0, 1], as refine_surface takes them."""
+    return torch.cat([rgba[..., :3] / rgba[..., 3:].clamp(min=1e-6), rgba[..., 3:]], -1).clamp(0, 1)
+
+
 def mean_radius(result) -> float:
     v, _ = result.geometry.extract()
     return float(v.detach().norm(dim=-1).mean())
@@ -95,7 +100,7 @@ def mean_radius(result) -> float:
 def test_reconstruction_grows_the_surface_to_the_frames(color_moves_geometry: bool, tolerance: float):
     cameras = static_orbit(10.0, 0.0, num_frames=8).cameras()
     rgba, _ = coloured_sphere_frames(0.4, cameras, RES)
-    images = torch.cat([rgba[..., :3] / rgba[..., 3:].clamp(min=1e-6), rgba[..., 3:]], -1).clamp(0, 1)
+    images = straight_rgba(rgba)
     config = RefineConfig(
         steps=50,
         render_resolution=RES,
@@ -118,7 +123,7 @@ def test_narrow_band_refines_exactly_as_the_whole_grid():
     # The same 30 steps with marching tets and the sign loss over a one-ring band and over every tet.
     cameras = static_orbit(10.0, 0.0, num_frames=8).cameras()
     rgba, _ = coloured_sphere_frames(0.4, cameras, RES)
-    images = torch.cat([rgba[..., :3] / rgba[..., 3:].clamp(min=1e-6), rgba[..., 3:]], -1).clamp(0, 1)
+    images = straight_rgba(rgba)
     results = []
     for rings in (0, 1):
         tet = replace(TET, band_rings=rings)
@@ -136,7 +141,7 @@ def test_refinement_repeats_bit_for_bit_on_cpu():
     # without torch's deterministic algorithms in the loop these three runs differed after 4 steps.
     cameras = static_orbit(10.0, 0.0, num_frames=8).cameras()
     rgba, _ = coloured_sphere_frames(0.4, cameras, 96)
-    images = torch.cat([rgba[..., :3] / rgba[..., 3:].clamp(min=1e-6), rgba[..., 3:]], -1).clamp(0, 1)
+    images = straight_rgba(rgba)
     tet = replace(TET, resolution=32)
     sdf = tet_grid(tet.resolution, tet.bound).vertices.norm(dim=-1) - 0.36
     config = RefineConfig(steps=4, render_resolution=96, tet=tet, lr_sdf=1e-2)
