@@ -70,8 +70,8 @@ def test_regularisers_are_zero_when_flat_and_grow_with_noise():
     assert torch.isfinite(bumpy.grad).all() and bumpy.grad.abs().sum() > 0
 
 
-def sphere_sdf(radius: float) -> torch.Tensor:
-    grid = tet_grid(TET.resolution, TET.bound)
+def sphere_sdf(radius: float, tet: DMTetConfig = TET) -> torch.Tensor:
+    grid = tet_grid(tet.resolution, tet.bound)
     return grid.vertices.norm(dim=-1) - radius  # [N], < 0 inside
 
 
@@ -143,7 +143,7 @@ def test_refinement_repeats_bit_for_bit_on_cpu():
     rgba, _ = coloured_sphere_frames(0.4, cameras, 96)
     images = straight_rgba(rgba)
     tet = replace(TET, resolution=32)
-    sdf = tet_grid(tet.resolution, tet.bound).vertices.norm(dim=-1) - 0.36
+    sdf = sphere_sdf(0.36, tet)
     config = RefineConfig(steps=4, render_resolution=96, tet=tet, lr_sdf=1e-2)
     runs = [refine_surface(images, cameras, sdf, config) for _ in range(3)]
     for run in runs[1:]:
