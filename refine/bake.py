@@ -96,7 +96,8 @@ def unwrap_uv(
     Face order is kept (faces2[i] is faces[i] with seam vertices split); vertices2 = vertices[vmap]. UVs are
     in [0, 1], OBJ convention. xatlas treats the resolution as a target and may pack into a slightly larger
     atlas (W, H), whose UVs are then scaled to [0, 1] per axis: the gap between charts is at least
-    padding * texture_size / max(W, H) texels (about 0.8 * padding in practice). Runs on the CPU; outputs
+    padding * texture_size / max(W, H) texels (about 0.8 * padding in practice). Faces too small for xatlas
+    to chart sit at a point of a neighbouring chart (`_place_unparameterised`). Runs on the CPU; outputs
     are on the input's device.
     """
     _check_mesh(vertices, faces)
@@ -126,12 +127,47 @@ def unwrap_uv(
     if atlas.atlas_count != 1:
         raise ValueError(f"xatlas packed the charts into {atlas.atlas_count} atlases, expected 1")
     vmap, new_faces, uvs = atlas.get_mesh(0)  # [M] uint32, [F, 3] uint32, [M, 2] float32 in [0, 1]
+    vmap, new_faces, uvs = _place_unparameterised(vmap.astype(np.int64), new_faces.astype(np.int64), uvs)
 
     device = vertices.device
     vmap_t = torch.from_numpy(vmap.astype(np.int64)).to(device)  # [M]
     faces2 = torch.from_numpy(new_faces.astype(np.int64)).to(device)  # [F, 3]
     uvs_t = torch.from_numpy(np.clip(uvs, 0.0, 1.0).astype(np.float32)).to(device)  # [M, 2]
     return vertices[vmap_t], faces2.to(faces.dtype), uvs_t, vmap_t
+
+
+def _place_unparameterised(
+    vmap: np.ndarray,  # [M] input vertex of each output vertex
+    faces: np.ndarray,  # [F, 3] output vertices
+    uvs: np.ndarray,  # [M, 2]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Faces that xatlas leaves out of every chart (an area under its epsilon: marching-tets slivers, 1-3%
+    of a refined surface's faces) come back with their three UVs at (0, 0), where they would show whatever
+    colour lies there. Each such face gets three new vertices at one point: the UV that one of its corners
+    has in a chart. It then shows the colour of the surface next to it, and, having no area in UV, the bake
+    never draws it over other charts. Faces none of whose corners is charted keep (0, 0); vertices no face
+    uses any more are dropped."""
+    unplaced = (uvs[faces] == 0.0).all(axis=(1, 2))  # [F]
+    if not unplaced.any():
+        return vmap, faces, uvs
+    charted = faces[~unplaced].reshape(-1)  # output vertices of charted faces
+    uv_of_input = np.full((int(vmap.max()) + 1, 2), np.nan, dtype=uvs.dtype)  # [N, 2]
+    uv_of_input[vmap[charted]] = uvs[charted]  # one charted copy's UV per input vertex
+    corner_uv = uv_of_input[vmap[faces[unplaced]]]  # [Z, 3, 2]
+    charted_corner = ~np.isnan(corner_uv[..., 0])  # [Z, 3]
+    placeable = charted_corner.any(axis=1)  # [Z]
+    first = charted_corner.argmax(axis=1)  # [Z] the first charted corner
+    point = corner_uv[np.arange(len(first)), first][placeable]  # [Z', 2]
+    which = np.nonzero(unplaced)[0][placeable]  # [Z'] faces to place
+    faces = faces.copy()
+    new = len(vmap) + np.arange(3 * len(which)).reshape(-1, 3)  # [Z', 3]
+    vmap = np.concatenate([vmap, vmap[faces[which]].reshape(-1)])
+    uvs = np.concatenate([uvs, np.repeat(point, 3, axis=0)])
+    faces[which] = new
+    used = np.zeros(len(vmap), dtype=bool)
+    used[faces.reshape(-1)] = True
+    index = np.cumsum(used) - 1  # [M'] new index of each kept vertex
+    return vmap[used], index[faces], uvs[used]
 
 
 # -------------------------------------------------------------------------------------------------- bake

@@ -235,6 +235,55 @@ def test_faces_thinner_than_a_texel_still_get_their_colour():
     assert torch.equal(tex[row, 10], torch.tensor([1.0, 0.0, 0.0]))
 
 
+def split_edge_near_its_end(v: torch.Tensor, f: torch.Tensor, eps: float) -> tuple[torch.Tensor, ...]:
+    """Split face 0's first edge (a, b) at `eps` from a: its two faces become a sliver and a near copy."""
+    a, b = int(f[0, 0]), int(f[0, 1])
+    p = v.shape[0]
+    v = torch.cat([v, (v[a] + eps * (v[b] - v[a]) / (v[b] - v[a]).norm())[None]])
+    faces = []
+    for tri in f.tolist():
+        for i in range(3):
+            x, y, z = tri[i], tri[(i + 1) % 3], tri[(i + 2) % 3]
+            if {x, y} == {a, b}:
+                faces += [[x, p, z], [p, y, z]]
+                break
+        else:
+            faces.append(tri)
+    return v, torch.tensor(faces)
+
+
+def test_faces_too_small_to_chart_sit_at_a_point_of_a_neighbouring_chart():
+    """xatlas leaves faces under its area epsilon (marching-tets slivers) out of its charts, at UV (0, 0);
+    unwrap_uv puts each at the charted UV of one of its corners, so it shows the colour next to it."""
+    import numpy as np
+    import xatlas
+
+    from refine.rasterizer import texture
+
+    v, f = split_edge_near_its_end(*icosphere(3), eps=1e-7)  # two slivers of ~5e-9 area
+    raw = xatlas.Atlas()
+    raw.add_mesh(v.numpy(), f.numpy().astype(np.uint32))
+    raw.generate()
+    _, raw_faces, raw_uv = raw.get_mesh(0)
+    slivers = torch.from_numpy(np.nonzero((raw_uv[raw_faces] == 0).all(axis=(1, 2)))[0])
+    assert len(slivers) > 0, "xatlas charted the slivers: the test needs a smaller eps"
+
+    v2, f2, uv, vmap = unwrap_uv(v, f, texture_size=256, padding=4)
+    assert torch.equal(vmap[f2], f) and torch.equal(v2, v[vmap])  # the contract holds
+    assert not bool((uv[f2] == 0).all(-1).all(-1).any())  # no face left at (0, 0)
+    assert torch.equal(torch.unique(f2), torch.arange(v2.shape[0]))  # every vertex used
+    for face in slivers.tolist():
+        corners = uv[f2[face]]  # [3, 2]
+        assert torch.equal(corners, corners[:1].expand(3, 2))  # a point: nothing for the bake to draw
+        twins = (vmap[:, None] == f[face][None]).any(-1)  # copies of its corners' input vertices
+        twins[f2[face]] = False
+        assert float((uv[twins] - corners[0]).norm(dim=-1).min()) < 1e-6  # a corner's charted UV
+    tex = bake_texture(v2, f2, uv, wavy_color, texture_size=256, gutter=4)
+    shown = texture(tex, uv[f2[slivers, 0]][None, None])[0, 0]  # [Z, 3]
+    expected = wavy_color(v[f[slivers]].mean(dim=1))
+    assert float((shown - expected).abs().max()) < 0.05
+
+
 def test_uv_orientation_row_zero_is_top():
     # OBJ convention: v = 1 is the top row of the texture.
     v, f, uv = quad_in_uv(0.0, 1.0)
