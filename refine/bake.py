@@ -130,8 +130,8 @@ def unwrap_uv(
     vmap, new_faces, uvs = _place_unparameterised(vmap.astype(np.int64), new_faces.astype(np.int64), uvs)
 
     device = vertices.device
-    vmap_t = torch.from_numpy(vmap.astype(np.int64)).to(device)  # [M]
-    faces2 = torch.from_numpy(new_faces.astype(np.int64)).to(device)  # [F, 3]
+    vmap_t = torch.from_numpy(vmap).to(device)  # [M] int64
+    faces2 = torch.from_numpy(new_faces).to(device)  # [F, 3] int64
     uvs_t = torch.from_numpy(np.clip(uvs, 0.0, 1.0).astype(np.float32)).to(device)  # [M, 2]
     return vertices[vmap_t], faces2.to(faces.dtype), uvs_t, vmap_t
 
