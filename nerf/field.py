@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from nerf.encoding import HashGridConfig, HashGridEncoder
+from nerf.mlp import ReLUMLP
 
 __all__ = ["MLP_DTYPES", "FieldConfig", "RadianceField", "TruncExp", "trunc_exp"]
 
@@ -111,18 +112,9 @@ class RadianceField(nn.Module):
         self.encoder = encoder
         h = config.hidden_dim
         # instant-ngp: one hidden layer; output 0 is log-density, 1..15 the geometry feature
-        self.density_mlp = nn.Sequential(
-            nn.Linear(int(encoder.output_dim), h),
-            nn.ReLU(inplace=True),
-            nn.Linear(h, 1 + config.geo_feat_dim),
-        )
+        self.density_mlp = ReLUMLP([int(encoder.output_dim), h, 1 + config.geo_feat_dim])
         in_dim = config.geo_feat_dim + (3 if config.use_view_dirs else 0)
-        layers: list[nn.Module] = []
-        for _ in range(config.color_layers):
-            layers += [nn.Linear(in_dim, h), nn.ReLU(inplace=True)]
-            in_dim = h
-        layers.append(nn.Linear(in_dim, 3))
-        self.color_mlp = nn.Sequential(*layers)
+        self.color_mlp = ReLUMLP([in_dim] + [h] * config.color_layers + [3])
 
     def _mlp_precision(self, device: torch.device):
         """Autocast for the MLPs: bfloat16 matrix products when `mlp_dtype` says so (weights stay float32)."""

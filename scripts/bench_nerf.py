@@ -2,8 +2,10 @@
 
 1. Field samples per second (forward + backward + Adam step, 2^18 random points) of the radiance field
    with our hash-grid encoder and with a straightforward per-level implementation of the same encoding
-   (`hash_encode_reference`), same table, MLPs and optimiser; prints the ratio. On CUDA also with the
-   fused Triton kernels (`backend="triton"`), and their ratio to the default path.
+   (`hash_encode_reference`), same table, MLPs and optimiser; prints the ratio. On CPU also with the MLPs
+   run layer by layer through autograd instead of in row chunks (`nerf/mlp.py`), and that ratio. The
+   set-ups take turns step by step. On CUDA also with the fused Triton kernels (`backend="triton"`), and
+   their ratio to the default path.
 2. Time to masked PSNR 28 dB: the built-in `blob` object rendered on SV3D's orbit, fitted with the device's
    default `sv3d fit-nerf` configuration; every 25 steps (not timed) the field renders all 21 frames at
    64 px and the PSNR over object pixels is measured. Prints the training seconds at which it first
@@ -29,6 +31,7 @@ import dataclasses
 import math
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -58,22 +61,27 @@ class PerLevelEncoder(nn.Module):
         return hash_encode_reference(x, self.table, self.config)
 
 
-def field_samples_per_second(field: nn.Module, x: torch.Tensor, iters: int) -> float:
-    opt = torch.optim.Adam(field.parameters(), lr=1e-2, eps=1e-15)
-    times = []
+def field_samples_per_second(fields: dict[str, nn.Module], x: torch.Tensor, iters: int) -> dict[str, float]:
+    """Samples/s of each field's forward + backward + Adam step on points x, median over `iters` steps.
+
+    The fields take turns, one step each per round (A B C A B C ...), after an untimed round: a process's
+    first steps run slower (fresh memory), and the machine's speed drifts."""
+    opts = {name: torch.optim.Adam(f.parameters(), lr=1e-2, eps=1e-15) for name, f in fields.items()}
+    times: dict[str, list[float]] = {name: [] for name in fields}
     for step in range(iters + 1):
-        if x.device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        rgb, sigma = field(x)
-        (rgb.square().mean() + sigma.mean()).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if x.device.type == "cuda":
-            torch.cuda.synchronize()
-        if step:
-            times.append(time.perf_counter() - t0)
-    return x.shape[0] / sorted(times)[len(times) // 2]
+        for name, field in fields.items():
+            if x.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            rgb, sigma = field(x)
+            (rgb.square().mean() + sigma.mean()).backward()
+            opts[name].step()
+            opts[name].zero_grad(set_to_none=True)
+            if x.device.type == "cuda":
+                torch.cuda.synchronize()
+            if step:
+                times[name].append(time.perf_counter() - t0)
+    return {name: x.shape[0] / sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 class Reached(Exception):
@@ -208,17 +216,27 @@ def main() -> None:
         FieldConfig(**{**config.__dict__}), encoder=PerLevelEncoder(config.encoder, ours.encoder.table)
     ).to(device)
     print(f"device={device} threads={torch.get_num_threads()} batch={args.batch} encoder={config.encoder}")
-    a = field_samples_per_second(ours, x, args.iters)
+    fields = {"ours": ours, "per-level": per_level}
+    if device.type == "cpu":  # the MLPs' chunked CPU path (nerf/mlp.py) against their layers one by one
+        plain = copy.deepcopy(ours)
+        for mlp in (plain.density_mlp, plain.color_mlp):
+            mlp.forward = types.MethodType(nn.Sequential.forward, mlp)  # autograd, layer by layer
+        fields["plain MLPs"] = plain
+    rates = field_samples_per_second(fields, x, args.iters)
+    a, b = rates["ours"], rates["per-level"]
     print(f"field fwd+bwd+Adam, our encoder:       {a:12,.0f} samples/s")
-    b = field_samples_per_second(per_level, x, max(2, args.iters // 2))
     print(f"field fwd+bwd+Adam, per-level encoder: {b:12,.0f} samples/s")
     print(f"ratio ours / per-level:                {a / b:12.1f}x")
+    if "plain MLPs" in rates:
+        c = rates["plain MLPs"]
+        print(f"field fwd+bwd+Adam, ours, MLPs layer by layer: {c:,.0f} samples/s")
+        print(f"ratio chunked MLPs / layer by layer:   {a / c:12.2f}x")
     if _hash_triton.runs_on(device):  # the fused Triton kernels (CUDA; CPU only under the interpreter)
         fused = RadianceField(config, encoder=HashGridEncoder(config.encoder, backend="triton")).to(device)
         fused.load_state_dict(ours.state_dict())
         with torch.no_grad():
             diff = (fused(x[:4096])[0] - ours(x[:4096])[0]).abs().max().item()
-        c = field_samples_per_second(fused, x, args.iters)
+        c = field_samples_per_second({"triton": fused}, x, args.iters)["triton"]
         print(f"field fwd+bwd+Adam, triton encoder:    {c:12,.0f} samples/s  (max colour diff {diff:.1e})")
         print(f"ratio triton / ours:                   {c / a:12.1f}x")
     if not args.skip_fit:
