@@ -84,7 +84,12 @@ class RefineConfig:
     # object: the plate's refined underside reached 0.017 below the NeRF's floor). Measured once, on the init:
     # measured again on the fitted surface halfway, it rose on the spheres (checker: Chamfer 0.0051 against
     # 0.0044) and not on the plate (0.0103 both). Cut only once at the end, the plate's refined top met the
-    # cut at its rim with no side left, and the exported mesh's PSNR fell from 31.8 to 22.1 dB.
+    # cut at its rim with no side left, and the exported mesh's PSNR fell from 31.8 to 22.1 dB. From a NeRF
+    # output the stage hands over the NeRF stage's height (`refine_surface`'s floor_height), measured on its
+    # level surface before the tet grid rounds the bottom off (on the spheres 0.007 lower, nearer their
+    # horizon at -0.455): from the README evaluation's NeRF meshes (2026-12-06, CPU, one run each), final
+    # Chamfer checker 0.0046 -> 0.0042, blob 0.0045 -> 0.0042, `internal` 0.0099 -> 0.0098, mug 0.0175 ->
+    # 0.0174 (the plate's two heights are the same).
     floor_cut: bool = True
     sds_fraction: float = 0.2  # SDS in the last 20% of the steps (the paper: last 200 of 1000)
     sds_resolution: int = 576  # renders handed to the guidance (the model's frame size)
@@ -203,8 +208,12 @@ def refine_surface(
     guidance: Guidance | None = None,  # masked SDS from the diffusion model, or None
     device: torch.device | str = "cpu",
     progress: Callable[[int, dict[str, float]], None] | None = None,  # called after every step
+    floor_height: float | None = None,  # the floor cut's height when known (the NeRF stage's); None: measured
 ) -> RefineResult:
-    """Optimise the DMTet surface and its colour so that renders reproduce the frames."""
+    """Optimise the DMTet surface and its colour so that renders reproduce the frames.
+
+    With `config.floor_cut`, the surface is cut flat at `floor_height` and kept above it; without a height,
+    at the height down to which every frame sees the init's surface on the tet grid (`refine.floor`)."""
     config = config or RefineConfig()
     # 1. Check inputs
     if images.ndim != 4 or images.shape[-1] != 4 or images.shape[1] != images.shape[2]:
@@ -217,7 +226,7 @@ def refine_surface(
         )
     device = torch.device(device)
     with _repeatable(device):
-        return _optimise(images, cameras, init_sdf, config, guidance, device, progress)
+        return _optimise(images, cameras, init_sdf, config, guidance, device, progress, floor_height)
 
 
 @contextmanager
@@ -245,6 +254,7 @@ def _optimise(
     guidance: Guidance | None,
     device: torch.device,
     progress: Callable[[int, dict[str, float]], None] | None,
+    floor_height: float | None,
 ) -> RefineResult:
     """refine_surface's optimisation, its inputs checked."""
     torch.manual_seed(config.seed)
@@ -268,7 +278,9 @@ def _optimise(
     n_views = images.shape[0]
     detach = not config.color_moves_geometry  # colour-field queries at detached surface points
     history: list[dict[str, float]] = []
-    floor = _cut_floor(geometry, cameras, config.render_resolution) if config.floor_cut else None
+    floor = None
+    if config.floor_cut:
+        floor = _cut_floor(geometry, cameras, config.render_resolution, floor_height)
 
     # 3. Optimisation loop
     started = time.perf_counter()
@@ -327,16 +339,20 @@ def _optimise(
     return RefineResult(geometry=geometry, color=color.eval(), history=history, seconds=seconds, floor=floor)
 
 
-def _cut_floor(geometry: DMTetGeometry, cameras: Cameras, resolution: int) -> dict:
-    """Cut the surface below the height every view sees it down to; a record of the cut (height None: no
-    view sees the surface, or the cut would leave nothing: nothing is cut, now or later)."""
-    with torch.no_grad():
-        vertices, faces = geometry.extract()
-    height = seen_floor_height(vertices, faces, cameras, resolution)
+def _cut_floor(geometry: DMTetGeometry, cameras: Cameras, resolution: int, height: float | None) -> dict:
+    """Cut the surface below `height`, or when None below the height every view sees it down to; a record
+    of the cut (height None: no view sees the surface, or the cut would leave nothing: nothing is cut, now
+    or later)."""
+    source = "given"
+    if height is None:
+        source = "measured on the init"
+        with torch.no_grad():
+            vertices, faces = geometry.extract()
+        height = seen_floor_height(vertices, faces, cameras, resolution)
     if height is None:
         return {"height": None, "removed": 0.0, "skipped": "no view sees the surface"}
     try:
-        return {"height": height, "removed": geometry.cut_below(height)}
+        return {"height": height, "removed": geometry.cut_below(height), "source": source}
     except ValueError as exc:
         return {"height": None, "removed": 0.0, "skipped": str(exc)}
 

@@ -10,6 +10,7 @@ cleaned, UV-unwrapped (xatlas), baked into a texture and exported as `mesh.glb` 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -133,25 +134,31 @@ def mesh_sdf(
     return torch.as_tensor(np.where(is_inside, -distance, distance), dtype=torch.float32)
 
 
-def _load_init(init: Path, orbit_dir: Path) -> trimesh.Trimesh:
-    """The init mesh from a NeRF output directory (its mesh.ply) or a mesh file, in the world frame."""
+def _load_init(init: Path, orbit_dir: Path) -> tuple[trimesh.Trimesh, float | None]:
+    """The init mesh from a NeRF output directory (its mesh.ply) or a mesh file, in the world frame, and
+    the NeRF stage's floor height (its `fit_nerf.json`; None for a mesh file or a NeRF fitted without it)."""
+    floor = None
     if init.is_dir():
         summary, mesh_path = init / "fit_nerf.json", init / "mesh.ply"
         if not mesh_path.is_file():
             raise InputError(f"{init}: not a fit-nerf output (no mesh.ply); give it or a mesh file as --init")
         if summary.is_file():
-            fitted_on = json.loads(summary.read_text()).get("orbit_sha256")
+            record = json.loads(summary.read_text())
+            fitted_on = record.get("orbit_sha256")
             if fitted_on and fitted_on != orbit_fingerprint(orbit_dir):
                 raise InputError(
                     f"{init}: this NeRF was fitted on another orbit than {orbit_dir}; fit it on this orbit"
                 )
+            floor = record.get("floor_height")
+            if floor is not None and not (isinstance(floor, (int, float)) and math.isfinite(floor)):
+                raise InputError(f"{summary}: floor_height must be a number or null, got {floor!r}")
         init = mesh_path
     elif not init.is_file():
         raise InputError(f"{init}: --init not found (a fit-nerf output directory or a mesh file)")
     mesh = load_trimesh(init, place=False)  # world frame as it is: it must match the orbit's
     if len(mesh.faces) == 0:
         raise InputError(f"{init}: the init mesh is empty")
-    return mesh
+    return mesh, None if floor is None else float(floor)
 
 
 def refine_stage(
@@ -176,7 +183,7 @@ def refine_stage(
         raise InputError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise InputError(f"{out}: output directory exists and is not empty (use --force to replace it)")
-    mesh = _load_init(init, orbit_dir)
+    mesh, floor = _load_init(init, orbit_dir)
     grid = tet_grid(config.refine.tet.resolution, config.refine.tet.bound)
     init_sdf = mesh_sdf(mesh, grid.vertices)
     try:
@@ -203,7 +210,7 @@ def refine_stage(
             bar.update(0)
 
     try:
-        result, starts = _refine_starts(frames, init_sdf, grid, config, guidance, device, report)
+        result, starts = _refine_starts(frames, init_sdf, grid, config, guidance, device, report, floor)
     except ValueError as exc:  # an init that is empty or reaches the grid's boundary
         raise InputError(f"{init}: {exc}") from None
     finally:
@@ -241,10 +248,12 @@ class _Abandoned(Exception):
     """Raised from the progress callback to stop a start that fits the frames far worse."""
 
 
-def _refine_starts(frames, init_sdf, grid, config: RefineStageConfig, guidance, device, report):
+def _refine_starts(
+    frames, init_sdf, grid, config: RefineStageConfig, guidance, device, report, floor: float | None = None
+):
     """Refine from the init and, when it differs enough, from the init with its cavities opened; return
     the open start's result when it fits the frames' colours clearly better (cavity_gain), else the
-    init's, and a record of each start."""
+    init's, and a record of each start. `floor`: the floor cut's height, None to measure it on the init."""
     cameras = frames.orbit.cameras()
     recent: dict[str, list[float]] = {"init": [], "open cavities": []}
 
@@ -262,7 +271,9 @@ def _refine_starts(frames, init_sdf, grid, config: RefineStageConfig, guidance, 
         return callback
 
     def run(name: str, sdf: torch.Tensor) -> tuple[RefineResult, dict]:
-        result = refine_surface(frames.images, cameras, sdf, config.refine, guidance, device, progress(name))
+        result = refine_surface(
+            frames.images, cameras, sdf, config.refine, guidance, device, progress(name), floor_height=floor
+        )
         errors = frame_errors(result, frames.images, cameras, config.refine.render_resolution)
         loss = errors["rgb"] + errors["mask"]
         return result, {

@@ -72,7 +72,8 @@ def _starts(monkeypatch, init_sdf, open_loss: float, open_step_loss: float = 0.0
 
     import sv3d.refine_stage as stage
 
-    def refine(images, cameras, sdf, config, guidance, device, progress):
+    def refine(images, cameras, sdf, config, guidance, device, progress, floor_height=None):
+        assert floor_height == -0.25  # both starts are cut at the floor handed to the stage
         name = "init" if torch.equal(sdf, init_sdf) else "open"
         for step in range(1, config.steps + 1):
             progress(step, {"rgb": open_step_loss if name == "open" else 0.01, "mask": 0.0})
@@ -87,7 +88,8 @@ def _starts(monkeypatch, init_sdf, open_loss: float, open_step_loss: float = 0.0
     config = stage.RefineStageConfig(**overrides)
     config.refine.steps = 20
     grid = SimpleNamespace(resolution=R, bound=BOUND)
-    result, starts = stage._refine_starts(_Frames, init_sdf, grid, config, None, "cpu", lambda *a: None)
+    report = lambda *a: None  # noqa: E731
+    result, starts = stage._refine_starts(_Frames, init_sdf, grid, config, None, "cpu", report, -0.25)
     return result.name, starts
 
 

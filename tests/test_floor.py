@@ -144,4 +144,10 @@ def test_refinement_keeps_the_surface_above_the_inits_floor():
     assert floor["removed"] > 0 and floor["height"] == pytest.approx(-0.15, abs=0.03)
     verts = result.geometry.to_mesh().vertices
     assert float(verts[:, 2].min()) >= floor["height"] - 1e-5
+    assert floor["source"] == "measured on the init"
     assert refine_surface(images, cameras, sdf, dataclasses.replace(config, floor_cut=False)).floor is None
+    # a known floor (the NeRF stage's) is cut at as given, not measured again
+    given = refine_surface(images, cameras, sdf, config, floor_height=-0.1)
+    assert given.floor["height"] == -0.1 and given.floor["source"] == "given"
+    assert given.floor["removed"] > floor["removed"]
+    assert float(given.geometry.to_mesh().vertices[:, 2].min()) >= -0.1 - 1e-5

@@ -108,6 +108,36 @@ def test_bad_inits_fail_with_one_line(scene, tmp_path, capsys):
         assert not out.exists(), init
 
 
+def test_a_nerf_inits_floor_height_is_the_floor_cut(scene, tmp_path, capsys):
+    """From a fit-nerf directory the refinement cuts at the floor the NeRF stage recorded (measured on its
+    level surface) instead of measuring it again on the coarser tet-grid init; a bad record is refused."""
+    from sv3d.fit_nerf import orbit_fingerprint
+
+    nerf_dir = tmp_path / "nerf"
+    nerf_dir.mkdir()
+    scene["placed"].export(nerf_dir / "mesh.ply")
+    floor = float(scene["placed"].bounds[0, 2]) + 0.15  # above where the views see the blob down to
+    record = {"orbit_sha256": orbit_fingerprint(scene["orbit"]), "floor_height": floor}
+    (nerf_dir / "fit_nerf.json").write_text(json.dumps(record))
+    out = tmp_path / "out"
+    assert run(scene["orbit"], "--init", nerf_dir, "-o", out, *TINY) == 0
+    summary = json.loads((out / "refine.json").read_text())
+    assert summary["floor"]["height"] == floor and summary["floor"]["source"] == "given"
+    assert summary["floor"]["removed"] > 0
+    assert load_trimesh(out / "mesh.obj", place=False).vertices[:, 2].min() >= floor - 1e-4
+    # the same init as a mesh file: the floor is measured, lower down (the views see the blob below it)
+    assert run(scene["orbit"], "--init", scene["init"], "-o", tmp_path / "m", *TINY) == 0
+    measured = json.loads((tmp_path / "m" / "refine.json").read_text())["floor"]
+    assert measured["source"] == "measured on the init" and measured["height"] < floor - 0.05
+    record["floor_height"] = "low"
+    (nerf_dir / "fit_nerf.json").write_text(json.dumps(record))
+    capsys.readouterr()  # the runs above' progress bars
+    assert run(scene["orbit"], "--init", nerf_dir, "-o", tmp_path / "bad", *TINY) == 2
+    err = capsys.readouterr().err.strip()
+    assert "floor_height must be a number" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_an_interrupted_refine_leaves_no_half_written_files(scene, tmp_path, monkeypatch):
     import refine.export
 
