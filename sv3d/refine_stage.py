@@ -143,14 +143,20 @@ def _load_init(init: Path, orbit_dir: Path) -> tuple[trimesh.Trimesh, float | No
         if not mesh_path.is_file():
             raise InputError(f"{init}: not a fit-nerf output (no mesh.ply); give it or a mesh file as --init")
         if summary.is_file():
-            record = json.loads(summary.read_text())
+            try:
+                record = json.loads(summary.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise InputError(f"{summary}: unreadable ({exc})") from None
+            if not isinstance(record, dict):
+                raise InputError(f"{summary}: expected a JSON object, got {type(record).__name__}")
             fitted_on = record.get("orbit_sha256")
             if fitted_on and fitted_on != orbit_fingerprint(orbit_dir):
                 raise InputError(
                     f"{init}: this NeRF was fitted on another orbit than {orbit_dir}; fit it on this orbit"
                 )
             floor = record.get("floor_height")
-            if floor is not None and not (isinstance(floor, (int, float)) and math.isfinite(floor)):
+            number = isinstance(floor, (int, float)) and not isinstance(floor, bool)
+            if floor is not None and not (number and math.isfinite(floor)):
                 raise InputError(f"{summary}: floor_height must be a number or null, got {floor!r}")
         init = mesh_path
     elif not init.is_file():

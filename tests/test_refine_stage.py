@@ -129,13 +129,18 @@ def test_a_nerf_inits_floor_height_is_the_floor_cut(scene, tmp_path, capsys):
     assert run(scene["orbit"], "--init", scene["init"], "-o", tmp_path / "m", *TINY) == 0
     measured = json.loads((tmp_path / "m" / "refine.json").read_text())["floor"]
     assert measured["source"] == "measured on the init" and measured["height"] < floor - 0.05
-    record["floor_height"] = "low"
-    (nerf_dir / "fit_nerf.json").write_text(json.dumps(record))
     capsys.readouterr()  # the runs above' progress bars
-    assert run(scene["orbit"], "--init", nerf_dir, "-o", tmp_path / "bad", *TINY) == 2
-    err = capsys.readouterr().err.strip()
-    assert "floor_height must be a number" in err and len(err.splitlines()) == 1, err
-    assert not (tmp_path / "bad").exists()
+    for text, message in [
+        (json.dumps({**record, "floor_height": "low"}), "floor_height must be a number"),
+        (json.dumps({**record, "floor_height": True}), "floor_height must be a number"),
+        ("{not json", "unreadable"),
+        ("[1, 2]", "expected a JSON object"),
+    ]:
+        (nerf_dir / "fit_nerf.json").write_text(text)
+        assert run(scene["orbit"], "--init", nerf_dir, "-o", tmp_path / "bad", *TINY) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "bad").exists()
 
 
 def test_an_interrupted_refine_leaves_no_half_written_files(scene, tmp_path, monkeypatch):
