@@ -11,6 +11,8 @@ from torch import nn
 from nerf.field import FieldConfig, RadianceField
 from nerf.mlp import CHUNK_ROWS, ReLUMLP, _ChunkedReLUMLP
 
+_apply = _ChunkedReLUMLP.apply  # the chunked function itself, for the tests that count its calls
+
 
 def _plain(mlp: ReLUMLP, x: torch.Tensor) -> torch.Tensor:
     return nn.Sequential.forward(mlp, x)  # the layers one after another, through autograd
@@ -44,9 +46,6 @@ def test_chunked_mlp_matches_autograd_over_several_chunks_and_a_partial_one(monk
         scale = float(g64.abs().max())
         err, err0 = float((g.double() - g64).abs().max()), float((g0.double() - g64).abs().max())
         assert err <= err0 + 2e-5 * scale, (err / scale, err0 / scale)
-
-
-_apply = _ChunkedReLUMLP.apply
 
 
 def test_chunked_mlp_gradcheck_float64():
