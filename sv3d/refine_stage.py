@@ -255,7 +255,7 @@ class _Abandoned(Exception):
 
 
 def _refine_starts(
-    frames, init_sdf, grid, config: RefineStageConfig, guidance, device, report, floor: float | None = None
+    frames, init_sdf, grid, config: RefineStageConfig, guidance, device, report, floor: float | None
 ):
     """Refine from the init and, when it differs enough, from the init with its cavities opened; return
     the open start's result when it fits the frames' colours clearly better (cavity_gain), else the
