@@ -233,11 +233,18 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
         help="fit an unlit colour field (by default colour = albedo x a learned shading of the surface "
         "normal, which lets the frames' shading shape plain surfaces)",
     )
-    p.add_argument(
+    cavities = p.add_mutually_exclusive_group()
+    cavities.add_argument(
         "--no-open-cavities",
         action="store_true",
         help="refine from the init only (by default also from the init with its cavities opened, kept "
         "when it fits the frames at least 10%% better: a bowl keeps its inside; about twice the time)",
+    )
+    cavities.add_argument(
+        "--open-cavities",
+        action="store_true",
+        help="refine only from the init with its cavities opened: for cups, mugs and other containers "
+        "whose inside the orbit barely shows, which the frames alone leave lidded",
     )
     p.add_argument(
         "--no-floor-cut",
@@ -276,7 +283,9 @@ def _cmd_refine(args: argparse.Namespace) -> int:
     if args.no_shading:
         config.refine.color.shading = False
     if args.no_open_cavities:
-        config.open_cavities = False
+        config.open_cavities = "never"
+    if args.open_cavities:
+        config.open_cavities = "always"
     if args.no_floor_cut:
         config.refine.floor_cut = False
     start = time.perf_counter()
@@ -324,10 +333,16 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="refine with an unlit colour field instead of albedo x learned shading (see sv3d refine)",
     )
-    p.add_argument(
+    cavities = p.add_mutually_exclusive_group()
+    cavities.add_argument(
         "--no-open-cavities",
         action="store_true",
         help="refine from the NeRF mesh only, not also with its cavities opened (see sv3d refine)",
+    )
+    cavities.add_argument(
+        "--open-cavities",
+        action="store_true",
+        help="refine only from the NeRF mesh with its cavities opened: containers (see sv3d refine)",
     )
     p.add_argument(
         "--consistency-threshold",
@@ -367,7 +382,9 @@ def run_config_from_args(args: argparse.Namespace):
     if args.no_shading:
         refine.refine.color.shading = False
     if args.no_open_cavities:
-        refine.open_cavities = False
+        refine.open_cavities = "never"
+    if args.open_cavities:
+        refine.open_cavities = "always"
     orbit = OrbitConfig(
         checkpoint=args.checkpoint,
         orbit=args.orbit,

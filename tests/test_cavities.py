@@ -114,8 +114,36 @@ def test_a_far_worse_open_start_is_stopped_early(monkeypatch):
 def test_no_second_start_when_off_or_when_nothing_would_open(monkeypatch):
     p = _lattice()
     box = _box_sdf(p, 0.3)
-    name, starts = _starts(monkeypatch, box, open_loss=0.1, open_cavities=False)
+    name, starts = _starts(monkeypatch, box, open_loss=0.1, open_cavities="never")
     assert name == "init" and len(starts) == 1 and starts[0]["chosen"]
     slab = torch.maximum(_box_sdf(p, 0.4), p[:, 2].abs() - 0.02)
     name, starts = _starts(monkeypatch, slab, open_loss=0.1)
     assert name == "init" and "skipped" in starts[1]
+
+
+def test_always_refines_the_opened_init_only_or_the_init_when_nothing_opens(monkeypatch):
+    p = _lattice()
+    box = _box_sdf(p, 0.3)
+    # Kept although it fits the frames worse, and not stopped at a quarter of the steps although its
+    # steps' loss is 3x the init's would be: there is no init start to compare with
+    name, starts = _starts(monkeypatch, box, open_loss=1.5, open_step_loss=0.03, open_cavities="always")
+    assert name == "open" and len(starts) == 1
+    assert starts[0]["start"] == "open cavities" and starts[0]["chosen"] and starts[0]["removed"] > 0.5
+    assert starts[0]["frame_rgb"] == 1.5
+    slab = torch.maximum(_box_sdf(p, 0.4), p[:, 2].abs() - 0.02)  # too thin to have a cavity
+    name, starts = _starts(monkeypatch, slab, open_loss=0.1, open_cavities="always")
+    assert name == "init" and [s["chosen"] for s in starts] == [True, False] and "skipped" in starts[1]
+
+
+def test_an_unknown_open_cavities_mode_is_a_one_line_error(tmp_path):
+    from sv3d.errors import InputError
+    from sv3d.refine_stage import RefineStageConfig, refine_stage
+    from sv3d.render_orbit import RenderOrbitConfig, render_orbit
+    from sv3d.testing.objects import write_test_object
+
+    orbit = render_orbit(
+        write_test_object(tmp_path / "objects", "blob"), tmp_path / "orbit", RenderOrbitConfig(resolution=32)
+    )
+    with pytest.raises(InputError, match="open_cavities must be one of auto, always, never, got 'yes'"):
+        refine_stage(orbit, tmp_path / "init.ply", tmp_path / "out", RefineStageConfig(open_cavities="yes"))
+    assert not (tmp_path / "out").exists()  # nothing created

@@ -307,7 +307,7 @@ def test_real_pipeline_interrupted_and_rerun_equals_straight_run(dataset, tmp_pa
     run.refine.refine.color_moves_geometry = False
     # The open-cavity start is a choice between two fits by their losses: float noise near its threshold
     # could flip it between the two runs; one start keeps this test about resuming.
-    run.refine.open_cavities = False
+    run.refine.open_cavities = "never"
     torch.set_num_threads(2)
     straight = evaluate_dataset(dataset, tmp_path / "a", config, run, progress=False)
     assert straight.summary["n_ok"] == 2, straight.summary

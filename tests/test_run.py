@@ -338,12 +338,21 @@ def test_no_shading_reaches_the_refine_stage():
     assert args.no_shading
 
 
-def test_no_open_cavities_reaches_the_refine_stage():
+def test_the_open_cavity_flags_reach_the_refine_stage(capsys):
     from sv3d.cli import build_parser, run_config_from_args
 
-    args = build_parser().parse_args(["run", "cup.png", "-o", "out", "--device", "cpu"])
-    assert run_config_from_args(args).refine.open_cavities  # on by default
-    args = build_parser().parse_args(["run", "cup.png", "-o", "out", "--no-open-cavities", "--device", "cpu"])
-    assert not run_config_from_args(args).refine.open_cavities
+    def run_mode(*flags: str) -> str:
+        args = build_parser().parse_args(["run", "cup.png", "-o", "out", *flags, "--device", "cpu"])
+        return run_config_from_args(args).refine.open_cavities
+
+    assert run_mode() == "auto"  # both starts, the open one kept when it fits clearly better
+    assert run_mode("--no-open-cavities") == "never"
+    assert run_mode("--open-cavities") == "always"
     args = build_parser().parse_args(["refine", "orbit", "--init", "nerf", "-o", "out", "--no-open-cavities"])
-    assert args.no_open_cavities
+    assert args.no_open_cavities and not args.open_cavities
+    args = build_parser().parse_args(["refine", "orbit", "--init", "nerf", "-o", "out", "--open-cavities"])
+    assert args.open_cavities and not args.no_open_cavities
+    for command in (["run", "cup.png"], ["refine", "orbit", "--init", "nerf"]):
+        with pytest.raises(SystemExit):  # the two flags exclude each other
+            build_parser().parse_args([*command, "-o", "out", "--open-cavities", "--no-open-cavities"])
+        assert "not allowed with argument" in capsys.readouterr().err
