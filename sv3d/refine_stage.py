@@ -36,7 +36,7 @@ from .fit_nerf import _atomic, orbit_fingerprint
 from .meshio import load_trimesh
 from .video import write_video
 
-__all__ = ["RefineStageConfig", "default_refine_config", "mesh_sdf", "refine_stage"]
+__all__ = ["RefineStageConfig", "check_cavity_mode", "default_refine_config", "mesh_sdf", "refine_stage"]
 
 OUTPUTS = ("mesh.glb", "mesh.obj", "mesh.mtl", "mesh.png", "preview.mp4", "refine.json")
 CAVITY_MODES = ("auto", "always", "never")  # RefineStageConfig.open_cavities
@@ -82,6 +82,12 @@ def default_refine_config(device: torch.device) -> RefineStageConfig:
             preview_resolution=576,
         )
     return RefineStageConfig()
+
+
+def check_cavity_mode(mode: str) -> None:
+    """A one-line InputError unless `mode` is one of CAVITY_MODES (RefineStageConfig.open_cavities)."""
+    if mode not in CAVITY_MODES:
+        raise InputError(f"open_cavities must be one of {', '.join(CAVITY_MODES)}, got {mode!r}")
 
 
 def mesh_sdf(
@@ -193,10 +199,7 @@ def refine_stage(
         raise InputError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise InputError(f"{out}: output directory exists and is not empty (use --force to replace it)")
-    if config.open_cavities not in CAVITY_MODES:
-        raise InputError(
-            f"open_cavities must be one of {', '.join(CAVITY_MODES)}, got {config.open_cavities!r}"
-        )
+    check_cavity_mode(config.open_cavities)
     mesh, floor = _load_init(init, orbit_dir)
     grid = tet_grid(config.refine.tet.resolution, config.refine.tet.bound)
     init_sdf = mesh_sdf(mesh, grid.vertices)

@@ -37,7 +37,7 @@ from .device import pick_device
 from .errors import InputError, Sv3dError
 from .fit_nerf import FitNerfConfig, _atomic, default_fit_config, fit_nerf, orbit_fingerprint, render_views
 from .orbit import OrbitConfig, generate_orbit, resolve_checkpoint
-from .refine_stage import RefineStageConfig, default_refine_config, refine_stage
+from .refine_stage import RefineStageConfig, check_cavity_mode, default_refine_config, refine_stage
 from .video import write_video
 
 __all__ = [
@@ -532,6 +532,7 @@ def _check_config(config: RunConfig, kind: str) -> None:
         raise InputError(f"--nerf-steps must be >= 1, got {config.nerf.train.steps}")
     if config.refine.refine.steps < 1:
         raise InputError(f"--refine-steps must be >= 1, got {config.refine.refine.steps}")
+    check_cavity_mode(config.refine.open_cavities)
     try:
         check_texture_size(config.refine.bake.texture_size)
     except ValueError as exc:

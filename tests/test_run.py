@@ -13,6 +13,7 @@ import pytest
 
 import sv3d.run as run_module
 from sv3d.cli import main
+from sv3d.errors import InputError
 from sv3d.fit_nerf import FitNerfConfig
 from sv3d.refine_stage import RefineStageConfig
 from sv3d.render_orbit import RenderOrbitConfig, render_orbit
@@ -251,6 +252,16 @@ def test_run_from_orbit_survives_ctrl_c_and_resumes(oracle_orbit: Path, tmp_path
     assert result.summary["finished_stages"] == ["nerf", "consistency", "refine", "export"]
     assert "orbit" not in result.summary["stages"] and not (out / "orbit").exists()
     assert result.flagged == (result.summary["consistency"]["masked_psnr_db"] < 20.0)
+
+
+def test_an_unknown_open_cavities_mode_stops_a_run_before_any_stage(
+    oracle_orbit: Path, tmp_path: Path, monkeypatch
+):
+    config = RunConfig(refine=RefineStageConfig(open_cavities="yes"), device="cpu")
+    monkeypatch.setattr(run_module, "fit_nerf", lambda *a, **k: pytest.fail("the NeRF stage ran"))
+    with pytest.raises(InputError, match="open_cavities must be one of auto, always, never, got 'yes'"):
+        run_from_orbit(oracle_orbit, tmp_path / "run", config, progress=False)
+    assert not (tmp_path / "run").exists()  # nothing created
 
 
 def test_image_to_mesh_hydra_entry_composes():
