@@ -182,11 +182,17 @@ def fit_nerf_config(cfg: Any) -> FitNerfConfig:
 def refine_stage_config(cfg: Any) -> RefineStageConfig:
     """The `refine` group over `default_refine_config(device)`; the SDS checkpoint defaults to
     `sv3d.checkpoint` (the model that makes the orbits)."""
-    from .refine_stage import default_refine_config
+    from .refine_stage import check_cavity_mode, default_refine_config
 
+    mode = _select(cfg, "refine.open_cavities")
+    if isinstance(mode, bool):  # the key was a boolean until 2026-12-06
+        raise InputError(
+            f"refine.open_cavities: expected auto, always or never (true was auto), got {str(mode).lower()}"
+        )
     config = apply_overrides(
         default_refine_config(_device_for_defaults(str(cfg.device))), cfg.refine, "refine"
     )
+    check_cavity_mode(config.open_cavities)
     config.device = str(cfg.device)
     if config.checkpoint is None:
         config.checkpoint = _select(cfg, "sv3d.checkpoint")

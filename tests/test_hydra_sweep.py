@@ -115,6 +115,11 @@ def test_overrides_are_typed_and_checked():
         apply_overrides(FitNerfConfig(), {"train": {"field": {"encoder": {"n_levels": 0}}}}, "nerf")
     with pytest.raises(InputError, match="--mode must be one of"):
         eval_config(compose_config(["eval.mode=sideways"]))
+    assert refine_stage_config(compose_config(["refine.open_cavities=always"])).open_cavities == "always"
+    with pytest.raises(InputError, match="open_cavities must be one of auto, always, never, got 'yes'"):
+        refine_stage_config(compose_config(["refine.open_cavities=yes"]))
+    with pytest.raises(InputError, match=r"refine\.open_cavities: expected auto, always or never"):
+        refine_stage_config(compose_config(["refine.open_cavities=false"]))  # the old boolean
 
 
 @pytest.mark.parametrize("launcher", ["joblib", "local", "submitit_local", "submitit_slurm", "slurm"])
