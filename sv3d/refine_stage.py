@@ -59,8 +59,8 @@ class RefineStageConfig:
     # ambiguous both ways (a closed box refined from its opened init fits them as well, open), so equal fits
     # keep the init. Measured from the NeRF meshes of the six test objects (README's results). "auto": both
     # starts, chosen as above; "always": the opened init only (the init itself when nothing would open), for
-    # containers whose inside the orbit barely shows (the mug: Chamfer 0.0081 opened, 0.0173 with its lid,
-    # which fit the frames within 0.5%); "never": the init only.
+    # containers whose inside the orbit barely shows (the mug: Chamfer 0.0081 opened, 0.0173 with its lid;
+    # the two starts' RGB errors on the frames within 0.3%); "never": the init only.
     open_cavities: str = "auto"
     cavity_thickness: float = 0.03  # world units of wall left under the init's surface
     cavity_min_fraction: float = 0.02  # tried when it removes at least this share of the inside vertices
