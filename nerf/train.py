@@ -108,6 +108,25 @@ unshaded field has to paint the shading, and the smoothness evens it). Fits took
 (plate) and 156 s against 120 s (blob); the others shared the machine with another job (not timed).
 Opt-in: it costs a fifth to a third more time per fit, evens smooth shading (up to 5 dB lower on the
 orbit), and no object reaches 28 dB from elevation 30 with it.
+
+Hard edges (`hard_edges`, opt-in; `hard_edge_targets`): the frames are area-averaged, so a silhouette pixel
+holds a fraction of the object, but a training ray goes through the pixel's centre. A face seen edge-on is
+where that bites: `internal`'s two y faces sit in the planes of the orbit's cameras at azimuth +-171.4 (0.005
+outside them), and the fit dents them 0.015 and 0.014 inwards at their centres (its x faces 0.004 and 0.003),
+which the refinement keeps (0.012 and 0.011). Fitted without those two frames, the same faces bulge instead
+(+0.014, +0.007; x faces unchanged): the rays of those views' silhouette pixels skim the face along its whole
+width, and asked for part of the opacity, the soft density gives it by thinning the face. With hard edges a
+pixel is solid (the object's own colour) where the object covers at least half of it, as it then covers the
+centre under a straight edge, and background elsewhere: the y faces' dents became 0.007 and 0.012 (CPU
+defaults, oracle orbit, one fit). Through `sv3d eval` (2026-12-07, CPU defaults, one run; final / NeRF mesh
+Chamfer, without in brackets): blob 0.0044 / 0.0053 (0.0042 / 0.0045), bowl 0.0065 / 0.0350 (0.0069 /
+0.0363), checker 0.0046 / 0.0057 (0.0041 / 0.0044), `internal` 0.0095 / 0.0134 (0.0102 / 0.0131), mug
+0.0179 / 0.0199 (0.0173 / 0.0180), plate 0.0104 / 0.0116 (0.0108 / 0.0115); mean 0.0089 both, NeRF meshes
+0.0152 (0.0146). Opt-in: rounding each silhouette to the pixel centres loses the sub-pixel position that
+the coverage gives (a 128-px pixel is 0.0095 wide at the orbit's centre), which curved objects pay for. Tried
+for the same dent (`internal`, NeRF mesh, one fit each, y faces' dents): rays through random points of their
+pixels (so that their mean sees the coverage) 0.0156 (0.023, 0.012); distortion weight 0.05 0.0136 (0.003,
+0.001, but the x faces bulge 0.007 and 0.008; refined 0.0123); 96 samples a ray 0.0124 (0.010, 0.014).
 """
 
 from __future__ import annotations
@@ -128,7 +147,7 @@ from .rays import generate_rays, ray_sphere_bounds
 from .render import estimator_available, make_estimator, render_rays, update_estimator
 from .smoothness import color_smoothness
 
-__all__ = ["TrainConfig", "TrainResult", "fit_field", "frames_over_white", "psnr"]
+__all__ = ["TrainConfig", "TrainResult", "fit_field", "frames_over_white", "hard_edge_targets", "psnr"]
 
 
 @dataclass
@@ -160,6 +179,7 @@ class TrainConfig:
     color_smooth_points: int = 4096  # surface samples drawn a step
     color_smooth_jitter: float = 0.01  # world units, about a pixel of the 128-px frames
     color_smooth_cap: float = 0.05  # summed |RGB difference| above this costs no more (texture edges)
+    hard_edges: bool = False  # edge pixels' targets as the ray through their centre sees them (module doc)
     field: FieldConfig = field(default_factory=FieldConfig)
 
     def __post_init__(self) -> None:
@@ -231,6 +251,16 @@ def frames_over_white(images: Tensor, size: int) -> tuple[Tensor, Tensor]:
         x = torch.nn.functional.interpolate(full.permute(0, 3, 1, 2), size=(size, size), mode="area")
         full = x.permute(0, 2, 3, 1)  # [V, s, s, 4]
     return full[..., :3], full[..., 3:]
+
+
+def hard_edge_targets(target: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+    """Area-averaged frames (colour over white [..., 3], coverage [..., 1]) -> what a ray through each
+    pixel's centre sees: solid (alpha 1, the object's own colour, unmixed from the white) where the object
+    covers at least half of the pixel, as it covers the centre under a straight edge; background (alpha 0,
+    white) elsewhere."""
+    solid = alpha >= 0.5  # [..., 1]
+    own = (target - (1.0 - alpha)) / alpha.clamp(min=0.5)  # over white: target = alpha * own + (1 - alpha)
+    return torch.where(solid, own.clamp(0.0, 1.0), torch.ones_like(target)), solid.to(alpha.dtype)
 
 
 def _distortion(
@@ -347,6 +377,8 @@ def fit_field(
 
     # 2. Rays of every pixel of the (resized) frames, with their targets
     target, alpha = frames_over_white(images, config.max_resolution)  # [V, S, S, 3], [V, S, S, 1]
+    if config.hard_edges:
+        target, alpha = hard_edge_targets(target, alpha)
     size = target.shape[1]
     focal = size / (2.0 * math.tan(math.radians(fov_deg) / 2.0))
     origins, directions = generate_rays(c2w.float(), focal, size, size)  # [V, S, S, 3] each

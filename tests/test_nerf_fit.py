@@ -632,3 +632,38 @@ def test_frames_over_white_composites_before_averaging_down():
     assert torch.allclose(rgb[0, 0, 0], torch.tensor([1.0, 0.75, 0.75]))
     same, _ = frames_over_white(images, 4)  # no upsampling: the frames as they are, over white
     assert torch.allclose(same[0, 0, 0], torch.tensor([1.0, 0.0, 0.0])) and same.shape == (1, 2, 2, 3)
+
+
+def test_hard_edge_targets_are_what_a_ray_through_each_pixel_centre_sees():
+    """A straight edge at a slant through 16x-supersampled frames, averaged down to 12 px: the hard targets
+    are solid exactly at the pixels whose centre the object covers, in the object's own colour (unmixed from
+    the white), and white background elsewhere."""
+    from nerf.train import frames_over_white, hard_edge_targets
+
+    n, sub = 12, 16
+    fine = (torch.arange(n * sub, dtype=torch.float64) + 0.5) / sub  # [n * sub] subpixel centres, pixel units
+
+    def inside(x, y):  # a half-plane whose edge crosses pixels at various offsets, no centre on it
+        return 0.83 * x + 0.41 * y < 6.3  # centres 0.086 px or more off the edge
+
+    y, x = torch.meshgrid(fine, fine, indexing="ij")
+    colour = torch.tensor([0.9, 0.2, 0.4])
+    images = torch.zeros(1, n * sub, n * sub, 4)
+    images[..., :3] = torch.tensor([0.0, 1.0, 0.0])  # meaningless colour under alpha 0
+    images[0][inside(x, y)] = torch.cat([colour, torch.ones(1)])
+    rgb, alpha = frames_over_white(images, n)
+    assert ((alpha > 0.05) & (alpha < 0.95)).sum() >= 8  # the edge pixels are partly covered
+    hard_rgb, hard_alpha = hard_edge_targets(rgb, alpha)
+    centre = torch.arange(n, dtype=torch.float64) + 0.5
+    cy, cx = torch.meshgrid(centre, centre, indexing="ij")
+    covered = inside(cx, cy)  # [n, n] the object covers the pixel's centre
+    assert torch.equal(hard_alpha[0, ..., 0] > 0, covered)
+    assert torch.equal(hard_alpha.unique(), torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(hard_rgb[0][covered], colour.expand(int(covered.sum()), 3), atol=1e-5, rtol=0)
+    assert torch.equal(hard_rgb[0][~covered], torch.ones(int((~covered).sum()), 3))
+
+
+def test_a_fit_on_hard_edge_targets_learns(orbit: Path):
+    from sv3d.cameras import read_orbit_directory
+
+    _fit_and_check_it_learns(read_orbit_directory(orbit), dataclasses.replace(TOY, hard_edges=True))
