@@ -111,8 +111,8 @@ orbit), and no object reaches 28 dB from elevation 30 with it.
 
 Hard edges (`hard_edges`, opt-in; `hard_edge_targets`): the frames are area-averaged, so a silhouette pixel
 holds a fraction of the object, but a training ray goes through the pixel's centre. A face seen edge-on is
-where that bites: `internal`'s two y faces sit in the planes of the orbit's cameras at azimuth +-171.4 (0.005
-outside them), and the fit dents them 0.015 and 0.014 inwards at their centres (its x faces 0.004 and 0.003),
+where that bites: the orbit's cameras at azimuth +-171.4 lie 0.005 outside the planes of `internal`'s two y
+faces, and the fit dents those faces 0.015 and 0.014 inwards at their centres (its x faces 0.004 and 0.003),
 which the refinement keeps (0.012 and 0.011). Fitted without those two frames, the same faces bulge instead
 (+0.014, +0.007; x faces unchanged): the rays of those views' silhouette pixels skim the face along its whole
 width, and asked for part of the opacity, the soft density gives it by thinning the face. With hard edges a

@@ -663,7 +663,19 @@ def test_hard_edge_targets_are_what_a_ray_through_each_pixel_centre_sees():
     assert torch.equal(hard_rgb[0][~covered], torch.ones(int((~covered).sum()), 3))
 
 
-def test_a_fit_on_hard_edge_targets_learns(orbit: Path):
+def test_a_fit_on_hard_edge_targets_learns(orbit: Path, monkeypatch):
+    import nerf.train
     from sv3d.cameras import read_orbit_directory
 
-    _fit_and_check_it_learns(read_orbit_directory(orbit), dataclasses.replace(TOY, hard_edges=True))
+    frames, original, seen = read_orbit_directory(orbit), nerf.train.hard_edge_targets, []
+
+    def recorded(target, alpha):
+        target, alpha = original(target, alpha)
+        seen.append(alpha)
+        return target, alpha
+
+    monkeypatch.setattr(nerf.train, "hard_edge_targets", recorded)
+    _fit_and_check_it_learns(frames, dataclasses.replace(TOY, hard_edges=True))
+    assert len(seen) == 1 and set(seen[0].unique().tolist()) == {0.0, 1.0}  # the fit's targets, binary
+    fit_field(frames.images, frames.orbit.c2w(), frames.orbit.fov_deg, dataclasses.replace(TOY, steps=1))
+    assert len(seen) == 1  # off by default
