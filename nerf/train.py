@@ -110,27 +110,35 @@ Opt-in: it costs a fifth to a third more time per fit, evens smooth shading (up 
 orbit), and no object reaches 28 dB from elevation 30 with it.
 
 Hard edges (`hard_edges`, opt-in; `hard_edge_targets`): the frames are area-averaged, so a silhouette pixel
-holds a fraction of the object, but a training ray goes through the pixel's centre. A face seen edge-on is
-where that bites: the orbit's cameras at azimuth +-171.4 lie 0.005 outside the planes of `internal`'s two y
-faces, and the fit dents those faces 0.015 and 0.014 inwards at their centres (its x faces 0.004 and 0.003),
-which the refinement keeps (0.012 and 0.011). Fitted without those two frames, the same faces bulge instead
-(+0.014, +0.007; x faces unchanged): the rays of those views' silhouette pixels skim the face along its whole
-width, and asked for part of the opacity, the soft density gives it by thinning the face. With hard edges a
-pixel is solid (the object's own colour) where the object covers at least half of it, as it then covers the
-centre under a straight edge, and background elsewhere: the y faces' dents became 0.007 and 0.012 (CPU
-defaults, oracle orbit, one fit). Through `sv3d eval` (2026-12-07, CPU defaults, one run; final / NeRF mesh
-Chamfer, without in brackets): blob 0.0044 / 0.0053 (0.0042 / 0.0045), bowl 0.0065 / 0.0350 (0.0069 /
-0.0363), checker 0.0046 / 0.0057 (0.0041 / 0.0044), `internal` 0.0095 / 0.0134 (0.0102 / 0.0131), mug
-0.0179 / 0.0199 (0.0173 / 0.0180), plate 0.0104 / 0.0116 (0.0108 / 0.0115); mean 0.0089 both, NeRF meshes
-0.0152 (0.0146). Opt-in: rounding each silhouette to the pixel centres loses the sub-pixel position that
-the coverage gives (a 128-px pixel is 0.0095 wide at the orbit's centre), which curved objects pay for, and
-the renders' edges alias: held-out masked PSNR (`scripts/check_nerf_oracle.py`'s views, scored on the same
-fits) at elevation 10 blob 40.2 -> 31.7 dB, `internal` 35.9 -> 30.1, plate 39.2 -> 30.5, bowl 26.6 -> 24.5;
-from elevation 30 `internal` 21.9 -> 23.1, plate 27.2 -> 28.4, bowl 16.7 -> 17.8, blob 37.3 -> 31.7. Tried
-for the same dent (`internal`, NeRF mesh, one fit each, y faces' dents): rays through random points of their
-pixels (so that their mean sees the coverage) 0.0156 (0.023, 0.012); distortion weight 0.05 0.0136 (0.003,
-0.001, but the x faces bulge 0.007 and 0.008; refined 0.0123); 96 samples a ray 0.0124 (0.010, 0.014);
-256-px frames 0.0134 (0.018, 0.013: not an artefact of the CPU's 128-px frames).
+holds a fraction of the object, but a training ray goes through the pixel's centre. That was the first suspect
+for a dent of faces seen edge-on: the orbit's cameras at azimuth +-171.4 lie 0.005 outside the planes of
+`internal`'s two y faces, and the fit dents those faces 0.015 and 0.014 inwards at their centres (its x faces
+0.004 and 0.003), which the refinement keeps (0.012 and 0.011). Fitted without those two frames, the same
+faces bulge instead (+0.014, +0.007; x faces unchanged): the rays of those views graze the faces along their
+whole width (the end of this paragraph: the soft density, not the pixel centres, is what dents them). With
+hard edges a pixel is solid (the object's own colour) where the object covers at least half of it, as it then
+covers the centre under a straight edge, and background elsewhere: the y faces' dents became 0.007 and 0.012
+(CPU defaults, oracle orbit, one fit). Through `sv3d eval` (2026-12-07, CPU defaults, one run; final / NeRF
+mesh Chamfer, without in brackets): blob 0.0044 / 0.0053 (0.0042 / 0.0045), bowl 0.0065 / 0.0350 (0.0069 /
+0.0363), checker 0.0046 / 0.0057 (0.0041 / 0.0044), `internal` 0.0095 / 0.0134 (0.0102 / 0.0131), mug 0.0179 /
+0.0199 (0.0173 / 0.0180), plate 0.0104 / 0.0116 (0.0108 / 0.0115); mean 0.0089 both, NeRF meshes 0.0152
+(0.0146). Opt-in: rounding each silhouette to the pixel centres loses the sub-pixel position that the coverage
+gives (a 128-px pixel is 0.0095 wide at the orbit's centre), which curved objects pay for, and the renders'
+edges alias: held-out masked PSNR (`scripts/check_nerf_oracle.py`'s views, scored on the same fits) at
+elevation 10 blob 40.2 -> 31.7 dB, `internal` 35.9 -> 30.1, plate 39.2 -> 30.5, bowl 26.6 -> 24.5; from
+elevation 30 `internal` 21.9 -> 23.1, plate 27.2 -> 28.4, bowl 16.7 -> 17.8, blob 37.3 -> 31.7. Tried for the
+same dent (`internal`, NeRF mesh, one fit each, y faces' dents): rays through random points of their pixels
+(so that their mean sees the coverage) 0.0156 (0.023, 0.012); distortion weight 0.05 0.0136 (0.003, 0.001, but
+the x faces bulge 0.007 and 0.008; refined 0.0123); 96 samples a ray 0.0124 (0.010, 0.014); 256-px frames
+0.0134 (0.018, 0.013: not an artefact of the CPU's 128-px frames); silhouette pixels rendered as the mean of 4
+x 4 sub-pixel rays, so that they are compared area-average to area-average (2026-12-07) 0.0147 (0.014, 0.015)
+in 357 s, the blob unchanged (0.0045): so the centre ray is not the cause. The soft density is: along the
+normal through each face's centre the plain fit's density falls from several hundred to about 1 within 0.015
+(samples 0.005 apart), reaching it at 0.27 and 0.28 on the y faces (true faces at 0.289) and at 0.29 on the +x
+face. A ray grazing a face crosses it over its whole width (0.58), where a density of 10 already makes it
+opaque (1 - exp(-5.8)); to leave those views' background rays clear, the face's soft edge has to sit inside
+the plane by about its own width. Fitted without the two edge-on frames, the y faces' density reaches 0 only
+at 0.31 (a bulge).
 """
 
 from __future__ import annotations
