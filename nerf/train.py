@@ -143,6 +143,7 @@ at 0.31 (a bulge).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import tempfile
@@ -344,6 +345,15 @@ def _surface_color_smoothness(
     )
 
 
+def _data_fingerprint(images: Tensor, c2w: Tensor, fov_deg: float) -> str:
+    """sha256 of the frames, cameras and field of view a fit is trained on: a checkpoint resumes only on
+    the data it was made from."""
+    digest = hashlib.sha256(repr((tuple(images.shape), str(images.dtype), float(fov_deg))).encode())
+    digest.update(images.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())  # any dtype
+    digest.update(c2w.detach().cpu().double().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _atomic_save(obj: dict, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
@@ -407,6 +417,8 @@ def fit_field(
     rays_d = directions.reshape(-1, 3)[hits].to(device)
     ray_near, ray_far = near.reshape(-1)[hits].to(device), far.reshape(-1)[hits].to(device)
     rgb_t, alpha_t = target.reshape(-1, 3)[hits].to(device), alpha.reshape(-1, 1)[hits].to(device)
+    if rays_o.shape[0] == 0:
+        raise ValueError("no pixel's ray crosses the scene's bound (and the occupied cells): nothing to fit")
 
     # 3. Field, optimiser, and what a checkpoint restores
     model = (model if model is not None else RadianceField(config.field)).to(device)
@@ -435,11 +447,21 @@ def fit_field(
     start_step = 0
     stop_pays = True  # whether early stop saves more than its first pass costs (measured every 50 steps)
     checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+    data_sha256 = _data_fingerprint(images, c2w, fov_deg) if checkpoint_path else None
     if checkpoint_path and checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        if state.get("config") != asdict(config):
+        try:
+            state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises many types for a truncated or foreign file
+            raise ValueError(
+                f"{checkpoint_path}: unreadable checkpoint ({type(exc).__name__}); remove it or use --force"
+            ) from None
+        if not isinstance(state, dict) or state.get("config") != asdict(config):
             raise ValueError(
                 f"{checkpoint_path}: checkpoint of another configuration; remove it or use --force"
+            )
+        if state.get("data_sha256") != data_sha256:
+            raise ValueError(
+                f"{checkpoint_path}: checkpoint of other frames or cameras; remove it or use --force"
             )
         model.load_state_dict(state["field"])
         if estimator is not None and state.get("estimator") is not None:
@@ -465,6 +487,7 @@ def fit_field(
                     "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                     "estimator": estimator.state_dict() if estimator is not None else None,
                     "config": asdict(config),
+                    "data_sha256": data_sha256,
                     "stop_pays": stop_pays,
                 },
                 checkpoint_path,

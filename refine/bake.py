@@ -42,7 +42,9 @@ MAX_TEXTURE_SIZE = 8192  # a float32 8192² RGB texture is 768 MiB; beyond is no
 @dataclass
 class BakeConfig:
     texture_size: int = 1024  # power of two: mip-mapping halves it cleanly; 1024² is the usual asset size
-    gutter: int = 8  # texels of dilation around charts: covers bilinear taps down to mip level 3 (8 -> 1)
+    # texels of dilation around charts, in open parts of the atlas; between two charts each gets half the
+    # padding (about 2 texels at 1024²), so mip-mapped views from afar may blend neighbouring charts
+    gutter: int = 8
     padding: int | None = None  # texels between packed charts; None = default_padding(texture_size)
     supersample: int = 1  # k: colour = mean over k x k samples per texel (anti-aliased chart edges, k² cost)
     chunk_size: int = 1 << 18  # points per color_fn call: bounds the MLP's peak memory (~0.26 M points)

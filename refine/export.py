@@ -267,6 +267,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the outputs are for other users and tools too
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

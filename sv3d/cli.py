@@ -547,6 +547,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Sv3dError as exc:
         print(f"sv3d: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file or folder the command could not read or write (permissions, disk full)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"sv3d: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("sv3d: interrupted; nothing half-written was left behind", file=sys.stderr)
         return 130

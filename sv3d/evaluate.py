@@ -171,6 +171,16 @@ def _resolved_run_config(run_config: RunConfig | None, mode: str) -> RunConfig:
     return config
 
 
+def _check_run_config(run_config: RunConfig, mode: str) -> None:
+    """The pipeline's own checks of its config (and, generated, of its checkpoint), once for the batch:
+    a bad setting fails before any object is rendered, not in every object in turn."""
+    from .run import _check_checkpoint, _check_config
+
+    _check_config(run_config, "image" if mode == "generated" else "orbit")
+    if mode == "generated":
+        _check_checkpoint(Path(run_config.orbit.checkpoint))
+
+
 def config_fingerprint(config: EvalConfig, run_config: RunConfig) -> str:
     """sha256 of what determines an object's figures: the protocol, the renders and the pipeline config
     (in oracle mode without the orbit stage's settings, which it does not use)."""
@@ -350,6 +360,7 @@ def evaluate_dataset(
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory")
     run = _resolved_run_config(run_config, config.mode)
+    _check_run_config(run, config.mode)
     fingerprint = config_fingerprint(config, run)
     done: dict[str, dict] = {}
     stale: list[str] = []

@@ -30,7 +30,7 @@ from refine.camera import Cameras, transform_points
 from refine.floor import seen_floor_height
 from refine.rasterizer import rasterize
 
-from .cameras import read_orbit_directory
+from .cameras import read_orbit_directory, read_transforms
 from .device import pick_device
 from .errors import InputError
 from .evaluation.visual_hull import carve_occupancy
@@ -38,6 +38,7 @@ from .video import write_video
 
 __all__ = [
     "FitNerfConfig",
+    "check_fit_config",
     "choose_level",
     "default_fit_config",
     "fit_nerf",
@@ -99,6 +100,26 @@ def default_fit_config(device: torch.device) -> FitNerfConfig:
     cpu = FitNerfConfig(train=TrainConfig(steps=1200, batch_rays=4096, n_samples=48))
     cpu.train.field.encoder = HashGridConfig(log2_hashmap_size=17, n_levels=12, finest_resolution=1024)
     return cpu
+
+
+def check_fit_config(config: FitNerfConfig) -> None:
+    """A one-line InputError for sizes and counts the stage cannot use, before anything is made (run and
+    eval check their NeRF config with it too)."""
+    t = config.train
+    if t.steps < 1:
+        raise InputError(f"NeRF steps must be >= 1, got {t.steps}")
+    for name, value, least in (
+        ("training frame size (--resolution)", t.max_resolution, 8),
+        ("marching-cubes grid (--grid)", config.extract.resolution, 8),
+        ("preview resolution", config.preview_resolution, 8),
+        ("hull resolution", config.hull_resolution, 2),
+        ("rays a step", t.batch_rays, 1),
+        ("samples a ray", t.n_samples, 1),
+    ):
+        if value < least:
+            raise InputError(f"{name} must be >= {least}, got {value}")
+    if config.hull_dilate < 0:
+        raise InputError(f"hull_dilate must be >= 0 cells, got {config.hull_dilate}")
 
 
 def silhouette_iou(
@@ -165,10 +186,9 @@ def orbit_fingerprint(orbit_dir: str | Path) -> str:
     """sha256 of the orbit's transforms.json and of its frames' files, in order: which orbit a stage's
     output was made from (two orbits on the same cameras differ in their frames)."""
     orbit_dir = Path(orbit_dir)
-    transforms = (orbit_dir / "transforms.json").read_bytes()
-    digest = hashlib.sha256(transforms)
-    for frame in json.loads(transforms).get("frames", []):
-        digest.update((orbit_dir / frame["file_path"]).read_bytes())
+    digest = hashlib.sha256((orbit_dir / "transforms.json").read_bytes())
+    for path in read_transforms(orbit_dir)[1]:  # the frames' files as the readers resolve them
+        digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
@@ -235,6 +255,7 @@ def fit_nerf(
     frames = read_orbit_directory(orbit_dir)
     device = pick_device(config.device if config else "auto")
     config = config or default_fit_config(device)
+    check_fit_config(config)
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory")
@@ -243,9 +264,23 @@ def fit_nerf(
         raise InputError(f"{out}: output directory exists and is not empty (use --force to replace it)")
     if float(frames.images[..., 3].max()) <= 0.0:
         raise InputError(f"{orbit_dir}: every frame's alpha is empty: there is no object to reconstruct")
+    masks = frames.masks()  # [V, H, W, 1]
+    empty = [i for i in range(masks.shape[0]) if not bool(masks[i].any())]
+    if empty:
+        raise InputError(
+            f"{orbit_dir}: the object's mask (alpha > 0.5) is empty in frame(s) {', '.join(map(str, empty))}"
+            " (0-based): every view must see the object"
+        )
+    bound = config.train.field.bound
+    hull = carve_occupancy(masks, frames.orbit.cameras(), config.hull_resolution, bound)  # [R, R, R]
+    if not bool(hull.any()):
+        raise InputError(
+            f"{orbit_dir}: the frames' masks share no region of space (their visual hull is empty): the "
+            "cameras in transforms.json do not match the frames"
+        )
     out.mkdir(parents=True, exist_ok=True)
     if force:
-        for name in (CHECKPOINT, *OUTPUTS):
+        for name in (CHECKPOINT, *OUTPUTS, "fit_nerf.json"):
             (out / name).unlink(missing_ok=True)
 
     # 2. Train (resuming from the checkpoint when there is one)
@@ -262,8 +297,6 @@ def fit_nerf(
             bar.update(0)
 
     c2w = frames.orbit.c2w()
-    bound = config.train.field.bound
-    hull = carve_occupancy(frames.masks(), frames.orbit.cameras(), config.hull_resolution, bound)  # [R, R, R]
     occupancy = OccupancyGrid(hull, bound, config.hull_dilate).to(device)
     try:
         result = fit_field(
@@ -277,7 +310,8 @@ def fit_nerf(
             occupancy=occupancy,
         )
     except ValueError as exc:
-        raise InputError(f"{out / CHECKPOINT}: {exc}") from None
+        where = "" if str(exc).startswith(str(out / CHECKPOINT)) else f"{out / CHECKPOINT}: "
+        raise InputError(f"{where}{exc}") from None
     finally:
         if bar is not None:
             bar.close()

@@ -36,7 +36,14 @@ from .fit_nerf import _atomic, orbit_fingerprint
 from .meshio import load_trimesh
 from .video import write_video
 
-__all__ = ["RefineStageConfig", "check_cavity_mode", "default_refine_config", "mesh_sdf", "refine_stage"]
+__all__ = [
+    "RefineStageConfig",
+    "check_cavity_mode",
+    "check_refine_stage_config",
+    "default_refine_config",
+    "mesh_sdf",
+    "refine_stage",
+]
 
 OUTPUTS = ("mesh.glb", "mesh.obj", "mesh.mtl", "mesh.png", "preview.mp4", "refine.json")
 CAVITY_MODES = ("auto", "always", "never")  # RefineStageConfig.open_cavities
@@ -82,6 +89,42 @@ def default_refine_config(device: torch.device) -> RefineStageConfig:
             preview_resolution=576,
         )
     return RefineStageConfig()
+
+
+def check_refine_stage_config(config: RefineStageConfig) -> None:
+    """A one-line InputError for sizes and counts the stage cannot use, before anything is made (run and
+    eval check their refine config with it too)."""
+    from refine.tetgrid import MAX_RESOLUTION, MIN_RESOLUTION
+
+    r = config.refine
+    if r.steps < 1:
+        raise InputError(f"refine steps must be >= 1, got {r.steps}")
+    if not MIN_RESOLUTION <= r.tet.resolution <= MAX_RESOLUTION:
+        raise InputError(
+            f"--tet-resolution must be in [{MIN_RESOLUTION}, {MAX_RESOLUTION}], got {r.tet.resolution}"
+        )
+    if r.render_resolution < 8:
+        raise InputError(f"refine render resolution must be >= 8, got {r.render_resolution}")
+    faces = config.cleanup.target_faces
+    if faces is not None and (isinstance(faces, bool) or int(faces) != faces or faces < 4):
+        raise InputError(f"--target-faces must be an integer >= 4, got {faces}")
+    try:
+        check_texture_size(config.bake.texture_size)
+    except ValueError as exc:
+        raise InputError(f"--texture-size: {exc}") from None
+    b = config.bake
+    if b.gutter < 0 or (b.padding is not None and b.padding < 0) or not 1 <= b.supersample <= 4:
+        raise InputError(
+            f"bake: gutter and padding must be >= 0 texels and supersample in [1, 4], got {b.gutter}, "
+            f"{b.padding} and {b.supersample}"
+        )
+    c = config.cleanup
+    if not (c.merge_tolerance >= 0.0 and 0.0 <= c.min_component_fraction <= 1.0):
+        raise InputError(
+            f"cleanup: merge_tolerance must be >= 0 and min_component_fraction in [0, 1], got "
+            f"{c.merge_tolerance} and {c.min_component_fraction}"
+        )
+    check_cavity_mode(config.open_cavities)
 
 
 def check_cavity_mode(mode: str) -> None:
@@ -191,15 +234,11 @@ def refine_stage(
     frames = read_orbit_directory(orbit_dir)
     device = pick_device(config.device if config else "auto")
     config = config or default_refine_config(device)
-    try:
-        check_texture_size(config.bake.texture_size)
-    except ValueError as exc:
-        raise InputError(f"--texture-size: {exc}") from None
+    check_refine_stage_config(config)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise InputError(f"{out}: output directory exists and is not empty (use --force to replace it)")
-    check_cavity_mode(config.open_cavities)
     mesh, floor = _load_init(init, orbit_dir)
     grid = tet_grid(config.refine.tet.resolution, config.refine.tet.bound)
     init_sdf = mesh_sdf(mesh, grid.vertices)

@@ -35,9 +35,17 @@ import torch
 from .cameras import make_orbit, read_orbit_directory
 from .device import pick_device
 from .errors import InputError, Sv3dError
-from .fit_nerf import FitNerfConfig, _atomic, default_fit_config, fit_nerf, orbit_fingerprint, render_views
+from .fit_nerf import (
+    FitNerfConfig,
+    _atomic,
+    check_fit_config,
+    default_fit_config,
+    fit_nerf,
+    orbit_fingerprint,
+    render_views,
+)
 from .orbit import OrbitConfig, generate_orbit, resolve_checkpoint
-from .refine_stage import RefineStageConfig, check_cavity_mode, default_refine_config, refine_stage
+from .refine_stage import RefineStageConfig, check_refine_stage_config, default_refine_config, refine_stage
 from .video import write_video
 
 __all__ = [
@@ -173,6 +181,12 @@ def _run(
     identity = {"source": source, "config": _identity(config)}
     previous = _check_output(out, identity, force)
     ckpt_info = checkpoint_identity(checkpoint, (previous or {}).get("checkpoint")) if checkpoint else None
+    made_with = ((previous or {}).get("checkpoint") or {}).get("sha256")
+    if not force and ckpt_info and made_with and made_with != ckpt_info["sha256"]:
+        raise OtherRunError(
+            f"{out}: its finished stages were made with another file at {ckpt_info['path']} (sha256 "
+            f"{made_with[:12]}, now {ckpt_info['sha256'][:12]}); use --force to redo them, or another output"
+        )
 
     # 2. Start (or resume) the record; --force removes this run's own files, never anything else
     if force:
@@ -518,8 +532,6 @@ def _resolve_configs(config: RunConfig, device: torch.device) -> None:
 
 
 def _check_config(config: RunConfig, kind: str) -> None:
-    from refine.bake import check_texture_size
-
     o = config.orbit
     if kind == "image":
         if o.resolution < 64 or o.resolution % 8:
@@ -532,11 +544,8 @@ def _check_config(config: RunConfig, kind: str) -> None:
         raise InputError(f"--nerf-steps must be >= 1, got {config.nerf.train.steps}")
     if config.refine.refine.steps < 1:
         raise InputError(f"--refine-steps must be >= 1, got {config.refine.refine.steps}")
-    check_cavity_mode(config.refine.open_cavities)
-    try:
-        check_texture_size(config.refine.bake.texture_size)
-    except ValueError as exc:
-        raise InputError(f"--texture-size: {exc}") from None
+    check_fit_config(config.nerf)
+    check_refine_stage_config(config.refine)
     if config.turntable_frames < 1:
         raise InputError(f"turntable_frames must be >= 1, got {config.turntable_frames}")
     if not 16 <= config.turntable_resolution <= 4096:

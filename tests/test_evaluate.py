@@ -206,7 +206,15 @@ def test_generated_mode_renders_the_input_view(dataset, tmp_path, monkeypatch, t
 
 @pytest.mark.parametrize(
     "case",
-    ["missing dataset", "dataset is a file", "empty dataset", "unknown object", "missing list", "bad mode"],
+    [
+        "missing dataset",
+        "dataset is a file",
+        "empty dataset",
+        "unknown object",
+        "missing list",
+        "bad mode",
+        "bad texture size",
+    ],
 )
 def test_bad_input_is_one_line_and_exit_2_creating_nothing(dataset, tmp_path, capsys, case):
     out = tmp_path / "out"
@@ -220,6 +228,7 @@ def test_bad_input_is_one_line_and_exit_2_creating_nothing(dataset, tmp_path, ca
         "unknown object": [str(dataset), "--objects", str(tmp_path / "list.txt")],
         "missing list": [str(dataset), "--objects", str(tmp_path / "none.txt")],
         "bad mode": [str(dataset), "--set", "eval.mode=sideways"],
+        "bad texture size": [str(dataset), "--set", "refine.bake.texture_size=1000"],
     }[case]
     assert main(["eval", *args, "-o", str(out), "--preset", "toy"]) == 2
     err = capsys.readouterr().err.strip()

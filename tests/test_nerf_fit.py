@@ -490,6 +490,23 @@ def _empty_masks(d: Path) -> None:
         Image.new("RGBA", Image.open(frame).size, (255, 255, 255, 0)).save(frame)
 
 
+def _empty_one(d: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGBA", Image.open(d / "frame_004.png").size, (255, 255, 255, 0)).save(d / "frame_004.png")
+
+
+def _cameras_elsewhere(d: Path) -> None:
+    """Every camera turned to look away from the object: the masks then carve nothing in common."""
+    transforms = json.loads((d / "transforms.json").read_text())
+    for frame in transforms["frames"]:
+        m = np.array(frame["transform_matrix"])
+        m[:3, 2] *= -1.0  # looking along +z of the camera: away from the origin
+        m[:3, 0] *= -1.0  # still a rotation
+        frame["transform_matrix"] = m.tolist()
+    (d / "transforms.json").write_text(json.dumps(transforms))
+
+
 def _resize_one(d: Path) -> None:
     from PIL import Image
 
@@ -503,8 +520,10 @@ def _resize_one(d: Path) -> None:
         (_resize_one, "frame_003.png"),
         (lambda d: (d / "transforms.json").write_text('{"frames": 3}'), "transforms.json"),
         (_empty_masks, "alpha is empty"),
+        (_empty_one, "empty in frame(s) 4"),
+        (_cameras_elsewhere, "visual hull is empty"),
     ],
-    ids=["missing frame", "size mismatch", "malformed transforms", "empty masks"],
+    ids=["missing frame", "size mismatch", "malformed transforms", "empty masks", "one empty", "no hull"],
 )
 def test_fit_nerf_cli_refuses_broken_orbits_with_one_line(orbit, tmp_path, capsys, breaker, fragment):
     broken = _copy_orbit(orbit, tmp_path / "orbit")
@@ -679,3 +698,83 @@ def test_a_fit_on_hard_edge_targets_learns(orbit: Path, monkeypatch):
     assert len(seen) == 1 and set(seen[0].unique().tolist()) == {0.0, 1.0}  # the fit's targets, binary
     fit_field(frames.images, frames.orbit.c2w(), frames.orbit.fov_deg, dataclasses.replace(TOY, steps=1))
     assert len(seen) == 1  # off by default
+
+
+def test_a_checkpoint_resumes_only_on_its_own_frames_and_a_corrupt_one_is_refused(orbit: Path, tmp_path):
+    """A fit interrupted on one orbit does not go on with another's frames (nor a finished one get
+    re-extracted with them); an unreadable checkpoint is a one-line error, not a traceback."""
+    from sv3d.cameras import read_orbit_directory
+
+    frames = read_orbit_directory(orbit)
+    ckpt = tmp_path / "checkpoint.pt"
+    config = dataclasses.replace(TOY, steps=10)
+    fit_field(frames.images, frames.orbit.c2w(), frames.orbit.fov_deg, config, checkpoint_path=ckpt)
+    other = frames.images.flip(2)  # the same cameras, mirrored frames
+    with pytest.raises(ValueError, match="checkpoint of other frames or cameras"):
+        fit_field(other, frames.orbit.c2w(), frames.orbit.fov_deg, config, checkpoint_path=ckpt)
+    moved = frames.orbit.c2w().clone()
+    moved[:, 2, 3] += 0.01
+    with pytest.raises(ValueError, match="checkpoint of other frames or cameras"):
+        fit_field(frames.images, moved, frames.orbit.fov_deg, config, checkpoint_path=ckpt)
+    # the same data resumes (here: nothing left to do)
+    fit_field(frames.images, frames.orbit.c2w(), frames.orbit.fov_deg, config, checkpoint_path=ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])  # truncated
+    with pytest.raises(ValueError, match="unreadable checkpoint"):
+        fit_field(frames.images, frames.orbit.c2w(), frames.orbit.fov_deg, config, checkpoint_path=ckpt)
+
+
+def test_fit_nerf_cli_refuses_another_orbits_checkpoint_in_one_line(orbit, tmp_path, capsys):
+    """A folder left by a fit on another orbit (here: the same cameras, mirrored frames) is not resumed
+    with this orbit's frames: one error line, the folder untouched."""
+    from PIL import Image
+
+    mirrored = _copy_orbit(orbit, tmp_path / "mirrored")
+    for frame in sorted(mirrored.glob("frame_*.png")):
+        Image.open(frame).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(frame)
+    out = tmp_path / "fit"
+    small = ["--device", "cpu", "--steps", "5", "--resolution", "16", "--grid", "16"]
+    main(["fit-nerf", str(mirrored), "-o", str(out), *small])  # 5 steps: may be too faint to mesh
+    assert (out / "checkpoint.pt").is_file()  # the mirrored fit's, finished
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["fit-nerf", str(orbit), "-o", str(out), *small]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("sv3d: error:") and "other frames or cameras" in err[-1], err
+    assert err[-1].count("checkpoint.pt") == 1 and sum("error" in line for line in err) == 1, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--steps", "0"], "steps must be >= 1"),
+        (["--grid", "0"], "--grid"),
+        (["--resolution", "2"], "--resolution"),
+    ],
+)
+def test_fit_nerf_sizes_are_checked_before_anything_is_created(orbit, tmp_path, capsys, extra, fragment):
+    out = tmp_path / "out"
+    assert main(["fit-nerf", str(orbit), "-o", str(out), "--device", "cpu", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sv3d: error:") and fragment in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_an_unwritable_output_is_one_line(orbit, tmp_path, capsys):
+    """An OSError (here: an output folder under a file) ends in one line, exit 2, not a traceback."""
+    (tmp_path / "file").write_text("x")
+    assert main(["fit-nerf", str(orbit), "-o", str(tmp_path / "file" / "out"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sv3d: error:") and "Not a directory" in err and len(err.splitlines()) == 1, err
+
+
+def test_orbit_fingerprint_reads_frames_named_without_their_extension(orbit: Path, tmp_path: Path):
+    """instant-ngp's files may list frames without ".png"; the readers accept them, so must the hash."""
+    copy = _copy_orbit(orbit, tmp_path / "orbit")
+    transforms = json.loads((copy / "transforms.json").read_text())
+    for frame in transforms["frames"]:
+        frame["file_path"] = frame["file_path"].removesuffix(".png")
+    (copy / "transforms.json").write_text(json.dumps(transforms))
+    first = orbit_fingerprint(copy)
+    _resize_one(copy)
+    assert orbit_fingerprint(copy) != first  # the frames' bytes count

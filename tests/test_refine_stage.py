@@ -64,6 +64,9 @@ def test_refine_writes_a_watertight_textured_mesh(scene, tmp_path: Path):
     [
         (["--texture-size", "100"], "power of two"),
         (["--sds", "on", "--checkpoint", "/nonexistent/sv3d_p.safetensors"], "checkpoint not found"),
+        (["--target-faces", "2"], "--target-faces must be an integer >= 4"),
+        (["--tet-resolution", "0"], "--tet-resolution must be in"),
+        (["--steps", "0"], "steps must be >= 1"),
     ],
 )
 def test_bad_options_fail_before_anything_is_written(scene, tmp_path, capsys, extra, message):

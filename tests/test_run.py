@@ -170,6 +170,29 @@ def test_a_changed_config_refuses_and_force_redoes(tiny_run, tmp_path, capsys, m
     assert record["finished_stages"] == [] and record["status"] == "interrupted in stage orbit"
 
 
+def test_a_replaced_checkpoint_file_is_noticed(tiny_run, tmp_path, capsys, monkeypatch):
+    """The record's checkpoint differs from the file now at its path (size or time changed, so it is hashed
+    again): the finished stages are not reused with other weights."""
+
+    def never(*args, **kwargs):
+        raise AssertionError("a stage ran")
+
+    for name in ("generate_orbit", "fit_nerf", "refine_stage", "render_turntable"):
+        monkeypatch.setattr(run_module, name, never)
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_run["out"], out)
+    record = json.loads((out / "run.json").read_text())
+    record["checkpoint"].update(sha256="0" * 64, mtime_ns=1)  # made with another file at the same path
+    (out / "run.json").write_text(json.dumps(record))
+    before = (out / "run.json").read_bytes()
+    args = [*tiny_run["args"], "--allow-inconsistent"]
+    args[args.index(str(tiny_run["out"]))] = str(out)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "made with another file" in err and "--force" in err and len(err.splitlines()) == 1, err
+    assert (out / "run.json").read_bytes() == before
+
+
 @pytest.mark.parametrize(
     "case", ["missing image", "directory as image", "corrupt image", "garbage checkpoint", "other run"]
 )
