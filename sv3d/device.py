@@ -19,4 +19,6 @@ def pick_device(name: str = "auto") -> torch.device:
         raise InputError(f"unknown device {name!r}: expected auto, cpu or cuda[:N]") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {name!r} requested but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} GPU(s)")
     return device

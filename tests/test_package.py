@@ -90,3 +90,23 @@ def test_configs_ship_in_the_wheel_and_compose_from_it(tmp_path: Path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "256"
+
+
+def test_device_names_are_checked_against_the_machine(monkeypatch):
+    """A device that is not there is a one-line InputError up front, not a CUDA error at the first tensor."""
+    import torch
+
+    from sv3d.device import pick_device
+    from sv3d.errors import InputError
+
+    assert pick_device("cpu").type == "cpu"
+    with pytest.raises(InputError, match="unknown device"):
+        pick_device("tpu-ish")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InputError, match="CUDA is not available"):
+        pick_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(InputError, match="has 1 GPU"):
+        pick_device("cuda:7")
