@@ -276,7 +276,7 @@ def fit_nerf(
     if not bool(hull.any()):
         raise InputError(
             f"{orbit_dir}: the frames' masks share no region of space (their visual hull is empty): the "
-            "cameras in transforms.json do not match the frames"
+            "cameras in transforms.json do not fit the frames, or the masks disagree"
         )
     out.mkdir(parents=True, exist_ok=True)
     if force:
