@@ -190,6 +190,7 @@ def test_generated_mode_renders_the_input_view(dataset, tmp_path, monkeypatch, t
     checkpoint.write_bytes(b"not read by the fake pipeline")
     run.orbit.checkpoint = str(checkpoint)
     fake = _fake(monkeypatch, dataset)
+    monkeypatch.setattr(sv3d.run, "_check_checkpoint", lambda path: None)  # nor checked: the fake ignores it
     result = evaluate_dataset(dataset, tmp_path / "out", config, run, objects=["blob"], progress=False)
     assert fake.calls == ["blob"] and result.summary["mode"] == "generated"
     # input.png is the orbit's last frame: elevation 10, azimuth 0, at the configured size, RGBA
@@ -214,6 +215,7 @@ def test_generated_mode_renders_the_input_view(dataset, tmp_path, monkeypatch, t
         "missing list",
         "bad mode",
         "bad texture size",
+        "corrupt checkpoint",
     ],
 )
 def test_bad_input_is_one_line_and_exit_2_creating_nothing(dataset, tmp_path, capsys, case):
@@ -229,6 +231,13 @@ def test_bad_input_is_one_line_and_exit_2_creating_nothing(dataset, tmp_path, ca
         "missing list": [str(dataset), "--objects", str(tmp_path / "none.txt")],
         "bad mode": [str(dataset), "--set", "eval.mode=sideways"],
         "bad texture size": [str(dataset), "--set", "refine.bake.texture_size=1000"],
+        "corrupt checkpoint": [
+            str(dataset),
+            "--set",
+            "eval.mode=generated",
+            "--set",
+            f"sv3d.checkpoint={tmp_path / 'file.txt'}",
+        ],
     }[case]
     assert main(["eval", *args, "-o", str(out), "--preset", "toy"]) == 2
     err = capsys.readouterr().err.strip()
