@@ -132,13 +132,13 @@ same dent (`internal`, NeRF mesh, one fit each, y faces' dents): rays through ra
 the x faces bulge 0.007 and 0.008; refined 0.0123); 96 samples a ray 0.0124 (0.010, 0.014); 256-px frames
 0.0134 (0.018, 0.013: not an artefact of the CPU's 128-px frames); silhouette pixels rendered as the mean of 4
 x 4 sub-pixel rays, so that they are compared area-average to area-average (2026-12-07) 0.0147 (0.014, 0.015)
-in 357 s, the blob unchanged (0.0045): so the centre ray is not the cause. The soft density is: along the
-normal through each face's centre the plain fit's density falls from several hundred to about 1 within 0.015
-(samples 0.005 apart), reaching it at 0.27 and 0.28 on the y faces (true faces at 0.289) and at 0.29 on the +x
-face. A ray grazing a face crosses it over its whole width (0.58), where a density of 10 already makes it
-opaque (1 - exp(-5.8)); to leave those views' background rays clear, the face's soft edge has to sit inside
-the plane by about its own width. Fitted without the two edge-on frames, the y faces' density reaches 0 only
-at 0.31 (a bulge).
+in 357 s, the blob unchanged (0.0045): so the centre ray is not the cause. The soft density is (measured):
+along the normal through each face's centre the plain fit's density falls from several hundred to about 1
+within 0.015 (samples 0.005 apart), reaching it at 0.27 and 0.28 on the y faces (true faces at 0.289) and at
+0.29 on the +x face. A ray grazing a face crosses it over its whole width (0.58), where a density of 10
+already makes it opaque (1 - exp(-5.8)); to leave those views' background rays clear, the face's soft edge has
+to sit inside the plane by about its own width. Fitted without the two edge-on frames, the y faces' density
+reaches 0 only at 0.31 (a bulge).
 """
 
 from __future__ import annotations
@@ -418,7 +418,7 @@ def fit_field(
     ray_near, ray_far = near.reshape(-1)[hits].to(device), far.reshape(-1)[hits].to(device)
     rgb_t, alpha_t = target.reshape(-1, 3)[hits].to(device), alpha.reshape(-1, 1)[hits].to(device)
     if rays_o.shape[0] == 0:
-        raise ValueError("no pixel's ray crosses the scene's bound (and the occupied cells): nothing to fit")
+        raise ValueError("no pixel's ray crosses the scene's bound and the occupied cells: nothing to fit")
 
     # 3. Field, optimiser, and what a checkpoint restores
     model = (model if model is not None else RadianceField(config.field)).to(device)

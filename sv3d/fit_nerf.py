@@ -309,9 +309,8 @@ def fit_nerf(
             progress=report,
             occupancy=occupancy,
         )
-    except ValueError as exc:
-        where = "" if str(exc).startswith(str(out / CHECKPOINT)) else f"{out / CHECKPOINT}: "
-        raise InputError(f"{where}{exc}") from None
+    except ValueError as exc:  # its checkpoint's (which name the file) or no ray to train on
+        raise InputError(str(exc)) from None
     finally:
         if bar is not None:
             bar.close()
