@@ -459,7 +459,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         description="For each DATASET/<object>/meshes/model.obj: render its input (oracle: the ground-truth "
         "orbit; generated: the input view), run the pipeline, score the final mesh, the NeRF mesh and the "
         "visual hull against the ground truth into DIR/<object>/metrics.json, then DIR/summary.{json,md,"
-        "csv,png}. Finished objects are kept on a rerun; a failing object is recorded and the batch goes on.",
+        "csv,png}. Finished objects are kept on a rerun; a failing object is recorded and the batch goes on "
+        "(exit status 1 when any object failed; a rerun retries those).",
     )
     p.add_argument("dataset", help="GSO-layout folder: <object>/meshes/model.obj")
     p.add_argument("-o", "--output", required=True, help="evaluation directory")
@@ -518,6 +519,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         f"{s['n_flagged']} flagged) in {time.perf_counter() - start:.1f} s; "
         f"wrote {result.output_dir / 'summary.md'}"
     )
+    failed = [r["object"] for r in s["objects"] if r.get("status") == "error"]
+    if failed:  # the batch went on; its exit status still tells a script that it is incomplete
+        print(
+            f"sv3d eval: {len(failed)} object(s) failed: {', '.join(failed)} (each: DIR/<object>/error.txt)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

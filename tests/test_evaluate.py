@@ -149,6 +149,17 @@ def _default_fake(monkeypatch, dataset):
     monkeypatch.setattr(metrics, "occupancy", lambda mesh, points: mesh.contains(points))
 
 
+def test_cli_eval_exits_1_when_an_object_failed_and_names_it(dataset, tmp_path, monkeypatch, capsys):
+    _fake(monkeypatch, dataset, fail=("blob",))
+    out = tmp_path / "eval"
+    assert main(["eval", str(dataset), "-o", str(out), "--preset", "toy"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "sv3d eval: 1 object(s) failed: blob (each: DIR/<object>/error.txt)", err
+    assert (out / "summary.json").is_file() and (out / "blob" / "error.txt").is_file()
+    _fake(monkeypatch, dataset)  # fixed: the rerun retries blob and ends well
+    assert main(["eval", str(dataset), "-o", str(out), "--preset", "toy"]) == 0
+
+
 def test_failing_object_is_recorded_and_the_batch_goes_on(dataset, tmp_path, monkeypatch, toy):
     config, run = toy
     _fake(monkeypatch, dataset, fail=("blob",))
