@@ -265,7 +265,7 @@ def fit_nerf(
     if float(frames.images[..., 3].max()) <= 0.0:
         raise InputError(f"{orbit_dir}: every frame's alpha is empty: there is no object to reconstruct")
     masks = frames.masks()  # [V, H, W, 1]
-    empty = [i for i in range(masks.shape[0]) if not bool(masks[i].any())]
+    empty = (masks.flatten(1).amax(1) == 0).nonzero()[:, 0].tolist()  # frames without an object pixel
     if empty:
         raise InputError(
             f"{orbit_dir}: the object's mask (alpha > 0.5) is empty in frame(s) {', '.join(map(str, empty))}"

@@ -483,17 +483,20 @@ def _copy_orbit(orbit: Path, dest: Path) -> Path:
     return dest
 
 
-def _empty_masks(d: Path) -> None:
+def _blank(frame: Path) -> None:
+    """The frame replaced by a transparent white one of its size (an empty mask)."""
     from PIL import Image
 
+    Image.new("RGBA", Image.open(frame).size, (255, 255, 255, 0)).save(frame)
+
+
+def _empty_masks(d: Path) -> None:
     for frame in sorted(d.glob("frame_*.png")):
-        Image.new("RGBA", Image.open(frame).size, (255, 255, 255, 0)).save(frame)
+        _blank(frame)
 
 
 def _empty_one(d: Path) -> None:
-    from PIL import Image
-
-    Image.new("RGBA", Image.open(d / "frame_004.png").size, (255, 255, 255, 0)).save(d / "frame_004.png")
+    _blank(d / "frame_004.png")
 
 
 def _cameras_elsewhere(d: Path) -> None:

@@ -133,12 +133,18 @@ def test_run_writes_every_output_and_a_complete_record(tiny_run, sv3d_tiny: Path
     assert load_density(out / "nerf" / "density.npz")[2] == pytest.approx(chosen)
 
 
-def test_rerun_skips_finished_stages(tiny_run, monkeypatch):
+def _forbid_stages(monkeypatch) -> None:
+    """Every stage function fails the test if it is called."""
+
     def never(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
 
     for name in ("generate_orbit", "fit_nerf", "refine_stage", "render_turntable"):
         monkeypatch.setattr(run_module, name, never)
+
+
+def test_rerun_skips_finished_stages(tiny_run, monkeypatch):
+    _forbid_stages(monkeypatch)
     before = json.loads((tiny_run["out"] / "run.json").read_text())
     assert main([*tiny_run["args"], "--allow-inconsistent"]) == 0
     after = json.loads((tiny_run["out"] / "run.json").read_text())
@@ -173,12 +179,7 @@ def test_a_changed_config_refuses_and_force_redoes(tiny_run, tmp_path, capsys, m
 def test_a_replaced_checkpoint_file_is_noticed(tiny_run, tmp_path, capsys, monkeypatch):
     """The record's checkpoint differs from the file now at its path (size or time changed, so it is hashed
     again): the finished stages are not reused with other weights."""
-
-    def never(*args, **kwargs):
-        raise AssertionError("a stage ran")
-
-    for name in ("generate_orbit", "fit_nerf", "refine_stage", "render_turntable"):
-        monkeypatch.setattr(run_module, name, never)
+    _forbid_stages(monkeypatch)
     out = tmp_path / "copy"
     shutil.copytree(tiny_run["out"], out)
     record = json.loads((out / "run.json").read_text())
