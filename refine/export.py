@@ -288,9 +288,27 @@ def _vertex_colors(mesh: Mesh) -> np.ndarray:
     return np.tile(np.asarray(mesh.color, dtype=np.float64), (mesh.vertices.shape[0], 1))
 
 
+def _unit_normals(mesh: Mesh) -> np.ndarray:
+    """[N, 3] the mesh's vertex normals, each of unit length as glTF requires: a vertex whose faces have
+    no area (collinear slivers) or that no face uses has none, and gets the direction from the mesh's
+    centre instead (+z where it sits at the centre)."""
+    normals = mesh.normals().detach().cpu().double().numpy()  # [N, 3]
+    length = np.linalg.norm(normals, axis=1)  # [N]
+    bad = ~(length > 1e-6)  # 0 (or NaN) where the faces cancel or have no area
+    if not bad.any():
+        return normals / length[:, None]
+    vertices = mesh.vertices.detach().cpu().double().numpy()  # [N, 3]
+    outward = vertices[bad] - 0.5 * (vertices.min(0) + vertices.max(0))  # [B, 3]
+    size = np.linalg.norm(outward, axis=1, keepdims=True)  # [B, 1]
+    outward = np.where(size > 1e-12, outward / np.maximum(size, 1e-12), np.array([0.0, 0.0, 1.0]))
+    normals = normals / np.maximum(length, 1e-12)[:, None]
+    normals[bad] = outward
+    return normals
+
+
 def _glb_bytes(mesh: Mesh, name: str) -> bytes:
     vertices = mesh.vertices.detach().cpu().double().numpy() @ WORLD_TO_GLTF.T  # [N, 3] glTF frame
-    normals = mesh.normals().detach().cpu().double().numpy() @ WORLD_TO_GLTF.T  # [N, 3]
+    normals = _unit_normals(mesh) @ WORLD_TO_GLTF.T  # [N, 3]
     faces = mesh.faces.detach().cpu().numpy()
     if mesh.texture is not None:
         material = trimesh.visual.material.PBRMaterial(
@@ -329,7 +347,7 @@ def _obj_files(mesh: Mesh, name: str) -> dict[str, bytes]:
     """{file name: bytes}: `<name>.obj` (z up), and with a texture `<name>.mtl` and `<name>.png`."""
     vertices = mesh.vertices.detach().cpu().double().numpy()  # [N, 3] world frame, z up
     faces = mesh.faces.detach().cpu().numpy()
-    normals = mesh.normals().detach().cpu().double().numpy()
+    normals = _unit_normals(mesh)  # [N, 3]
     if mesh.texture is not None:
         material = trimesh.visual.material.SimpleMaterial(
             image=Image.open(io.BytesIO(_png_bytes(mesh.texture))),

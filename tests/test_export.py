@@ -188,6 +188,39 @@ def test_glb_is_y_up_and_unlit(sphere_textured, tmp_path):
     assert "baseColorTexture" in pbr and pbr["metallicFactor"] == 0.0 and pbr["roughnessFactor"] == 1.0
 
 
+def glb_normals(path) -> np.ndarray:
+    """[N, 3] the NORMAL attribute of the GLB's one primitive, read from its binary chunk."""
+    data = path.read_bytes()
+    (length,) = struct.unpack("<I", data[12:16])
+    tree = json.loads(data[20 : 20 + length])
+    binary = data[20 + length + 8 :]  # the BIN chunk after its 8-byte header
+    (mesh,) = tree["meshes"]
+    accessor = tree["accessors"][mesh["primitives"][0]["attributes"]["NORMAL"]]
+    view = tree["bufferViews"][accessor["bufferView"]]
+    start = view.get("byteOffset", 0) + accessor.get("byteOffset", 0)
+    assert accessor["componentType"] == 5126 and accessor["type"] == "VEC3"  # float32
+    return np.frombuffer(binary, np.float32, accessor["count"] * 3, start).reshape(-1, 3)
+
+
+def test_normals_are_unit_where_faces_have_no_area(tmp_path):
+    # a sphere plus a collinear sliver whose three vertices no other face uses (their normal would be 0),
+    # and a vertex that no face uses: glTF requires unit normals, so they point away from the centre
+    v, f = icosphere(1)
+    n = v.shape[0]
+    sliver = torch.tensor([[0.6, 0.0, 0.0], [0.7, 0.0, 0.0], [0.8, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    v2 = torch.cat([v, sliver])
+    f2 = torch.cat([f, torch.tensor([[n, n + 1, n + 2]])])
+    export_mesh(Mesh(v2, f2), tmp_path)
+    normals = glb_normals(tmp_path / "mesh.glb")  # glTF frame
+    assert normals.shape == (n + 4, 3)
+    assert np.allclose(np.linalg.norm(normals, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(normals[n : n + 3], [1.0, 0.0, 0.0], atol=1e-5)  # +x is +x in glTF too
+    lines = (tmp_path / "mesh.obj").read_text().splitlines()
+    obj_normals = np.array([[float(x) for x in line.split()[1:]] for line in lines if line.startswith("vn ")])
+    assert obj_normals.shape == (n + 4, 3)  # the file's own (trimesh recomputes them on loading)
+    assert np.allclose(np.linalg.norm(obj_normals, axis=1), 1.0, atol=1e-5)
+
+
 def test_obj_material_names_the_png(sphere_textured, tmp_path):
     (_, _), mesh = sphere_textured
     export_mesh(mesh, tmp_path, name="thing", formats=("obj",))
