@@ -17,7 +17,9 @@ Then `summary.json`, `summary.md`, `summary.csv` (one row per object, mean and m
 every figure) and `summary.png` (bar charts, drawn with PIL). Runs follow "Runs and interruption": inputs
 are checked before anything is created; an object whose `metrics.json` matches the config is not
 recomputed, so a killed batch rerun finishes the rest and writes the same summary as an uninterrupted run;
-an object that fails is recorded with its error (`<object>/error.txt`) and the batch goes on.
+an object that fails is recorded with its error (`<object>/error.txt`) and the batch goes on. An object
+records the fingerprint it was started with (`started.json`), so that a rerun with another config refuses
+its half-done objects up front, as it does its finished ones, instead of failing each in turn.
 `aggregate_sweep` gathers the summaries of a Hydra multirun into one table with the overrides as columns.
 """
 
@@ -62,6 +64,7 @@ __all__ = [
 METRICS_FILE = "metrics.json"
 ERROR_FILE = "error.txt"
 RENDER_FILE = "render.json"  # the render config of gt_orbit/ or input.png, to know when to redo them
+STARTED_FILE = "started.json"  # the config fingerprint an object was started with (finished or not)
 SUMMARY_FORMAT = 1  # bump when summary.json's layout changes
 SOURCES = ("final", "nerf", "hull")  # the refined mesh, the NeRF stage's mesh, the visual-hull baseline
 
@@ -287,6 +290,8 @@ def evaluate_object(
     mesh_path, out = Path(mesh_path), Path(object_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / METRICS_FILE).unlink(missing_ok=True)
+    fingerprint = fingerprint or config_fingerprint(config, run_config)
+    _write_json(out / STARTED_FILE, {"fingerprint": fingerprint})
     timings: dict[str, Any] = {}
     start = time.perf_counter()
     gt = load_trimesh(mesh_path, up=config.render.up)
@@ -328,7 +333,7 @@ def evaluate_object(
         "nerf": nerf,
         "hull": hull,
         "timings": timings,
-        "fingerprint": fingerprint or config_fingerprint(config, run_config),
+        "fingerprint": fingerprint,
         "ground_truth": str(mesh_path.resolve()),
     }
     _write_json(out / METRICS_FILE, record)
@@ -363,19 +368,19 @@ def evaluate_dataset(
     _check_run_config(run, config.mode)
     fingerprint = config_fingerprint(config, run)
     done: dict[str, dict] = {}
-    stale: list[str] = []
+    stale: list[str] = []  # finished, or started and not finished, with another config
     for name in names:
-        previous = _read_json(out / name / METRICS_FILE)
+        previous = _read_json(out / name / METRICS_FILE) or _read_json(out / name / STARTED_FILE)
         if previous is None:
             continue
-        if previous.get("fingerprint") == fingerprint:
-            done[name] = previous
-        else:
+        if previous.get("fingerprint") != fingerprint:
             stale.append(name)
+        elif previous.get("status") == "ok":
+            done[name] = previous
     if stale and not force:
         raise InputError(
-            f"{out / stale[0]}: was evaluated with another config ({len(stale)} object(s) in all); "
-            "use another -o, or --force to redo them"
+            f"{out / stale[0]}: was evaluated with another config ({len(stale)} object(s) in all, finished "
+            "or not); use another -o, or --force to redo them"
         )
 
     # 2. Each object in turn; a failure is recorded and the batch goes on

@@ -194,6 +194,23 @@ def test_other_config_is_refused_unless_force(dataset, tmp_path, monkeypatch, to
     assert json.loads((tmp_path / "plate/metrics.json").read_text())["fingerprint"] != ""
 
 
+def test_half_done_object_of_another_config_is_refused_up_front(dataset, tmp_path, monkeypatch, toy):
+    config, run = toy
+    _fake(monkeypatch, dataset, stop=("plate",))  # interrupted inside plate's pipeline
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_dataset(dataset, tmp_path, config, run, objects=["plate"], progress=False)
+    assert not (tmp_path / "plate/metrics.json").exists()
+    other = EvalConfig(**{**config.__dict__, "n_points": 1000})
+    fake = _fake(monkeypatch, dataset)
+    with pytest.raises(InputError, match="another config"):  # before any object is run or re-rendered
+        evaluate_dataset(dataset, tmp_path, other, run, objects=["blob", "plate"], progress=False)
+    assert fake.calls == [] and not (tmp_path / "blob").exists()
+    result = evaluate_dataset(dataset, tmp_path, config, run, objects=["plate"], progress=False)
+    assert fake.calls == ["plate"] and result.summary["n_failed"] == 0  # the same config resumes it
+    result = evaluate_dataset(dataset, tmp_path, other, run, objects=["plate"], force=True, progress=False)
+    assert fake.calls == ["plate", "plate"] and result.summary["n_failed"] == 0
+
+
 def test_generated_mode_renders_the_input_view(dataset, tmp_path, monkeypatch, toy):
     config, run = toy
     config, run = EvalConfig(**{**config.__dict__, "mode": "generated"}), copy.deepcopy(run)
