@@ -522,7 +522,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     failed = [r["object"] for r in s["objects"] if r.get("status") == "error"]
     if failed:  # the batch went on; its exit status still tells a script that it is incomplete
         print(
-            f"sv3d eval: {len(failed)} object(s) failed: {', '.join(failed)} (each: DIR/<object>/error.txt)",
+            f"sv3d eval: {len(failed)} object(s) failed: {', '.join(failed)} "
+            f"(each: {result.output_dir / '<object>' / 'error.txt'})",
             file=sys.stderr,
         )
         return 1

@@ -154,7 +154,7 @@ def test_cli_eval_exits_1_when_an_object_failed_and_names_it(dataset, tmp_path, 
     out = tmp_path / "eval"
     assert main(["eval", str(dataset), "-o", str(out), "--preset", "toy"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == "sv3d eval: 1 object(s) failed: blob (each: DIR/<object>/error.txt)", err
+    assert err[-1] == f"sv3d eval: 1 object(s) failed: blob (each: {out}/<object>/error.txt)", err
     assert (out / "summary.json").is_file() and (out / "blob" / "error.txt").is_file()
     _fake(monkeypatch, dataset)  # fixed: the rerun retries blob and ends well
     assert main(["eval", str(dataset), "-o", str(out), "--preset", "toy"]) == 0
