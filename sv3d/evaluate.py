@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import trimesh
 
 from .errors import InputError
 from .evaluation.metrics import DEFAULT_THRESHOLDS, MODES
@@ -250,11 +251,23 @@ def _score(pred_path: Path, gt, config: EvalConfig) -> dict:
     return _protocol(pred, gt, config)
 
 
+def _in_ground_truth_frame(pred, config: EvalConfig):
+    """A prediction turned into the ground truth's frame. A generated orbit puts its input view at azimuth
+    0; the input view was rendered at `render.input_azimuth_deg` (a): the generated world is the ground
+    truth turned by -a about z (camera centres at (cos a, sin a, .), sv3d.cameras), so turn it back by +a.
+    The protocol's generated mode then centres and scales it; oracle cameras are the ground truth's own."""
+    azimuth = config.render.input_azimuth_deg
+    if config.mode != "generated" or azimuth % 360.0 == 0.0:
+        return pred
+    turn = trimesh.transformations.rotation_matrix(math.radians(azimuth), [0.0, 0.0, 1.0])  # [4, 4]
+    return pred.copy().apply_transform(turn)
+
+
 def _protocol(pred, gt, config: EvalConfig) -> dict:
     from .evaluation.metrics import evaluate_mesh
 
     metrics = evaluate_mesh(
-        pred,
+        _in_ground_truth_frame(pred, config),
         gt,
         mode=config.mode,
         n_points=config.n_points,
