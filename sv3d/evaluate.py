@@ -182,7 +182,7 @@ def _check_run_config(run_config: RunConfig, mode: str) -> None:
 
     _check_config(run_config, "image" if mode == "generated" else "orbit")
     if mode == "generated":
-        _check_checkpoint(Path(run_config.orbit.checkpoint))
+        _check_checkpoint(Path(run_config.orbit.checkpoint), run_config.orbit)
 
 
 def config_fingerprint(config: EvalConfig, run_config: RunConfig) -> str:

@@ -88,7 +88,9 @@ def generate_orbit(
     config = config or OrbitConfig()
     out = Path(output_dir)
     # 1. Check inputs: nothing is created before all of them pass
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise InputError(f"{out}: output directory exists and is not empty (use --force to replace it)")
     if config.resolution < 64 or config.resolution % 8:
         raise InputError(f"--resolution must be a multiple of 8 and >= 64, got {config.resolution}")

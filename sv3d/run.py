@@ -138,7 +138,7 @@ def run_image_to_mesh(
     config = copy.deepcopy(config or RunConfig())
     _check_image(image, config.orbit)
     checkpoint = resolve_checkpoint(config.orbit.checkpoint)
-    unet_params = _check_checkpoint(checkpoint)
+    unet_params = _check_checkpoint(checkpoint, config.orbit)
     if pick_device(config.orbit.device if config.orbit.device != "auto" else config.device).type == "cpu":
         _check_cpu_budget(unet_params, config.orbit)
     config.orbit.checkpoint = str(checkpoint.resolve())  # $SV3D_CHECKPOINT recorded as the path it named
@@ -454,25 +454,30 @@ def _check_cpu_budget(unet_params: int | None, orbit: OrbitConfig) -> None:
     )
 
 
-def _check_checkpoint(path: Path) -> int | None:
-    """Cheap readability check (header only): a garbage or foreign file fails before anything is created.
+def _check_checkpoint(path: Path, orbit: OrbitConfig | None = None) -> int | None:
+    """Cheap check of a checkpoint from its header (no weights read): a garbage, foreign or incomplete file
+    fails before anything is created, and so does an orbit its variant cannot take (`orbit`: sv3d_u has no
+    cameras, so no --orbit).
 
     Returns the UNet's parameter count (None for a diffusers folder, whose weights are not opened here).
     """
-    from .model.checkpoint import COMPONENT_PREFIXES
+    from .model.checkpoint import COMPONENT_PREFIXES, split_components
+    from .orbit import _orbit_for
 
     prefix = COMPONENT_PREFIXES["unet"]
     if path.is_dir():
-        if not (path / "sv3d_pipeline.json").is_file():
-            raise InputError(f"{path}: not an SV3D diffusers folder (no sv3d_pipeline.json)")
+        from .model.pipeline import read_folder_variant
+
+        variant = read_folder_variant(path)
+        if orbit is not None:
+            _orbit_for(variant, orbit)
         return None
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
-                keys = list(f.keys())  # noqa: SIM118 - safe_open has no __iter__
-                shapes = [f.get_slice(k).get_shape() for k in keys if k.startswith(prefix)]
+                shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 - no __iter__
         except (SafetensorError, OSError, ValueError) as exc:
             raise InputError(f"{path}: unreadable safetensors checkpoint (corrupt?): {exc}") from None
     elif path.suffix in (".ckpt", ".pt", ".pth"):
@@ -481,15 +486,17 @@ def _check_checkpoint(path: Path) -> int | None:
         except Exception as exc:  # noqa: BLE001 - torch raises many types for bad pickles
             raise InputError(f"{path}: unreadable checkpoint: {str(exc).splitlines()[0]}") from None
         obj = obj.get("state_dict", obj) if isinstance(obj, dict) else {}
-        keys = list(obj) if isinstance(obj, dict) else []
-        shapes = [tuple(obj[k].shape) for k in keys if k.startswith(prefix) and hasattr(obj[k], "shape")]
+        items = obj.items() if isinstance(obj, dict) else ()
+        shapes = {k: tuple(v.shape) for k, v in items if hasattr(v, "shape")}
     else:
         raise InputError(
             f"{path}: unsupported checkpoint type {path.suffix!r} (expected .safetensors or .ckpt)"
         )
-    if not shapes:
-        raise InputError(f"{path}: not an SV3D checkpoint (no {prefix}* keys)")
-    return int(sum(math.prod(shape) for shape in shapes))
+    # the loader's own split on shape-only tensors: foreign models, unknown keys, missing components
+    state = split_components({k: torch.empty(shape, device="meta") for k, shape in shapes.items()}, path)
+    if orbit is not None:
+        _orbit_for(state.variant, orbit)
+    return int(sum(math.prod(shape) for k, shape in shapes.items() if k.startswith(prefix)))
 
 
 def stage_configs(
@@ -540,6 +547,12 @@ def _check_config(config: RunConfig, kind: str) -> None:
             raise InputError(f"--steps must be >= 1, got {o.steps}")
         if o.orbit not in (None, "static", "sine"):
             raise InputError(f"--orbit must be static or sine, got {o.orbit!r}")
+        from .model.pipeline import _head_widths_from_yaml
+        from .orbit import _dtype
+
+        _dtype(o.dtype, torch.device("cpu"))  # the name only: checked again on the real device
+        if o.sgm_config:
+            _head_widths_from_yaml(Path(o.sgm_config), 64, 80)
     if config.nerf.train.steps < 1:
         raise InputError(f"--nerf-steps must be >= 1, got {config.nerf.train.steps}")
     if config.refine.refine.steps < 1:

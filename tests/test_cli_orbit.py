@@ -155,3 +155,13 @@ def test_interrupted_run_leaves_nothing(sv3d_tiny: Path, tmp_path: Path, monkeyp
     )
     assert "interrupted" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_an_output_that_is_a_file_is_refused_even_with_force(tmp_path: Path):
+    from sv3d.errors import InputError
+    from sv3d.orbit import generate_orbit
+
+    out = _bytes(tmp_path / "out", b"a file the user keeps")
+    with pytest.raises(InputError, match="exists and is not a directory"):  # before any sampling
+        generate_orbit(tmp_path / "photo.png", out, overwrite=True)
+    assert out.read_bytes() == b"a file the user keeps"

@@ -230,7 +230,8 @@ def test_generated_mode_renders_the_input_view(dataset, tmp_path, monkeypatch, t
     checkpoint.write_bytes(b"not read by the fake pipeline")
     run.orbit.checkpoint = str(checkpoint)
     fake = _fake(monkeypatch, dataset)
-    monkeypatch.setattr(sv3d.run, "_check_checkpoint", lambda path: None)  # nor checked: the fake ignores it
+    # nor checked: the fake ignores it
+    monkeypatch.setattr(sv3d.run, "_check_checkpoint", lambda path, orbit=None: None)
     result = evaluate_dataset(dataset, tmp_path / "out", config, run, objects=["blob"], progress=False)
     assert fake.calls == ["blob"] and result.summary["mode"] == "generated"
     # input.png is the orbit's last frame: elevation 10, azimuth 0, at the configured size, RGBA
@@ -254,7 +255,7 @@ def test_generated_mode_turns_the_prediction_back_by_the_input_azimuth(dataset, 
     checkpoint.write_bytes(b"not read by the fake pipeline")
     run.orbit.checkpoint = str(checkpoint)
     _fake(monkeypatch, dataset, turn=90.0)  # writes what a perfect generator would: the GT turned by -90
-    monkeypatch.setattr(sv3d.run, "_check_checkpoint", lambda path: None)
+    monkeypatch.setattr(sv3d.run, "_check_checkpoint", lambda path, orbit=None: None)
     result = evaluate_dataset(dataset, tmp_path / "out", config, run, objects=["blob"], progress=False)
     # that is the generator's world: its input view (azimuth 0) shows what input.png (azimuth 90) shows
     with Image.open(tmp_path / "out/blob/input.png") as im:

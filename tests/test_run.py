@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.torch import load_file, save_file
 
 import sv3d.run as run_module
 from sv3d.cli import main
@@ -195,7 +196,18 @@ def test_a_replaced_checkpoint_file_is_noticed(tiny_run, tmp_path, capsys, monke
 
 
 @pytest.mark.parametrize(
-    "case", ["missing image", "directory as image", "corrupt image", "garbage checkpoint", "other run"]
+    "case",
+    [
+        "missing image",
+        "directory as image",
+        "corrupt image",
+        "garbage checkpoint",
+        "other run",
+        "bad dtype",
+        "missing sgm config",
+        "sv3d_u with an orbit",
+        "incomplete checkpoint",
+    ],
 )
 def test_bad_input_fails_in_one_line_before_anything_is_created(tiny_run, sv3d_tiny, tmp_path, capsys, case):
     image, out = tiny_run["image"], tmp_path / "out"
@@ -211,7 +223,19 @@ def test_bad_input_fails_in_one_line_before_anything_is_created(tiny_run, sv3d_t
         garbage = tmp_path / "garbage.safetensors"
         garbage.write_bytes(np.random.default_rng(0).bytes(4096))
         extra = ["--checkpoint", str(garbage)]
-    else:
+    elif case == "bad dtype":
+        extra = ["--dtype", "fp16"]
+    elif case == "missing sgm config":
+        extra = ["--sgm-config", str(tmp_path / "none.yaml")]
+    elif case == "sv3d_u with an orbit":
+        u = sv3d_tiny / "tiny_sv3d_u"
+        extra = ["--checkpoint", f"{u}.safetensors", "--sgm-config", f"{u}.yaml", "--orbit", "sine"]
+    elif case == "incomplete checkpoint":  # the UNet alone: found from the file's header
+        state = load_file(str(sv3d_tiny / "tiny_sv3d_p.safetensors"))
+        unet_only = tmp_path / "unet_only.safetensors"
+        save_file({k: v for k, v in state.items() if k.startswith("model.diffusion_model.")}, str(unet_only))
+        extra = ["--checkpoint", str(unet_only)]
+    elif case == "other run":
         out = tiny_run["out"]  # holds a run with other settings
         extra = ["--steps", "3"]
     listing = sorted(p.name for p in tmp_path.iterdir())
@@ -227,6 +251,10 @@ def test_bad_input_fails_in_one_line_before_anything_is_created(tiny_run, sv3d_t
         "corrupt image": "bad.png",
         "garbage checkpoint": "unreadable safetensors",
         "other run": "holds another run",
+        "bad dtype": "--dtype must be",
+        "missing sgm config": "cannot read the sgm config",
+        "sv3d_u with an orbit": "sv3d_u takes no cameras",
+        "incomplete checkpoint": "not a complete SV3D checkpoint",
     }[case]
     assert expected in err
 

@@ -67,6 +67,16 @@ def test_other_models_and_broken_files_are_refused(tmp_path: Path, sv3d_tiny: Pa
     save_file({"model.diffusion_model.out.0.weight": torch.zeros(2)}, str(svd))
     with pytest.raises(CheckpointError, match="not an SV3D checkpoint"):
         split_components(read_checkpoint(svd), svd)
+    # real SDXL and SVD files have a vector conditioning too: named, not taken for sv3d_u
+    sdxl = {
+        "conditioner.embedders.0.transformer.x": torch.zeros(2),
+        "model.diffusion_model.label_emb.0.0.weight": torch.zeros(4, 2816),
+    }
+    with pytest.raises(CheckpointError, match="SDXL"):
+        split_components(sdxl)
+    svd_full = {"model.diffusion_model.label_emb.0.0.weight": torch.zeros(4, 768)}
+    with pytest.raises(CheckpointError, match="Stable Video Diffusion"):
+        split_components(svd_full)
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes((sv3d_tiny / "tiny_sv3d_u.safetensors").read_bytes()[:100_000])
     with pytest.raises(CheckpointError, match="truncated"):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from sv3d.errors import InputError
+from sv3d.model.checkpoint import CheckpointError
 from sv3d.model.pipeline import SV3DPipeline
 
 
@@ -79,6 +82,41 @@ def test_diffusers_folder_round_trip(sv3d_tiny: Path, tmp_path: Path):
     b, _ = run_reference(again, ref)
     # Same weights; float rounding differs slightly (the single-file CLIP uses views of the fused q/k/v).
     assert (a.frames - b.frames).abs().max() <= 1e-5
+    modules = (again.unet, again.vae, again.image_encoder)
+    assert not any(p.requires_grad for m in modules for p in m.parameters())  # SDS: no weight gradients
+
+
+def test_a_broken_diffusers_folder_is_refused_in_one_line(sv3d_tiny: Path, tmp_path: Path):
+    pipe, _ = load_tiny(sv3d_tiny, "p")
+    folder = pipe.save_pretrained(tmp_path / "good")
+
+    def broken(name: str) -> Path:
+        copy = tmp_path / name
+        shutil.copytree(folder, copy)
+        return copy
+
+    # a weight missing from the UNet's file: diffusers would leave it uninitialised with a warning
+    missing = broken("missing")
+    (weights,) = (missing / "unet").glob("*.safetensors")
+    state = load_file(str(weights))
+    dropped = sorted(state)[0]
+    del state[dropped]
+    save_file(state, str(weights))
+    with pytest.raises(CheckpointError, match=f"missing keys: {re.escape(dropped)}"):
+        SV3DPipeline.load(missing)
+    # the variant file says sv3d_u over an sv3d_p UNet; unreadable; a component folder gone
+    lying = broken("lying")
+    (lying / "sv3d_pipeline.json").write_text('{"variant": "sv3d_u"}')
+    with pytest.raises(CheckpointError, match="says sv3d_u"):
+        SV3DPipeline.load(lying)
+    garbled = broken("garbled")
+    (garbled / "sv3d_pipeline.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        SV3DPipeline.load(garbled)
+    partial = broken("partial")
+    shutil.rmtree(partial / "vae")
+    with pytest.raises(CheckpointError, match="no vae"):
+        SV3DPipeline.load(partial)
 
 
 def test_bfloat16_unet_and_clip_stay_close_to_float32(sv3d_tiny: Path):

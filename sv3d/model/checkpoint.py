@@ -57,6 +57,7 @@ IGNORED_PREFIXES: dict[str, str] = {
 }
 
 # Markers of other models in the same family, for a helpful error.
+SVD_VECTOR_WIDTH = 768  # Stable Video Diffusion's label_emb input: fps id, motion bucket, cond_aug (3 x 256)
 _OTHER_MODELS = {
     "cond_stage_model.": "a Stable Diffusion 1.x/2.x checkpoint",
     "conditioner.embedders.0.transformer.": "an SDXL-style text-conditioned checkpoint",
@@ -117,10 +118,10 @@ def detect_variant(state: dict[str, Tensor], path: str | Path = "checkpoint") ->
     an input width divisible by 5 means sv3d_p. (The real sv3d_u has 256, the tiny one 32.)
     """
     key = COMPONENT_PREFIXES["unet"] + "label_emb.0.0.weight"
+    for marker, what in _OTHER_MODELS.items():  # first: SDXL-style files have a label_emb too
+        if any(k.startswith(marker) for k in state):
+            raise CheckpointError(f"{path}: not an SV3D checkpoint (looks like {what})")
     if key not in state:
-        for marker, what in _OTHER_MODELS.items():
-            if any(k.startswith(marker) for k in state):
-                raise CheckpointError(f"{path}: not an SV3D checkpoint (looks like {what})")
         if any(k.startswith(COMPONENT_PREFIXES["unet"]) for k in state):
             raise CheckpointError(
                 f"{path}: not an SV3D checkpoint (UNet has no vector conditioning {key!r}; "
@@ -128,6 +129,11 @@ def detect_variant(state: dict[str, Tensor], path: str | Path = "checkpoint") ->
             )
         raise CheckpointError(f"{path}: not an SV3D checkpoint (no {COMPONENT_PREFIXES['unet']}* keys)")
     adm = state[key].shape[1]
+    if adm == SVD_VECTOR_WIDTH:
+        raise CheckpointError(
+            f"{path}: not an SV3D checkpoint (its vector conditioning is {adm} wide: Stable Video "
+            "Diffusion's fps, motion bucket and cond_aug; SV3D's is 256 (sv3d_u) or 1280 (sv3d_p))"
+        )
     return "sv3d_p" if adm % 5 == 0 else "sv3d_u"
 
 

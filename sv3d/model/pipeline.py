@@ -34,7 +34,7 @@ from .sampler import (
 from .unet import SV3DUNet, load_sv3d_unet
 from .vae import decode_frames, load_sv3d_vae
 
-__all__ = ["SV3DOutput", "SV3DPipeline", "estimate_cpu_seconds"]
+__all__ = ["SV3DOutput", "SV3DPipeline", "estimate_cpu_seconds", "read_folder_variant"]
 
 _CONFIG_FILE = "sv3d_pipeline.json"
 REFERENCE_SEED = 23  # the reference script's default seed
@@ -96,19 +96,29 @@ class SV3DPipeline:
     def from_pretrained(
         cls, folder: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
     ) -> SV3DPipeline:
-        """Load a diffusers-format folder written by `save_pretrained`."""
+        """Load a diffusers-format folder written by `save_pretrained`: every weight must match (a missing,
+        extra or misshapen one is a CheckpointError, not a warning and random values)."""
         from diffusers import AutoencoderKL
         from transformers import CLIPVisionModelWithProjection
 
         folder = Path(folder)
-        config_file = folder / _CONFIG_FILE
-        if not config_file.is_file():
-            raise CheckpointError(f"{folder}: not an SV3D diffusers folder (no {_CONFIG_FILE})")
-        variant = json.loads(config_file.read_text())["variant"]
-        unet = SV3DUNet.from_pretrained(folder / "unet", torch_dtype=dtype).to(device).eval()
-        vae = AutoencoderKL.from_pretrained(folder / "vae").to(device).eval()  # float32, as the reference
-        clip = CLIPVisionModelWithProjection.from_pretrained(folder / "image_encoder", dtype=dtype)
-        return cls(unet, vae, clip.to(device).eval(), variant)
+        variant = read_folder_variant(folder)
+        loaded = SV3DUNet.from_pretrained(folder / "unet", torch_dtype=dtype, output_loading_info=True)
+        unet = _strict(loaded, folder / "unet")
+        vae = _strict(AutoencoderKL.from_pretrained(folder / "vae", output_loading_info=True), folder / "vae")
+        clip = _strict(  # the VAE stays float32, as in the reference
+            CLIPVisionModelWithProjection.from_pretrained(
+                folder / "image_encoder", dtype=dtype, output_loading_info=True
+            ),
+            folder / "image_encoder",
+        )
+        width = unet.config.projection_class_embeddings_input_dim
+        if (variant == "sv3d_p") != (width % 5 == 0):  # as detect_variant: sv3d_p's vector is 5 widths
+            raise CheckpointError(
+                f"{folder}: {_CONFIG_FILE} says {variant}, but the UNet's camera vector is {width} wide"
+            )
+        parts = [m.to(device).eval().requires_grad_(False) for m in (unet, vae, clip)]  # inference only
+        return cls(*parts, variant)
 
     @classmethod
     def load(cls, path: str | Path, **kwargs) -> SV3DPipeline:
@@ -299,6 +309,39 @@ class SV3DPipeline:
         return SV3DOutput(frames=frames.cpu(), latents=latents.cpu(), timings=timings)
 
 
+def read_folder_variant(folder: Path) -> str:
+    """The variant (sv3d_u or sv3d_p) that a diffusers-format folder written by `save_pretrained` declares,
+    checked with the folder's three components present."""
+    config_file = folder / _CONFIG_FILE
+    if not config_file.is_file():
+        raise CheckpointError(f"{folder}: not an SV3D diffusers folder (no {_CONFIG_FILE})")
+    try:
+        variant = json.loads(config_file.read_text()).get("variant")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{config_file}: unreadable: {str(exc).splitlines()[0]}") from None
+    if variant not in ("sv3d_u", "sv3d_p"):
+        raise CheckpointError(f"{config_file}: variant must be sv3d_u or sv3d_p, got {variant!r}")
+    missing = [part for part in ("unet", "vae", "image_encoder") if not (folder / part).is_dir()]
+    if missing:
+        raise CheckpointError(f"{folder}: not a complete SV3D diffusers folder (no {', '.join(missing)})")
+    return variant
+
+
+def _strict(loaded: tuple, where: Path) -> torch.nn.Module:
+    """The model of `from_pretrained(..., output_loading_info=True)`, or CheckpointError when a weight was
+    missing (left at random), unexpected or of another shape."""
+    model, info = loaded
+    problems = [
+        f"{kind.replace('_', ' ')}: {', '.join(str(k) for k in list(keys)[:3])}"
+        + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
+        if (keys := list(info.get(kind) or []))
+    ]
+    if problems:
+        raise CheckpointError(f"{where}: weights do not fit the model ({'; '.join(problems)})")
+    return model
+
+
 def _head_widths_from_yaml(path: Path, unet_default: int, clip_default: int) -> tuple[int, int]:
     """(UNet num_head_channels, CLIP head width) from an sgm yaml; defaults where it says nothing."""
     import yaml
@@ -309,6 +352,8 @@ def _head_widths_from_yaml(path: Path, unet_default: int, clip_default: int) -> 
         config = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise InputError(f"{path}: cannot read the sgm config: {str(exc).splitlines()[0]}") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: not an sgm config (a YAML mapping expected)")
     unet = num_head_channels_from_sgm_config(config) if "model" in config else unet_default
     vision = ((config.get("open_clip_arch") or {}).get("config") or {}).get("vision_cfg") or {}
     return unet, int(vision.get("head_width", clip_default))
