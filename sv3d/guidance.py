@@ -32,6 +32,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor
 
 from .cameras import Orbit
@@ -101,8 +102,11 @@ class SV3DSDSModel:
         cond_aug: float = 1e-5,  # the reference's cond-frame noise augmentation for SV3D
         seed: int = 23,  # draws the cond-augmentation noise (the reference script's default seed)
         cfg_batching: bool = True,  # uncond and cond rows in one UNet call (faster) or two (less memory)
+        encode_chunk: int = 3,  # frames per activation-checkpointed encoder call (0: no checkpointing)
     ) -> None:
         # 1. Check inputs
+        if encode_chunk < 0:
+            raise ValueError(f"encode_chunk must be >= 0, got {encode_chunk}")
         if image.ndim != 4 or image.shape[:2] != (1, 3) or image.shape[-1] != image.shape[-2]:
             raise ValueError(f"image must be [1, 3, S, S] in [-1, 1], got {tuple(image.shape)}")
         if image.shape[-1] % 8:
@@ -123,6 +127,7 @@ class SV3DSDSModel:
         self.resolution = int(image.shape[-1])
         self.sigma_min, self.sigma_max = EDM_SIGMA_MIN, EDM_SIGMA_MAX
         self.cfg_batching = cfg_batching
+        self.encode_chunk = int(encode_chunk)
         self.device = next(pipeline.unet.parameters()).device
 
         # 2. Conditioning, once: [uncond ; cond] rows, unconditional first, as the sampler batches them
@@ -153,7 +158,17 @@ class SV3DSDSModel:
             expected = f"[V, 3, {self.resolution}, {self.resolution}]"
             raise ValueError(f"images must be {expected} in [-1, 1], got {tuple(images.shape)}")
         vae = self.pipeline.vae
-        return encode_mean(vae, images) * vae.config.scaling_factor  # [V, 4, h, w]
+        chunk = self.encode_chunk
+        if chunk == 0 or chunk >= images.shape[0] or not (torch.is_grad_enabled() and images.requires_grad):
+            return encode_mean(vae, images) * vae.config.scaling_factor  # [V, 4, h, w]
+        # Activation checkpointing per chunk of frames: the backward pass keeps one chunk's encoder
+        # activations (float32, full resolution: GBs a frame at 576^2) instead of all V frames', for one
+        # more encoder forward. Same values and gradients (tested).
+        parts = [
+            torch.utils.checkpoint.checkpoint(encode_mean, vae, piece, use_reentrant=False)
+            for piece in images.split(chunk)
+        ]  # [chunk, 4, h, w] each
+        return torch.cat(parts) * vae.config.scaling_factor  # [V, 4, h, w]
 
     @torch.no_grad()
     def denoise(self, latents: Tensor, sigma: Tensor) -> Tensor:
@@ -368,6 +383,11 @@ class SDSGuidance:
         latents = self.model.encode(x)  # [V, C, s, s]
         if latents.ndim != 4 or latents.shape[0] != v:
             raise ValueError(f"model.encode returned {tuple(latents.shape)} for {v} views")
+        if not bool(torch.isfinite(latents).all()):  # non-finite renders: no SDS this step (its gradient
+            # would carry the NaN back through the encoder to every parameter)
+            zero = latents.new_zeros(())
+            loss = latents.new_zeros((), requires_grad=True)  # backward() works and reaches nothing
+            return {"loss_sds": loss, "mask_mean": zero, "sigma": torch.tensor(0.0), "grad_norm": zero}
         mask_lat = F.interpolate(mask.permute(0, 3, 1, 2), latents.shape[-2:], mode="area")  # [V, 1, s, s]
         mask_lat = mask_lat.to(latents)
 
@@ -384,7 +404,8 @@ class SDSGuidance:
 
         # 6. Masked SDS gradient on the latents
         grad = c.weight * _sigma_weight(sigma, c.weighting) * mask_lat * (latents.detach() - denoised)
-        grad = torch.nan_to_num(grad)  # a NaN from one bad pixel must not poison every parameter
+        # a NaN or inf from one bad pixel must not poison every parameter (nan_to_num would make inf huge)
+        grad = torch.where(torch.isfinite(grad), grad, torch.zeros_like(grad))
 
         # 7. Reparameterisation (threestudio): with target = (latents - grad).detach(),
         #    loss = 0.5 * sum((latents - target)^2) / V has d loss / d latents = (latents - target) / V

@@ -389,12 +389,13 @@ def _guidance(frames, config: RefineStageConfig, device: torch.device):
         return None
     from .guidance import SDSConfig, make_sv3d_guidance
     from .model.pipeline import SV3DPipeline
-    from .orbit import resolve_checkpoint
+    from .orbit import _dtype, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(config.checkpoint)
     kwargs = {"sgm_config": config.sgm_config} if config.sgm_config else {}
+    dtype = _dtype("auto", device)  # as the orbit stage: bfloat16 UNet and CLIP on CUDA, the VAE float32
     try:
-        pipeline = SV3DPipeline.load(checkpoint, **kwargs).to(device)
+        pipeline = SV3DPipeline.load(checkpoint, device=device, dtype=dtype, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise InputError(f"{checkpoint}: cannot load the SV3D checkpoint: {exc}") from None
     sds = SDSConfig(resolution=config.refine.sds_resolution)

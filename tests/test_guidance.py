@@ -384,3 +384,39 @@ def test_tiny_sv3d_one_step_on_a_rendered_mesh_reaches_vertices_and_colours(tiny
     facing = vertices @ d  # [N] cosine of each vertex with the input direction
     near, far = colors.grad[facing > 0.9].abs().max(), colors.grad[facing < -0.5].abs().max()
     assert float(near) < 0.25 * float(far), (near, far)  # measured 0.026 vs 0.30
+
+
+def test_chunked_encoding_gives_the_same_latents_and_gradients(tiny_p):
+    """Activation checkpointing in chunks of frames (the default, for memory at 576^2) changes nothing."""
+    from sv3d.guidance import SV3DSDSModel
+
+    pipe, image = tiny_p
+    polars, azimuths = static_orbit().model_conditioning()
+    torch.manual_seed(0)
+    x = torch.rand(21, 3, TINY_SIZE, TINY_SIZE) * 2.0 - 1.0  # [V, 3, S, S] in [-1, 1]
+    weights = torch.randn(21, 4, TINY_SIZE // 8, TINY_SIZE // 8)
+    results = []
+    for chunk in (0, 3, 4):  # whole, 7 x 3, 5 x 4 + 1
+        model = SV3DSDSModel(pipe, image, polars, azimuths, encode_chunk=chunk)
+        images = x.clone().requires_grad_(True)
+        latents = model.encode(images)  # [21, 4, 8, 8]
+        (latents * weights).sum().backward()
+        results.append((latents.detach(), images.grad))
+    for latents, grad in results[1:]:
+        assert torch.allclose(latents, results[0][0], atol=1e-5)
+        assert torch.allclose(grad, results[0][1], atol=1e-5)
+    with pytest.raises(ValueError, match="encode_chunk"):
+        SV3DSDSModel(pipe, image, polars, azimuths, encode_chunk=-1)
+
+
+def test_non_finite_values_give_no_sds_gradient(tiny_p):
+    pipe, image = tiny_p
+    guidance = make_sv3d_guidance(pipe, image, static_orbit(), SDSConfig(resolution=TINY_SIZE))
+    normals = F.normalize(torch.randn(21, TINY_SIZE, TINY_SIZE, 3), dim=-1)
+    alpha = torch.ones(21, TINY_SIZE, TINY_SIZE, 1)
+    images = torch.rand(21, TINY_SIZE, TINY_SIZE, 3)
+    images[3, 5, 5] = float("nan")  # one bad pixel of one render
+    images.requires_grad_(True)
+    out = guidance(images, alpha, normals)
+    out["loss_sds"].backward()
+    assert float(out["loss_sds"].detach()) == 0.0 and (images.grad is None or bool((images.grad == 0).all()))

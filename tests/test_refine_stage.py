@@ -182,3 +182,32 @@ def test_mesh_sdf_matches_the_analytic_sdf_and_the_full_winding_sign():
     assert np.abs(sdf - truth)[~near].max() < 0.015  # 20 k samples: spacing ~0.004; faceting ~0.0005
     assert mesh_sdf(trimesh.Trimesh(), points).min() > 0  # nothing inside
     assert torch.equal(mesh_sdf(sphere, points), mesh_sdf(sphere, points))  # seeded samples: same SDF again
+
+
+@pytest.mark.parametrize("device, dtype", [("cuda", "bfloat16"), ("cpu", "float32")])
+def test_the_sds_model_loads_in_the_devices_precision(tmp_path, monkeypatch, device, dtype):
+    """bfloat16 UNet and CLIP on CUDA as in the orbit stage (the VAE stays float32 inside the loader)."""
+    import dataclasses
+
+    import torch
+
+    import sv3d.refine_stage as refine_stage
+    from sv3d.model.pipeline import SV3DPipeline
+
+    class Loaded(Exception):
+        pass
+
+    seen = {}
+
+    def fake_load(path, **kwargs):
+        seen.update(kwargs)
+        raise Loaded
+
+    monkeypatch.setattr(SV3DPipeline, "load", staticmethod(fake_load))
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"not read")
+    config = refine_stage.default_refine_config(torch.device("cpu"))
+    config = dataclasses.replace(config, sds="on", checkpoint=str(checkpoint))
+    with pytest.raises(Loaded):
+        refine_stage._guidance(None, config, torch.device(device))
+    assert seen["dtype"] == getattr(torch, dtype) and seen["device"] == torch.device(device)

@@ -207,7 +207,7 @@ class SV3DPipeline:
         unet_in = torch.cat([scale_model_input(x, sigma), cond.concat.to(x)], dim=1)  # [N, 8, h, w]
         out = self.unet(
             unet_in.to(dtype),
-            c_noise.to(dtype),
+            c_noise.float(),  # float32, as the reference: bfloat16 would round 0.25 ln(sigma) by up to 2^-8
             cond.crossattn.to(dtype),
             cond.vector.to(dtype),
             num_frames=num_frames,
