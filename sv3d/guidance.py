@@ -35,7 +35,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor
 
-from .cameras import Orbit
+from .cameras import NUM_FRAMES, Orbit, static_orbit
+from .errors import InputError
 from .model.conditioner import concat_for_cfg
 from .model.pipeline import SV3DPipeline
 from .model.sampler import apply_guidance, triangle_guidance_scales
@@ -434,6 +435,7 @@ def make_sv3d_guidance(
     fits its own static orbit at the input's elevation, which the caller must then render.
     """
     config = config or SDSConfig()
+    _check_orbit_for(pipeline.variant, orbit)
     if image.ndim == 4 and image.shape[-1] != config.resolution:
         raise ValueError(
             f"image size {image.shape[-1]} differs from SDSConfig.resolution {config.resolution}"
@@ -450,3 +452,21 @@ def make_sv3d_guidance(
         cfg_batching=cfg_batching,
     )
     return SDSGuidance(model, config, input_view_direction(orbit))
+
+
+def _check_orbit_for(variant: str, orbit: Orbit) -> None:
+    """SV3D denoises 21-frame orbits whose last frame is the input view; sv3d_u only its own static one
+    (constant elevation, 360/21 degrees apart): other renders would be pulled towards another orbit."""
+    if len(orbit) != NUM_FRAMES:
+        raise InputError(f"SDS: SV3D denoises {NUM_FRAMES}-frame orbits, this one has {len(orbit)} frames")
+    if variant != "sv3d_u":
+        return
+    own = static_orbit(float(orbit.elevations_deg[-1]), float(orbit.azimuths_deg[-1]))
+    off_azimuth = ((orbit.azimuths_deg - own.azimuths_deg + 180.0) % 360.0 - 180.0).abs().max()
+    off_elevation = (orbit.elevations_deg - own.elevations_deg).abs().max()
+    if float(off_azimuth) > 0.5 or float(off_elevation) > 0.5:
+        raise InputError(
+            "SDS: sv3d_u takes no cameras and only knows its static orbit (constant elevation, frames "
+            f"{360.0 / NUM_FRAMES:.2f} degrees apart); this orbit ({orbit.kind}) differs by "
+            f"{float(off_azimuth):.1f} / {float(off_elevation):.1f} degrees: use sv3d_p, or --sds off"
+        )

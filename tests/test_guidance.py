@@ -420,3 +420,21 @@ def test_non_finite_values_give_no_sds_gradient(tiny_p):
     out = guidance(images, alpha, normals)
     out["loss_sds"].backward()
     assert float(out["loss_sds"].detach()) == 0.0 and (images.grad is None or bool((images.grad == 0).all()))
+
+
+def test_the_orbit_must_be_one_the_model_knows(sv3d_tiny: Path, tiny_p):
+    from sv3d.cameras import make_orbit
+    from sv3d.errors import InputError
+    from sv3d.model.pipeline import SV3DPipeline
+
+    pipe_p, image = tiny_p
+    config = SDSConfig(resolution=TINY_SIZE)
+    with pytest.raises(InputError, match="21-frame"):
+        make_sv3d_guidance(pipe_p, image, static_orbit(num_frames=7), config)
+    make_sv3d_guidance(pipe_p, image, make_orbit("sine"), config)  # sv3d_p takes any 21 cameras
+    pipe_u = SV3DPipeline.from_single_file(
+        sv3d_tiny / "tiny_sv3d_u.safetensors", sgm_config=sv3d_tiny / "tiny_sv3d_u.yaml"
+    )
+    make_sv3d_guidance(pipe_u, image, static_orbit(elevation_deg=20.0, input_azimuth_deg=40.0), config)
+    with pytest.raises(InputError, match="sv3d_u takes no cameras"):
+        make_sv3d_guidance(pipe_u, image, make_orbit("sine"), config)
