@@ -2,8 +2,10 @@
 
 SV3D renders objects on pure white. A frame pixel I = a F + (1 - a) * 1, so 1 - I = a (1 - F): darkness is
 coverage times the object's own darkness. We take a soft coverage from the darkness max_c(1 - I_c) with a
-ramp between `low` (JPEG-like noise on white) and `high`, fill enclosed holes (white parts of the object
-surrounded by it, e.g. a white label), keep components that are not specks, and un-premultiply the colour.
+ramp between `low` (JPEG-like noise on white) and `high`, fill enclosed white regions (white parts of the
+object surrounded by it, e.g. a white label) unless they are holes one sees the background through (a mug's
+handle: at least `hole_min` of the object's area and pure background white, darkness < `low`, on 90% of
+their pixels), keep components that are not specks, and un-premultiply the colour.
 This is an estimate (pure-white parts touching the silhouette are lost); frames carry
 `alpha_source: matting` so that later stages know it.
 """
@@ -21,6 +23,7 @@ def matte_white_background(
     low: float = 0.02,  # darkness below this is background noise
     high: float = 0.12,  # darkness above this is fully covered
     min_component: float = 1e-3,  # drop components under this fraction of the image
+    hole_min: float = 0.005,  # enclosed pure-white regions at least this fraction of the object: holes
 ) -> np.ndarray:
     """-> [T, H, W, 4] straight RGBA in [0, 1]."""
     darkness = (1.0 - frames).max(axis=-1)  # [T, H, W]
@@ -34,6 +37,13 @@ def matte_white_background(
             sizes = ndimage.sum(hard, labels, index=np.arange(1, n + 1))
             hard = np.isin(labels, 1 + np.flatnonzero(sizes >= min_pixels))
         filled = ndimage.binary_fill_holes(hard)
+        enclosed, k = ndimage.label(filled & ~hard)
+        if k:  # holes: large and pure background white; the rest (labels, print) is object
+            ids = np.arange(1, k + 1)
+            sizes = ndimage.sum_labels(np.ones(enclosed.shape), enclosed, index=ids)  # [k]
+            white = ndimage.sum_labels(darkness[t] < low, enclosed, index=ids)  # [k]
+            holes = ids[(sizes >= hole_min * filled.sum()) & (white >= 0.9 * sizes)]
+            filled &= ~np.isin(enclosed, holes)
         a = np.where(filled & ~hard, 1.0, alpha[t])  # enclosed white: object, fully covered
         a = np.where(ndimage.binary_dilation(filled, iterations=2), a, 0.0)  # specks far from it: none
         rgb = frames[t]

@@ -371,8 +371,10 @@ def plain_background_alpha(rgb: np.ndarray, name: str = "image") -> np.ndarray:
     1. Background colour: the median of a border band (2% of the smaller side); the border must mostly
        match it, else InputError (use rembg or an RGBA image).
     2. Background = pixels within a colour distance of it (threshold from the border's spread, at least
-       0.06) that are connected to the border (flood fill: background-coloured regions enclosed by the
-       object, such as white print on it, stay object).
+       0.06) that are connected to the border (flood fill), and enclosed regions that look like the
+       backdrop seen through a hole (a mug's handle, a ring): `_see_through` (at least HOLE_MIN_FRACTION of
+       the object's area and as close to the background colour as the border itself). Smaller or less
+       exact background-coloured regions (white print, highlights) stay object.
     3. Clean-up: a binary opening removes specks, components under 1% of the largest are dropped.
     4. Soft edge: on the one-pixel rings either side of the boundary, alpha = colour distance / the
        object's nearby distance (the coverage of an antialiased edge pixel).
@@ -396,9 +398,11 @@ def plain_background_alpha(rgb: np.ndarray, name: str = "image") -> np.ndarray:
         )
     threshold = float(np.clip(2.5 * np.percentile(border_distance, 90), 0.06, 0.25))
     distance = np.linalg.norm(rgb - background, axis=-1)  # [H, W]
-    labels, _ = ndimage.label(distance < threshold)
+    labels, count = ndimage.label(distance < threshold)
     edge_labels = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
     obj = ~np.isin(labels, edge_labels[edge_labels > 0])  # not connected to the border
+    backdrop_like = distance <= max(float(np.percentile(border_distance, 99)), 0.02)  # as close as the border
+    obj &= ~np.isin(labels, _see_through(labels, count, edge_labels, backdrop_like, obj.sum()))
     radius = max(1, round(0.003 * min(height, width)))
     disk = _disk(radius)
     obj = ndimage.binary_opening(obj, structure=disk)
@@ -420,6 +424,27 @@ def plain_background_alpha(rgb: np.ndarray, name: str = "image") -> np.ndarray:
     alpha[ring] = soft[ring]
     alpha[inner_ring] = np.maximum(alpha[inner_ring], 0.5)  # an object pixel stays at least half covered
     return alpha
+
+
+HOLE_MIN_FRACTION = 0.005  # an enclosed backdrop-coloured region this large (of the object's area) is a hole
+
+
+def _see_through(
+    labels: np.ndarray,  # [H, W] int: components of the background-coloured pixels, 0 elsewhere
+    count: int,
+    edge_labels: np.ndarray,  # the components that touch the border (the backdrop itself)
+    backdrop_like: np.ndarray,  # [H, W] bool: pixels as close to the backdrop colour as the border is
+    object_area: float,  # pixels of the object with its enclosed regions filled
+) -> np.ndarray:
+    """The enclosed components that are holes: large (>= HOLE_MIN_FRACTION of the object) and mostly (90%)
+    of the backdrop's own colour. -> their labels [K]."""
+    if count == 0:
+        return np.zeros(0, dtype=labels.dtype)
+    ids = np.arange(1, count + 1)
+    sizes = ndimage.sum_labels(np.ones(labels.shape), labels, index=ids)  # [count]
+    exact = ndimage.sum_labels(backdrop_like, labels, index=ids)  # [count]
+    hole = (sizes >= HOLE_MIN_FRACTION * object_area) & (exact >= 0.9 * sizes) & ~np.isin(ids, edge_labels)
+    return ids[hole]
 
 
 def _disk(radius: int) -> np.ndarray:

@@ -11,14 +11,14 @@ from sv3d.video import write_video
 
 
 def test_matting_recovers_a_known_composite():
-    # A disc of colour F = (0.2, 0.5, 0.8) with a soft edge, composited over white, with a white "label"
-    # inside it (which matting must keep as object because the object surrounds it).
+    # A disc of colour F = (0.2, 0.5, 0.8) with a soft edge, composited over white, with an off-white "label"
+    # inside it (which matting must keep as object: the object surrounds it and it is not background white).
     h = w = 96
     yy, xx = np.mgrid[0:h, 0:w] + 0.5
     r = np.hypot(xx - 48, yy - 48)
     alpha = np.clip(30.0 - r, 0.0, 1.0)  # [H, W], a one-pixel soft edge
     colour = np.broadcast_to(np.array([0.2, 0.5, 0.8]), (h, w, 3)).copy()
-    colour[(np.abs(xx - 48) < 5) & (np.abs(yy - 48) < 5)] = 1.0  # white label
+    colour[(np.abs(xx - 48) < 5) & (np.abs(yy - 48) < 5)] = 0.95  # white label, shaded as objects are
     frame = alpha[..., None] * colour + (1.0 - alpha[..., None])
     rgba = matte_white_background(frame[None])[0]
     assert np.abs(rgba[..., 3] - alpha).mean() < 0.01
@@ -26,6 +26,21 @@ def test_matting_recovers_a_known_composite():
     assert rgba[..., 3][inside].min() == 1.0  # the white label stays object
     assert np.allclose(rgba[..., :3][inside], colour[inside], atol=1e-5)
     assert rgba[..., 3][r > 32].max() == 0.0
+
+
+def test_matting_keeps_holes_one_sees_the_background_through():
+    # a ring (a mug's handle seen from the side): its inside shows the pure-white background, so it is a
+    # hole; a speck of pure white inside the ring's band (a highlight, 4 px) stays object
+    h = w = 96
+    yy, xx = np.mgrid[0:h, 0:w] + 0.5
+    r = np.hypot(xx - 48, yy - 48)
+    alpha = np.clip(30.0 - r, 0.0, 1.0) * np.clip(r - 14.0, 0.0, 1.0)  # [H, W] ring, radii 14 to 30
+    frame = alpha[..., None] * np.array([0.6, 0.3, 0.2]) + (1.0 - alpha[..., None])
+    frame[22:24, 47:49] = 1.0  # the highlight, inside the band
+    rgba = matte_white_background(frame[None])[0]
+    assert rgba[..., 3][r < 13].max() == 0.0  # the hole is background
+    assert rgba[22:24, 47:49, 3].min() == 1.0  # the highlight is object
+    assert np.abs(rgba[..., 3] - alpha).mean() < 0.02  # two soft edges (the disc's test has one: 0.01)
 
 
 def test_write_video_atomic_and_readable(tmp_path: Path):

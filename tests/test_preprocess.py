@@ -294,6 +294,24 @@ def test_plain_background_matting():
     assert np.abs(alpha[edge] - truth[edge]).mean() < 0.2  # soft edges follow the coverage (0.11)
 
 
+def test_plain_matting_opens_holes_one_sees_the_backdrop_through():
+    # a brown ring on a light grey backdrop (a mug's handle from the side): the backdrop inside it is a hole;
+    # a white label and a tiny highlight inside a solid disc beside it stay object
+    height, width, background = 120, 200, 0.93
+    ring = _coverage(height, width, 60, 60, 40) * (1.0 - _coverage(height, width, 60, 60, 20))
+    disc = _coverage(height, width, 60, 150, 35)
+    truth = np.maximum(ring, disc)
+    rgb = np.full((height, width, 3), background, np.float32) + RNG.normal(0, 0.01, (height, width, 3))
+    rgb = rgb * (1 - truth[..., None]) + np.array([0.45, 0.3, 0.2]) * truth[..., None]
+    rgb[50:70, 140:160] = 0.96  # a white label: background-coloured, but brighter than the backdrop
+    rgb[40:42, 150:152] = background  # a highlight of the backdrop's own colour, 4 px
+    alpha = plain_background_alpha(np.clip(rgb, 0, 1).astype(np.float32))
+    hard, true_hard = alpha > 0.5, truth > 0.5
+    assert (hard & true_hard).sum() / (hard | true_hard).sum() > 0.98
+    assert alpha[50:70, 50:70].max() == 0.0  # inside the ring: backdrop
+    assert alpha[50:70, 140:160].min() == 1.0 and alpha[40:42, 150:152].min() == 1.0
+
+
 def test_plain_matting_rejects_busy_and_empty_images():
     busy = RNG.random((64, 64, 3)).astype(np.float32)
     with pytest.raises(InputError, match="not plain"):
