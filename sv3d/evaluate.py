@@ -18,8 +18,9 @@ every figure) and `summary.png` (bar charts, drawn with PIL). Runs follow "Runs 
 are checked before anything is created; an object whose `metrics.json` matches the config is not
 recomputed, so a killed batch rerun finishes the rest and writes the same summary as an uninterrupted run;
 an object that fails is recorded with its error (`<object>/error.txt`) and the batch goes on. An object
-records the fingerprint it was started with (`started.json`), so that a rerun with another config refuses
-its half-done objects up front, as it does its finished ones, instead of failing each in turn.
+records the fingerprint it was started with and its ground truth's sha256 (`started.json`), so that a rerun
+with another config or another dataset's object of the same name refuses its half-done objects up front, as
+it does its finished ones, instead of failing each in turn or keeping figures of another object.
 `aggregate_sweep` gathers the summaries of a Hydra multirun into one table with the overrides as columns.
 """
 
@@ -197,6 +198,17 @@ def config_fingerprint(config: EvalConfig, run_config: RunConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def ground_truth_sha256(object_dir: Path) -> str:
+    """sha256 of an object's ground truth as the renders use it: every file under its meshes/ and
+    materials/ folders (mesh, material, textures), by relative path and content."""
+    digest = hashlib.sha256()
+    for folder in ("meshes", "materials"):
+        for path in sorted(p for p in (object_dir / folder).rglob("*") if p.is_file()):
+            digest.update(str(path.relative_to(object_dir)).encode() + b"\0")
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
 def _read_json(path: Path) -> dict | None:
     try:
         data = json.loads(path.read_text())
@@ -304,7 +316,8 @@ def evaluate_object(
     out.mkdir(parents=True, exist_ok=True)
     (out / METRICS_FILE).unlink(missing_ok=True)
     fingerprint = fingerprint or config_fingerprint(config, run_config)
-    _write_json(out / STARTED_FILE, {"fingerprint": fingerprint})
+    gt_sha256 = ground_truth_sha256(mesh_path.parent.parent)  # <object>/meshes/model.obj -> <object>
+    _write_json(out / STARTED_FILE, {"fingerprint": fingerprint, "ground_truth_sha256": gt_sha256})
     timings: dict[str, Any] = {}
     start = time.perf_counter()
     gt = load_trimesh(mesh_path, up=config.render.up)
@@ -348,6 +361,7 @@ def evaluate_object(
         "timings": timings,
         "fingerprint": fingerprint,
         "ground_truth": str(mesh_path.resolve()),
+        "ground_truth_sha256": gt_sha256,
     }
     _write_json(out / METRICS_FILE, record)
     (out / ERROR_FILE).unlink(missing_ok=True)
@@ -386,14 +400,20 @@ def evaluate_dataset(
         previous = _read_json(out / name / METRICS_FILE) or _read_json(out / name / STARTED_FILE)
         if previous is None:
             continue
-        if previous.get("fingerprint") != fingerprint:
+        recorded = previous.get("ground_truth_sha256")  # records before it: the ground truth's path
+        mesh = str((dataset / name / "meshes" / "model.obj").resolve())
+        if recorded:
+            same_truth = recorded == ground_truth_sha256(dataset / name)
+        else:
+            same_truth = previous.get("ground_truth", mesh) == mesh
+        if previous.get("fingerprint") != fingerprint or not same_truth:
             stale.append(name)
         elif previous.get("status") == "ok":
             done[name] = previous
     if stale and not force:
         raise InputError(
-            f"{out / stale[0]}: was evaluated with another config ({len(stale)} object(s) in all, finished "
-            "or not); use another -o, or --force to redo them"
+            f"{out / stale[0]}: was evaluated with another config or ground truth ({len(stale)} object(s) "
+            "in all, finished or not); use another -o, or --force to redo them"
         )
 
     # 2. Each object in turn; a failure is recorded and the batch goes on

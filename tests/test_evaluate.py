@@ -223,6 +223,21 @@ def test_half_done_object_of_another_config_is_refused_up_front(dataset, tmp_pat
     assert fake.calls == ["plate", "plate"] and result.summary["n_failed"] == 0
 
 
+def test_another_datasets_object_of_the_same_name_is_refused(dataset, tmp_path, monkeypatch, toy):
+    config, run = toy
+    evaluate_dataset(dataset, tmp_path / "out", config, run, objects=["plate"], progress=False)
+    other = tmp_path / "other"
+    shutil.copytree(dataset / "plate", other / "plate")
+    obj = other / "plate" / "meshes" / "model.obj"
+    obj.write_text(obj.read_text() + "\n")  # any change to the ground truth's files
+    fake = _fake(monkeypatch, dataset)
+    with pytest.raises(InputError, match="another config or ground truth"):
+        evaluate_dataset(other, tmp_path / "out", config, run, objects=["plate"], progress=False)
+    assert fake.calls == []
+    evaluate_dataset(dataset, tmp_path / "out", config, run, objects=["plate"], progress=False)
+    assert fake.calls == []  # the same dataset: finished, kept
+
+
 def test_generated_mode_renders_the_input_view(dataset, tmp_path, monkeypatch, toy):
     config, run = toy
     config, run = EvalConfig(**{**config.__dict__, "mode": "generated"}), copy.deepcopy(run)

@@ -273,6 +273,9 @@ def test_volume_iou_of_cubes_shifted_by_half_a_side() -> None:
     assert volume_iou(a, b, resolution=64) == pytest.approx(1.0 / 3.0, abs=0.02)
     far = trimesh.creation.box(bounds=[[3, 0, 0], [4, 1, 1]])
     assert volume_iou(a, far, resolution=32) == 0.0
+    inward = b.copy()
+    inward.invert()  # wound inwards: winding number -1 inside, still solid
+    assert volume_iou(a, inward, resolution=64) == pytest.approx(1.0 / 3.0, abs=0.02)
 
 
 def test_internal_faces_give_no_visible_samples() -> None:
@@ -323,6 +326,16 @@ def test_generated_mode_removes_floaters_and_normalises() -> None:
     assert generated.chamfer < 1e-6 and generated.volume_iou == 1.0
     assert oracle.chamfer > 1.0 and oracle.volume_iou == 0.0
     assert normalize_prediction(pred, "oracle").vertices.shape == pred.vertices.shape
+
+
+def test_generated_mode_keeps_the_largest_of_many_small_fragments() -> None:
+    # 150 equal cubes: each under 1% of the area, yet the prediction is not empty after the clean-up
+    cubes = [trimesh.creation.box(extents=[0.01] * 3) for _ in range(150)]
+    for i, cube in enumerate(cubes):
+        cube.apply_translation([0.02 * (i % 15), 0.02 * (i // 15), 0.0])
+    cubes[7].apply_scale(1.001)  # one a little larger
+    cleaned = normalize_prediction(trimesh.util.concatenate(cubes), "generated")
+    assert len(cleaned.faces) == 12
 
 
 def test_icp_recovers_a_small_misalignment() -> None:

@@ -107,10 +107,11 @@ def face_components(mesh: trimesh.Trimesh) -> np.ndarray:
 def remove_small_components(
     mesh: trimesh.Trimesh, min_fraction: float = MIN_COMPONENT_AREA
 ) -> trimesh.Trimesh:
-    """Drops the connected components whose area is under `min_fraction` of the mesh's total area."""
+    """Drops the connected components whose area is under `min_fraction` of the mesh's total area; the
+    largest always stays (a mesh of more than 1 / min_fraction even fragments would lose them all)."""
     labels = face_components(mesh)  # [F]
     area = np.bincount(labels, weights=mesh.area_faces)  # [C]
-    keep = area[labels] >= min_fraction * area.sum()  # [F]
+    keep = (area[labels] >= min_fraction * area.sum()) | (labels == int(np.argmax(area)))  # [F]
     kept = _copy(mesh, faces=np.asarray(mesh.faces)[keep])
     kept.remove_unreferenced_vertices()
     return kept
@@ -329,19 +330,20 @@ def _grid_box(meshes: list[trimesh.Trimesh]) -> tuple[np.ndarray, float]:
 
 
 def occupancy(mesh: trimesh.Trimesh, points: np.ndarray) -> np.ndarray:
-    """[Q] bool: generalized winding number of each point [Q, 3] w.r.t. `mesh` above 0.5."""
+    """[Q] bool: |generalized winding number| of each point [Q, 3] w.r.t. `mesh` above 0.5 (so that a
+    mesh wound inwards, w = -1 inside, is solid too)."""
     device = pick_device()
     tree = build_face_tree(
         torch.as_tensor(np.array(mesh.vertices), dtype=torch.float32, device=device),
         torch.as_tensor(np.array(mesh.faces), dtype=torch.int64, device=device),
     )
     w = winding_numbers_fast(torch.as_tensor(points, dtype=torch.float32, device=device), tree)  # [Q]
-    return (w > 0.5).cpu().numpy()
+    return (w.abs() > 0.5).cpu().numpy()
 
 
 def volume_iou(pred_mesh: trimesh.Trimesh, gt_mesh: trimesh.Trimesh, resolution: int = 64) -> float:
     """Volume IoU on `resolution`³ cell centres filling the cube around the union of both bounding boxes
-    (cubic cells; centred on the union box; side = its largest extent). Inside: winding number > 0.5.
+    (cubic cells; centred on the union box; side = its largest extent). Inside: |winding number| > 0.5.
     Returns 0.0 when neither mesh encloses any cell centre."""
     _check_mesh(pred_mesh, "prediction")
     _check_mesh(gt_mesh, "ground truth")
