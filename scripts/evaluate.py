@@ -14,11 +14,13 @@ in a multirun each job writes its own, and `--aggregate SWEEP_DIR` gathers them 
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 
 from sv3d.config import eval_config, run_config, to_container
 from sv3d.errors import Sv3dError
@@ -46,7 +48,13 @@ def main(cfg) -> float | None:
         sys.exit(f"evaluate.py: error: {exc}")
     s = result.summary
     print(f"evaluated {s['n_ok']} of {s['n_objects']} objects; wrote {output / 'summary.md'}")
-    return s["aggregate"]["mean"]["final"]["chamfer"]  # what a sweeper would minimise
+    failed = [r["object"] for r in s["objects"] if r.get("status") == "error"]
+    if failed:
+        print(f"evaluate.py: {len(failed)} object(s) failed: {', '.join(failed)}", file=sys.stderr)
+        if HydraConfig.get().mode != RunMode.MULTIRUN:  # as `sv3d eval`; a sweep's other jobs go on
+            sys.exit(1)
+    mean = s["aggregate"]["mean"]["final"]["chamfer"]  # what a sweeper would minimise
+    return math.inf if mean is None else mean  # every object failed: the worst objective
 
 
 def _aggregate(argv: list[str]) -> None:

@@ -181,3 +181,21 @@ def test_config_tree_is_found_from_an_uninstalled_checkout(monkeypatch):
     monkeypatch.setattr(config_module, "CHECKOUT_CONFIGS", config_module.CHECKOUT_CONFIGS / "missing")
     with pytest.raises(InputError, match="not installed"):
         config_module.compose_config([])
+
+
+def test_evaluate_script_exits_1_when_an_object_failed(tmp_path: Path):
+    """As `sv3d eval`: the batch is written, the failed objects are named and the status is 1."""
+    broken = tmp_path / "gso" / "broken" / "meshes"
+    broken.mkdir(parents=True)
+    (broken / "model.obj").write_text("v 0 0 garbage\n")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "evaluate.py"), f"eval.dataset={tmp_path / 'gso'}"]
+        + [f"output={out}", "preset=toy", "device=cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "evaluate.py: 1 object(s) failed: broken" in proc.stderr
+    assert (out / "summary.json").is_file() and (out / "broken" / "error.txt").is_file()
