@@ -47,6 +47,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -108,8 +109,16 @@ def _read_png16(path: Path) -> tuple[np.ndarray, bool]:
     return data.astype(np.float32) / float(2 ** info["bitdepth"] - 1), False
 
 
-def _read_tiff_deep(path: Path) -> tuple[np.ndarray, bool] | None:
-    """A TIFF with more than 8 bits per sample through tifffile (Pillow truncates it); None if not needed."""
+def _is_tiff(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF
+
+
+def _read_tiff_deep(path: Path) -> tuple[np.ndarray, bool, int] | None:
+    """A TIFF with more than 8 bits per sample (16-bit, float) through tifffile, which Pillow truncates or
+    cannot open -> ([H, W, C] float32, premultiplied declared, EXIF-style orientation). None where Pillow's
+    8-bit reading is to be used: 8-bit data, colour spaces other than RGB and grey, an ICC profile other
+    than sRGB (Pillow converts it), or data tifffile cannot decode (LZW without imagecodecs: a note)."""
     try:
         import tifffile
     except ImportError:  # tifffile comes with scikit-image; without it Pillow's 8-bit reading is used
@@ -119,16 +128,37 @@ def _read_tiff_deep(path: Path) -> tuple[np.ndarray, bool] | None:
             page = tif.pages[0]
             if page.bitspersample <= 8 or str(page.photometric.name) not in ("RGB", "MINISBLACK"):
                 return None
-            data = page.asarray()  # [H, W, C] or [H, W]
+            icc = page.tags.get("InterColorProfile")
+            if icc is not None and not _is_srgb(bytes(icc.value)):
+                return None
+            data = page.asarray()  # [H, W, C], [C, H, W] (planar) or [H, W]
+            if page.axes.startswith("S"):  # planar configuration: samples first
+                data = np.moveaxis(data, 0, -1)  # [C, H, W] -> [H, W, C]
             extras = tuple(int(e) for e in page.extrasamples)
-    except tifffile.TiffFileError as exc:
-        raise InputError(f"cannot read image {path}: corrupt TIFF ({_first_line(exc)})") from exc
+            orientation_tag = page.tags.get("Orientation")
+            orientation = int(orientation_tag.value) if orientation_tag is not None else 1
+    except tifffile.TiffFileError:
+        return None  # Pillow reads it or says what is wrong with it
+    except (ValueError, NotImplementedError, RuntimeError, KeyError) as exc:  # codecs tifffile lacks
+        print(f"sv3d: note: {path.name}: read at 8 bits per sample ({_first_line(exc)})", file=sys.stderr)
+        return None
     data = data[..., None] if data.ndim == 2 else data
     if np.issubdtype(data.dtype, np.integer):
         values = data.astype(np.float32) / float(np.iinfo(data.dtype).max)
     else:
-        values = np.clip(data.astype(np.float32), 0.0, 1.0)
-    return values, bool(extras) and extras[0] == 1  # ExtraSamples 1: associated (premultiplied) alpha
+        values = np.clip(np.nan_to_num(data.astype(np.float32)), 0.0, 1.0)
+    return values, bool(extras) and extras[0] == 1, orientation  # ExtraSamples 1: associated alpha
+
+
+def _is_srgb(icc: bytes) -> bool:
+    """Whether an embedded ICC profile is sRGB's (or cannot be told: then nothing converts it anyway)."""
+    try:
+        from PIL import ImageCms
+
+        description = ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(icc)))
+    except Exception:  # noqa: BLE001 - no ImageCms, or littlecms's own error types
+        return True
+    return "srgb" in description.lower()
 
 
 def _to_srgb(img: Image.Image) -> Image.Image:
@@ -256,18 +286,24 @@ def load_image(
     if path.is_dir():
         raise InputError(f"{path} is a directory, expected an image file")
     try:
-        with Image.open(path) as img:
-            img.load()  # decodes everything now: truncated or corrupt data raise here
-            orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
-            deep = None
-            if img.format == "PNG" and _png_bit_depth(path) == 16:
-                deep = _read_png16(path)
-            elif img.format == "TIFF":
-                deep = _read_tiff_deep(path)
-            data, declared = deep if deep is not None else _pil_to_float(img)
-            quantum = 1.0 / 65535.0 if deep is not None else 1.0 / 255.0
+        tiff = _is_tiff(path) and _read_tiff_deep(path)  # before Pillow, which cannot open float RGB
+        if tiff:
+            data, declared, orientation = tiff
+            quantum = 1.0 / 65535.0
+        else:
+            with Image.open(path) as img:
+                img.load()  # decodes everything now: truncated or corrupt data raise here
+                orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+                deep = None
+                icc = img.info.get("icc_profile")
+                if img.format == "PNG" and _png_bit_depth(path) == 16 and (not icc or _is_srgb(icc)):
+                    deep = _read_png16(path)  # with another profile: Pillow's 8 bits, converted to sRGB
+                data, declared = deep if deep is not None else _pil_to_float(img)
+                quantum = 1.0 / 65535.0 if deep is not None else 1.0 / 255.0
     except InputError:
         raise
+    except PermissionError as exc:
+        raise InputError(f"cannot read image {path}: permission denied") from exc
     except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise InputError(f"cannot read image {path}: {_first_line(exc)}") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt data

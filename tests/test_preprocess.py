@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import struct
 import sys
 import types
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +175,71 @@ def test_16bit_rgb_tiff_and_associated_alpha(tmp_path):
     tifffile.imwrite(tmp_path / "p8.tif", _u8(stored), extrasamples=["assocalpha"])  # 8-bit: Pillow reads it
     rgb, alpha = load_image(tmp_path / "p8.tif")
     assert np.allclose(rgb, 0.8, atol=0.02)
+
+
+def test_planar_float_and_lzw_tiffs(tmp_path, capsys):
+    tifffile = pytest.importorskip("tifffile")
+    data = RNG.integers(0, 65536, (6, 5, 3), dtype=np.uint16)
+    tifffile.imwrite(
+        tmp_path / "planar.tif", np.moveaxis(data, -1, 0), photometric="rgb", planarconfig="separate"
+    )
+    rgb, _ = load_image(tmp_path / "planar.tif")  # [C, H, W] in the file
+    assert rgb.shape == (6, 5, 3) and np.allclose(rgb, data / 65535, atol=1e-7)
+    values = RNG.random((6, 5, 3)).astype(np.float32)  # float RGB: Pillow cannot open it
+    tifffile.imwrite(tmp_path / "float.tif", values, photometric="rgb")
+    rgb, _ = load_image(tmp_path / "float.tif")
+    assert np.allclose(rgb, values, atol=1e-6)
+    tifffile.imwrite(tmp_path / "oriented.tif", data, photometric="rgb", extratags=[(274, "H", 1, 3, True)])
+    rgb, _ = load_image(tmp_path / "oriented.tif")  # Orientation 3: rotated 180 degrees
+    assert np.allclose(rgb, data[::-1, ::-1] / 65535, atol=1e-7)
+    # 16-bit grey with LZW, which tifffile decodes only with imagecodecs: read, never "corrupt"
+    grey = RNG.integers(0, 65536, (6, 5), dtype=np.uint16)
+    Image.fromarray(grey).save(tmp_path / "lzw.tif", compression="tiff_lzw")  # mode I;16
+    rgb, _ = load_image(tmp_path / "lzw.tif")
+    assert np.allclose(rgb[..., 0], grey / 65535, atol=1e-7)
+
+
+def test_a_16bit_png_with_another_colour_profile_is_converted(tmp_path, monkeypatch):
+    import png
+    from PIL import ImageCms
+
+    xyz = ImageCms.ImageCmsProfile(ImageCms.createProfile("XYZ")).tobytes()
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    data = RNG.integers(0, 65536, (4, 4, 3), dtype=np.uint16)
+    for name, icc in (("srgb", srgb), ("xyz", xyz)):
+        writer = png.Writer(4, 4, greyscale=False, bitdepth=16)
+        with open(tmp_path / f"{name}.png", "wb") as f:
+            writer.write(f, data.reshape(4, 12))
+        raw = (tmp_path / f"{name}.png").read_bytes()
+        chunk = b"iCCP" + b"p\0\0" + zlib.compress(icc)
+        iccp = struct.pack(">I", len(chunk) - 4) + chunk + struct.pack(">I", zlib.crc32(chunk))
+        (tmp_path / f"{name}.png").write_bytes(raw[:33] + iccp + raw[33:])  # after the IHDR chunk
+    import sv3d.preprocess as preprocess
+
+    converted = []
+    to_srgb = preprocess._to_srgb
+    monkeypatch.setattr(
+        preprocess, "_to_srgb", lambda img: converted.append(img.info.get("icc_profile")) or to_srgb(img)
+    )
+    rgb, _ = load_image(tmp_path / "srgb.png")
+    assert np.allclose(rgb, data / 65535, atol=1e-7) and converted == []  # sRGB: all 16 bits, as they are
+    rgb, _ = load_image(tmp_path / "xyz.png")
+    assert converted == [xyz]  # another profile: Pillow's reading, which converts to sRGB (at 8 bits)
+    assert np.allclose(rgb * 255, np.round(rgb * 255), atol=1e-4)
+
+
+def test_an_unreadable_file_says_permission_denied(tmp_path, monkeypatch):
+    import sv3d.preprocess as preprocess
+
+    path = tmp_path / "locked.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+
+    def locked(*args, **kwargs):  # what open() raises on a file without read permission (tests run as root)
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(preprocess, "open", locked, raising=False)
+    with pytest.raises(InputError, match="permission denied"):
+        load_image(path)
 
 
 @pytest.mark.parametrize("suffix", ["tif", "jpg"])
