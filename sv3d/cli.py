@@ -313,6 +313,18 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=50, help="SV3D sampling steps (default 50)")
     p.add_argument("--seed", type=int, default=23, help="SV3D sampling seed (default 23, the reference's)")
     p.add_argument("--resolution", type=int, default=576, help="orbit frame size (default 576, SV3D's)")
+    p.add_argument(
+        "--input-elevation",
+        type=float,
+        default=10.0,
+        help="elevation of the photo in degrees (default 10; results degrade far from it)",
+    )
+    p.add_argument(
+        "--background",
+        choices=("auto", "rembg", "plain"),
+        default="auto",
+        help="matting for photos without alpha: rembg if installed, else plain light backgrounds",
+    )
     p.add_argument("--nerf-steps", type=int, help="NeRF optimisation steps (default: by device)")
     p.add_argument("--refine-steps", type=int, help="DMTet optimisation steps (default: by device)")
     p.add_argument("--tet-resolution", type=int, help="DMTet grid cells per side (default: by device)")
@@ -391,6 +403,8 @@ def run_config_from_args(args: argparse.Namespace):
         steps=args.steps,
         seed=args.seed,
         resolution=args.resolution,
+        input_elevation_deg=args.input_elevation,
+        background=args.background,
         dtype=args.dtype,
         allow_cpu=args.allow_cpu,
         sgm_config=args.sgm_config,

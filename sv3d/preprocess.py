@@ -382,7 +382,7 @@ def rembg_alpha(rgb: np.ndarray, model: str = REMBG_MODEL, name: str = "image") 
     except ImportError as exc:
         raise InputError(
             f"{name}: background removal needs rembg (pip install rembg), or pass an RGBA image, "
-            "or use background='plain' for a plain background"
+            "or use --background plain for a plain light background"
         ) from exc
     weights = _rembg_weights(model)
     if not weights.is_file():
@@ -429,8 +429,8 @@ def plain_background_alpha(rgb: np.ndarray, name: str = "image") -> np.ndarray:
     border_distance = np.linalg.norm(border - background, axis=-1)  # [N]
     if np.mean(border_distance < 0.12) < 0.6:
         raise InputError(
-            f"{name}: the background is not plain (its border colours vary); give an RGBA image, "
-            "or install rembg and use background='rembg'"
+            f"{name}: the background is not plain (its border colours vary, or the object fills the "
+            "border); give an RGBA image, or install rembg and use --background rembg"
         )
     threshold = float(np.clip(2.5 * np.percentile(border_distance, 90), 0.06, 0.25))
     distance = np.linalg.norm(rgb - background, axis=-1)  # [H, W]

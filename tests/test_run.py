@@ -419,3 +419,15 @@ def test_the_open_cavity_flags_reach_the_refine_stage(capsys):
         with pytest.raises(SystemExit):  # the two flags exclude each other
             build_parser().parse_args([*command, "-o", "out", "--open-cavities", "--no-open-cavities"])
         assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_input_elevation_and_background_reach_the_orbit_stage():
+    from sv3d.cli import build_parser, run_config_from_args
+
+    args = build_parser().parse_args(
+        ["run", "x.png", "-o", "out", "--input-elevation", "25", "--background", "plain"]
+    )
+    orbit = run_config_from_args(args).orbit
+    assert orbit.input_elevation_deg == 25.0 and orbit.background == "plain"
+    orbit = run_config_from_args(build_parser().parse_args(["run", "x.png", "-o", "out"])).orbit
+    assert orbit.input_elevation_deg == 10.0 and orbit.background == "auto"
