@@ -142,6 +142,27 @@ def test_cpu_offload_gives_the_same_result(sv3d_tiny: Path):
     assert next(pipe.unet.parameters()).device.type == "cpu"
 
 
+def test_offload_puts_clip_and_vae_on_the_device_together():
+    """The conditioning runs CLIP and the VAE: both on the device, the UNet out (CLIP stayed on the CPU)."""
+    moved: dict[str, str] = {}
+
+    class Spy(torch.nn.Linear):
+        def to(self, device=None, *args, **kwargs):  # records where it is sent, moves nothing
+            moved[self.label] = str(device)
+            return self
+
+    pipe = object.__new__(SV3DPipeline)
+    for label in ("unet", "vae", "image_encoder"):
+        module = Spy(1, 1)
+        module.label = label
+        setattr(pipe, label, module)
+    pipe.offload_device = torch.device("cuda")
+    pipe._on(pipe.image_encoder, pipe.vae)
+    assert moved == {"unet": "cpu", "vae": "cuda", "image_encoder": "cuda"}
+    pipe._on(pipe.unet)
+    assert moved == {"unet": "cuda", "vae": "cpu", "image_encoder": "cpu"}
+
+
 @pytest.mark.gpu
 def test_cuda_bfloat16_matches_float32(sv3d_tiny: Path):
     if not torch.cuda.is_available():

@@ -159,13 +159,14 @@ class SV3DPipeline:
         self.offload_device = torch.device(device)
         return self.to("cpu")
 
-    def _on(self, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    def _on(self, *modules: torch.nn.Module) -> None:
+        """With offloading: these components on the device, the others back on the CPU."""
         if self.offload_device is not None:
             for other in (self.unet, self.vae, self.image_encoder):
-                if other is not module:
+                if all(other is not m for m in modules):
                     other.to("cpu")
-            module.to(self.offload_device)
-        return module
+            for module in modules:
+                module.to(self.offload_device)
 
     def _device(self) -> torch.device:
         return self.offload_device or next(self.unet.parameters()).device
@@ -257,8 +258,7 @@ class SV3DPipeline:
 
         # 2. Conditioning: CLIP of the clean image, VAE mean of the augmented one; uncond zeroes both
         start = time.perf_counter()
-        self._on(self.image_encoder, device)
-        self._on(self.vae, device)
+        self._on(self.image_encoder, self.vae)  # both on the device (the VAE alone moved the CLIP back)
         cond, uncond = self.conditioning(
             image.to(device, torch.float32),
             cond_frames_noise.to(device, torch.float32),
@@ -272,7 +272,7 @@ class SV3DPipeline:
         timings["conditioning_s"] = time.perf_counter() - start
 
         # 3. Denoiser: v-prediction with EDM scalings, CFG over [uncond ; cond]
-        self._on(self.unet, device)
+        self._on(self.unet)
 
         def run_unet(x: Tensor, sigma: Tensor, rows: slice) -> Tensor:
             return self.denoise(x, sigma, batched.rows(rows), num_frames)
@@ -297,7 +297,7 @@ class SV3DPipeline:
 
         # 5. Decode frame by frame, put the input view back as the last frame
         start = time.perf_counter()
-        self._on(self.vae, device)
+        self._on(self.vae)
         decoded = decode_frames(
             self.vae, latents.to(self.vae.dtype), chunk=decode_chunk
         ).float()  # [T, 3, H, W]
