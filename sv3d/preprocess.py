@@ -66,6 +66,7 @@ __all__ = [
     "frame_object",
     "load_image",
     "plain_background_alpha",
+    "plain_background_matte",
     "preprocess_image",
     "rembg_alpha",
     "rembg_available",
@@ -403,6 +404,7 @@ def rembg_alpha(rgb: np.ndarray, model: str = REMBG_MODEL, name: str = "image") 
 
 def plain_background_alpha(rgb: np.ndarray, name: str = "image") -> np.ndarray:
     """Built-in matting for an object on a plain (typically light) background: rgb [H, W, 3] -> alpha [H, W].
+    (`plain_background_matte` also gives the object's own colours on its edge.)
 
     1. Background colour: the median of a border band (2% of the smaller side); the border must mostly
        match it, else InputError (use rembg or an RGBA image).
@@ -415,16 +417,15 @@ def plain_background_alpha(rgb: np.ndarray, name: str = "image") -> np.ndarray:
     4. Soft edge: on the one-pixel rings either side of the boundary, alpha = colour distance / the
        object's nearby distance (the coverage of an antialiased edge pixel).
     """
+    return plain_background_matte(rgb, name)[0]
+
+
+def plain_background_matte(rgb: np.ndarray, name: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    """`plain_background_alpha`'s matte and the object's colour: (alpha [H, W], rgb [H, W, 3]) where, on the
+    soft edge, each pixel I = s F + (1 - s) B (s the edge's colour-distance coverage, B the backdrop) is
+    solved for F = (I - (1 - s) B) / s, so that compositing on white shows no fringe of the backdrop."""
     height, width = rgb.shape[:2]
-    band = max(1, round(0.02 * min(height, width)))
-    border = np.concatenate(
-        [
-            rgb[:band].reshape(-1, 3),
-            rgb[-band:].reshape(-1, 3),
-            rgb[:, :band].reshape(-1, 3),
-            rgb[:, -band:].reshape(-1, 3),
-        ]
-    )  # [N, 3]
+    border = _border_band(rgb)  # [N, 3]
     background = np.median(border, axis=0)  # [3]
     border_distance = np.linalg.norm(border - background, axis=-1)  # [N]
     if np.mean(border_distance < 0.12) < 0.6:
@@ -459,7 +460,23 @@ def plain_background_alpha(rgb: np.ndarray, name: str = "image") -> np.ndarray:
     soft = np.clip(distance / np.maximum(reach, threshold), 0.0, 1.0)
     alpha[ring] = soft[ring]
     alpha[inner_ring] = np.maximum(alpha[inner_ring], 0.5)  # an object pixel stays at least half covered
-    return alpha
+    own = ring & (soft > 0.1)  # below, the division would amplify noise (and the pixel weighs little)
+    solved = np.clip((rgb - (1.0 - soft[..., None]) * background) / np.maximum(soft, 0.1)[..., None], 0, 1)
+    return alpha, np.where(own[..., None], solved, rgb).astype(np.float32)
+
+
+def _border_band(rgb: np.ndarray) -> np.ndarray:
+    """[N, 3] the pixels of a band around the image's border, 2% of its smaller side wide."""
+    height, width = rgb.shape[:2]
+    band = max(1, round(0.02 * min(height, width)))
+    return np.concatenate(
+        [
+            rgb[:band].reshape(-1, 3),
+            rgb[-band:].reshape(-1, 3),
+            rgb[:, :band].reshape(-1, 3),
+            rgb[:, -band:].reshape(-1, 3),
+        ]
+    )
 
 
 HOLE_MIN_FRACTION = 0.005  # an enclosed backdrop-coloured region this large (of the object's area) is a hole
@@ -582,7 +599,9 @@ def preprocess_image(
     height, width = rgb.shape[:2]
     if min(height, width) < MIN_IMAGE_SIZE:
         raise InputError(f"{name}: image of {width}x{height} px, at least {MIN_IMAGE_SIZE} px a side needed")
-    if alpha is None:
+    if alpha is None and (background == "plain" or (background == "auto" and not rembg_available())):
+        alpha, rgb = plain_background_matte(rgb, name=name)  # the edge's colour without the backdrop's
+    elif alpha is None:
         alpha = remove_background(rgb, background, name=name)
     on_white, out_alpha = frame_object(rgb, alpha, size=size, frame_ratio=frame_ratio, name=name)
     image = torch.from_numpy(on_white).permute(2, 0, 1)[None] * 2.0 - 1.0  # [S, S, 3] -> [1, 3, S, S]

@@ -21,6 +21,7 @@ from sv3d.preprocess import (
     frame_object,
     load_image,
     plain_background_alpha,
+    plain_background_matte,
     preprocess_image,
     rembg_alpha,
     rembg_available,
@@ -493,6 +494,23 @@ def test_plain_background_file_end_to_end(tmp_path, suffix):
     assert float(np.abs(alpha.numpy() - expected_alpha).mean()) < 0.02
     out = (image[0].permute(1, 2, 0).numpy() + 1) / 2
     assert float(np.abs(out - expected).mean()) < 0.02
+
+
+def test_plain_matting_leaves_no_fringe_of_a_coloured_backdrop():
+    # a red disc with an antialiased edge on a green backdrop: composited on white, its edge pixels must be
+    # mixes of red and white only (G == B on that line: red has G = B = 0.2, white 1), not of green
+    height = width = 96
+    cover = _coverage(height, width, 48, 48, 30)  # [H, W]
+    red, green = np.array([0.8, 0.2, 0.2]), np.array([0.1, 0.7, 0.2])
+    rgb = (cover[..., None] * red + (1 - cover[..., None]) * green).astype(np.float32)
+    image, _ = preprocess_image(rgb, size=96, background="plain")
+    out = (image[0].permute(1, 2, 0).numpy() + 1) / 2  # [S, S, 3]
+    edge = (np.abs(out - 1.0).max(-1) > 0.02) & (np.abs(out - red).max(-1) > 0.02)  # partly covered
+    assert edge.sum() > 50
+    greenness = out[..., 1] - out[..., 2]  # [S, S]
+    assert float(greenness[edge].mean()) < 0.01  # measured 0.0019; the edge's raw colours: 0.053
+    alpha, colour = plain_background_matte(rgb)
+    assert np.allclose(alpha, plain_background_alpha(rgb)) and colour.shape == rgb.shape
 
 
 def test_rgba_file_alpha_is_the_mask(tmp_path):
