@@ -68,6 +68,10 @@ ERROR_FILE = "error.txt"
 RENDER_FILE = "render.json"  # the render config of gt_orbit/ or input.png, to know when to redo them
 STARTED_FILE = "started.json"  # the config fingerprint an object was started with (finished or not)
 SUMMARY_FORMAT = 1  # bump when summary.json's layout changes
+# Bump when the scoring changes, so that records scored the old way are not mixed with new ones: 2 since
+# 2026-12-07 (generated predictions turned back by the input azimuth, volume IoU of inward-wound meshes and
+# on a grid clipped around the ground truth, the largest component always kept).
+PROTOCOL_VERSION = 2
 SOURCES = ("final", "nerf", "hull")  # the refined mesh, the NeRF stage's mesh, the visual-hull baseline
 
 
@@ -194,19 +198,25 @@ def config_fingerprint(config: EvalConfig, run_config: RunConfig) -> str:
     run.get("orbit", {}).pop("progress", None)
     if config.mode == "oracle":
         run.pop("orbit", None)
-    data = {"eval": asdict(config), "run": run}
+    data = {"eval": asdict(config), "run": run, "protocol": PROTOCOL_VERSION}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def ground_truth_sha256(object_dir: Path) -> str:
-    """sha256 of an object's ground truth as the renders use it: every file under its meshes/ and
-    materials/ folders (mesh, material, textures), by relative path and content."""
+def ground_truth_identity(object_dir: Path, previous: dict | None = None) -> dict:
+    """{"sha256", "files"} of an object's ground truth as the renders use it: every file under its meshes/
+    and materials/ folders (mesh, material, textures) by relative path and content. `files` holds each
+    file's [path, size, mtime_ns]; when they equal `previous`'s, its sha256 is reused (no rereading of a
+    large dataset's textures on every rerun)."""
+    paths = sorted(
+        p for folder in ("meshes", "materials") for p in (object_dir / folder).rglob("*") if p.is_file()
+    )
+    files = [[str(p.relative_to(object_dir)), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
+    if previous and previous.get("files") == files and previous.get("sha256"):
+        return previous
     digest = hashlib.sha256()
-    for folder in ("meshes", "materials"):
-        for path in sorted(p for p in (object_dir / folder).rglob("*") if p.is_file()):
-            digest.update(str(path.relative_to(object_dir)).encode() + b"\0")
-            digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
+    for path, (name, _, _) in zip(paths, files, strict=True):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return {"sha256": digest.hexdigest(), "files": files}
 
 
 def _read_json(path: Path) -> dict | None:
@@ -316,8 +326,8 @@ def evaluate_object(
     out.mkdir(parents=True, exist_ok=True)
     (out / METRICS_FILE).unlink(missing_ok=True)
     fingerprint = fingerprint or config_fingerprint(config, run_config)
-    gt_sha256 = ground_truth_sha256(mesh_path.parent.parent)  # <object>/meshes/model.obj -> <object>
-    _write_json(out / STARTED_FILE, {"fingerprint": fingerprint, "ground_truth_sha256": gt_sha256})
+    truth = ground_truth_identity(mesh_path.parent.parent)  # <object>/meshes/model.obj -> <object>
+    _write_json(out / STARTED_FILE, {"fingerprint": fingerprint, "ground_truth_files": truth})
     timings: dict[str, Any] = {}
     start = time.perf_counter()
     gt = load_trimesh(mesh_path, up=config.render.up)
@@ -361,7 +371,7 @@ def evaluate_object(
         "timings": timings,
         "fingerprint": fingerprint,
         "ground_truth": str(mesh_path.resolve()),
-        "ground_truth_sha256": gt_sha256,
+        "ground_truth_files": truth,
     }
     _write_json(out / METRICS_FILE, record)
     (out / ERROR_FILE).unlink(missing_ok=True)
@@ -395,25 +405,23 @@ def evaluate_dataset(
     _check_run_config(run, config.mode)
     fingerprint = config_fingerprint(config, run)
     done: dict[str, dict] = {}
-    stale: list[str] = []  # finished, or started and not finished, with another config
-    for name in names:
+    stale: dict[str, str] = {}  # finished, or started and not finished, with another config or ground truth
+    for name in names if not force else ():  # --force redoes every object: nothing to compare
         previous = _read_json(out / name / METRICS_FILE) or _read_json(out / name / STARTED_FILE)
         if previous is None:
             continue
-        recorded = previous.get("ground_truth_sha256")  # records before it: the ground truth's path
-        mesh = str((dataset / name / "meshes" / "model.obj").resolve())
-        if recorded:
-            same_truth = recorded == ground_truth_sha256(dataset / name)
-        else:
-            same_truth = previous.get("ground_truth", mesh) == mesh
-        if previous.get("fingerprint") != fingerprint or not same_truth:
-            stale.append(name)
+        recorded = previous.get("ground_truth_files") or {}
+        if previous.get("fingerprint") != fingerprint:
+            stale[name] = "another config"
+        elif ground_truth_identity(dataset / name, recorded)["sha256"] != recorded.get("sha256"):
+            stale[name] = f"another ground truth than {dataset / name}'s"
         elif previous.get("status") == "ok":
             done[name] = previous
-    if stale and not force:
+    if stale:
+        first = next(iter(stale))
         raise InputError(
-            f"{out / stale[0]}: was evaluated with another config or ground truth ({len(stale)} object(s) "
-            "in all, finished or not); use another -o, or --force to redo them"
+            f"{out / first}: was evaluated with {stale[first]} ({len(stale)} object(s) in all, finished or "
+            "not); use another -o, or --force to redo every object"
         )
 
     # 2. Each object in turn; a failure is recorded and the batch goes on
@@ -603,15 +611,21 @@ def _chart(summary: dict) -> Any:
 
 
 def write_summary(output_dir: str | Path, summary: dict) -> dict[str, Path]:
-    """Write summary.json, summary.md, summary.csv and summary.png into `output_dir` (each atomically)."""
+    """Write summary.json, summary.md, summary.csv and summary.png into `output_dir` (each atomically, all
+    four made before the first is written: a failure in one leaves the previous set as it was)."""
     out = Path(output_dir)
     header, rows = _table(summary)
     paths = {ext: out / f"summary.{ext}" for ext in ("json", "md", "csv", "png")}
-    _write_json(paths["json"], summary)
-    _atomic(paths["md"], lambda p: p.write_text(_markdown(summary)))
-    _atomic(paths["csv"], lambda p: p.write_text(_csv_text(header, rows)))
-    chart = _chart(summary)
-    _atomic(paths["png"], lambda p: chart.save(p, format="PNG"))
+    png = io.BytesIO()
+    _chart(summary).save(png, format="PNG")
+    contents = {
+        "json": (json.dumps(summary, indent=1, sort_keys=False, default=str) + "\n").encode(),
+        "md": _markdown(summary).encode(),
+        "csv": _csv_text(header, rows).encode(),
+        "png": png.getvalue(),
+    }
+    for ext, data in contents.items():
+        _atomic(paths[ext], lambda p, data=data: p.write_bytes(data))
     return paths
 
 

@@ -37,12 +37,12 @@ def matte_white_background(
             sizes = ndimage.sum(hard, labels, index=np.arange(1, n + 1))
             hard = np.isin(labels, 1 + np.flatnonzero(sizes >= min_pixels))
         filled = ndimage.binary_fill_holes(hard)
-        enclosed, k = ndimage.label(filled & ~hard)
+        enclosed, k = ndimage.label(filled & ~hard)  # [H, W] ids of the enclosed white regions, k of them
         if k:  # holes: large and pure background white; the rest (labels, print) is object
             ids = np.arange(1, k + 1)
             sizes = ndimage.sum_labels(np.ones(enclosed.shape), enclosed, index=ids)  # [k]
             white = ndimage.sum_labels(darkness[t] < low, enclosed, index=ids)  # [k]
-            holes = ids[(sizes >= hole_min * filled.sum()) & (white >= 0.9 * sizes)]
+            holes = ids[(sizes >= hole_min * filled.sum()) & (white >= 0.9 * sizes)]  # [K] their ids
             filled &= ~np.isin(enclosed, holes)
         a = np.where(filled & ~hard, 1.0, alpha[t])  # enclosed white: object, fully covered
         a = np.where(ndimage.binary_dilation(filled, iterations=2), a, 0.0)  # specks far from it: none

@@ -5,11 +5,14 @@ takes the alpha of an RGBA input as the mask, otherwise runs `rembg.remove(..., 
 a <= 768 px thumbnail; it crops the alpha > 0 bounding box, pastes it centred on a transparent square,
 resizes to 576 x 576 with Lanczos and composites on white. This module does the same, robustly:
 
-* `load_image` reads any file Pillow reads (plus 16-bit PNG through pypng and 16-bit TIFF through
-  tifffile, which Pillow would truncate to 8 bits), applies the EXIF orientation, converts palette,
+* `load_image` reads any file Pillow reads (plus 16-bit PNG through pypng, and 16-bit and float TIFF
+  through tifffile, which Pillow would truncate to 8 bits or cannot open; deep files with an ICC profile
+  other than sRGB go through Pillow's 8-bit conversion), applies the EXIF orientation, converts palette,
   greyscale, CMYK and embedded ICC profiles to sRGB, and returns float arrays in [0, 1].
 * `remove_background` uses rembg when it and its weights are installed (optional extra, imported lazily,
-  never downloading), or a built-in matting for plain backgrounds (`plain_background_alpha`).
+  never downloading), or a built-in matting for plain backgrounds (`plain_background_alpha`); through
+  `preprocess_image` the built-in one also gives the object's own colour on its soft edge
+  (`plain_background_matte`: no fringe of a coloured backdrop).
 * `frame_object` centres and scales the object by its *bounding circle* so that it fills the frame as a
   placed mesh does in our world (below), resampling premultiplied colour so that no dark fringe leaks
   from transparent pixels (the reference resizes straight RGBA, which does).
@@ -132,6 +135,11 @@ def _read_tiff_deep(path: Path) -> tuple[np.ndarray, bool, int] | None:
             icc = page.tags.get("InterColorProfile")
             if icc is not None and not _is_srgb(bytes(icc.value)):
                 return None
+            if math.prod(page.shape) > 2 * Image.MAX_IMAGE_PIXELS * max(page.samplesperpixel, 1):
+                raise InputError(  # as Pillow's decompression-bomb limit, before allocating
+                    f"cannot read image {path}: {page.shape} samples exceed the limit of "
+                    f"{2 * Image.MAX_IMAGE_PIXELS} pixels (a decompression bomb?)"
+                )
             data = page.asarray()  # [H, W, C], [C, H, W] (planar) or [H, W]
             if page.axes.startswith("S"):  # planar configuration: samples first
                 data = np.moveaxis(data, 0, -1)  # [C, H, W] -> [H, W, C]
@@ -141,7 +149,7 @@ def _read_tiff_deep(path: Path) -> tuple[np.ndarray, bool, int] | None:
     except tifffile.TiffFileError:
         return None  # Pillow reads it or says what is wrong with it
     except (ValueError, NotImplementedError, RuntimeError, KeyError) as exc:  # codecs tifffile lacks
-        print(f"sv3d: note: {path.name}: read at 8 bits per sample ({_first_line(exc)})", file=sys.stderr)
+        print(f"sv3d: note: {path.name}: read through Pillow ({_first_line(exc)})", file=sys.stderr)
         return None
     data = data[..., None] if data.ndim == 2 else data
     if np.issubdtype(data.dtype, np.integer):
@@ -300,7 +308,8 @@ def load_image(
                 if img.format == "PNG" and _png_bit_depth(path) == 16 and (not icc or _is_srgb(icc)):
                     deep = _read_png16(path)  # with another profile: Pillow's 8 bits, converted to sRGB
                 data, declared = deep if deep is not None else _pil_to_float(img)
-                quantum = 1.0 / 65535.0 if deep is not None else 1.0 / 255.0
+                sixteen = deep is not None or img.mode.startswith("I") or img.mode == "F"  # 16-bit grey too
+                quantum = 1.0 / 65535.0 if sixteen else 1.0 / 255.0
     except InputError:
         raise
     except PermissionError as exc:
@@ -438,7 +447,8 @@ def plain_background_matte(rgb: np.ndarray, name: str = "image") -> tuple[np.nda
     labels, count = ndimage.label(distance < threshold)
     edge_labels = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
     obj = ~np.isin(labels, edge_labels[edge_labels > 0])  # not connected to the border
-    backdrop_like = distance <= max(float(np.percentile(border_distance, 99)), 0.02)  # as close as the border
+    # [H, W] as close to the backdrop's colour as the border itself is
+    backdrop_like = distance <= max(float(np.percentile(border_distance, 99)), 0.02)
     obj &= ~np.isin(labels, _see_through(labels, count, edge_labels, backdrop_like, obj.sum()))
     radius = max(1, round(0.003 * min(height, width)))
     disk = _disk(radius)
@@ -460,8 +470,9 @@ def plain_background_matte(rgb: np.ndarray, name: str = "image") -> tuple[np.nda
     soft = np.clip(distance / np.maximum(reach, threshold), 0.0, 1.0)
     alpha[ring] = soft[ring]
     alpha[inner_ring] = np.maximum(alpha[inner_ring], 0.5)  # an object pixel stays at least half covered
-    own = ring & (soft > 0.1)  # below, the division would amplify noise (and the pixel weighs little)
-    solved = np.clip((rgb - (1.0 - soft[..., None]) * background) / np.maximum(soft, 0.1)[..., None], 0, 1)
+    own = ring & (soft > 0.1)  # [H, W]; below, the division would amplify noise (the pixel weighs little)
+    solved = (rgb - (1.0 - soft[..., None]) * background) / np.maximum(soft, 0.1)[..., None]  # [H, W, 3]
+    solved = np.clip(solved, 0.0, 1.0)
     return alpha, np.where(own[..., None], solved, rgb).astype(np.float32)
 
 

@@ -58,6 +58,7 @@ class RefineStageConfig:
     sds: str = "auto"  # "auto": on with a checkpoint on CUDA; "on"; "off"
     checkpoint: str | None = None  # SV3D checkpoint for SDS (or $SV3D_CHECKPOINT when sds == "on")
     sgm_config: str | None = None  # sgm yaml for checkpoints with non-SV3D widths (the tiny test models)
+    dtype: str = "auto"  # the SDS model's UNet and CLIP: auto (bfloat16 on CUDA), float32, bfloat16, float16
     device: str = "auto"
     # A second start with the init's cavities opened (refine.cavities), kept only when its renders fit the
     # frames' colours clearly better: RGB error <= (1 - cavity_gain) x the plain start's. Only colours can
@@ -96,6 +97,9 @@ def check_refine_stage_config(config: RefineStageConfig) -> None:
     eval check their refine config with it too)."""
     from refine.tetgrid import MAX_RESOLUTION, MIN_RESOLUTION
 
+    from .orbit import _dtype
+
+    _dtype(config.dtype, torch.device("cpu"))  # the name: "--dtype must be ..."
     r = config.refine
     if r.steps < 1:
         raise InputError(f"refine steps must be >= 1, got {r.steps}")
@@ -393,7 +397,7 @@ def _guidance(frames, config: RefineStageConfig, device: torch.device):
 
     checkpoint = resolve_checkpoint(config.checkpoint)
     kwargs = {"sgm_config": config.sgm_config} if config.sgm_config else {}
-    dtype = _dtype("auto", device)  # as the orbit stage: bfloat16 UNet and CLIP on CUDA, the VAE float32
+    dtype = _dtype(config.dtype, device)  # as the orbit stage: auto is bfloat16 on CUDA (the VAE float32)
     try:
         pipeline = SV3DPipeline.load(checkpoint, device=device, dtype=dtype, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:

@@ -536,6 +536,8 @@ def _resolve_configs(config: RunConfig, device: torch.device) -> None:
         # SDS (on by default on CUDA) guides with the model that generated the orbit
         config.refine.checkpoint = config.orbit.checkpoint
         config.refine.sgm_config = config.refine.sgm_config or config.orbit.sgm_config
+        if config.refine.dtype == "auto":
+            config.refine.dtype = config.orbit.dtype  # one --dtype for both uses of the model
 
 
 def _check_config(config: RunConfig, kind: str) -> None:

@@ -12,6 +12,7 @@ import copy
 import csv
 import json
 import math
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -231,11 +232,15 @@ def test_another_datasets_object_of_the_same_name_is_refused(dataset, tmp_path, 
     obj = other / "plate" / "meshes" / "model.obj"
     obj.write_text(obj.read_text() + "\n")  # any change to the ground truth's files
     fake = _fake(monkeypatch, dataset)
-    with pytest.raises(InputError, match="another config or ground truth"):
+    with pytest.raises(InputError, match="another ground truth"):
         evaluate_dataset(other, tmp_path / "out", config, run, objects=["plate"], progress=False)
     assert fake.calls == []
     evaluate_dataset(dataset, tmp_path / "out", config, run, objects=["plate"], progress=False)
     assert fake.calls == []  # the same dataset: finished, kept
+    mesh = dataset / "plate" / "meshes" / "model.obj"
+    os.utime(mesh, ns=(mesh.stat().st_atime_ns, mesh.stat().st_mtime_ns + 10**9))  # touched: hashed again
+    evaluate_dataset(dataset, tmp_path / "out", config, run, objects=["plate"], progress=False)
+    assert fake.calls == []  # same content: still finished
 
 
 def test_generated_mode_renders_the_input_view(dataset, tmp_path, monkeypatch, toy):

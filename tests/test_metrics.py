@@ -276,6 +276,11 @@ def test_volume_iou_of_cubes_shifted_by_half_a_side() -> None:
     inward = b.copy()
     inward.invert()  # wound inwards: winding number -1 inside, still solid
     assert volume_iou(a, inward, resolution=64) == pytest.approx(1.0 / 3.0, abs=0.02)
+    # a far floater of no volume does not coarsen the grid: b with a speck 10 sides away (unclipped, the
+    # grid spanned 10.5 sides and the cubes were 6 cells wide)
+    speck = trimesh.creation.box(bounds=[[11, 0, 0], [11.001, 0.001, 0.001]])
+    with_speck = trimesh.util.concatenate([b, speck])
+    assert volume_iou(a, with_speck, resolution=64) == pytest.approx(1.0 / 3.0, abs=0.02)
 
 
 def test_internal_faces_give_no_visible_samples() -> None:

@@ -431,3 +431,15 @@ def test_input_elevation_and_background_reach_the_orbit_stage():
     assert orbit.input_elevation_deg == 25.0 and orbit.background == "plain"
     orbit = run_config_from_args(build_parser().parse_args(["run", "x.png", "-o", "out"])).orbit
     assert orbit.input_elevation_deg == 10.0 and orbit.background == "auto"
+
+
+def test_one_dtype_for_the_orbit_and_the_sds_model():
+    import torch
+
+    from sv3d.run import _resolve_configs
+
+    config = RunConfig()
+    config.orbit.dtype = "float32"
+    config.orbit.checkpoint = "model.safetensors"
+    _resolve_configs(config, torch.device("cpu"))
+    assert config.refine.dtype == "float32" and config.refine.checkpoint == "model.safetensors"

@@ -133,11 +133,19 @@ def test_bfloat16_unet_and_clip_stay_close_to_float32(sv3d_tiny: Path):
     assert diff.mean() < 0.01 and diff.max() < 0.1, (diff.mean(), diff.max())  # measured 4.9e-3, 5.8e-2
 
 
-def test_cpu_offload_gives_the_same_result(sv3d_tiny: Path):
+def test_cpu_offload_gives_the_same_result(sv3d_tiny: Path, monkeypatch):
     pipe, ref = load_tiny(sv3d_tiny, "p")
     plain, _ = run_reference(pipe, ref)
     pipe.enable_cpu_offload("cpu")  # the mechanics (move in, run, move out) on the device we have
+    placed, at_conditioning = [], []  # what each _on call put on the device; what was there at conditioning
+    on, conditioning = pipe._on, pipe.conditioning
+    monkeypatch.setattr(pipe, "_on", lambda *modules: placed.append(modules) or on(*modules))
+    monkeypatch.setattr(
+        pipe, "conditioning", lambda *a, **k: at_conditioning.append(placed[-1]) or conditioning(*a, **k)
+    )
     offloaded, _ = run_reference(pipe, ref)
+    (modules,) = at_conditioning  # CLIP and the VAE are on the device together when they run
+    assert any(m is pipe.image_encoder for m in modules) and any(m is pipe.vae for m in modules)
     assert torch.equal(plain.frames, offloaded.frames)
     assert next(pipe.unet.parameters()).device.type == "cpu"
 

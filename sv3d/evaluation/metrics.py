@@ -322,10 +322,14 @@ def fscore(
     return {t: {"precision": p, "recall": r, "fscore": f} for t, (p, r, f) in prf.items()}
 
 
-def _grid_box(meshes: list[trimesh.Trimesh]) -> tuple[np.ndarray, float]:
-    """(centre [3], side) of the cube around the union of the meshes' bounding boxes."""
-    lo = np.min([m.bounds[0] for m in meshes], axis=0)
-    hi = np.max([m.bounds[1] for m in meshes], axis=0)
+def _grid_box(pred: trimesh.Trimesh, gt: trimesh.Trimesh) -> tuple[np.ndarray, float]:
+    """(centre [3], side) of the cube around the union of both bounding boxes, clipped to the ground truth's
+    box grown by half its largest side each way: a far floater of no volume would otherwise stretch the
+    grid (one at 10 sides away left the object a few cells wide); the prediction beyond is not counted."""
+    gt_lo, gt_hi = gt.bounds
+    margin = 0.5 * float((gt_hi - gt_lo).max())
+    lo = np.maximum(np.minimum(pred.bounds[0], gt_lo), gt_lo - margin)  # [3]
+    hi = np.minimum(np.maximum(pred.bounds[1], gt_hi), gt_hi + margin)  # [3]
     return (lo + hi) / 2.0, float((hi - lo).max())
 
 
@@ -343,11 +347,12 @@ def occupancy(mesh: trimesh.Trimesh, points: np.ndarray) -> np.ndarray:
 
 def volume_iou(pred_mesh: trimesh.Trimesh, gt_mesh: trimesh.Trimesh, resolution: int = 64) -> float:
     """Volume IoU on `resolution`³ cell centres filling the cube around the union of both bounding boxes
-    (cubic cells; centred on the union box; side = its largest extent). Inside: |winding number| > 0.5.
+    (cubic cells; centred on the union box; side = its largest extent), the union box clipped to the ground
+    truth's grown by half its largest side each way (`_grid_box`). Inside: |winding number| > 0.5.
     Returns 0.0 when neither mesh encloses any cell centre."""
     _check_mesh(pred_mesh, "prediction")
     _check_mesh(gt_mesh, "ground truth")
-    center, side = _grid_box([pred_mesh, gt_mesh])
+    center, side = _grid_box(pred_mesh, gt_mesh)
     g = (np.arange(resolution) + 0.5) / resolution - 0.5  # [R] cell centres in [-0.5, 0.5]
     grid = np.stack(np.meshgrid(g, g, g, indexing="ij"), axis=-1).reshape(-1, 3) * side + center  # [R³, 3]
     a, b = occupancy(pred_mesh, grid), occupancy(gt_mesh, grid)

@@ -353,7 +353,7 @@ def _head_widths_from_yaml(path: Path, unet_default: int, clip_default: int) -> 
     except (OSError, yaml.YAMLError) as exc:
         raise InputError(f"{path}: cannot read the sgm config: {str(exc).splitlines()[0]}") from None
     if not isinstance(config, dict):
-        raise InputError(f"{path}: not an sgm config (a YAML mapping expected)")
+        raise InputError(f"{path}: not an sgm config (a YAML mapping expected, got {type(config).__name__})")
     unet = num_head_channels_from_sgm_config(config) if "model" in config else unet_default
     vision = ((config.get("open_clip_arch") or {}).get("config") or {}).get("vision_cfg") or {}
     return unet, int(vision.get("head_width", clip_default))
