@@ -412,7 +412,7 @@ def evaluate_dataset(
             continue
         recorded = previous.get("ground_truth_files") or {}
         if previous.get("fingerprint") != fingerprint:
-            stale[name] = "another config"
+            stale[name] = "another config or scoring protocol"
         elif ground_truth_identity(dataset / name, recorded)["sha256"] != recorded.get("sha256"):
             stale[name] = f"another ground truth than {dataset / name}'s"
         elif previous.get("status") == "ok":
