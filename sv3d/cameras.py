@@ -86,6 +86,7 @@ import math
 import os
 import shutil
 import struct
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -480,10 +481,61 @@ def make_orbit(
 # ------------------------------------------------------------------------------------------------
 
 
+def _check_camera(matrix: np.ndarray, where: str) -> None:
+    """A camera-to-world matrix [4, 4] (OpenGL axes) must be rigid and look towards the world's centre,
+    where the object is: a transposed matrix, OpenCV axes or a camera facing away fail here, in one line,
+    instead of as an empty visual hull or a silent refinement against nothing."""
+    rotation, centre = matrix[:3, :3], matrix[:3, 3]  # [3, 3], [3]
+    if np.abs(matrix[3] - [0.0, 0.0, 0.0, 1.0]).max() > 1e-6:
+        raise OrbitDirectoryError(f"{where}: transform_matrix's last row must be 0 0 0 1 (transposed?)")
+    if np.abs(rotation.T @ rotation - np.eye(3)).max() > 1e-3 or np.linalg.det(rotation) < 0:
+        raise OrbitDirectoryError(
+            f"{where}: transform_matrix's rotation is not a rotation (scaled or mirrored?)"
+        )
+    distance = float(np.linalg.norm(centre))
+    if distance < 1e-9:
+        raise OrbitDirectoryError(f"{where}: the camera sits at the world's centre, where the object is")
+    facing = float(-rotation[:, 2] @ (-centre / distance))  # cos of the angle: view axis vs the centre
+    if facing < math.cos(math.radians(60.0)):
+        flipped = float(rotation[:, 2] @ (-centre / distance))  # OpenCV's camera looks along +z
+        hint = " (OpenCV axes? multiply by diag(1, -1, -1, 1))" if flipped > 0.5 else ""
+        raise OrbitDirectoryError(
+            f"{where}: the camera does not look towards the world's centre "
+            f"({math.degrees(math.acos(max(-1.0, min(1.0, facing)))):.0f} degrees off){hint}"
+        )
+
+
+def _check_pinhole(meta: dict, frames: list, fl_x: float, width: int, height: int, path: Path) -> None:
+    """Our cameras are ideal pinholes with square pixels and the principal point at the image centre, the
+    same for every frame: nerfstudio-style intrinsics that say otherwise are refused, not ignored."""
+    for source, where in ((meta, str(path)), *((f, f"{path} frame {i}") for i, f in enumerate(frames))):
+        if not isinstance(source, dict):
+            continue
+        checks = {
+            "fl_x": (source.get("fl_x"), fl_x, 1e-3 * fl_x),
+            "fl_y": (source.get("fl_y"), fl_x, 1e-3 * fl_x),
+            "cx": (source.get("cx"), width / 2.0, 0.5),
+            "cy": (source.get("cy"), height / 2.0, 0.5),
+            **{k: (source.get(k), 0.0, 1e-6) for k in ("k1", "k2", "k3", "k4", "p1", "p2")},
+        }
+        for key, (value, expected, tolerance) in checks.items():
+            if value is not None and abs(_number(value, f"{where} {key}") - expected) > tolerance:
+                raise OrbitDirectoryError(
+                    f"{where}: {key} = {value}, but cameras here are pinholes with square pixels, the "
+                    f"principal point at the centre and one focal length for all ({key} = {expected:g})"
+                )
+
+
 def frame_file_names(num_frames: int) -> list[str]:
     """["frame_000.png", ...]: three digits, more only if the orbit needs them."""
     digits = max(3, len(str(max(num_frames - 1, 0))))
     return [f"frame_{i:0{digits}d}.png" for i in range(num_frames)]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -492,6 +544,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would keep it from other users
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -650,6 +703,7 @@ def read_transforms(directory: str | Path) -> tuple[Orbit, list[Path], int, int,
             raise OrbitDirectoryError(f"{where}: transform_matrix must be 4x4, got shape {matrix.shape}")
         if not np.isfinite(matrix).all():
             raise OrbitDirectoryError(f"{where}: transform_matrix has non-finite entries")
+        _check_camera(matrix, where)
         matrices.append(matrix)
         has_angles = "elevation_deg" in frame and "azimuth_deg" in frame
         stored.append(
@@ -695,6 +749,7 @@ def read_transforms(directory: str | Path) -> tuple[Orbit, list[Path], int, int,
         if fl_x <= 0:
             raise OrbitDirectoryError(f"{path}: fl_x must be > 0, got {fl_x}")
         fov_deg = math.degrees(2.0 * math.atan(0.5 * width / fl_x))
+        _check_pinhole(meta, frames, fl_x, width, height, path)
     else:
         raise OrbitDirectoryError(f"{path}: no field of view (needs camera_angle_x or fl_x)")
 
@@ -769,10 +824,11 @@ def _read_png16(path: Path) -> np.ndarray:
     except (png.Error, OSError, ValueError) as err:
         raise OrbitDirectoryError(f"{path}: cannot decode 16-bit PNG ({err})") from None
     channels = info["planes"]
+    top = 2 ** info["bitdepth"] - 1  # asDirect shifts an sBIT chunk's values down to its depth
     pixels = pixels.reshape(height, width, channels)
     if channels == 3:
-        pixels = np.concatenate([pixels, np.full_like(pixels[..., :1], 65535)], axis=-1)
-    return pixels.astype(np.float32) / 65535.0
+        pixels = np.concatenate([pixels, np.full_like(pixels[..., :1], top)], axis=-1)
+    return pixels.astype(np.float32) / float(top)
 
 
 def _read_frame(path: Path) -> np.ndarray:
@@ -821,8 +877,39 @@ def read_orbit_directory(directory: str | Path) -> OrbitFrames:
             size = f"{image.shape[1]}x{image.shape[0]}"
             raise OrbitDirectoryError(f"{path}: frame is {size} but {TRANSFORMS_FILE} says {width}x{height}")
         images.append(image)
-    stacked = torch.from_numpy(np.stack(images))  # [V, H, W, 4]
-    return OrbitFrames(orbit, stacked, alpha_source)
+    stacked = np.stack(images)  # [V, H, W, 4]
+    stacked, alpha_source = _masks_for_opaque_frames(stacked, alpha_source, directory)
+    return OrbitFrames(orbit, torch.from_numpy(stacked), alpha_source)
+
+
+def _masks_for_opaque_frames(
+    images: np.ndarray, alpha_source: str, directory: Path
+) -> tuple[np.ndarray, str]:
+    """Frames without an alpha channel (RGB, or alpha 1 everywhere: the original SV3D's mp4 frames, JPEG
+    exports, renders without a transparent film) carry no mask, and an all-ones mask would make the
+    NeRF fill its whole volume. On SV3D's white background they are matted against it
+    (`alpha_source: matting`, as `sv3d orbit` does); otherwise that is one line naming the frame."""
+    opaque = images[..., 3].reshape(len(images), -1).min(axis=1) >= 1.0 - 0.5 / 65535  # [V]
+    if not opaque.any():
+        return images, alpha_source
+    first = int(np.flatnonzero(opaque)[0])
+    band = max(1, images.shape[1] // 50)  # the border, 2% of the side
+    border = np.concatenate([images[:, :band, :, :3], images[:, -band:, :, :3]], axis=1)  # [V, 2 band, W, 3]
+    white = float((1.0 - border[opaque]).max(axis=-1).mean()) < 0.02  # mean darkness of the borders
+    if not opaque.all() or not white:
+        raise OrbitDirectoryError(
+            f"{directory}: frame {first} (0-based) has no mask (alpha 1 everywhere"
+            + ("" if opaque.all() else ", unlike other frames")
+            + "): give RGBA frames"
+            + ("" if white else ", or frames on a white background to be matted")
+        )
+    from .matting import matte_white_background
+
+    print(
+        f"sv3d: note: {directory}: frames without alpha, matted against their white background",
+        file=sys.stderr,
+    )
+    return matte_white_background(images[..., :3]).astype(np.float32), "matting"
 
 
 def _as_rgba(images: Tensor | np.ndarray, num_frames: int) -> np.ndarray:
@@ -889,6 +976,7 @@ def write_orbit_directory(
         for name, image in zip(names, rgba, strict=True):
             _write_frame(staging / name, image, bit_depth)
         write_transforms(staging, orbit, rgba.shape[2], rgba.shape[1], alpha_source, names)
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would keep it from other users
         # 4. Swap it in: move an existing target aside, rename, then drop the old one
         if target.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=staging.parent))

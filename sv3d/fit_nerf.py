@@ -278,6 +278,13 @@ def fit_nerf(
             f"{orbit_dir}: the frames' masks share no region of space (their visual hull is empty): the "
             "cameras in transforms.json do not fit the frames, or the masks disagree"
         )
+    sides = torch.stack([hull[0], hull[-1], hull[:, 0], hull[:, -1]])  # [4, R, R] the x and y faces
+    if float(sides.float().mean()) > 0.05:  # a few cells: the tips of a hull from few views
+        raise InputError(
+            f"{orbit_dir}: the masks' visual hull fills the sides of the scene's cube (+-{bound}): the "
+            "object is larger than the radius-0.5 world, or the cameras do not look at it from radius ~2 "
+            "(a foreign orbit needs its cameras scaled and centred on the object)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     if force:
         for name in (CHECKPOINT, *OUTPUTS, "fit_nerf.json"):

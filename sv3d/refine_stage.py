@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from refine.fit import RefineConfig, RefineResult, frame_errors, refine_surface
 from refine.render import render_mesh
 from refine.tetgrid import tet_grid
 
-from .cameras import read_orbit_directory
+from .cameras import CAMERA_RADIUS, FOV_DEG, read_orbit_directory
 from .device import pick_device
 from .errors import InputError
 from .evaluation.winding import build_face_tree, winding_numbers_fast
@@ -384,12 +385,29 @@ def _refine_starts(
     return chosen, starts
 
 
+def _unlike_sv3d(orbit) -> str | None:
+    """How an orbit's cameras differ from the ones SV3D generates for (None: they do not)."""
+    if orbit.c2w_matrices is not None:
+        return "its cameras are not look-at cameras of their angles"
+    if abs(orbit.fov_deg - FOV_DEG) > 0.1:
+        return f"field of view {orbit.fov_deg:.1f} degrees, not SV3D's {FOV_DEG:.1f}"
+    if abs(orbit.radius - CAMERA_RADIUS) > 0.01 * CAMERA_RADIUS:
+        return f"camera distance {orbit.radius:.2f}, not SV3D's {CAMERA_RADIUS:g}"
+    return None
+
+
 def _guidance(frames, config: RefineStageConfig, device: torch.device):
     """The masked-SDS callable, or None: "auto" turns it on with a checkpoint on CUDA."""
     wanted = config.sds == "on" or (config.sds == "auto" and config.checkpoint and device.type == "cuda")
     if config.sds not in ("auto", "on", "off"):
         raise InputError(f"--sds must be auto, on or off, got {config.sds!r}")
     if not wanted:
+        return None
+    foreign = _unlike_sv3d(frames.orbit)
+    if foreign:  # SV3D conditions on angles alone: renders from other cameras would be pulled wrong
+        if config.sds == "on":
+            raise InputError(f"--sds on: SV3D cannot guide this orbit ({foreign}); use --sds off")
+        print(f"sv3d: note: no SDS: SV3D cannot guide this orbit ({foreign})", file=sys.stderr)
         return None
     from .guidance import SDSConfig, make_sv3d_guidance
     from .model.pipeline import SV3DPipeline

@@ -7,12 +7,16 @@ reference code.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
+import png
 import pytest
 import torch
 from PIL import Image
@@ -468,9 +472,71 @@ def test_nerfstudio_style_transforms(tmp_path: Path) -> None:
     torch.testing.assert_close(orbit.azimuths_deg, torch.tensor(a, dtype=torch.float64))
     assert orbit.radius == pytest.approx(1.5) and orbit.fov_deg == pytest.approx(40.0)
     assert orbit.c2w_matrices is None  # they are exactly the look-at cameras of their angles
+    with pytest.raises(OrbitDirectoryError, match="frame 0 .* has no mask"):  # RGB filling the frame
+        read_orbit_directory(directory)
+    for i in range(3):  # RGB on white (SV3D's own frames, e.g. from its mp4): matted against the white
+        image = Image.new("RGB", (10, 10), (255, 255, 255))
+        image.paste((255, 0, 0), (3, 3, 7, 7))
+        image.save(directory / "images" / f"frame_{i + 1:05d}.png")
     frames_read = read_orbit_directory(directory)
-    torch.testing.assert_close(frames_read.images[..., 3], torch.ones(3, 10, 10))  # RGB: alpha = 1
-    torch.testing.assert_close(frames_read.images[0, 0, 0, :3], torch.tensor([1.0, 0.0, 0.0]))
+    assert frames_read.alpha_source == "matting"
+    alpha = frames_read.images[0, ..., 3]  # [10, 10]
+    assert float(alpha[3:7, 3:7].min()) == 1.0 and float(alpha[:2].max()) == 0.0
+    torch.testing.assert_close(frames_read.images[0, 4, 4, :3], torch.tensor([1.0, 0.0, 0.0]))
+    # intrinsics that our pinhole cameras cannot follow are refused, not ignored
+    for key, value in (("cx", 6.5), ("cy", 3.0), ("fl_y", focal * 1.1), ("k1", 0.01)):
+        (directory / "transforms.json").write_text(json.dumps({**meta, key: value}))
+        with pytest.raises(OrbitDirectoryError, match=f"{key} = "):
+            read_transforms(directory)
+    (directory / "transforms.json").write_text(json.dumps({**meta, "cx": 5.0, "cy": 5.0, "k1": 0.0}))
+    read_transforms(directory)  # at the centre, no distortion: fine
+
+
+def test_cameras_that_cannot_see_the_object_are_refused(tmp_path: Path) -> None:
+    directory = _valid_dir(tmp_path)
+    meta = json.loads((directory / "transforms.json").read_text())
+    m = np.array(meta["frames"][1]["transform_matrix"])
+    cases = {
+        "transposed": (m.T, "last row"),
+        "OpenCV axes": (m @ np.diag([1.0, -1.0, -1.0, 1.0]), "OpenCV"),
+        "scaled": (m @ np.diag([2.0, 2.0, 2.0, 1.0]), "not a rotation"),
+    }
+    for name, (matrix, fragment) in cases.items():
+        broken = copy.deepcopy(meta)
+        broken["frames"][1]["transform_matrix"] = matrix.tolist()
+        broken["frames"][1].pop("elevation_deg", None)
+        broken["frames"][1].pop("azimuth_deg", None)
+        (directory / "transforms.json").write_text(json.dumps(broken))
+        with pytest.raises(OrbitDirectoryError, match=fragment) as info:
+            read_transforms(directory)
+        assert "frame 1" in str(info.value), name
+
+
+def test_16_bit_frames_with_an_sbit_chunk(tmp_path: Path) -> None:
+    """pypng shifts values down to the sBIT depth: a 12-bit alpha of 4095 is opaque, not 1/16."""
+    directory = _valid_dir(tmp_path)
+    rows = np.full((4, 16), 4095 << 4, np.uint16)  # [H, W * 4] RGBA: 12 significant bits, stored high
+    rows[0, 3] = 0  # one transparent pixel: the frame has a mask
+    with open(directory / "frame_000.png", "wb") as f:
+        png.Writer(4, 4, bitdepth=16, greyscale=False, alpha=True).write(f, rows)
+    raw = (directory / "frame_000.png").read_bytes()
+    chunk = b"sBIT" + bytes([12, 12, 12, 12])
+    sbit = struct.pack(">I", 4) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    (directory / "frame_000.png").write_bytes(raw[:33] + sbit + raw[33:])
+    frames_read = read_orbit_directory(directory)
+    expected = torch.ones(4, 4, 4)
+    expected[0, 0, 3] = 0.0
+    torch.testing.assert_close(frames_read.images[0], expected)
+
+
+def test_written_orbits_are_readable_by_others(tmp_path: Path) -> None:
+    mask = os.umask(0o022)
+    try:
+        directory = _valid_dir(tmp_path)
+    finally:
+        os.umask(mask)
+    assert directory.stat().st_mode & 0o777 == 0o755
+    assert (directory / "transforms.json").stat().st_mode & 0o777 == 0o644
 
 
 def test_blender_style_paths_and_foreign_cameras(tmp_path: Path) -> None:

@@ -510,6 +510,28 @@ def _cameras_elsewhere(d: Path) -> None:
     (d / "transforms.json").write_text(json.dumps(transforms))
 
 
+def _disjoint_masks(d: Path) -> None:
+    """Each mask a dot in the frame's corner: the cameras see the centre, their masks share no space."""
+    from PIL import Image
+
+    for frame in sorted(d.glob("frame_*.png")):
+        size = Image.open(frame).size
+        image = Image.new("RGBA", size, (255, 255, 255, 0))
+        image.paste((200, 0, 0, 255), (0, 0, 2, 2))
+        image.save(frame)
+
+
+def _cameras_far(d: Path) -> None:
+    """The cameras moved 3x farther with the same frames: the object is then 3x the world's size."""
+    transforms = json.loads((d / "transforms.json").read_text())
+    transforms.pop("radius", None)
+    for frame in transforms["frames"]:
+        m = np.array(frame["transform_matrix"])
+        m[:3, 3] *= 3.0
+        frame["transform_matrix"] = m.tolist()
+    (d / "transforms.json").write_text(json.dumps(transforms))
+
+
 def _resize_one(d: Path) -> None:
     from PIL import Image
 
@@ -524,9 +546,20 @@ def _resize_one(d: Path) -> None:
         (lambda d: (d / "transforms.json").write_text('{"frames": 3}'), "transforms.json"),
         (_empty_masks, "alpha is empty"),
         (_empty_one, "empty in frame(s) 4"),
-        (_cameras_elsewhere, "visual hull is empty"),
+        (_cameras_elsewhere, "does not look towards the world's centre"),
+        (_disjoint_masks, "visual hull is empty"),
+        (_cameras_far, "fills the sides of the scene's cube"),
     ],
-    ids=["missing frame", "size mismatch", "malformed transforms", "empty masks", "one empty", "no hull"],
+    ids=[
+        "missing frame",
+        "size mismatch",
+        "malformed transforms",
+        "empty masks",
+        "one empty",
+        "looking away",
+        "no hull",
+        "too large",
+    ],
 )
 def test_fit_nerf_cli_refuses_broken_orbits_with_one_line(orbit, tmp_path, capsys, breaker, fragment):
     broken = _copy_orbit(orbit, tmp_path / "orbit")

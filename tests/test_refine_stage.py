@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import trimesh
 
+from sv3d.cameras import static_orbit
 from sv3d.cli import main
+from sv3d.errors import InputError
 from sv3d.meshio import load_mesh, load_trimesh
 from sv3d.render_orbit import RenderOrbitConfig, render_orbit
 from sv3d.testing.objects import write_test_object
@@ -208,6 +211,28 @@ def test_the_sds_model_loads_in_the_devices_precision(tmp_path, monkeypatch, dev
     checkpoint.write_bytes(b"not read")
     config = refine_stage.default_refine_config(torch.device("cpu"))
     config = dataclasses.replace(config, sds="on", checkpoint=str(checkpoint))
+    frames = types.SimpleNamespace(orbit=static_orbit())  # SV3D's own cameras
     with pytest.raises(Loaded):
-        refine_stage._guidance(None, config, torch.device(device))
+        refine_stage._guidance(frames, config, torch.device(device))
     assert seen["dtype"] == getattr(torch, dtype) and seen["device"] == torch.device(device)
+
+
+def test_sds_is_not_used_on_cameras_sv3d_does_not_know(tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    import torch
+
+    import sv3d.refine_stage as refine_stage
+    from sv3d.model.pipeline import SV3DPipeline
+
+    monkeypatch.setattr(SV3DPipeline, "load", staticmethod(lambda *a, **k: pytest.fail("loaded")))
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"not read")
+    config = refine_stage.default_refine_config(torch.device("cpu"))
+    wide = types.SimpleNamespace(orbit=static_orbit())
+    wide.orbit.fov_deg = 50.0  # another tool's lens
+    auto = dataclasses.replace(config, sds="auto", checkpoint=str(checkpoint))
+    assert refine_stage._guidance(wide, auto, torch.device("cuda")) is None  # on by default there: skipped
+    assert "no SDS" in capsys.readouterr().err
+    with pytest.raises(InputError, match="field of view 50.0"):
+        refine_stage._guidance(wide, dataclasses.replace(auto, sds="on"), torch.device("cpu"))
