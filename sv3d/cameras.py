@@ -890,7 +890,7 @@ def _masks_for_opaque_frames(
     NeRF fill its whole volume. On SV3D's white background they are matted against it
     (`alpha_source: matting`, as `sv3d orbit` does); otherwise that is one line naming the frame."""
     opaque = images[..., 3].reshape(len(images), -1).min(axis=1) >= 1.0 - 0.5 / 65535  # [V]
-    if not opaque.any():
+    if not opaque.any() or alpha_source == "matting":  # matted already: an opaque one is a bad generation
         return images, alpha_source
     first = int(np.flatnonzero(opaque)[0])
     band = max(1, images.shape[1] // 50)  # the border, 2% of the side

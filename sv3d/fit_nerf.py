@@ -279,7 +279,9 @@ def fit_nerf(
             "cameras in transforms.json do not fit the frames, or the masks disagree"
         )
     sides = torch.stack([hull[0], hull[-1], hull[:, 0], hull[:, -1]])  # [4, R, R] the x and y faces
-    if float(sides.float().mean()) > 0.05:  # a few cells: the tips of a hull from few views
+    # A few cells: the tips of a hull from few views. Matted (generated) orbits are left to the run's
+    # consistency check: a failed generation is flagged there, not refused here.
+    if frames.alpha_source != "matting" and float(sides.float().mean()) > 0.05:
         raise InputError(
             f"{orbit_dir}: the masks' visual hull fills the sides of the scene's cube (+-{bound}): the "
             "object is larger than the radius-0.5 world, or the cameras do not look at it from radius ~2 "
