@@ -102,20 +102,9 @@ def _add_orbit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     p.add_argument("--seed", type=int, default=23, help="random seed (default 23, the reference's)")
     p.add_argument(
-        "--input-elevation",
-        type=float,
-        default=10.0,
-        help="elevation of the photo in degrees (default 10; results degrade far from it)",
-    )
-    p.add_argument(
         "--resolution", type=int, default=576, help="frame size (default 576, SV3D's; multiple of 8)"
     )
-    p.add_argument(
-        "--background",
-        choices=("auto", "rembg", "plain"),
-        default="auto",
-        help="matting for photos without alpha: rembg if installed, else plain light backgrounds",
-    )
+    _add_photo_options(p)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, ...")
     p.add_argument("--offload", action="store_true", help="keep idle components on the CPU (less GPU memory)")
@@ -313,18 +302,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=50, help="SV3D sampling steps (default 50)")
     p.add_argument("--seed", type=int, default=23, help="SV3D sampling seed (default 23, the reference's)")
     p.add_argument("--resolution", type=int, default=576, help="orbit frame size (default 576, SV3D's)")
-    p.add_argument(
-        "--input-elevation",
-        type=float,
-        default=10.0,
-        help="elevation of the photo in degrees (default 10; results degrade far from it)",
-    )
-    p.add_argument(
-        "--background",
-        choices=("auto", "rembg", "plain"),
-        default="auto",
-        help="matting for photos without alpha: rembg if installed, else plain light backgrounds",
-    )
+    _add_photo_options(p)
     p.add_argument("--nerf-steps", type=int, help="NeRF optimisation steps (default: by device)")
     p.add_argument("--refine-steps", type=int, help="DMTet optimisation steps (default: by device)")
     p.add_argument("--tet-resolution", type=int, help="DMTet grid cells per side (default: by device)")
@@ -542,6 +520,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _add_photo_options(p: argparse.ArgumentParser) -> None:
+    """The photo's own settings, shared by `sv3d orbit` and `sv3d run`."""
+    p.add_argument(
+        "--input-elevation",
+        type=float,
+        default=10.0,
+        help="elevation of the photo in degrees (default 10; results degrade far from it)",
+    )
+    p.add_argument(
+        "--background",
+        choices=("auto", "rembg", "plain"),
+        default="auto",
+        help="matting for photos without alpha: rembg if installed, else plain light backgrounds",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
