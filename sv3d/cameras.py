@@ -532,19 +532,13 @@ def frame_file_names(num_frames: int) -> list[str]:
     return [f"frame_{i:0{digits}d}.png" for i in range(num_frames)]
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
     """Write a file through a temporary sibling and a rename: readers never see half a file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would keep it from other users
+        os.chmod(tmp, 0o644)  # as every output (mkstemp's 0600 would keep it from other users)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -744,14 +738,17 @@ def read_transforms(directory: str | Path) -> tuple[Orbit, list[Path], int, int,
             raise OrbitDirectoryError(f"{path}: w and h must be >= 1, got {width}x{height}")
     if "camera_angle_x" in meta:
         fov_deg = math.degrees(_number(meta["camera_angle_x"], f"{path} camera_angle_x"))
+        if not 0.0 < fov_deg < 180.0:
+            raise OrbitDirectoryError(f"{path}: camera_angle_x must be in (0, pi) radians, got {fov_deg} deg")
+        fl_x = 0.5 * width / math.tan(math.radians(fov_deg) / 2.0)
     elif "fl_x" in meta or "fl_x" in first:
         fl_x = _number(meta.get("fl_x", first.get("fl_x")), f"{path} fl_x")
         if fl_x <= 0:
             raise OrbitDirectoryError(f"{path}: fl_x must be > 0, got {fl_x}")
         fov_deg = math.degrees(2.0 * math.atan(0.5 * width / fl_x))
-        _check_pinhole(meta, frames, fl_x, width, height, path)
     else:
         raise OrbitDirectoryError(f"{path}: no field of view (needs camera_angle_x or fl_x)")
+    _check_pinhole(meta, frames, fl_x, width, height, path)  # fl_x, fl_y, cx, cy, distortion as ours
 
     # 4. Orbit metadata
     alpha_source = meta.get("alpha_source", "input")
@@ -817,18 +814,17 @@ def _write_frame(path: Path, image: np.ndarray, bit_depth: int) -> None:
 
 
 def _read_png16(path: Path) -> np.ndarray:
-    """Decode a 16-bit RGB(A) PNG to [H, W, 4] float32 (Pillow would cut it to 8 bits) with pypng."""
+    """A 16-bit RGB(A) PNG as [H, W, 4] float32 (Pillow would cut it to 8 bits), through the photo reader's
+    pypng decoding (which honours an sBIT chunk)."""
+    from .preprocess import _read_png16 as read_deep_png
+
     try:
-        width, height, rows, info = png.Reader(filename=str(path)).asDirect()
-        pixels = np.vstack([np.asarray(row, dtype=np.uint16) for row in rows])  # [H, W*C]
-    except (png.Error, OSError, ValueError) as err:
+        pixels, _ = read_deep_png(path)  # [H, W, C] in [0, 1]
+    except InputError as err:
         raise OrbitDirectoryError(f"{path}: cannot decode 16-bit PNG ({err})") from None
-    channels = info["planes"]
-    top = 2 ** info["bitdepth"] - 1  # asDirect shifts an sBIT chunk's values down to its depth
-    pixels = pixels.reshape(height, width, channels)
-    if channels == 3:
-        pixels = np.concatenate([pixels, np.full_like(pixels[..., :1], top)], axis=-1)
-    return pixels.astype(np.float32) / float(top)
+    if pixels.shape[-1] == 3:
+        pixels = np.concatenate([pixels, np.ones_like(pixels[..., :1])], axis=-1)
+    return pixels.astype(np.float32)
 
 
 def _read_frame(path: Path) -> np.ndarray:
@@ -887,29 +883,30 @@ def _masks_for_opaque_frames(
 ) -> tuple[np.ndarray, str]:
     """Frames without an alpha channel (RGB, or alpha 1 everywhere: the original SV3D's mp4 frames, JPEG
     exports, renders without a transparent film) carry no mask, and an all-ones mask would make the
-    NeRF fill its whole volume. On SV3D's white background they are matted against it
-    (`alpha_source: matting`, as `sv3d orbit` does); otherwise that is one line naming the frame."""
-    opaque = images[..., 3].reshape(len(images), -1).min(axis=1) >= 1.0 - 0.5 / 65535  # [V]
-    if not opaque.any() or alpha_source == "matting":  # matted already: an opaque one is a bad generation
-        return images, alpha_source
-    first = int(np.flatnonzero(opaque)[0])
-    band = max(1, images.shape[1] // 50)  # the border, 2% of the side
-    border = np.concatenate([images[:, :band, :, :3], images[:, -band:, :, :3]], axis=1)  # [V, 2 band, W, 3]
-    white = float((1.0 - border[opaque]).max(axis=-1).mean()) < 0.02  # mean darkness of the borders
-    if not opaque.all() or not white:
-        raise OrbitDirectoryError(
-            f"{directory}: frame {first} (0-based) has no mask (alpha 1 everywhere"
-            + ("" if opaque.all() else ", unlike other frames")
-            + "): give RGBA frames"
-            + ("" if white else ", or frames on a white background to be matted")
-        )
+    NeRF fill its whole volume. On SV3D's white background they are matted against it, as `sv3d orbit`
+    does (`alpha_source: matting`; the other frames keep their alpha); otherwise one line naming the
+    frame. Orbits matted already are left as they are (an opaque matte there is a failed generation,
+    which `sv3d run`'s consistency check flags)."""
     from .matting import matte_white_background
+    from .preprocess import _border_band
 
-    print(
-        f"sv3d: note: {directory}: frames without alpha, matted against their white background",
-        file=sys.stderr,
-    )
-    return matte_white_background(images[..., :3]).astype(np.float32), "matting"
+    opaque = images[..., 3].reshape(len(images), -1).min(axis=1) >= 1.0 - 0.5 / 65535  # [V]
+    if not opaque.any() or alpha_source == "matting":
+        return images, alpha_source
+    darkness = [
+        float((1.0 - _border_band(images[i, ..., :3])).max(axis=-1).mean()) for i in np.flatnonzero(opaque)
+    ]
+    not_white = [int(i) for i, d in zip(np.flatnonzero(opaque), darkness, strict=True) if d >= 0.02]
+    if not_white:
+        raise OrbitDirectoryError(
+            f"{directory}: frame {not_white[0]} (0-based) has no mask (alpha 1 everywhere) and its "
+            "background is not white: give RGBA frames"
+        )
+    note = f"sv3d: note: {directory}: {int(opaque.sum())} frame(s) without alpha, matted on their white"
+    print(note, file=sys.stderr)
+    out = images.copy()
+    out[opaque] = matte_white_background(images[opaque, ..., :3])  # [K, H, W, 4]
+    return out, "matting"
 
 
 def _as_rgba(images: Tensor | np.ndarray, num_frames: int) -> np.ndarray:
@@ -976,7 +973,7 @@ def write_orbit_directory(
         for name, image in zip(names, rgba, strict=True):
             _write_frame(staging / name, image, bit_depth)
         write_transforms(staging, orbit, rgba.shape[2], rgba.shape[1], alpha_source, names)
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would keep it from other users
+        os.chmod(staging, 0o755)  # as every output folder (mkdtemp's 0700 would keep it from others)
         # 4. Swap it in: move an existing target aside, rename, then drop the old one
         if target.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=staging.parent))

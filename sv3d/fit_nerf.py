@@ -30,7 +30,7 @@ from refine.camera import Cameras, transform_points
 from refine.floor import seen_floor_height
 from refine.rasterizer import rasterize
 
-from .cameras import read_orbit_directory, read_transforms
+from .cameras import OBJECT_RADIUS, read_orbit_directory, read_transforms
 from .device import pick_device
 from .errors import InputError
 from .evaluation.visual_hull import carve_occupancy
@@ -241,6 +241,22 @@ def render_views(
     return out.reshape(c2w.shape[0], size, size, 3).clamp(0, 1).numpy()
 
 
+def _ball_hull(cameras, resolution: int, bound: float) -> torch.Tensor:
+    """[R, R, R] bool (x, y, z), the voxel centres of `carve_occupancy`'s grid inside the visual hull of
+    the world's ball (radius OBJECT_RADIUS) seen from these camera centres: the line from each centre
+    through the voxel passes within the radius (plus one voxel of slack) of the origin."""
+    h = 2.0 * bound / resolution
+    g = -bound + (torch.arange(resolution, dtype=torch.float64) + 0.5) * h  # [R]
+    points = torch.stack(torch.meshgrid(g, g, g, indexing="ij"), dim=-1).reshape(-1, 3)  # [R^3, 3]
+    centres = cameras.c2w[:, :3, 3].to(torch.float64).cpu()  # [V, 3]
+    inside = torch.ones(points.shape[0], dtype=torch.bool)
+    for c in centres:  # V lines of R^3 points: the distance from the origin to the line c -> p
+        direction = torch.nn.functional.normalize(points - c, dim=-1)  # [R^3, 3]
+        distance = torch.linalg.cross(c.expand_as(direction), direction).norm(dim=-1)  # [R^3]
+        inside &= distance <= OBJECT_RADIUS + math.sqrt(3.0) * h
+    return inside.reshape(resolution, resolution, resolution).to(cameras.c2w.device)
+
+
 def fit_nerf(
     orbit_dir: str | Path,
     output_dir: str | Path,
@@ -278,14 +294,16 @@ def fit_nerf(
             f"{orbit_dir}: the frames' masks share no region of space (their visual hull is empty): the "
             "cameras in transforms.json do not fit the frames, or the masks disagree"
         )
-    sides = torch.stack([hull[0], hull[-1], hull[:, 0], hull[:, -1]])  # [4, R, R] the x and y faces
-    # A few cells: the tips of a hull from few views. Matted (generated) orbits are left to the run's
-    # consistency check: a failed generation is flagged there, not refused here.
-    if frames.alpha_source != "matting" and float(sides.float().mean()) > 0.05:
+    # Every object inside the radius-0.5 world has its visual hull inside the world ball's, carved from
+    # the same cameras; cells beyond that (a cell's slack) mean an object too large or cameras not centred
+    # on it. Matted (generated) orbits are left to the run's consistency check: a failed generation is
+    # flagged there, not refused here.
+    beyond = hull & ~_ball_hull(frames.orbit.cameras(), config.hull_resolution, bound)  # [R, R, R]
+    if frames.alpha_source != "matting" and int(beyond.sum()) > 0.01 * int(hull.sum()):
         raise InputError(
-            f"{orbit_dir}: the masks' visual hull fills the sides of the scene's cube (+-{bound}): the "
-            "object is larger than the radius-0.5 world, or the cameras do not look at it from radius ~2 "
-            "(a foreign orbit needs its cameras scaled and centred on the object)"
+            f"{orbit_dir}: the masks' visual hull reaches beyond the radius-0.5 world's: the object is too "
+            "large for it, or the cameras do not look at it from radius ~2 (a foreign orbit needs its "
+            "cameras scaled and centred on the object)"
         )
     out.mkdir(parents=True, exist_ok=True)
     if force:

@@ -29,7 +29,7 @@ from refine.fit import RefineConfig, RefineResult, frame_errors, refine_surface
 from refine.render import render_mesh
 from refine.tetgrid import tet_grid
 
-from .cameras import CAMERA_RADIUS, FOV_DEG, read_orbit_directory
+from .cameras import CAMERA_RADIUS, FOV_DEG, NUM_FRAMES, read_orbit_directory
 from .device import pick_device
 from .errors import InputError
 from .evaluation.winding import build_face_tree, winding_numbers_fast
@@ -386,7 +386,10 @@ def _refine_starts(
 
 
 def _unlike_sv3d(orbit) -> str | None:
-    """How an orbit's cameras differ from the ones SV3D generates for (None: they do not)."""
+    """How an orbit's cameras differ from the ones SV3D generates for (None: they do not; whether sv3d_u
+    takes them needs the model: `guidance` checks that once it is loaded)."""
+    if len(orbit) != NUM_FRAMES:
+        return f"{len(orbit)} frames, not SV3D's {NUM_FRAMES}"
     if orbit.c2w_matrices is not None:
         return "its cameras are not look-at cameras of their angles"
     if abs(orbit.fov_deg - FOV_DEG) > 0.1:

@@ -481,8 +481,14 @@ def test_nerfstudio_style_transforms(tmp_path: Path) -> None:
     frames_read = read_orbit_directory(directory)
     assert frames_read.alpha_source == "matting"
     alpha = frames_read.images[0, ..., 3]  # [10, 10]
-    assert float(alpha[3:7, 3:7].min()) == 1.0 and float(alpha[:2].max()) == 0.0
+    assert float(alpha[3:7, 3:7].min()) == 1.0 and float(alpha[:, :2].max()) == 0.0
     torch.testing.assert_close(frames_read.images[0, 4, 4, :3], torch.tensor([1.0, 0.0, 0.0]))
+    rgba = Image.new("RGBA", (10, 10), (0, 0, 0, 0))  # the input view with its own alpha: kept as it is
+    rgba.paste((0, 0, 255, 128), (2, 2, 8, 8))
+    rgba.save(directory / "images" / "frame_00003.png")
+    frames_read = read_orbit_directory(directory)
+    assert float(frames_read.images[2, 4, 4, 3]) == pytest.approx(128 / 255)
+    assert float(frames_read.images[0, 4, 4, 3]) == 1.0 and float(frames_read.images[0, 0, 0, 3]) == 0.0
     # intrinsics that our pinhole cameras cannot follow are refused, not ignored
     for key, value in (("cx", 6.5), ("cy", 3.0), ("fl_y", focal * 1.1), ("k1", 0.01)):
         (directory / "transforms.json").write_text(json.dumps({**meta, key: value}))
@@ -490,6 +496,13 @@ def test_nerfstudio_style_transforms(tmp_path: Path) -> None:
             read_transforms(directory)
     (directory / "transforms.json").write_text(json.dumps({**meta, "cx": 5.0, "cy": 5.0, "k1": 0.0}))
     read_transforms(directory)  # at the centre, no distortion: fine
+    angle = 2.0 * math.atan(5.0 / focal)  # instant-ngp writes camera_angle_x beside fl_x, cx, k1 ...
+    (directory / "transforms.json").write_text(json.dumps({**meta, "camera_angle_x": angle, "cx": 6.5}))
+    with pytest.raises(OrbitDirectoryError, match="cx = 6.5"):
+        read_transforms(directory)
+    (directory / "transforms.json").write_text(json.dumps({**meta, "camera_angle_x": 1.2 * angle}))
+    with pytest.raises(OrbitDirectoryError, match="fl_x = "):  # the two disagree
+        read_transforms(directory)
 
 
 def test_cameras_that_cannot_see_the_object_are_refused(tmp_path: Path) -> None:
@@ -530,11 +543,7 @@ def test_16_bit_frames_with_an_sbit_chunk(tmp_path: Path) -> None:
 
 
 def test_written_orbits_are_readable_by_others(tmp_path: Path) -> None:
-    mask = os.umask(0o022)
-    try:
-        directory = _valid_dir(tmp_path)
-    finally:
-        os.umask(mask)
+    directory = _valid_dir(tmp_path)  # as every output (mkdtemp and mkstemp alone give 0700 and 0600)
     assert directory.stat().st_mode & 0o777 == 0o755
     assert (directory / "transforms.json").stat().st_mode & 0o777 == 0o644
 

@@ -16,7 +16,7 @@ from nerf.extract import ExtractConfig, clear_below, density_grid, extract_mesh,
 from nerf.train import TrainConfig, _distortion, fit_field
 from refine.camera import transform_points
 from refine.rasterizer import rasterize
-from sv3d.cameras import static_orbit
+from sv3d.cameras import explicit_orbit, static_orbit
 from sv3d.cli import main
 from sv3d.fit_nerf import FitNerfConfig, choose_level, fit_nerf, orbit_fingerprint
 from sv3d.render_orbit import RenderOrbitConfig, render_orbit
@@ -548,7 +548,7 @@ def _resize_one(d: Path) -> None:
         (_empty_one, "empty in frame(s) 4"),
         (_cameras_elsewhere, "does not look towards the world's centre"),
         (_disjoint_masks, "visual hull is empty"),
-        (_cameras_far, "fills the sides of the scene's cube"),
+        (_cameras_far, "reaches beyond the radius-0.5 world's"),
     ],
     ids=[
         "missing frame",
@@ -814,3 +814,24 @@ def test_orbit_fingerprint_reads_frames_named_without_their_extension(orbit: Pat
     first = orbit_fingerprint(copy)
     _resize_one(copy)
     assert orbit_fingerprint(copy) != first  # the frames' bytes count
+
+
+def test_few_views_are_not_taken_for_an_object_too_large(orbit, tmp_path):
+    """Two opposite views carve a hull far wider than the object, yet inside the world ball's own."""
+    from sv3d.cameras import read_orbit_directory, write_orbit_directory
+    from sv3d.evaluation.visual_hull import carve_occupancy
+    from sv3d.fit_nerf import _ball_hull
+
+    frames = read_orbit_directory(orbit)
+    keep = [0, len(frames.orbit) // 2]
+    two = write_orbit_directory(
+        tmp_path / "two",
+        explicit_orbit(frames.orbit.elevations_deg[keep], frames.orbit.azimuths_deg[keep]),
+        frames.images[keep],
+        "render",
+    )
+    pair = read_orbit_directory(two)
+    hull = carve_occupancy(pair.masks(), pair.orbit.cameras(), 64, 0.55)  # [64, 64, 64]
+    sides = torch.stack([hull[0], hull[-1], hull[:, 0], hull[:, -1]]).float().mean()
+    assert float(sides) > 0.05  # it fills the cube's sides ...
+    assert not bool((hull & ~_ball_hull(pair.orbit.cameras(), 64, 0.55)).any())  # ... within the ball's

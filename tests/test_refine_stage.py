@@ -236,3 +236,11 @@ def test_sds_is_not_used_on_cameras_sv3d_does_not_know(tmp_path, monkeypatch, ca
     assert "no SDS" in capsys.readouterr().err
     with pytest.raises(InputError, match="field of view 50.0"):
         refine_stage._guidance(wide, dataclasses.replace(auto, sds="on"), torch.device("cpu"))
+    on = dataclasses.replace(auto, sds="on")
+    far, few = static_orbit(), static_orbit(num_frames=5)
+    far.radius = 3.0
+    rolled = static_orbit()
+    rolled.c2w_matrices = rolled.c2w().to(torch.float64)
+    for orbit, fragment in ((far, "camera distance 3.00"), (few, "5 frames"), (rolled, "look-at")):
+        with pytest.raises(InputError, match=fragment):
+            refine_stage._guidance(types.SimpleNamespace(orbit=orbit), on, torch.device("cpu"))
