@@ -326,7 +326,8 @@ def evaluate_object(
     out.mkdir(parents=True, exist_ok=True)
     (out / METRICS_FILE).unlink(missing_ok=True)
     fingerprint = fingerprint or config_fingerprint(config, run_config)
-    truth = ground_truth_identity(mesh_path.parent.parent)  # <object>/meshes/model.obj -> <object>
+    started = (_read_json(out / STARTED_FILE) or {}).get("ground_truth_files")  # unchanged files: no rehash
+    truth = ground_truth_identity(mesh_path.parent.parent, started)  # <object>/meshes/model.obj -> <object>
     _write_json(out / STARTED_FILE, {"fingerprint": fingerprint, "ground_truth_files": truth})
     timings: dict[str, Any] = {}
     start = time.perf_counter()
