@@ -123,6 +123,7 @@ __all__ = [
     "frame_file_names",
     "intrinsics",
     "make_orbit",
+    "orbit_files",
     "projection_from_fov",
     "read_orbit_directory",
     "read_transforms",
@@ -621,10 +622,11 @@ def _number(value: Any, where: str) -> float:
     return float(value)
 
 
-def _resolve_frame(directory: Path, file_path: Any, where: str) -> Path:
-    """A frame's file: relative to the directory, "./" allowed, a missing extension tried as .png etc."""
+def _resolve_frame(directory: Path, file_path: Any, where: str, key: str = "file_path") -> Path:
+    """A frame's file (or its mask's, `key`): relative to the directory, "./" allowed, a missing
+    extension tried as .png etc."""
     if not isinstance(file_path, str) or not file_path:
-        raise OrbitDirectoryError(f"{where}: file_path must be a non-empty string, got {file_path!r}")
+        raise OrbitDirectoryError(f"{where}: {key} must be a non-empty string, got {file_path!r}")
     path = directory / file_path  # an absolute file_path stays absolute
     if path.is_file():
         return path
@@ -632,7 +634,8 @@ def _resolve_frame(directory: Path, file_path: Any, where: str) -> Path:
         candidate = path.with_name(path.name + ext)
         if candidate.is_file():
             return candidate
-    raise OrbitDirectoryError(f"{where}: frame file {file_path!r} not found in {directory}")
+    what = "frame" if key == "file_path" else "mask"
+    raise OrbitDirectoryError(f"{where}: {what} file {file_path!r} not found in {directory}")
 
 
 def _png_header(path: Path) -> tuple[int, int, int, int] | None:
@@ -655,13 +658,26 @@ def _image_size(path: Path, where: str) -> tuple[int, int]:
 
 
 def read_transforms(directory: str | Path) -> tuple[Orbit, list[Path], int, int, str]:
-    """Read `directory/transforms.json` -> (orbit, frame paths, width, height, alpha_source).
+    """Read `directory/transforms.json` -> (orbit, frame paths, width, height, alpha_source)."""
+    orbit, frame_paths, _, width, height, alpha_source = _read_transforms(directory)
+    return orbit, frame_paths, width, height, alpha_source
+
+
+def orbit_files(directory: str | Path) -> list[Path]:
+    """Every file an orbit directory's frames are read from, in order: frames, then their masks."""
+    _, frame_paths, mask_paths, *_ = _read_transforms(directory)
+    return frame_paths + [p for p in mask_paths if p is not None]
+
+
+def _read_transforms(directory: str | Path) -> tuple[Orbit, list[Path], list[Path | None], int, int, str]:
+    """Read `directory/transforms.json` -> (orbit, frame paths, mask paths, width, height, alpha_source).
 
     Tolerant of other tools' files: file paths without extension or under "./images/", angles missing
     (derived from the matrices), w/h missing (read from the first image), fov given as fl_x instead of
     camera_angle_x, alpha_source missing ("input": the alpha is whatever the frames carry), orbit_kind
     missing ("explicit"). Matrices that are not the look-at cameras of their angles are kept in
-    `orbit.c2w_matrices`. Strict on errors, each an OrbitDirectoryError naming the file and problem.
+    `orbit.c2w_matrices`. A frame's `mask_path` (nerfstudio's per-frame mask file, None where absent) is
+    the object's mask. Strict on errors, each an OrbitDirectoryError naming the file and problem.
     """
     directory = Path(directory)
     path = directory / TRANSFORMS_FILE
@@ -682,6 +698,7 @@ def read_transforms(directory: str | Path) -> tuple[Orbit, list[Path], int, int,
 
     # 1. Frames: files, matrices, optional angles
     frame_paths: list[Path] = []
+    mask_paths: list[Path | None] = []
     matrices: list[np.ndarray] = []
     stored: list[tuple[float, float] | None] = []
     for i, frame in enumerate(frames):
@@ -689,6 +706,8 @@ def read_transforms(directory: str | Path) -> tuple[Orbit, list[Path], int, int,
         if not isinstance(frame, dict):
             raise OrbitDirectoryError(f"{where}: must be a JSON object")
         frame_paths.append(_resolve_frame(directory, frame.get("file_path"), where))
+        mask = frame.get("mask_path")
+        mask_paths.append(None if mask is None else _resolve_frame(directory, mask, where, "mask_path"))
         try:
             matrix = np.asarray(frame.get("transform_matrix"), dtype=np.float64)
         except (TypeError, ValueError):
@@ -767,7 +786,7 @@ def read_transforms(directory: str | Path) -> tuple[Orbit, list[Path], int, int,
             orbit.c2w_matrices = c2w  # foreign cameras: keep them exactly
     except InputError as err:
         raise OrbitDirectoryError(f"{path}: {err}") from None
-    return orbit, frame_paths, width, height, alpha_source
+    return orbit, frame_paths, mask_paths, width, height, alpha_source
 
 
 # ------------------------------------------------------------------------------------------------
@@ -845,17 +864,35 @@ def _read_frame(path: Path) -> np.ndarray:
     return rgba.astype(np.float32) / 255.0
 
 
+def _read_mask(path: Path, height: int, width: int) -> np.ndarray:
+    """A frame's separate mask file (nerfstudio's `mask_path`) as [H, W] float32 in [0, 1]: 0 is
+    background. Grey (1, 8 or 16 bits) or colour images (their luminance); a mask's alpha is ignored."""
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                mask = np.asarray(im, dtype=np.float32) / 65535.0  # [H, W]
+            else:
+                mask = np.asarray(im.convert("L"), dtype=np.float32) / 255.0  # [H, W]
+    except OSError as err:
+        raise OrbitDirectoryError(f"{path}: cannot read mask: {err}") from None
+    if mask.shape != (height, width):
+        size = f"{mask.shape[1]}x{mask.shape[0]}"
+        raise OrbitDirectoryError(f"{path}: mask is {size} but {TRANSFORMS_FILE} says {width}x{height}")
+    return np.clip(mask, 0.0, 1.0)
+
+
 def read_orbit_directory(directory: str | Path) -> OrbitFrames:
     """Read an orbit directory (transforms.json + frames) and check that it is consistent.
 
     Checks, each failing with a one-line OrbitDirectoryError: every listed frame exists and decodes as
     RGB or RGBA (8- or 16-bit PNG, or any image Pillow reads), all frames have the same size, which is
     square and equals transforms.json's w x h, and the directory holds no frame_*.png that
-    transforms.json does not list.
+    transforms.json does not list. A frame's `mask_path` file multiplies its alpha.
     """
     directory = Path(directory)
-    orbit, frame_paths, width, height, alpha_source = read_transforms(directory)
-    on_disk = sorted(p.name for p in directory.glob("frame_*.png"))
+    orbit, frame_paths, mask_paths, width, height, alpha_source = _read_transforms(directory)
+    masks = {p.name for p in mask_paths if p is not None and p.parent == directory}
+    on_disk = sorted(p.name for p in directory.glob("frame_*.png") if p.name not in masks)
     listed = {p.name for p in frame_paths if p.parent == directory}
     if on_disk and len(on_disk) != len(frame_paths):
         stray = [name for name in on_disk if name not in listed][:3]
@@ -867,11 +904,13 @@ def read_orbit_directory(directory: str | Path) -> OrbitFrames:
         where = directory / TRANSFORMS_FILE
         raise OrbitDirectoryError(f"{where}: frames must be square, got {width}x{height}")
     images = []
-    for path in frame_paths:
+    for path, mask_path in zip(frame_paths, mask_paths, strict=True):
         image = _read_frame(path)  # [H, W, 4]
         if image.shape[:2] != (height, width):
             size = f"{image.shape[1]}x{image.shape[0]}"
             raise OrbitDirectoryError(f"{path}: frame is {size} but {TRANSFORMS_FILE} says {width}x{height}")
+        if mask_path is not None:
+            image[..., 3] *= _read_mask(mask_path, height, width)  # [H, W]
         images.append(image)
     stacked = np.stack(images)  # [V, H, W, 4]
     stacked, alpha_source = _masks_for_opaque_frames(stacked, alpha_source, directory)

@@ -30,7 +30,7 @@ from refine.camera import Cameras, transform_points
 from refine.floor import seen_floor_height
 from refine.rasterizer import rasterize
 
-from .cameras import OBJECT_RADIUS, read_orbit_directory, read_transforms
+from .cameras import OBJECT_RADIUS, orbit_files, read_orbit_directory
 from .device import pick_device
 from .errors import InputError
 from .evaluation.visual_hull import carve_occupancy
@@ -187,7 +187,7 @@ def orbit_fingerprint(orbit_dir: str | Path) -> str:
     output was made from (two orbits on the same cameras differ in their frames)."""
     orbit_dir = Path(orbit_dir)
     digest = hashlib.sha256((orbit_dir / "transforms.json").read_bytes())
-    for path in read_transforms(orbit_dir)[1]:  # the frames' files as the readers resolve them
+    for path in orbit_files(orbit_dir):  # the frames' (and masks') files as the readers resolve them
         digest.update(path.read_bytes())
     return digest.hexdigest()
 

@@ -505,6 +505,50 @@ def test_nerfstudio_style_transforms(tmp_path: Path) -> None:
         read_transforms(directory)
 
 
+def test_nerfstudio_mask_path_is_the_frames_alpha(tmp_path: Path) -> None:
+    """nerfstudio keeps masks in their own files (`mask_path`): they become the frames' alpha, so RGB
+    frames on any background are usable, and a changed mask changes the orbit's fingerprint."""
+    from sv3d.fit_nerf import orbit_fingerprint
+
+    directory = tmp_path / "ns"
+    (directory / "images").mkdir(parents=True)
+    (directory / "masks").mkdir()
+    matrices = c2w_from_angles(np.array([5.0, 20.0]), np.array([0.0, 180.0]), np.array(2.0))
+    frames = []
+    for i, m in enumerate(matrices):
+        image = Image.new("RGB", (10, 10), (90, 90, 90))  # grey background: refused without a mask
+        image.paste((255, 0, 0), (3, 3, 7, 7))
+        image.save(directory / "images" / f"frame_{i}.png")
+        mask = Image.new("L", (10, 10), 0)
+        mask.paste(255, (3, 3, 7, 7))
+        mask.save(directory / "masks" / f"frame_{i}.png")
+        frames.append(
+            {
+                "file_path": f"images/frame_{i}.png",
+                "mask_path": f"masks/frame_{i}",
+                "transform_matrix": m.tolist(),
+            }
+        )
+    meta = {"fl_x": focal_from_fov(33.8, 10), "frames": frames}
+    (directory / "transforms.json").write_text(json.dumps(meta))
+    frames_read = read_orbit_directory(directory)
+    assert frames_read.alpha_source == "input"
+    alpha = frames_read.images[1, ..., 3]  # [10, 10]
+    assert float(alpha[3:7, 3:7].min()) == 1.0 and float(alpha.sum()) == 16.0
+    before = orbit_fingerprint(directory)
+    Image.new("L", (10, 10), 255).save(directory / "masks" / "frame_1.png")
+    assert orbit_fingerprint(directory) != before
+    Image.new("L", (12, 10), 255).save(directory / "masks" / "frame_1.png")
+    with pytest.raises(OrbitDirectoryError, match="mask is 12x10 but transforms.json says 10x10"):
+        read_orbit_directory(directory)
+    (directory / "masks" / "frame_1.png").unlink()
+    with pytest.raises(OrbitDirectoryError, match="frame 1: mask file 'masks/frame_1' not found"):
+        read_orbit_directory(directory)
+    (directory / "masks" / "frame_1.png").write_bytes(b"not an image")
+    with pytest.raises(OrbitDirectoryError, match="cannot read mask"):
+        read_orbit_directory(directory)
+
+
 def test_cameras_that_cannot_see_the_object_are_refused(tmp_path: Path) -> None:
     directory = _valid_dir(tmp_path)
     meta = json.loads((directory / "transforms.json").read_text())
