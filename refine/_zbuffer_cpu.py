@@ -87,24 +87,23 @@ if AVAILABLE:
 if AVAILABLE:
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def _facing_and_near(px, py, tri, topo):  # pragma: no cover
-        # facing [V, F]: screen-space area > 0; near [V, F]: within two edge-steps of a silhouette edge
+    def _silhouettes(px, py, tri, topo, far, sil, near):  # pragma: no cover
+        # sil [V, F, 3]: edge k (tri[f, k] -> tri[f, k+1]) has no single neighbour, or the neighbour's far
+        # vertex lies on the triangle's own side of it; near [V, F]: within two edge-steps of such an edge
         n_views, n_faces = px.shape[0], tri.shape[0]
-        facing = np.empty((n_views, n_faces), dtype=np.bool_)
-        near = np.zeros((n_views, n_faces), dtype=np.bool_)
         for v in numba.prange(n_views):
-            for f in range(n_faces):
-                i0, i1, i2 = tri[f, 0], tri[f, 1], tri[f, 2]
-                area = (px[v, i1] - px[v, i0]) * (py[v, i2] - py[v, i0]) - (px[v, i2] - px[v, i0]) * (
-                    py[v, i1] - py[v, i0]
-                )
-                facing[v, f] = area > 0
             level = np.zeros(n_faces, dtype=np.bool_)
             for f in range(n_faces):
                 for k in range(3):
-                    o = topo[f, k]
-                    if o < 0 or facing[v, o] != facing[v, f]:
-                        level[f] = True
+                    a, b, c, o = tri[f, k], tri[f, (k + 1) % 3], tri[f, (k + 2) % 3], far[f, k]
+                    edge = topo[f, k] < 0
+                    if not edge:
+                        ex, ey = px[v, b] - px[v, a], py[v, b] - py[v, a]
+                        own = ex * (py[v, c] - py[v, a]) - ey * (px[v, c] - px[v, a])
+                        other = ex * (py[v, o] - py[v, a]) - ey * (px[v, o] - px[v, a])
+                        edge = (own >= 0) == (other >= 0)
+                    sil[v, f, k] = edge
+                    level[f] = level[f] or edge
             for _ in range(2):
                 grown = level.copy()
                 for f in range(n_faces):
@@ -116,10 +115,9 @@ if AVAILABLE:
                 level = grown
             for f in range(n_faces):
                 near[v, f] = level[f]
-        return facing, near
 
     @numba.njit(cache=True, nogil=True)
-    def _best_edge(face, horizontal, front_a, cx, cy, px_v, py_v, tri, topo, facing_v):  # pragma: no cover
+    def _best_edge(face, horizontal, front_a, cx, cy, px_v, py_v, tri, topo, sil_v):  # pragma: no cover
         # The silhouette edge of `face` or its 2-ring that crosses the pair's segment nearest the front
         # pixel: returns its two vertex indices, or (-1, -1).
         cand = np.empty(13, dtype=np.int64)
@@ -137,8 +135,7 @@ if AVAILABLE:
             if f < 0:
                 continue
             for k in range(3):
-                o = topo[f, k]
-                if not (o < 0 or facing_v[o] != facing_v[f]):
+                if not sil_v[f, k]:
                     continue
                 i0, i1 = tri[f, k], tri[f, (k + 1) % 3]
                 if horizontal:
@@ -147,7 +144,7 @@ if AVAILABLE:
                 else:
                     num, den = cx - px_v[i0], px_v[i1] - px_v[i0]
                     a0, a1, start = py_v[i0], py_v[i1], cy
-                if not (num * (num - den) < 0):
+                if not (num * (num - den) < 0) or abs(den) < abs(a1 - a0):  # crossing, steep (nvdiffrast)
                     continue
                 t = a0 + num / den * (a1 - a0) - start
                 if t <= 0 or t >= one:
@@ -165,7 +162,7 @@ if AVAILABLE:
         py,
         tri,
         topo,
-        facing,
+        sil,
         near,
         offsets,
         count_only,
@@ -211,7 +208,7 @@ if AVAILABLE:
                             py[v],
                             tri,
                             topo,
-                            facing[v],
+                            sil[v],
                         )
                         if e0 < 0:
                             continue
@@ -225,6 +222,20 @@ if AVAILABLE:
             counts[v] = n
 
 
+def silhouette_edges_cpu(
+    px: np.ndarray,  # [V, N] float32 pixel x
+    py: np.ndarray,  # [V, N] float32 pixel y
+    tri: np.ndarray,  # [F, 3] int64
+    topo: np.ndarray,  # [F, 3] int64 from edge_topology
+    far: np.ndarray,  # [F, 3] int64 the neighbour's vertex off edge k (any vertex where there is none)
+) -> tuple[np.ndarray, np.ndarray]:
+    """rasterizer.silhouette_edges compiled: ([V, F, 3] silhouette edges, [V, F] near one)."""
+    sil = np.empty((px.shape[0], tri.shape[0], 3), dtype=np.bool_)
+    near = np.empty((px.shape[0], tri.shape[0]), dtype=np.bool_)
+    _silhouettes(px, py, tri, topo, far, sil, near)
+    return sil, near
+
+
 def silhouette_crossings_cpu(
     ids: np.ndarray,  # [V, H, W] int64 triangle id + 1, 0 = empty
     zw: np.ndarray,  # [V, H, W] float32 z/w
@@ -232,10 +243,11 @@ def silhouette_crossings_cpu(
     py: np.ndarray,  # [V, N] float32 pixel y
     tri: np.ndarray,  # [F, 3] int64
     topo: np.ndarray,  # [F, 3] int64 from edge_topology
+    sil: np.ndarray,  # [V, F, 3] bool: silhouette edges (rasterizer.silhouette_edges)
+    near: np.ndarray,  # [V, F] bool: triangles within two edge-steps of one
 ) -> tuple[np.ndarray, ...]:
     """[Q] arrays: view, pixel a (flat over V*H*W), horizontal pair, front is a, edge vertices v0, v1."""
     n_views = ids.shape[0]
-    facing, near = _facing_and_near(px, py, tri, topo)
     counts = np.zeros(n_views, dtype=np.int64)
     empty_i, empty_b = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.bool_)
     offsets = np.zeros(n_views, dtype=np.int64)
@@ -246,7 +258,7 @@ def silhouette_crossings_cpu(
         py,
         tri,
         topo,
-        facing,
+        sil,
         near,
         offsets,
         True,
@@ -261,7 +273,7 @@ def silhouette_crossings_cpu(
     total = int(counts.sum())
     pix, e0, e1 = (np.empty(total, dtype=np.int64) for _ in range(3))
     hor, front = np.empty(total, dtype=np.bool_), np.empty(total, dtype=np.bool_)
-    _crossings(ids, zw, px, py, tri, topo, facing, near, offsets, False, pix, hor, front, e0, e1, counts)
+    _crossings(ids, zw, px, py, tri, topo, sil, near, offsets, False, pix, hor, front, e0, e1, counts)
     height, width = ids.shape[1], ids.shape[2]
     view = pix // (height * width)
     return view, pix, hor, front, e0, e1

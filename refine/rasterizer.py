@@ -364,9 +364,10 @@ def antialias(
     """Analytic antialiasing of silhouette edges -> [V, H, W, C].
 
     For each pair of horizontally or vertically adjacent pixels that see different triangles (or a triangle
-    and the background), the silhouette edges (boundary edges, or edges whose two triangles face opposite
-    ways in this view) of the front pixel's triangle and of its 2-ring of edge neighbours are tested; of
-    those that cross the segment between the two pixel centres, the one nearest the front pixel is taken.
+    and the background), the silhouette edges (`silhouette_edges`) of the front pixel's triangle and of its
+    2-ring of edge neighbours are tested; of those that cross the segment between the two pixel centres
+    and are steeper across the pair than along it (nvdiffrast's rule: each edge pixel is blended by one
+    direction's pairs), the one nearest the front pixel is taken.
     At distance d from the front pixel's centre, with d < 1/2 the front pixel takes (1/2 - d) of the other's
     colour, and with d > 1/2 the other pixel takes (d - 1/2) of the front's. Differentiable w.r.t. `color`
     and, through the crossing point, the edge's vertex positions. Finding the crossings is not
@@ -386,6 +387,7 @@ def antialias(
         ids = rast[..., 3].detach().long()  # [V, H, W], 0 = empty
         zw = rast[..., 2].detach()
         px, py, _ = _to_pixels(pos_clip.detach().float(), height, width)  # [V, N] each
+        sil_edges, near = silhouette_edges(px, py, tri, topology.long(), use_numba)  # [V, F, 3], [V, F]
         if use_numba:
             if not _zbuffer_cpu.AVAILABLE:
                 raise RuntimeError("backend='numba' needs the numba package")
@@ -396,11 +398,13 @@ def antialias(
                 py.cpu().numpy(),
                 tri.cpu().numpy(),
                 topology.long().cpu().numpy(),
+                sil_edges.cpu().numpy(),
+                near.cpu().numpy(),
             )
             view, pixel_a, horizontal, front_a, e0, e1 = (torch.from_numpy(a).to(color.device) for a in found)
         else:
             view, pixel_a, horizontal, front_a, e0, e1 = _silhouette_crossings_torch(
-                ids, zw, px, py, tri, topology
+                ids, zw, px, py, tri, topology.long(), sil_edges, near
             )
     if view.numel() == 0:
         return color
@@ -432,6 +436,43 @@ def antialias(
     return out.view_as(color)
 
 
+def silhouette_edges(
+    px: Tensor,  # [V, N] pixel x of the vertices
+    py: Tensor,  # [V, N] pixel y
+    tri: Tensor,  # [F, 3] int64
+    topology: Tensor,  # [F, 3] from edge_topology
+    use_numba: bool = False,  # the compiled loop (CPU), same values
+) -> tuple[Tensor, Tensor]:
+    """Silhouette edges in each view -> (edge k of each triangle is one [V, F, 3], triangle within two
+    edge-steps of one [V, F]).
+
+    As nvdiffrast decides it, from the geometry and not the winding: an edge is a silhouette when it has no
+    single neighbour, or when the neighbour's far vertex lies on the same side of the edge as the
+    triangle's own third vertex (the surface folds back there). A mesh whose faces are wound
+    inconsistently (a scan, a user's file) then has the same silhouettes as a consistent one.
+    """
+    a, b, c = tri, tri.roll(-1, dims=1), tri.roll(-2, dims=1)  # [F, 3]: edge k is a -> b, c the third
+    valid_opp = topology >= 0  # [F, 3]
+    opp_clamped = topology.clamp(min=0)
+    far = tri[opp_clamped].sum(-1) - a - b  # [F, 3] the neighbour's vertex off the edge
+    if use_numba:
+        arrays = [t.cpu().numpy() for t in (px, py, tri, topology, torch.where(valid_opp, far, c))]
+        return tuple(torch.from_numpy(x).to(px.device) for x in _zbuffer_cpu.silhouette_edges_cpu(*arrays))
+
+    def side(p: Tensor) -> Tensor:  # [V, F, 3] twice the signed area of (a, b, p) in pixels
+        ax, ay = px[:, a], py[:, a]
+        return (px[:, b] - ax) * (py[:, p] - ay) - (py[:, b] - ay) * (px[:, p] - ax)
+
+    own, other = side(c), side(torch.where(valid_opp, far, c))
+    sil = ~valid_opp[None] | ((own >= 0) == (other >= 0))  # [V, F, 3]
+    # Only pairs whose front triangle is near a silhouette can be blended: the others are dropped before
+    # the expensive part.
+    near = sil.any(-1)  # [V, F]
+    for _ in range(2):
+        near = near | (near[:, opp_clamped] & valid_opp).any(-1)
+    return sil, near
+
+
 def _silhouette_crossings_torch(
     ids: Tensor,  # [V, H, W] triangle id + 1, 0 = empty
     zw: Tensor,  # [V, H, W] z/w
@@ -439,21 +480,11 @@ def _silhouette_crossings_torch(
     py: Tensor,  # [V, N] pixel y
     tri: Tensor,  # [F, 3] int64
     topology: Tensor,  # [F, 3] from edge_topology
+    sil_edges: Tensor,  # [V, F, 3] from silhouette_edges
+    near_silhouette: Tensor,  # [V, F]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The pixel pairs to blend and their edges: view, pixel a (flat), horizontal, front is a, edge v0, v1."""
     n_views, height, width = ids.shape
-    fx, fy = px[:, tri], py[:, tri]  # [V, F, 3]
-    area = (fx[..., 1] - fx[..., 0]) * (fy[..., 2] - fy[..., 0]) - (fx[..., 2] - fx[..., 0]) * (
-        fy[..., 1] - fy[..., 0]
-    )
-    facing = area > 0  # [V, F]
-    # Triangles within two edge-steps of a silhouette edge in each view: only pairs whose front triangle is
-    # one of them can be blended, so the others are dropped before the expensive part.
-    valid_opp = topology >= 0  # [F, 3]
-    opp_clamped = topology.clamp(min=0)
-    near_silhouette = ((~valid_opp)[None] | (facing[:, opp_clamped] != facing[..., None])).any(-1)
-    for _ in range(2):
-        near_silhouette = near_silhouette | (near_silhouette[:, opp_clamped] & valid_opp).any(-1)
 
     results = []
     for horizontal in (True, False):  # pairs (x, x+1) and (y, y+1)
@@ -476,9 +507,7 @@ def _silhouette_crossings_torch(
         cand = torch.cat([face[:, None], ring1, ring2], dim=1)  # [Q, 13], < 0 = none
         cand_ok = cand >= 0
         cand = cand.clamp(min=0)
-        opp = topology[cand]  # [Q, 13, 3]
-        opp_facing = facing[pv[:, None, None], opp.clamp(min=0)]
-        silhouette = cand_ok[..., None] & ((opp < 0) | (opp_facing != facing[pv[:, None], cand][..., None]))
+        silhouette = cand_ok[..., None] & sil_edges[pv[:, None], cand]  # [Q, 13, 3]
         silhouette = silhouette.reshape(-1, 39)  # [Q, 39]
         corners = tri[cand]  # [Q, 13, 3]
         v0 = corners.reshape(-1, 39)
@@ -491,7 +520,9 @@ def _silhouette_crossings_torch(
             num, den, along0, along1, start = cy - ey0, ey1 - ey0, ex0, ex1, cx
         else:
             num, den, along0, along1, start = cx - ex0, ex1 - ex0, ey0, ey1, cy
-        crosses = (num * (num - den) < 0) & silhouette  # endpoints strictly on either side of the line
+        # Endpoints strictly on either side of the line, and (nvdiffrast's rule) the edge steeper across the
+        # pair than along it: a flat edge is the other direction's pairs' to blend, each pixel once.
+        crosses = (num * (num - den) < 0) & silhouette & (den.abs() >= (along1 - along0).abs())
         t = along0 + num / torch.where(crosses, den, torch.ones_like(den)) * (along1 - along0) - start
         valid = crosses & (t > 0) & (t < 1)
         # Of the crossing silhouette edges, the one nearest the front pixel bounds the front surface.
