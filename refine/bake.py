@@ -37,6 +37,7 @@ ColorFn = Callable[..., Tensor]  # points [P, 3] world (, unit normals [P, 3]) -
 
 MIN_TEXTURE_SIZE = 64  # below this a chart's padding eats most of the texture
 MAX_TEXTURE_SIZE = 8192  # a float32 8192² RGB texture is 768 MiB; beyond is not worth it for one object
+MAX_BAKE_RESOLUTION = 8192  # texture_size x supersample: the UV square is rasterized at this size
 
 
 @dataclass
@@ -240,6 +241,10 @@ def bake_texture(
         raise ValueError(f"supersample must be an int in [1, 4], got {supersample!r}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if size * int(supersample) > MAX_BAKE_RESOLUTION:  # 8192 x 4: ~100 GB of rasterizer buffers
+        raise ValueError(
+            f"texture_size x supersample must be <= {MAX_BAKE_RESOLUTION}, got {size} x {supersample}"
+        )
     if normals is not None and normals.shape != vertices.shape:
         got = tuple(normals.shape)
         raise ValueError(f"normals must be [{vertices.shape[0]}, 3] (one per vertex), got {got}")

@@ -179,7 +179,7 @@ class DMTetGeometry(nn.Module):
     def __init__(self, config: DMTetConfig | None = None) -> None:
         super().__init__()
         self.config = config = config or DMTetConfig()
-        cache_dir = Path(config.cache_dir) if config.cache_dir is not None else None
+        cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir is not None else None
         grid = tet_grid(config.resolution, config.bound, cache_dir=cache_dir)
         self.resolution = grid.resolution
         self.cell_size = grid.cell_size
@@ -277,6 +277,16 @@ class DMTetGeometry(nn.Module):
         return Mesh(verts.detach(), faces)
 
     @torch.no_grad()
+    @torch.no_grad()
+    def keep_off_boundary(self) -> int:
+        """Keep the grid's outer vertices outside (sdf >= 0) after a step: marching tets makes no faces on
+        the cube's surface, so a surface grown into it would open there. Returns how many were moved."""
+        outer = self.sdf[self.boundary]  # [B]
+        n_inside = int((outer < 0).sum())
+        if n_inside:
+            self.sdf[self.boundary] = outer.clamp(min=1e-6)
+        return n_inside
+
     def cut_below(self, height: float) -> float:
         """Remove everything below z = `height` (deformed positions): sdf = max(sdf, height - z), so the
         surface there becomes the plane z = `height`. Returns the share of inside vertices removed.

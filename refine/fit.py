@@ -326,6 +326,7 @@ def _optimise(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        geometry.keep_off_boundary()  # a surface pushed into the grid's boundary stays closed
         if floor is not None and floor["height"] is not None:
             _keep_above(geometry, floor["height"])
         record = {"step": step + 1, "loss": loss.item(), **{k: v.item() for k, v in losses.items()}}

@@ -48,8 +48,12 @@ def _check_inputs(pos_clip: Tensor, tri: Tensor) -> None:
         raise ValueError(f"tri must be [F, 3], got {tuple(tri.shape)}")
     if tri.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"tri must be an integer tensor, got {tri.dtype}")
-    if tri.shape[0] >= 2**31:
-        raise ValueError(f"at most 2^31 - 1 triangles, got {tri.shape[0]}")
+    if tri.shape[0] >= 2**24:  # ids travel as float32 in rast[..., 3], exact up to 2^24
+        raise ValueError(f"at most 2^24 - 1 triangles, got {tri.shape[0]}: decimate the mesh")
+    if tri.numel() and (int(tri.min()) < 0 or int(tri.max()) >= pos_clip.shape[1]):
+        raise ValueError(
+            f"tri indexes vertices {int(tri.min())}..{int(tri.max())} but pos_clip has {pos_clip.shape[1]}"
+        )
 
 
 def _to_pixels(pos_clip: Tensor, height: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -105,7 +109,7 @@ def _visible_triangles(
     e2x, e2y = fx[..., 2] - fx[..., 0], fy[..., 2] - fy[..., 0]
     det = e1x * e2y - e2x * e1y  # twice the signed screen area
     depth_ok = (fz.amin(-1) <= 1.0) & (fz.amax(-1) >= -1.0)
-    counts = (bw * bh).to(torch.int64)
+    counts = bw.to(torch.int64) * bh.to(torch.int64)  # exact beyond float32's 2^24
     keep = in_front & depth_ok & (det.abs() > 1e-12) & (counts > 0)  # [V, F]
     view_idx, face_idx = keep.nonzero(as_tuple=True)  # [K]
     if view_idx.numel() == 0:

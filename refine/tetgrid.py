@@ -22,6 +22,8 @@ from __future__ import annotations
 import itertools
 import os
 import tempfile
+import warnings
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -120,6 +122,8 @@ def _save_atomic(path: Path, vertices: np.ndarray, tets: np.ndarray, resolution:
         with os.fdopen(fd, "wb") as f:
             # int32 halves the file; every index fits (N <= 257^3 < 2^31).
             np.savez(f, vertices=vertices, tets=tets.astype(np.int32), resolution=resolution, bound=bound)
+            f.flush()
+            os.fsync(f.fileno())  # a crash after the rename must not leave a short file under the name
         os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is shared like any downloaded file
         os.replace(tmp, path)
     except BaseException:
@@ -141,15 +145,33 @@ def tet_grid(
         )
     if not bound > 0:
         raise ValueError(f"bound must be > 0, got {bound}")
-    path = _cache_path(Path(cache_dir) if cache_dir is not None else default_cache_dir(), resolution, bound)
-    if cache and path.is_file():
-        with np.load(path) as data:
-            vertices, tets = data["vertices"], data["tets"].astype(np.int64)
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    path = _cache_path(folder, resolution, bound)
+    loaded = _load_cached(path, resolution) if cache and path.is_file() else None
+    if loaded is not None:
+        vertices, tets = loaded
     else:
         vertices, tets = _generate(resolution, float(bound))
         if cache:
-            _save_atomic(path, vertices, tets, resolution, float(bound))
+            try:
+                _save_atomic(path, vertices, tets, resolution, float(bound))
+            except OSError as err:  # a read-only or full cache: the grid works uncached, regenerated per run
+                warnings.warn(f"tet grid not cached in {folder}: {err.strerror or err}", stacklevel=2)
     return TetGrid(torch.from_numpy(vertices), torch.from_numpy(tets), resolution, float(bound))
+
+
+def _load_cached(path: Path, resolution: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """A cached grid's (vertices, tets), or None when the file is unreadable or not the grid it names
+    (a write cut short by a crash, a disk error): the caller then regenerates and replaces it."""
+    n, n_tets = (resolution + 1) ** 3, 6 * resolution**3
+    try:
+        with np.load(path) as data:
+            vertices, tets = data["vertices"], data["tets"].astype(np.int64)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    if vertices.shape != (n, 3) or tets.shape != (n_tets, 4) or tets.min() < 0 or tets.max() >= n:
+        return None
+    return vertices, tets
 
 
 def tet_volumes(vertices: Tensor, tets: Tensor) -> Tensor:

@@ -210,6 +210,12 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("orbit_dir", help="orbit directory: transforms.json + RGBA frames")
     p.add_argument("--init", required=True, help="fit-nerf output directory or mesh file")
+    p.add_argument(
+        "--up",
+        choices=("auto", "y", "z"),
+        default="auto",
+        help="up axis of an --init mesh file (auto: glTF y-up, others z-up)",
+    )
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.add_argument("--steps", type=int, help="optimisation steps (default: by device)")
     p.add_argument("--resolution", type=int, help="render size during refinement (default: by device)")
@@ -278,7 +284,7 @@ def _cmd_refine(args: argparse.Namespace) -> int:
     if args.no_floor_cut:
         config.refine.floor_cut = False
     start = time.perf_counter()
-    out = refine_stage(args.orbit_dir, args.init, args.output, config, force=args.force)
+    out = refine_stage(args.orbit_dir, args.init, args.output, config, force=args.force, init_up=args.up)
     print(f"wrote mesh.glb, mesh.obj/.mtl/.png, preview.mp4 to {out} in {time.perf_counter() - start:.1f} s")
     return 0
 

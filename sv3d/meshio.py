@@ -163,7 +163,7 @@ def load_mesh(path: str | Path, up: UpAxis = "auto", place: bool = True) -> Mesh
 
     # 1. Geometry: one vertex array, faces offset per part
     vertices, faces = _concatenate(parts)  # [N, 3], [F, 3]
-    _check_extent(mesh_path, vertices)
+    _check_extent(mesh_path, vertices, faces)
     if place:
         vertices, _, _ = place_in_world(vertices)
 
@@ -202,7 +202,7 @@ def load_trimesh(path: str | Path, up: UpAxis = "auto", place: bool = True) -> t
     mesh_path = resolve_mesh_path(path)
     parts = _read_parts(mesh_path, up, with_visuals=False)
     vertices, faces = _concatenate(parts)  # [N, 3], [F, 3]
-    _check_extent(mesh_path, vertices)
+    _check_extent(mesh_path, vertices, faces)
     if place:
         vertices, _, _ = place_in_world(vertices)
     return trimesh.Trimesh(vertices=vertices, faces=faces, process=True)
@@ -500,9 +500,14 @@ def _concatenate(parts: list[_Part]) -> tuple[np.ndarray, np.ndarray]:
     return vertices, faces
 
 
-def _check_extent(path: Path, vertices: np.ndarray) -> None:
+MAX_FACES = 2**24 - 1  # the rasterizer carries triangle ids as float32
+
+
+def _check_extent(path: Path, vertices: np.ndarray, faces: np.ndarray) -> None:
     if np.ptp(vertices, axis=0).max() <= 0:
         raise MeshLoadError(f"{path}: all vertices coincide; the mesh has no extent")
+    if len(faces) > MAX_FACES:
+        raise MeshLoadError(f"{path}: {len(faces)} faces, more than the {MAX_FACES} we render: decimate it")
 
 
 def _consistent_normals(normals: np.ndarray, vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:

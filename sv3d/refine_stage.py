@@ -96,6 +96,7 @@ def default_refine_config(device: torch.device) -> RefineStageConfig:
 def check_refine_stage_config(config: RefineStageConfig) -> None:
     """A one-line InputError for sizes and counts the stage cannot use, before anything is made (run and
     eval check their refine config with it too)."""
+    from refine.bake import MAX_BAKE_RESOLUTION
     from refine.tetgrid import MAX_RESOLUTION, MIN_RESOLUTION
 
     from .orbit import _dtype
@@ -118,10 +119,37 @@ def check_refine_stage_config(config: RefineStageConfig) -> None:
     except ValueError as exc:
         raise InputError(f"--texture-size: {exc}") from None
     b = config.bake
-    if b.gutter < 0 or (b.padding is not None and b.padding < 0) or not 1 <= b.supersample <= 4:
+
+    def whole(x: object) -> bool:
+        return not isinstance(x, bool) and isinstance(x, int | float) and int(x) == x
+
+    if not (
+        whole(b.gutter)
+        and b.gutter >= 0
+        and (b.padding is None or b.padding >= 0)
+        and whole(b.supersample)
+        and 1 <= b.supersample <= 4
+    ):
         raise InputError(
-            f"bake: gutter and padding must be >= 0 texels and supersample in [1, 4], got {b.gutter}, "
-            f"{b.padding} and {b.supersample}"
+            f"bake: gutter and padding must be >= 0 texels and supersample an integer in [1, 4], got "
+            f"{b.gutter}, {b.padding} and {b.supersample}"
+        )
+    if b.texture_size * b.supersample > MAX_BAKE_RESOLUTION:
+        raise InputError(
+            f"bake: texture_size x supersample must be <= {MAX_BAKE_RESOLUTION} (the bake rasterizes the "
+            f"UV square at that size), got {b.texture_size} x {b.supersample}"
+        )
+    if not (whole(b.chunk_size) and b.chunk_size >= 1) or not (
+        whole(config.preview_resolution) and config.preview_resolution >= 8
+    ):
+        raise InputError(
+            f"bake.chunk_size must be >= 1 and preview_resolution >= 8, got {b.chunk_size} and "
+            f"{config.preview_resolution}"
+        )
+    if config.refine.color.bound < r.tet.bound:
+        raise InputError(
+            f"refine.color.bound ({config.refine.color.bound}) must be >= refine.tet.bound ({r.tet.bound}): "
+            "the colour field would clamp what lies beyond it"
         )
     c = config.cleanup
     if not (c.merge_tolerance >= 0.0 and 0.0 <= c.min_component_fraction <= 1.0):
@@ -171,13 +199,15 @@ def mesh_sdf(
     slack = np.where(far, 2.0 * np.sqrt(area / len(coarse)), 2.0 * np.sqrt(area / len(dense)))  # [N]
 
     tree = build_face_tree(  # once, for both batches of winding numbers below
-        torch.as_tensor(mesh.vertices, dtype=torch.float64), torch.as_tensor(mesh.faces, dtype=torch.int64)
+        torch.as_tensor(np.ascontiguousarray(mesh.vertices), dtype=torch.float64),
+        torch.as_tensor(np.ascontiguousarray(mesh.faces), dtype=torch.int64),
     )
 
-    def inside(index: np.ndarray) -> np.ndarray:  # [K] bool: winding number > 1/2
+    def inside(index: np.ndarray) -> np.ndarray:  # [K] bool: |winding number| > 1/2
         if len(index) == 0:
             return np.zeros(0, dtype=bool)
-        return (winding_numbers_fast(torch.from_numpy(pts[index]), tree) > 0.5).numpy()
+        # |w|: a closed mesh wound inward (some scans, other tools' exports) has w = -1 inside
+        return (winding_numbers_fast(torch.from_numpy(pts[index]), tree).abs() > 0.5).numpy()
 
     is_inside = np.zeros(len(pts), dtype=bool)
     n_anchors = min(len(pts), max(len(pts) // anchor_stride, 1))
@@ -192,9 +222,10 @@ def mesh_sdf(
     return torch.as_tensor(np.where(is_inside, -distance, distance), dtype=torch.float32)
 
 
-def _load_init(init: Path, orbit_dir: Path) -> tuple[trimesh.Trimesh, float | None]:
-    """The init mesh from a NeRF output directory (its mesh.ply) or a mesh file, in the world frame, and
-    the NeRF stage's floor height (its `fit_nerf.json`; None for a mesh file or a NeRF fitted without it)."""
+def _load_init(init: Path, orbit_dir: Path, up: str = "auto") -> tuple[trimesh.Trimesh, float | None]:
+    """The init mesh from a NeRF output directory (its mesh.ply) or a mesh file (up axis `up`: auto, y or
+    z), in the world frame, and the NeRF stage's floor height (its `fit_nerf.json`; None for a mesh file or
+    a NeRF fitted without it)."""
     floor = None
     if init.is_dir():
         summary, mesh_path = init / "fit_nerf.json", init / "mesh.ply"
@@ -216,10 +247,10 @@ def _load_init(init: Path, orbit_dir: Path) -> tuple[trimesh.Trimesh, float | No
             number = isinstance(floor, (int, float)) and not isinstance(floor, bool)
             if floor is not None and not (number and math.isfinite(floor)):
                 raise InputError(f"{summary}: floor_height must be a number or null, got {floor!r}")
-        init = mesh_path
+        init, up = mesh_path, "z"  # ours: the world's axes
     elif not init.is_file():
         raise InputError(f"{init}: --init not found (a fit-nerf output directory or a mesh file)")
-    mesh = load_trimesh(init, place=False)  # world frame as it is: it must match the orbit's
+    mesh = load_trimesh(init, up=up, place=False)  # world frame as it is: it must match the orbit's
     if len(mesh.faces) == 0:
         raise InputError(f"{init}: the init mesh is empty")
     return mesh, None if floor is None else float(floor)
@@ -232,8 +263,10 @@ def refine_stage(
     config: RefineStageConfig | None = None,
     force: bool = False,
     progress: bool = True,
+    init_up: str = "auto",
 ) -> Path:
-    """Refine the init mesh on the orbit's frames and write the stage's files into `output_dir`."""
+    """Refine the init mesh on the orbit's frames and write the stage's files into `output_dir`
+    (`init_up`: the up axis of an init mesh file, as `sv3d render-orbit --up`)."""
     # 1. Check inputs before creating anything
     orbit_dir, init, out = Path(orbit_dir), Path(init), Path(output_dir)
     frames = read_orbit_directory(orbit_dir)
@@ -244,8 +277,9 @@ def refine_stage(
         raise InputError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise InputError(f"{out}: output directory exists and is not empty (use --force to replace it)")
-    mesh, floor = _load_init(init, orbit_dir)
-    grid = tet_grid(config.refine.tet.resolution, config.refine.tet.bound)
+    mesh, floor = _load_init(init, orbit_dir, init_up)
+    tet = config.refine.tet
+    grid = tet_grid(tet.resolution, tet.bound, cache_dir=tet.cache_dir)  # the grid DMTetGeometry reads
     init_sdf = mesh_sdf(mesh, grid.vertices)
     try:
         validate_init(init_sdf, grid.boundary_mask())

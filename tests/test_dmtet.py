@@ -114,6 +114,20 @@ def test_validate_init(geometry32):
     validate_init(radius - 0.3, geo.boundary)
 
 
+def test_a_surface_pushed_into_the_grids_boundary_stays_closed():
+    """Marching tets makes no faces on the cube's surface: outer vertices driven inside (sdf < 0) by a
+    step would open the mesh there; keep_off_boundary moves them back outside."""
+    geo = DMTetGeometry(DMTetConfig(resolution=8))
+    geo.init_from_sdf(geo.grid_vertices.norm(dim=1) - 0.45)
+    with torch.no_grad():  # what a step can do: the sphere grows through the +x face
+        geo.sdf[geo.grid_vertices[:, 0] > 0.5] = -0.05
+    verts, faces = geo()
+    assert not trimesh.Trimesh(verts.detach().numpy(), faces.numpy()).is_watertight
+    assert geo.keep_off_boundary() > 0 and geo.keep_off_boundary() == 0
+    verts, faces = geo()
+    assert trimesh.Trimesh(verts.detach().numpy(), faces.numpy()).is_watertight
+
+
 def test_gradients_reach_sdf_and_deformation():
     geo = DMTetGeometry(DMTetConfig(resolution=8))
     geo.init_from_sdf(geo.grid_vertices.norm(dim=1) - 0.3)

@@ -487,3 +487,16 @@ def test_bad_input_raises_one_line_naming_the_file(
     if case not in ("no_png", "bad_png", "no_mtl"):  # geometry-only loading does not read textures
         with pytest.raises(MeshLoadError):
             load_trimesh(path)
+
+
+def test_more_faces_than_the_rasterizer_takes_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    """Triangle ids travel as float32 through the rasterizer: a mesh beyond 2^24 - 1 faces is refused
+    when read (shown here with the limit lowered to 3 for a 4-face tetrahedron)."""
+    import sv3d.meshio as meshio
+
+    path = write_obj(tmp_path / "t.obj", TETRA_V, TETRA_F)
+    load_mesh(path)
+    monkeypatch.setattr(meshio, "MAX_FACES", 3)
+    for load in (load_mesh, load_trimesh):
+        with pytest.raises(MeshLoadError, match="4 faces, more than the 3 we render: decimate it"):
+            load(path)

@@ -256,6 +256,17 @@ def test_antialiased_alpha_is_the_pixels_coverage(backend: str):
         assert torch.equal(alpha[inner], inside[inner])  # no blending across the fan's inner edges
 
 
+def test_bad_triangles_are_refused():
+    _, faces, pos = _small_scene(torch.float32)
+    with pytest.raises(ValueError, match="tri indexes vertices 0..42 but pos_clip has 42"):
+        rasterize(pos, torch.cat([faces, torch.tensor([[0, 1, 42]])]), 8)
+    with pytest.raises(ValueError, match="tri indexes vertices -1"):
+        rasterize(pos, torch.cat([faces, torch.tensor([[0, 1, -1]])]), 8)
+    too_many = torch.zeros(1, 3, dtype=torch.int64).expand(2**24, 3)  # ids are float32 in rast[..., 3]
+    with pytest.raises(ValueError, match="at most 2\\^24 - 1 triangles"):
+        rasterize(pos, too_many, 8)
+
+
 def test_edge_topology():
     box = trimesh.creation.box()
     topo = edge_topology(torch.tensor(box.faces))

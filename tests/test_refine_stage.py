@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import types
 from pathlib import Path
 
@@ -80,6 +81,31 @@ def test_bad_options_fail_before_anything_is_written(scene, tmp_path, capsys, ex
     assert not out.exists()
 
 
+def test_settings_used_only_at_export_are_checked_up_front():
+    """Bake and preview settings failed after the whole refinement (ValueError traceback, no mesh)."""
+    from dataclasses import replace
+
+    import torch
+
+    from sv3d.refine_stage import check_refine_stage_config, default_refine_config
+
+    config = default_refine_config(torch.device("cpu"))
+    check_refine_stage_config(config)
+    r, b = config.refine, config.bake
+    for bad, message in [
+        (replace(config, bake=replace(b, texture_size=4096, supersample=4)), "texture_size x supersample"),
+        (replace(config, bake=replace(b, supersample=1.5)), "supersample an integer in [1, 4]"),
+        (replace(config, bake=replace(b, chunk_size=0)), "bake.chunk_size must be >= 1"),
+        (replace(config, preview_resolution=0), "preview_resolution >= 8"),
+        (
+            replace(config, refine=replace(r, tet=replace(r.tet, bound=0.7))),
+            "refine.color.bound (0.55) must be >= refine.tet.bound (0.7)",
+        ),
+    ]:
+        with pytest.raises(InputError, match=re.escape(message)):
+            check_refine_stage_config(bad)
+
+
 def test_bad_inits_fail_with_one_line(scene, tmp_path, capsys):
     root = scene["root"]
     empty = tmp_path / "empty.ply"
@@ -112,6 +138,20 @@ def test_bad_inits_fail_with_one_line(scene, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("sv3d: error:") and message in err and len(err.splitlines()) == 1, err
         assert not out.exists(), init
+
+
+def test_an_init_mesh_files_up_axis_can_be_given(scene, tmp_path):
+    """`sv3d refine --up y`: a y-up file (x, z, -y of the world) is turned back into the world frame."""
+    from sv3d.refine_stage import _load_init
+
+    placed = scene["placed"]
+    y_up = placed.copy()
+    y_up.vertices = placed.vertices[:, [0, 2, 1]] * [1.0, 1.0, -1.0]
+    path = tmp_path / "y_up.obj"
+    y_up.export(path)
+    mesh, floor = _load_init(path, scene["orbit"], "y")
+    assert floor is None and np.allclose(mesh.bounds, placed.bounds, atol=1e-5)
+    assert not np.allclose(_load_init(path, scene["orbit"])[0].bounds, placed.bounds, atol=1e-3)
 
 
 def test_a_nerf_inits_floor_height_is_the_floor_cut(scene, tmp_path, capsys):
@@ -184,6 +224,8 @@ def test_mesh_sdf_matches_the_analytic_sdf_and_the_full_winding_sign():
     assert np.abs(sdf - truth)[near].max() < 0.004  # 300 k samples on the sphere: spacing ~0.001
     assert np.abs(sdf - truth)[~near].max() < 0.015  # 20 k samples: spacing ~0.004; faceting ~0.0005
     assert mesh_sdf(trimesh.Trimesh(), points).min() > 0  # nothing inside
+    inward = trimesh.Trimesh(sphere.vertices, sphere.faces[:, ::-1], process=False)  # winding -1 inside
+    assert torch.equal(mesh_sdf(inward, points) < 0, torch.as_tensor(truth < 0))
     assert torch.equal(mesh_sdf(sphere, points), mesh_sdf(sphere, points))  # seeded samples: same SDF again
 
 

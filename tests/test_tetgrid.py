@@ -106,6 +106,31 @@ def test_cache_round_trip(tmp_path, monkeypatch):
     assert not (tmp_path / "root" / "tets" / "kuhn_r3_b0.55.npz").exists()
 
 
+def test_a_damaged_cache_file_is_regenerated_and_a_read_only_cache_is_skipped(tmp_path):
+    fresh = tet_grid(4, bound=0.5, cache=False)
+    path = tmp_path / "kuhn_r4_b0.5.npz"
+    for damage in (b"", b"PK\x03\x04 cut short"):  # a write cut short by a crash
+        path.write_bytes(damage)
+        grid = tet_grid(4, bound=0.5, cache_dir=tmp_path)
+        assert torch.equal(grid.tets, fresh.tets) and path.stat().st_size > 1000  # replaced
+    np.savez(path, vertices=fresh.vertices.numpy(), tets=fresh.tets.numpy()[:10])  # another grid's shape
+    assert torch.equal(tet_grid(4, bound=0.5, cache_dir=tmp_path).tets, fresh.tets)
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the cache folder should be")
+    with pytest.warns(UserWarning, match="tet grid not cached"):
+        assert torch.equal(tet_grid(4, bound=0.5, cache_dir=blocked / "tets").tets, fresh.tets)
+    home = tmp_path / "home"
+    home.mkdir()
+    import os
+
+    os.environ["HOME"], old_home = str(home), os.environ.get("HOME")
+    try:
+        tet_grid(2, cache_dir="~/tets")  # "~" is the home folder, not a folder named "~"
+    finally:
+        os.environ["HOME"] = old_home or ""
+    assert (home / "tets" / "kuhn_r2_b0.55.npz").is_file()
+
+
 @pytest.mark.parametrize("resolution,bound", [(0, 0.5), (257, 0.5), (4.0, 0.5), (4, 0.0)])
 def test_rejects_bad_arguments(resolution, bound):
     with pytest.raises(ValueError, match="resolution|bound"):
