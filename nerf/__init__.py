@@ -7,7 +7,7 @@ from .encoding import HashGridConfig, HashGridEncoder, hash_encode, hash_encode_
 from .extract import ExtractConfig, density_grid, extract_mesh, load_density, save_density
 from .field import FieldConfig, RadianceField, trunc_exp
 from .occupancy import OccupancyGrid
-from .rays import generate_rays, ray_sphere_bounds
+from .rays import generate_rays, ray_sphere_bounds, sample_bounds
 from .render import render_rays
 from .smoothness import color_smoothness
 from .train import TrainConfig, TrainResult, fit_field, frames_over_white, psnr
@@ -32,6 +32,7 @@ __all__ = [
     "load_density",
     "psnr",
     "ray_sphere_bounds",
+    "sample_bounds",
     "render_rays",
     "save_density",
     "trunc_exp",

@@ -42,6 +42,11 @@ _CHUNK = 4096  # points per forward task: enough work per task, many tasks for l
 if AVAILABLE:
 
     @numba.njit(inline="always")
+    def _unit(v, zero, one):  # pragma: no cover
+        # v clamped to [zero, one]; NaN -> zero
+        return min(max(v, zero), one) if v == v else zero
+
+    @numba.njit(inline="always")
     def _corners(
         x, i, level, scales, consts, resolutions, offsets, n_dense, hash_mask, rows, ws
     ):  # pragma: no cover
@@ -49,10 +54,11 @@ if AVAILABLE:
         # `level`, corner c = bx + 2*by + 4*bz; returns the fractions (fx, fy, fz) for the input gradient
         zero, half, one = consts[0], consts[1], consts[2]
         s = scales[level]
-        # clamp to [0, 1] as the torch paths do (the gradient there is zero outside the box)
-        px = min(max(x[i, 0], zero), one) * s + half
-        py = min(max(x[i, 1], zero), one) * s + half
-        pz = min(max(x[i, 2], zero), one) * s + half
+        # clamp to [0, 1] as the torch paths do (the gradient there is zero outside the box); NaN goes to 0
+        # (floor(NaN) as an index read outside the table: numba does not check bounds)
+        px = _unit(x[i, 0], zero, one) * s + half
+        py = _unit(x[i, 1], zero, one) * s + half
+        pz = _unit(x[i, 2], zero, one) * s + half
         flx = np.floor(px)
         fly = np.floor(py)
         flz = np.floor(pz)

@@ -1,6 +1,8 @@
 """Coarse mesh from a radiance field: density grid -> marching cubes -> mesh with vertex colours.
 
-The density grid is also what the DMTet stage starts from (`density.npz`: grid, bound, level).
+`density.npz` (`save_density`: density, bound, level) keeps the grid the mesh was made from, floor cut and
+cavities filled (the small floating parts that `surface` drops are still in it), for a DMTet start through
+`refine.dmtet.sdf_from_density`; the refine stage itself starts from `mesh.ply`.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["generate_rays", "ray_sphere_bounds"]
+__all__ = ["generate_rays", "ray_sphere_bounds", "sample_bounds"]
 
 
 def generate_rays(
@@ -88,4 +88,21 @@ def ray_sphere_bounds(
     miss = disc <= 0
     near = torch.where(miss, (-b).clamp(min=0.0), near)
     far = torch.where(miss, near, far)
+    return near, far
+
+
+def sample_bounds(
+    origins: Tensor,  # [..., 3] ray origins
+    directions: Tensor,  # [..., 3] unit ray directions
+    radius: float,  # the scene's bounding sphere
+    occupancy=None,  # has ray_bounds(origins [R, 3], directions [R, 3]) -> (near, far) [R]; or None
+) -> tuple[Tensor, Tensor]:
+    """The span `(near, far)`, each `[...]`, over which a ray's samples are spread: its chord of the
+    bounding sphere, narrowed to the box of the occupied cells when `occupancy` has one. Training and every
+    render of a field use this one span, so that a render's n samples lie as densely as training's did."""
+    near, far = ray_sphere_bounds(origins, directions, radius)
+    if occupancy is not None and hasattr(occupancy, "ray_bounds"):
+        box_near, box_far = occupancy.ray_bounds(origins.reshape(-1, 3), directions.reshape(-1, 3))
+        near = torch.maximum(near, box_near.to(near).reshape(near.shape))
+        far = torch.minimum(far, box_far.to(far).reshape(far.shape))
     return near, far

@@ -132,6 +132,7 @@ def render_rays(
             stratified,
             estimator,
             color_eps if split else 0.0,
+            occupancy,
         )
 
     # 2. Intervals: S equal pieces of [near, far] per ray (or drawn from a first pass's weights); empty
@@ -362,8 +363,12 @@ def _render_estimator(
     stratified: bool,
     estimator: nerfacc.OccGridEstimator,
     color_eps: float = 0.0,  # > 0: the field has geometry/color; colour only where weights exceed it
+    occupancy: Callable[[Tensor], Tensor] | None = None,  # [N, 3] -> [N] bool: samples elsewhere dropped
 ) -> dict[str, Tensor]:
-    """Occupancy-grid sampling (nerfacc CUDA kernels), then the packed weights/sums of nerfacc."""
+    """Occupancy-grid sampling (nerfacc CUDA kernels), then the packed weights/sums of nerfacc. The
+    estimator's cells are tested at one random point each, so a cell that straddles the hull's border
+    stays occupied; `occupancy` drops its samples outside the hull (density 0 there, as on the other
+    paths)."""
     if origins.device.type != "cuda":
         raise RuntimeError(f"the occupancy-grid estimator needs CUDA tensors, got device {origins.device}")
     n_rays = origins.shape[0]
@@ -386,6 +391,11 @@ def _render_estimator(
     )  # [N] each, sorted by ray
     t_mid = (t_starts + t_ends) / 2.0  # [N]
     positions = origins[ray_indices] + t_mid[:, None] * directions[ray_indices]  # [N, 3]
+    if occupancy is not None:
+        keep = occupancy(positions)  # [N] bool; a subset keeps the order by ray
+        ray_indices, t_starts, t_ends, t_mid, positions = (
+            a[keep] for a in (ray_indices, t_starts, t_ends, t_mid, positions)
+        )
     weights = None
     if color_eps > 0:
         sigmas, feat = field.geometry(positions)  # [N], [N, F]

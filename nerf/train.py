@@ -24,7 +24,8 @@ Two measures for the start of a fit, measured on the oracle orbits at the CPU de
 Sampling: on CUDA, when nerfacc's CUDA extension builds, nerfacc's occupancy-grid estimator (instant-ngp's
 empty-space skipping: samples only in cells the field's density marks occupied, refreshed every 16 steps;
 `sampler="auto"`); elsewhere `n_samples` samples per ray between the bounds. An `occupancy` grid from the
-caller (the masks' visual hull) limits both: the estimator never marks a cell outside it occupied.
+caller (the masks' visual hull) limits both: the estimator's cells are marked from density that is 0
+outside it, and its samples outside it are dropped (a cell straddling the hull's border stays marked).
 On the uniform path, `early_stop_eps` (opt-in; nerfacc's is 1e-4) skips the samples hidden behind a surface
 (nerfacc's early stop, as its estimator does): a pass without gradients finds their transmittance, and it
 is used while it hides more than 30% of the samples (checked every 50 steps). Off by default because its
@@ -156,7 +157,7 @@ import torch
 from torch import Tensor
 
 from .field import FieldConfig, RadianceField
-from .rays import generate_rays, ray_sphere_bounds
+from .rays import generate_rays, sample_bounds
 from .render import estimator_available, make_estimator, render_rays, update_estimator
 from .smoothness import color_smoothness
 
@@ -210,6 +211,13 @@ _SURFACE_WEIGHT = 0.05
 
 
 def _check_train_config(config: TrainConfig) -> None:
+    if not (math.isfinite(config.lr) and config.lr > 0.0):
+        raise ValueError(f"lr must be a finite number > 0, got {config.lr}")
+    if not 0.0 < config.lr_final_factor <= 1.0:  # 0 stopped learning after one step; < 0: a complex rate
+        raise ValueError(f"lr_final_factor must be in (0, 1], got {config.lr_final_factor}")
+    for name in ("steps", "batch_rays", "n_samples"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
     if not (math.isfinite(config.volume_weight) and config.volume_weight >= 0.0):
         raise ValueError(f"volume_weight must be a finite number >= 0, got {config.volume_weight}")
     if config.volume_points < 1:
@@ -404,12 +412,8 @@ def fit_field(
     size = target.shape[1]
     focal = size / (2.0 * math.tan(math.radians(fov_deg) / 2.0))
     origins, directions = generate_rays(c2w.float(), focal, size, size)  # [V, S, S, 3] each
-    near, far = ray_sphere_bounds(origins, directions, config.field.bound)
-    if occupancy is not None and hasattr(occupancy, "ray_bounds"):
-        # Sample only where the rays cross the box of the occupied cells: the same samples, denser.
-        box_near, box_far = occupancy.ray_bounds(origins.reshape(-1, 3), directions.reshape(-1, 3))
-        near = torch.maximum(near, box_near.reshape(near.shape))
-        far = torch.minimum(far, box_far.reshape(far.shape))
+    # Sample only where the rays cross the box of the occupied cells: the same samples, denser.
+    near, far = sample_bounds(origins, directions, config.field.bound, occupancy)
     hits = (far > near).reshape(-1)
     if occupancy is not None and hasattr(occupancy, "to"):
         occupancy = occupancy.to(device)  # it is queried with the training samples, on `device`

@@ -6,9 +6,9 @@ an SDF value s_i and an offset Δv_i; the surface is `marching_tets(v_i + Δv_i,
 in both. The offset is bounded with tanh to a fraction of a cell (DMTet bounds it the same way so that
 the grid does not tangle). Sign convention: sdf < 0 inside.
 
-The stage starts from the NeRF stage's density grid (`density.npz`, see `nerf.extract`) through
-`sdf_from_density`, or from any mesh whose signed distances the caller evaluates at `grid_vertices` and
-passes to `init_from_sdf`.
+It starts from any mesh whose signed distances the caller evaluates at `grid_vertices` and passes to
+`init_from_sdf` (`sv3d refine` does so with the NeRF stage's `mesh.ply`), or from a density grid such as
+the NeRF stage's `density.npz` (see `nerf.extract`) through `sdf_from_density`.
 """
 
 from __future__ import annotations

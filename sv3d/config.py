@@ -137,6 +137,12 @@ def apply_overrides(base: T, values: Mapping | None, where: str) -> T:
             changes[key] = apply_overrides(current, value, f"{where}.{key}")
         else:
             changes[key] = _coerce(value, current, f"{where}.{key}")
+    if "per_level_scale" in changes and "finest_resolution" in known:
+        # A hash grid's growth comes from finest_resolution when that is set (the CPU default sets it), which
+        # would silently undo the override: the override stands for itself.
+        if values.get("finest_resolution") is not None:
+            raise InputError(f"{where}: give per_level_scale or finest_resolution, not both")
+        changes["finest_resolution"] = None
     try:
         return dataclasses.replace(base, **changes)
     except ValueError as exc:  # a dataclass's own validation (e.g. HashGridConfig)

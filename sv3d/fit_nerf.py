@@ -21,9 +21,17 @@ import torch
 import trimesh
 
 from nerf.encoding import HashGridConfig
-from nerf.extract import ExtractConfig, clear_below, density_grid, extract_mesh, save_density, surface
+from nerf.extract import (
+    ExtractConfig,
+    clear_below,
+    density_grid,
+    extract_mesh,
+    fill_cavities,
+    save_density,
+    surface,
+)
 from nerf.occupancy import OccupancyGrid
-from nerf.rays import generate_rays, ray_sphere_bounds
+from nerf.rays import generate_rays, sample_bounds
 from nerf.render import render_rays
 from nerf.train import TrainConfig, fit_field
 from refine.camera import Cameras, transform_points
@@ -217,7 +225,7 @@ def render_views(
     """[V, size, size, 3] renders of the field over white."""
     focal = size / (2.0 * math.tan(math.radians(fov_deg) / 2.0))
     origins, directions = generate_rays(c2w.float(), focal, size, size)
-    near, far = ray_sphere_bounds(origins, directions, train.field.bound)
+    near, far = sample_bounds(origins, directions, train.field.bound, occupancy)  # as training sampled
     o, d = origins.reshape(-1, 3), directions.reshape(-1, 3)
     n, f = near.reshape(-1), far.reshape(-1)
     hit = f > n
@@ -374,7 +382,9 @@ def fit_nerf(
             grid = clear_below(grid, bound, floor)
     mesh = extract_mesh(result.field, grid, bound, config.extract, level=level)
     _atomic(out / "mesh.ply", lambda p: mesh.export(p, file_type="ply"))
-    _atomic(out / "density.npz", lambda p: save_density(p, grid, config.train.field.bound, level))
+    # The grid mesh.ply was made from: floor cut, cavities filled (the floating parts the mesh drops stay).
+    filled = fill_cavities(grid, level)
+    _atomic(out / "density.npz", lambda p: save_density(p, filled, config.train.field.bound, level))
     meta = {"config": json.dumps(asdict(config)), "train_seconds": f"{result.seconds:.1f}"}
     _atomic(
         out / "field.safetensors",

@@ -113,6 +113,17 @@ def test_overrides_are_typed_and_checked():
         apply_overrides(FitNerfConfig(), {"train": {"stepz": 3}}, "nerf")
     with pytest.raises(InputError, match="nerf.train.field.encoder: n_levels must be >= 1"):
         apply_overrides(FitNerfConfig(), {"train": {"field": {"encoder": {"n_levels": 0}}}}, "nerf")
+    # The CPU defaults derive the hash grid's growth from finest_resolution: an override of the growth
+    # itself was silently undone; now it stands, and the two together are refused.
+    from sv3d.fit_nerf import default_fit_config
+
+    cpu = default_fit_config(torch.device("cpu"))
+    grown = apply_overrides(cpu, {"train": {"field": {"encoder": {"per_level_scale": 1.3}}}}, "nerf")
+    encoder = grown.train.field.encoder
+    assert encoder.per_level_scale == 1.3 and encoder.finest_resolution is None
+    with pytest.raises(InputError, match="give per_level_scale or finest_resolution, not both"):
+        both = {"per_level_scale": 1.3, "finest_resolution": 512}
+        apply_overrides(cpu, {"train": {"field": {"encoder": both}}}, "nerf")
     with pytest.raises(InputError, match="--mode must be one of"):
         eval_config(compose_config(["eval.mode=sideways"]))
     assert refine_stage_config(compose_config(["refine.open_cavities=always"])).open_cavities == "always"

@@ -149,6 +149,11 @@ def test_points_outside_the_box_are_clamped_with_zero_gradient():
         out = fn(x, table, TINY)
         torch.testing.assert_close(out[0], out[1])  # same point after clamping
         assert gx[0, 0] == 0 and gx[0, 2] == 0 and gx[0, 1] != 0
+    # NaN (a diverged fit): the compiled kernel, which does not check bounds, reads x = 0 instead of a row
+    # floor(NaN) points at outside the table
+    nan = torch.tensor([[float("nan"), 0.3, 1.0], [0.0, 0.3, 1.0]], dtype=torch.float64)
+    out = _numba(nan, table, TINY)
+    torch.testing.assert_close(out[0], out[1])
 
 
 @needs_numba

@@ -93,6 +93,25 @@ def test_ray_sphere_bounds_hand_values() -> None:
     assert ((far > near) == torch.tensor([True, True, False, True, False])).all()
 
 
+def test_renders_sample_the_span_training_sampled() -> None:
+    """Training spreads a ray's samples over its chord of the occupied cells' box; the previews, the
+    consistency score and the held-out PSNR used the whole sphere chord (longer: sparser samples)."""
+    from nerf.occupancy import OccupancyGrid
+    from nerf.rays import sample_bounds
+
+    occupied = torch.zeros(8, 8, 8, dtype=torch.bool)
+    occupied[3:5, 3:5, 2:6] = True  # a column: |x|, |y| <= 0.125, |z| <= 0.25 at bound 0.5
+    grid = OccupancyGrid(occupied, 0.5, dilate=0)
+    o = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 2.0], [2.0, 0.4, 0.0]])
+    d = torch.tensor([[-1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [-1.0, 0.0, 0.0]])
+    near, far = sample_bounds(o, d, 0.5, grid)
+    torch.testing.assert_close(near[:2], torch.tensor([1.875, 1.75]))
+    torch.testing.assert_close(far[:2], torch.tensor([2.125, 2.25]))
+    assert far[2] <= near[2]  # misses the box: nothing to sample
+    sphere = sample_bounds(o, d, 0.5)  # no occupancy: the sphere's chord
+    torch.testing.assert_close(sphere[0][0], torch.tensor(1.5))
+
+
 def test_ray_inputs_are_checked() -> None:
     with pytest.raises(ValueError, match="c2w"):
         generate_rays(torch.eye(3), 1.0, 4, 4)

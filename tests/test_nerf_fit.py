@@ -340,6 +340,19 @@ def test_early_stop_eps_is_checked():
             TrainConfig(color_eps=bad)
 
 
+def test_learning_rates_and_sizes_are_checked():
+    """lr_final_factor 0 trained one step and then nothing (gamma 0); < 0 made the rate complex."""
+    from nerf.train import TrainConfig
+
+    for bad in ({"lr_final_factor": 0.0}, {"lr_final_factor": -0.5}, {"lr_final_factor": 1.5}):
+        with pytest.raises(ValueError, match="lr_final_factor must be in"):
+            TrainConfig(**bad)
+    for bad in ({"lr": 0.0}, {"lr": float("nan")}, {"steps": 0}, {"batch_rays": 0}, {"n_samples": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TrainConfig(**bad)
+    TrainConfig(lr_final_factor=1.0)  # constant rate
+
+
 def test_extraction_of_an_analytic_density():
     class Ball(torch.nn.Module):  # density 100 inside radius 0.3, colour red
         def __init__(self):
@@ -458,6 +471,9 @@ def test_fit_nerf_writes_its_files_and_refuses_bad_input(orbit: Path, tmp_path: 
         assert (out / name).is_file(), name
     grid, bound, level = load_density(out / "density.npz")
     assert grid.shape == (32, 32, 32) and bound == pytest.approx(0.55) and level == pytest.approx(0.6)
+    from nerf.extract import fill_cavities
+
+    assert np.array_equal(fill_cavities(grid, level), grid)  # the grid mesh.ply came from: no cavities
     mesh = trimesh.load(out / "mesh.ply")
     assert len(mesh.faces) > 0
     # The floor cut (on by default): nothing below the lowest point seen, but a cell's rounding.
