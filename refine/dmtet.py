@@ -277,7 +277,6 @@ class DMTetGeometry(nn.Module):
         return Mesh(verts.detach(), faces)
 
     @torch.no_grad()
-    @torch.no_grad()
     def keep_off_boundary(self) -> int:
         """Keep the grid's outer vertices outside (sdf >= 0) after a step: marching tets makes no faces on
         the cube's surface, so a surface grown into it would open there. Returns how many were moved."""
@@ -287,6 +286,7 @@ class DMTetGeometry(nn.Module):
             self.sdf[self.boundary] = outer.clamp(min=1e-6)
         return n_inside
 
+    @torch.no_grad()
     def cut_below(self, height: float) -> float:
         """Remove everything below z = `height` (deformed positions): sdf = max(sdf, height - z), so the
         surface there becomes the plane z = `height`. Returns the share of inside vertices removed.

@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -262,7 +262,10 @@ def _optimise(
     # 2. Geometry from the init, colour field, targets at the working resolution
     geometry = DMTetGeometry(config.tet).to(device)
     geometry.init_from_sdf(init_sdf)  # ValueError when empty or reaching the grid's boundary
-    color = ColorField(config.color).to(device)
+    # The colour field covers at least the tet grid (a wider grid, refine.tet.bound, would otherwise read
+    # the clamped colours of the field's cube beyond its bound).
+    color_config = replace(config.color, bound=max(config.color.bound, config.tet.bound))
+    color = ColorField(color_config).to(device)
     target_rgb, target_alpha = _targets(images, config.render_resolution, device)  # [V, S, S, 3], [.., 1]
     cameras = cameras.to(device)
     optimizer = torch.optim.Adam(

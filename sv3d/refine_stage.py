@@ -146,11 +146,6 @@ def check_refine_stage_config(config: RefineStageConfig) -> None:
             f"bake.chunk_size must be >= 1 and preview_resolution >= 8, got {b.chunk_size} and "
             f"{config.preview_resolution}"
         )
-    if config.refine.color.bound < r.tet.bound:
-        raise InputError(
-            f"refine.color.bound ({config.refine.color.bound}) must be >= refine.tet.bound ({r.tet.bound}): "
-            "the colour field would clamp what lies beyond it"
-        )
     c = config.cleanup
     if not (c.merge_tolerance >= 0.0 and 0.0 <= c.min_component_fraction <= 1.0):
         raise InputError(

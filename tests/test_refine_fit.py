@@ -282,7 +282,20 @@ def test_sds_alone_converges_to_the_target_shape_and_colours():
 
     (iou0, err0), (iou, err) = scores(start), scores(result)
     print(f"silhouette IoU {iou0:.3f} -> {iou:.3f}, colour error {err0:.3f} -> {err:.3f}")
-    # measured: IoU 0.816 -> 0.947, colour error 0.256 -> 0.070 (colour gradients move the geometry: default)
-    assert iou > 0.93 and iou > iou0 + 0.1, (iou0, iou)
+    # measured: IoU 0.794 -> 0.920, colour error 0.256 -> 0.080 (colour gradients move the geometry: default).
+    # Before antialias took nvdiffrast's edge-slope rule (2026-12-07): 0.816 -> 0.947 for about the same
+    # surface; the target masks (alpha > 0.5) had lost their flat edges' coverage twice, 3% fewer pixels.
+    assert iou > 0.9 and iou > iou0 + 0.1, (iou0, iou)
     assert err < 0.5 * err0, (err0, err)
     assert math.isfinite(result.history[-1]["sds"])
+
+
+def test_the_colour_field_covers_a_wider_tet_grid():
+    """A tet grid wider than the colour field's cube (refine.tet.bound 0.7, colour bound 0.55) read the
+    clamped colours of the cube's faces beyond 0.55: the field now covers the grid."""
+    tet = DMTetConfig(resolution=12, bound=0.7)
+    cameras = static_orbit(10.0, 0.0, num_frames=2).cameras()
+    images = torch.zeros(2, RES, RES, 4)
+    config = RefineConfig(steps=1, render_resolution=RES, views_per_step=1, tet=tet)
+    result = refine_surface(images, cameras, sphere_sdf(0.3, tet), config)
+    assert result.color.config.bound == 0.7

@@ -91,16 +91,12 @@ def test_settings_used_only_at_export_are_checked_up_front():
 
     config = default_refine_config(torch.device("cpu"))
     check_refine_stage_config(config)
-    r, b = config.refine, config.bake
+    b = config.bake
     for bad, message in [
         (replace(config, bake=replace(b, texture_size=4096, supersample=4)), "texture_size x supersample"),
         (replace(config, bake=replace(b, supersample=1.5)), "supersample an integer in [1, 4]"),
         (replace(config, bake=replace(b, chunk_size=0)), "bake.chunk_size must be >= 1"),
         (replace(config, preview_resolution=0), "preview_resolution >= 8"),
-        (
-            replace(config, refine=replace(r, tet=replace(r.tet, bound=0.7))),
-            "refine.color.bound (0.55) must be >= refine.tet.bound (0.7)",
-        ),
     ]:
         with pytest.raises(InputError, match=re.escape(message)):
             check_refine_stage_config(bad)
