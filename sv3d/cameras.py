@@ -84,6 +84,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import sys
@@ -525,6 +526,9 @@ def _check_pinhole(meta: dict, frames: list, fl_x: float, width: int, height: in
                     f"{where}: {key} = {value}, but cameras here are pinholes with square pixels, the "
                     f"principal point at the centre and one focal length for all ({key} = {expected:g})"
                 )
+
+
+_ORBIT_FRAME = re.compile(r"frame_\d+\.png")  # what write_orbit_directory writes beside transforms.json
 
 
 def frame_file_names(num_frames: int) -> list[str]:
@@ -995,6 +999,18 @@ def write_orbit_directory(
         raise InputError(f"{target}: exists and is not a directory")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise InputError(f"{target}: directory exists and is not empty (pass overwrite=True to replace it)")
+    if target.is_dir() and overwrite:
+        # Replacing removes the whole folder: only ever an orbit's (a photo beside it is the user's).
+        foreign = sorted(
+            p.name
+            for p in target.iterdir()
+            if p.name != TRANSFORMS_FILE and not _ORBIT_FRAME.fullmatch(p.name)
+        )
+        if foreign:
+            raise InputError(
+                f"{target}: holds files that are not an orbit's ({', '.join(foreign[:3])}); replacing it "
+                "would delete them: use an empty or new directory"
+            )
 
     # 2. Create missing parents, remembering them so that a failure removes them again
     created: list[Path] = []

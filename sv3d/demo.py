@@ -91,6 +91,20 @@ def _run_config(config: DemoConfig):
     )
 
 
+def _is_demo_folder(output: Path) -> bool:
+    """Whether `output` holds a demo's run: its run.json reconstructs from the folder's own orbit/ (or, a
+    first demo interrupted before its run began, it holds only what the demo writes first)."""
+    from .run import RUN_FILE
+
+    if {p.name for p in output.iterdir()} <= {"objects", "orbit", "orbit_contact_sheet.png"}:
+        return True
+    try:
+        source = json.loads((output / RUN_FILE).read_text()).get("source") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return source.get("kind") == "orbit" and source.get("orbit_dir") == str((output / "orbit").resolve())
+
+
 def run_demo(output: str | Path, config: DemoConfig | None = None, force: bool = False) -> dict:
     """Run the demo into `output`; returns (and writes to metrics.json) the measured figures.
 
@@ -102,7 +116,7 @@ def run_demo(output: str | Path, config: DemoConfig | None = None, force: bool =
     from .fit_nerf import _atomic
     from .meshio import load_trimesh
     from .render_orbit import RenderOrbitConfig, render_orbit_frames
-    from .run import RUN_FILE, OtherRunError, run_from_orbit
+    from .run import RUN_FILE, OtherRunError, check_run_config, run_from_orbit
     from .testing.objects import TEST_OBJECTS, write_test_object
 
     config = config or DemoConfig()
@@ -119,6 +133,11 @@ def run_demo(output: str | Path, config: DemoConfig | None = None, force: bool =
     render_config = RenderOrbitConfig(resolution=config.resolution, device=config.device)
     render_config.validate()
     run_config = _run_config(config)
+    check_run_config(run_config)
+    if output.is_dir() and any(output.iterdir()) and not _is_demo_folder(output):
+        # The demo replaces its orbit and, on other settings, its run's folders (nerf/, refine/ ...):
+        # never in a folder that is not its own, --force or not.
+        raise InputError(f"{output}: not empty and not a demo's output folder: use an empty or new directory")
     timings: dict[str, float] = {}
     start_all = time.perf_counter()
 

@@ -57,6 +57,7 @@ __all__ = [
     "checkpoint_identity",
     "consistency_score",
     "render_turntable",
+    "check_run_config",
     "run_from_orbit",
     "run_image_to_mesh",
     "stage_configs",
@@ -189,8 +190,9 @@ def _run(
         )
 
     # 2. Start (or resume) the record; --force removes this run's own files, never anything else
-    if force:
-        for name in OWNED if source["kind"] == "image" else [n for n in OWNED if n != "orbit"]:
+    if force:  # the record first: an interrupted --force must not leave it trusting half-deleted stages
+        owned = [RUN_FILE] + [n for n in OWNED if n != RUN_FILE]
+        for name in owned if source["kind"] == "image" else [n for n in owned if n != "orbit"]:
             path = out / name
             if path.is_dir():
                 shutil.rmtree(path)
@@ -540,6 +542,14 @@ def _resolve_configs(config: RunConfig, device: torch.device) -> None:
             config.refine.dtype = config.orbit.dtype  # one --dtype for both uses of the model
 
 
+def check_run_config(config: RunConfig, kind: str = "orbit") -> None:
+    """A one-line InputError for the settings a run of `kind` ("image" or "orbit") cannot use, checked on a
+    copy with the device's defaults filled in, before anything is made (the demo checks its run with it)."""
+    config = copy.deepcopy(config)
+    _resolve_configs(config, pick_device(config.device))
+    _check_config(config, kind)
+
+
 def _check_config(config: RunConfig, kind: str) -> None:
     o = config.orbit
     if kind == "image":
@@ -598,10 +608,13 @@ def _check_output(out: Path, identity: dict, force: bool) -> dict | None:
         return None
     record = out / RUN_FILE
     if not record.is_file():
-        if force:
+        # --force removes a run's own folders (OWNED): never same-named ones of a folder no run made
+        theirs = [name for name in OWNED if (out / name).exists()]
+        if force and not theirs:
             return None
+        held = f" (it holds {', '.join(theirs)}, which --force would delete)" if theirs else ""
         raise InputError(
-            f"{out}: output directory is not empty and holds no sv3d run (use --force to run there)"
+            f"{out}: output directory is not empty and holds no sv3d run{held}: use an empty or new directory"
         )
     try:
         previous = json.loads(record.read_text())

@@ -625,7 +625,14 @@ def test_write_refuses_non_empty_target_unless_overwrite(tmp_path: Path) -> None
     with pytest.raises(InputError, match="not empty"):
         write_orbit_directory(target, orbit, _random_rgba(2, 4), "render")
     assert (target / "keep.txt").read_text() == "old"
-    write_orbit_directory(target, orbit, _random_rgba(2, 4), "render", overwrite=True)
+    # Replacing deletes the whole folder: only an orbit's (`sv3d orbit out/photo.png -o out --force`
+    # deleted the photo)
+    with pytest.raises(InputError, match=r"holds files that are not an orbit's \(keep.txt\)"):
+        write_orbit_directory(target, orbit, _random_rgba(2, 4), "render", overwrite=True)
+    assert (target / "keep.txt").read_text() == "old"
+    (target / "keep.txt").unlink()
+    write_orbit_directory(target, orbit, _random_rgba(2, 4), "render")
+    write_orbit_directory(target, orbit, _random_rgba(2, 4), "render", overwrite=True)  # an orbit: replaced
     assert sorted(p.name for p in target.iterdir()) == ["frame_000.png", "frame_001.png", "transforms.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["orbit"]  # no temporary or backup left
     # errors found before any work create nothing
@@ -645,7 +652,7 @@ def test_atomic_write_leaves_nothing_on_failure(
     target = tmp_path / "deep" / "orbit"
     if existing:
         target.mkdir(parents=True)
-        (target / "keep.txt").write_text("old")
+        (target / "frame_000.png").write_text("old")  # an orbit's name: overwrite replaces only those
     calls = []
     real_write = cams._write_frame
 
@@ -660,7 +667,8 @@ def test_atomic_write_leaves_nothing_on_failure(
         write_orbit_directory(target, static_orbit(), _random_rgba(21, 4), "render", overwrite=True)
     assert len(calls) == 3
     if existing:  # the old directory is back, untouched, and nothing else is there
-        assert sorted(p.name for p in target.iterdir()) == ["keep.txt"]
+        assert [p.name for p in target.iterdir()] == ["frame_000.png"]
+        assert (target / "frame_000.png").read_text() == "old"
         assert sorted(p.name for p in target.parent.iterdir()) == ["orbit"]
     else:  # not even the parent directories this call created
         assert list(tmp_path.iterdir()) == []

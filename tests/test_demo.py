@@ -80,3 +80,20 @@ def test_demo_rejects_an_unknown_object(tmp_path: Path, capsys):
     assert main(["demo", "-o", str(tmp_path / "d"), "--object", "teapot"]) == 2
     assert "unknown demo object" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_demo_never_replaces_a_folder_that_is_not_its_own(tmp_path: Path, capsys):
+    """`sv3d demo -o .` in a checkout removed its nerf/ and refine/ packages (the first run starts over with
+    force); a folder that is not a demo's is refused, --force or not, and so is a bad setting, before
+    anything is written."""
+    folder = tmp_path / "project"
+    (folder / "nerf").mkdir(parents=True)
+    (folder / "nerf" / "train.py").write_text("mine")
+    for extra in ([], ["--force"]):
+        assert main(["demo", "-o", str(folder), *extra]) == 2
+        assert "not a demo's output folder" in capsys.readouterr().err
+    assert (folder / "nerf" / "train.py").read_text() == "mine"
+    assert sorted(p.name for p in folder.iterdir()) == ["nerf"]
+    assert main(["demo", "-o", str(tmp_path / "d"), "--nerf-steps", "0"]) == 2
+    assert "--nerf-steps must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

@@ -259,6 +259,22 @@ def test_bad_input_fails_in_one_line_before_anything_is_created(tiny_run, sv3d_t
     assert expected in err
 
 
+def test_force_never_deletes_folders_no_run_made(tiny_run, sv3d_tiny, tmp_path, capsys):
+    """A folder without run.json: its own nerf/ (or orbit/, refine/) is not the run's to delete, and the
+    refusal no longer suggests --force."""
+    out = tmp_path / "work"
+    (out / "nerf").mkdir(parents=True)
+    (out / "nerf" / "notes.txt").write_text("mine")
+    for extra in ([], ["--force"]):
+        assert main([*run_args(sv3d_tiny, tiny_run["image"], out), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "holds no sv3d run (it holds nerf, which --force would delete)" in err, err
+        assert "use an empty or new directory" in err and len(err.splitlines()) == 1
+    assert (out / "nerf" / "notes.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == [
+        "nerf"
+    ]
+
+
 def test_a_full_disk_is_one_line_and_keeps_the_record(tiny_run, sv3d_tiny, tmp_path, capsys, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
