@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .errors import Sv3dError
+from .errors import OUT_OF_MEMORY_HINT, Sv3dError, out_of_memory
 
 __all__ = ["main", "build_parser"]
 
@@ -353,6 +353,17 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--turntable-resolution", type=int, default=256, help="turntable size (default 256)")
     p.add_argument("--dtype", default="auto", help="SV3D dtype: auto (bfloat16 on CUDA), float32, ...")
     p.add_argument("--allow-cpu", action="store_true", help="sample the full SV3D model on a CPU (hours)")
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        help="SV3D sampling keeps idle components on the CPU (less GPU memory)",
+    )
+    p.add_argument(
+        "--sds",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="masked SDS from the SV3D model in the refinement (auto: on on CUDA; off saves its memory)",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
     p.add_argument("--force", action="store_true", help="start over in a directory holding another run")
     p.set_defaults(func=_cmd_run)
@@ -381,6 +392,7 @@ def run_config_from_args(args: argparse.Namespace):
         refine.open_cavities = "never"
     if args.open_cavities:
         refine.open_cavities = "always"
+    refine.sds = args.sds
     orbit = OrbitConfig(
         checkpoint=args.checkpoint,
         orbit=args.orbit,
@@ -392,6 +404,7 @@ def run_config_from_args(args: argparse.Namespace):
         dtype=args.dtype,
         allow_cpu=args.allow_cpu,
         sgm_config=args.sgm_config,
+        offload=args.offload,
         device=args.device,
     )
     return RunConfig(
@@ -577,6 +590,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sv3d: interrupted; nothing half-written was left behind", file=sys.stderr)
         return 130
+    except (RuntimeError, MemoryError) as exc:
+        if not out_of_memory(exc):
+            raise
+        print(f"sv3d: error: {OUT_OF_MEMORY_HINT} ({str(exc).splitlines()[0][:120]})", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

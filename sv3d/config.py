@@ -155,9 +155,12 @@ def _device_for_defaults(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise InputError(f"device: unknown device {name!r}: expected auto, cpu or cuda[:N]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"device: unsupported device {name!r}: expected auto, cpu or cuda[:N]")
+    return device
 
 
 def render_orbit_config(cfg: Any) -> RenderOrbitConfig:

@@ -17,6 +17,8 @@ def pick_device(name: str = "auto") -> torch.device:
         device = torch.device(name)
     except RuntimeError as exc:
         raise InputError(f"unknown device {name!r}: expected auto, cpu or cuda[:N]") from exc
+    if device.type not in ("cpu", "cuda"):  # mps, xpu, meta ...: the stages' kernels are CPU or CUDA only
+        raise InputError(f"unsupported device {name!r}: expected auto, cpu or cuda[:N]")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {name!r} requested but CUDA is not available on this machine")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():

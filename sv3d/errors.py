@@ -15,3 +15,20 @@ class MeshLoadError(InputError):
 
 class OrbitDirectoryError(InputError):
     """An orbit directory (transforms.json + frames) is missing pieces or inconsistent."""
+
+
+OUT_OF_MEMORY_HINT = (
+    "out of memory: try smaller sizes (--resolution, --tet-resolution, --texture-size), --offload for SV3D "
+    "sampling or --sds off; a rerun keeps finished stages"
+)
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is an allocation failure: torch's OutOfMemoryError (CUDA), its CPU allocator's
+    RuntimeError, or Python's MemoryError."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if isinstance(exc, MemoryError) or (torch is not None and isinstance(exc, torch.OutOfMemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)

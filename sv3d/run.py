@@ -34,7 +34,7 @@ import torch
 
 from .cameras import make_orbit, read_orbit_directory
 from .device import pick_device
-from .errors import InputError, Sv3dError
+from .errors import OUT_OF_MEMORY_HINT, InputError, Sv3dError, out_of_memory
 from .fit_nerf import (
     FitNerfConfig,
     _atomic,
@@ -76,7 +76,7 @@ STAGE_OUTPUTS = {
     "export": ("mesh.glb", "turntable.mp4"),
 }
 # Config entries that change how a run is shown or allowed, not what it computes: not compared on rerun.
-_NOT_IDENTITY = (("orbit", "progress"), ("allow_inconsistent",))
+_NOT_IDENTITY = (("orbit", "progress"), ("orbit", "offload"), ("orbit", "allow_cpu"), ("allow_inconsistent",))
 _DISK_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _HASH_CHUNK = 1 << 24  # 16 MiB reads: a 9 GB checkpoint hashes in constant memory
 
@@ -87,6 +87,10 @@ class InconsistentOrbitError(Sv3dError):
 
 class OtherRunError(InputError):
     """The output folder holds a run with another config or input (rerun with force to replace it)."""
+
+
+class RunOutOfMemoryError(Sv3dError):
+    """A stage ran out of (GPU) memory; run.json says which, finished stages are kept."""
 
 
 class DiskFullError(Sv3dError):
@@ -281,6 +285,17 @@ def _run(
                 f"{out}: no space left on device while running stage {stage}; free some space and rerun "
                 "the same command (finished stages are kept)"
             ) from None
+        summary["status"] = f"failed in stage {stage}: {exc}"
+        _write_summary_quietly(out, summary)
+        raise
+    except Exception as exc:  # a bug or the machine: the record says where, not "running"
+        if out_of_memory(exc):
+            summary["status"] = f"failed in stage {stage}: out of memory"
+            _write_summary_quietly(out, summary)
+            raise RunOutOfMemoryError(f"stage {stage}: {OUT_OF_MEMORY_HINT}") from None
+        first_line = (str(exc).splitlines() or [""])[0]
+        summary["status"] = f"failed in stage {stage}: {type(exc).__name__}: {first_line}"
+        _write_summary_quietly(out, summary)
         raise
     return RunResult(out, out / "mesh.glb", summary, bool(summary["flagged"]))
 
@@ -583,12 +598,18 @@ def _check_config(config: RunConfig, kind: str) -> None:
 
 def _identity(config: RunConfig) -> dict:
     """The config as compared on a rerun: JSON-normalised, without display-only entries."""
-    data = json.loads(json.dumps(asdict(config), default=str))
+    return _without_display_entries(json.loads(json.dumps(asdict(config), default=str)))
+
+
+def _without_display_entries(data: dict) -> dict:
+    """`data` (a config as JSON) without the _NOT_IDENTITY entries (also those an older run recorded)."""
+    data = copy.deepcopy(data)
     for keys in _NOT_IDENTITY:
         node = data
         for key in keys[:-1]:
-            node = node[key]
-        node.pop(keys[-1], None)
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(keys[-1], None)
     return data
 
 
@@ -618,7 +639,10 @@ def _check_output(out: Path, identity: dict, force: bool) -> dict | None:
         )
     try:
         previous = json.loads(record.read_text())
-        same = previous.get("identity") == identity and previous.get("format") == RUN_FORMAT
+        recorded = previous.get("identity")
+        if isinstance(recorded, dict) and isinstance(recorded.get("config"), dict):
+            recorded = {**recorded, "config": _without_display_entries(recorded["config"])}
+        same = recorded == identity and previous.get("format") == RUN_FORMAT
     except (OSError, ValueError, AttributeError):
         if force:
             return None
@@ -627,7 +651,7 @@ def _check_output(out: Path, identity: dict, force: bool) -> dict | None:
         return None if force else previous
     if force:
         return None
-    change = _first_difference(previous.get("identity", {}), identity)
+    change = _first_difference(recorded or {}, identity)
     raise OtherRunError(
         f"{out}: holds another run (different {change}); use another -o, or --force to start over"
     )

@@ -102,6 +102,8 @@ def test_device_names_are_checked_against_the_machine(monkeypatch):
     assert pick_device("cpu").type == "cpu"
     with pytest.raises(InputError, match="unknown device"):
         pick_device("tpu-ish")
+    with pytest.raises(InputError, match="unsupported device 'mps'"):  # torch knows it; our kernels do not
+        pick_device("mps")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(InputError, match="CUDA is not available"):
         pick_device("cuda")

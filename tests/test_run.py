@@ -288,6 +288,35 @@ def test_a_full_disk_is_one_line_and_keeps_the_record(tiny_run, sv3d_tiny, tmp_p
     assert record["finished_stages"] == [] and "no space" in record["status"]
 
 
+def test_out_of_memory_is_one_line_and_the_record_says_where(
+    tiny_run, sv3d_tiny, tmp_path, capsys, monkeypatch
+):
+    """CUDA out of memory (any exception) left run.json "running" and printed a traceback."""
+    import torch
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(run_module, "generate_orbit", oom)
+    out = tmp_path / "out"
+    assert main([*run_args(sv3d_tiny, tiny_run["image"], out), "--offload", "--sds", "off"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("sv3d: error: stage orbit: out of memory") and "--offload" in err, err
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "failed in stage orbit: out of memory"
+    assert record["config"]["orbit"]["offload"] is True and record["config"]["refine"]["sds"] == "off"
+
+    def bug(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(run_module, "generate_orbit", bug)
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback, but the record says where
+        main([*run_args(sv3d_tiny, tiny_run["image"], out), "--offload", "--sds", "off"])
+    assert json.loads((out / "run.json").read_text())["status"].startswith(
+        "failed in stage orbit: ZeroDivision"
+    )
+
+
 @pytest.fixture(scope="module")
 def oracle_orbit(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("oracle")
