@@ -211,7 +211,7 @@ class SDSConfig:
     sigma_min: float = 0.1
     sigma_max: float = 10.0
     sigma_max_final: float = 2.0
-    anneal_steps: int = 1000  # calls over which the upper bound moves; refine's SDS phase is this long
+    anneal_steps: int = 1000  # calls over which the upper bound moves; sv3d refine: its SDS phase's length
     weighting: str = "x0"  # "x0": w = 1 (the SV3D authors' SDS code); "sds": DreamFusion's w = 1 - abar
     guidance_scale: float | None = None  # CFG; None: SV3D's per-frame triangle (1 -> 2.5 -> 1)
     mask: bool = True  # SV3D's masked SDS: only where the input view saw the surface poorly
@@ -375,6 +375,12 @@ class SDSGuidance:
 
         # 3. Renders to the model's input: [V, H, W, 3] in [0, 1] -> [V, 3, S, S] in [-1, 1]
         x = images.permute(0, 3, 1, 2)  # [V, 3, H, W]
+        if c.mask and x.requires_grad:
+            # The latent mask alone leaks: the encoder's self-attention carries a masked-in latent's
+            # gradient back to every pixel, including those the input view saw well and the background.
+            # The render gradient is masked per pixel as well.
+            mask_px = mask.permute(0, 3, 1, 2).to(x)  # [V, 1, H, W]
+            x.register_hook(lambda g: g * mask_px)
         size = c.resolution
         if (h, w) != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=h > size)

@@ -452,7 +452,9 @@ def _guidance(frames, config: RefineStageConfig, device: torch.device):
         pipeline = SV3DPipeline.load(checkpoint, device=device, dtype=dtype, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise InputError(f"{checkpoint}: cannot load the SV3D checkpoint: {exc}") from None
-    sds = SDSConfig(resolution=config.refine.sds_resolution)
+    # The noise bound anneals over the SDS phase as it really is (the last sds_fraction of the steps)
+    sds_steps = int(round(config.refine.sds_fraction * config.refine.steps))
+    sds = SDSConfig(resolution=config.refine.sds_resolution, anneal_steps=max(sds_steps, 1))
     last = frames.images[-1:].permute(0, 3, 1, 2).float()  # [1, 4, H, W] the input view
     image = last[:, :3] * last[:, 3:] + (1.0 - last[:, 3:])  # over white
     image = torch.nn.functional.interpolate(image, size=(sds.resolution,) * 2, mode="bilinear")

@@ -225,9 +225,12 @@ def test_mesh_sdf_matches_the_analytic_sdf_and_the_full_winding_sign():
     assert torch.equal(mesh_sdf(sphere, points), mesh_sdf(sphere, points))  # seeded samples: same SDF again
 
 
-@pytest.mark.parametrize("device, dtype", [("cuda", "bfloat16"), ("cpu", "float32")])
-def test_the_sds_model_loads_in_the_devices_precision(tmp_path, monkeypatch, device, dtype):
-    """bfloat16 UNet and CLIP on CUDA as in the orbit stage (the VAE stays float32 inside the loader)."""
+@pytest.mark.parametrize(
+    "device, bf16, dtype", [("cuda", True, "bfloat16"), ("cuda", False, "float16"), ("cpu", True, "float32")]
+)
+def test_the_sds_model_loads_in_the_devices_precision(tmp_path, monkeypatch, device, bf16, dtype):
+    """bfloat16 UNet and CLIP on CUDA as in the orbit stage (the VAE stays float32 inside the loader);
+    float16 on GPUs without bfloat16 (V100, T4); and the noise annealing spans the real SDS phase."""
     import dataclasses
 
     import torch
@@ -245,6 +248,7 @@ def test_the_sds_model_loads_in_the_devices_precision(tmp_path, monkeypatch, dev
         raise Loaded
 
     monkeypatch.setattr(SV3DPipeline, "load", staticmethod(fake_load))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
     checkpoint = tmp_path / "model.safetensors"
     checkpoint.write_bytes(b"not read")
     config = refine_stage.default_refine_config(torch.device("cpu"))
@@ -253,6 +257,21 @@ def test_the_sds_model_loads_in_the_devices_precision(tmp_path, monkeypatch, dev
     with pytest.raises(Loaded):
         refine_stage._guidance(frames, config, torch.device(device))
     assert seen["dtype"] == getattr(torch, dtype) and seen["device"] == torch.device(device)
+    if device != "cpu":
+        return
+    # SDS acts in the last sds_fraction of the steps: its sigma bound anneals over those calls (1000 before,
+    # so it never got near its final value)
+    import sv3d.guidance as guidance
+
+    made = {}
+    monkeypatch.setattr(SV3DPipeline, "load", staticmethod(lambda path, **kwargs: None))
+    monkeypatch.setattr(
+        guidance, "make_sv3d_guidance", lambda pipeline, image, orbit, sds: made.update(sds=sds)
+    )
+    config.refine.steps, config.refine.sds_fraction = 300, 0.2
+    frames.images = torch.ones(21, 8, 8, 4)
+    refine_stage._guidance(frames, config, torch.device(device))
+    assert made["sds"].anneal_steps == 60
 
 
 def test_sds_is_not_used_on_cameras_sv3d_does_not_know(tmp_path, monkeypatch, capsys):

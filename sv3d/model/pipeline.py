@@ -88,7 +88,9 @@ class SV3DPipeline:
         c = parts.components
         unet = load_sv3d_unet(c["unet"], num_head_channels, device=device, dtype=dtype)
         # The reference runs the VAE in float32 even under autocast (disable_*_autocast): so do we.
-        vae = load_sv3d_vae(c["vae_encoder"], c["vae_quant_conv"], c["vae_decoder"], device=device)
+        vae = load_sv3d_vae(  # float32 whatever the file holds (a half-precision conversion too)
+            c["vae_encoder"], c["vae_quant_conv"], c["vae_decoder"], device=device, dtype=torch.float32
+        )
         clip = load_clip_vision(c["clip_visual"], clip_head_width, dtype=dtype, device=device)
         return cls(unet, vae, clip, parts.variant)
 
