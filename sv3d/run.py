@@ -248,11 +248,17 @@ def _run(
         out.mkdir(parents=True, exist_ok=True)
         summary["status"] = "running"
         _write_summary(out, summary)
+        redone = False  # a stage that runs again makes every later one stale (they were made from it)
         for stage in names:
-            if _finished(out, summary, stage):
+            if not redone and _finished(out, summary, stage):
                 if stage == "consistency":
                     _check_flag(summary, config)
                 continue
+            redone = True
+            for later in names[names.index(stage) :]:
+                summary["stages"].pop(later, None)
+            summary["finished_stages"] = [s for s in names if summary["stages"].get(s, {}).get("finished")]
+            _write_summary(out, summary)
             if progress:
                 print(f"sv3d run: stage {stage}", file=sys.stderr)
             with _measure(device) as record:

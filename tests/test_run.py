@@ -152,6 +152,29 @@ def test_rerun_skips_finished_stages(tiny_run, monkeypatch):
     assert after["stages"] == before["stages"]
 
 
+def test_a_stage_run_again_makes_the_later_ones_run_again(tiny_run, tmp_path, monkeypatch):
+    """Deleting refine/ redid the refinement but kept the top-level mesh.glb and turntable of the old one."""
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_run["out"], out)
+    args = [*tiny_run["args"], "--allow-inconsistent"]
+    args[args.index(str(tiny_run["out"]))] = str(out)
+    shutil.rmtree(out / "refine")
+    _forbid_stages(monkeypatch)
+    ran = []
+
+    def refine(orbit_dir, nerf_dir, refine_dir, *a, **k):
+        ran.append("refine")
+        refine_dir.mkdir()
+        shutil.copyfile(out / "mesh.glb", refine_dir / "mesh.glb")
+
+    monkeypatch.setattr(run_module, "refine_stage", refine)
+    monkeypatch.setattr(run_module, "render_turntable", lambda *a, **k: ran.append("turntable"))
+    assert main(args) == 0
+    assert ran == ["refine", "turntable"]  # the export too, though its files were there
+    record = json.loads((out / "run.json").read_text())
+    assert record["finished_stages"] == ["orbit", "nerf", "consistency", "refine", "export"]
+
+
 def test_a_changed_config_refuses_and_force_redoes(tiny_run, tmp_path, capsys, monkeypatch):
     out = tmp_path / "copy"
     shutil.copytree(tiny_run["out"], out)
