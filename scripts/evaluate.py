@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from sv3d.config import eval_config, run_config, to_container
-from sv3d.errors import Sv3dError
+from sv3d.errors import Sv3dError, one_line
 from sv3d.evaluate import aggregate_sweep, evaluate_dataset
 
 
@@ -44,8 +44,9 @@ def main(cfg) -> float | None:
             objects=objects,
             force=bool(cfg.eval.force),
         )
-    except Sv3dError as exc:
-        sys.exit(f"evaluate.py: error: {exc}")
+    except (Sv3dError, OSError) as exc:  # bad input, or a file it cannot read or write: one line, exit 2
+        print(f"evaluate.py: error: {one_line(exc)}", file=sys.stderr)
+        sys.exit(2)
     s = result.summary
     print(f"evaluated {s['n_ok']} of {s['n_objects']} objects; wrote {output / 'summary.md'}")
     failed = [r["object"] for r in s["objects"] if r.get("status") == "error"]
@@ -62,8 +63,9 @@ def _aggregate(argv: list[str]) -> None:
         sys.exit("evaluate.py: error: --aggregate takes one sweep directory")
     try:
         paths = aggregate_sweep(argv[0])
-    except Sv3dError as exc:
-        sys.exit(f"evaluate.py: error: {exc}")
+    except (Sv3dError, OSError) as exc:  # bad input, or a file it cannot read or write: one line, exit 2
+        print(f"evaluate.py: error: {one_line(exc)}", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote {paths['csv']} and {paths['md']}")
 
 

@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from sv3d.config import run_config
-from sv3d.errors import Sv3dError
+from sv3d.errors import Sv3dError, one_line
 from sv3d.run import run_image_to_mesh
 
 __all__ = ["main", "run_config"]
@@ -31,8 +31,9 @@ def main(cfg) -> None:
     output = Path(cfg.output) if cfg.output else Path(HydraConfig.get().runtime.output_dir) / "run"
     try:
         result = run_image_to_mesh(hydra.utils.to_absolute_path(image), output, run_config(cfg))
-    except Sv3dError as exc:
-        sys.exit(f"image_to_mesh.py: error: {exc}")
+    except (Sv3dError, OSError) as exc:  # bad input, or a file it cannot read or write: one line, exit 2
+        print(f"image_to_mesh.py: error: {one_line(exc)}", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote {result.mesh_path}" + (" (FLAGGED: orbit not 3D-consistent)" if result.flagged else ""))
 
 

@@ -13,7 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 
 from sv3d.config import render_orbit_config
-from sv3d.errors import Sv3dError
+from sv3d.errors import Sv3dError, one_line
 from sv3d.render_orbit import render_orbit
 
 
@@ -24,8 +24,9 @@ def main(cfg) -> None:
     output = Path(cfg.output) if cfg.output else Path(HydraConfig.get().runtime.output_dir) / "orbit"
     try:
         out = render_orbit(hydra.utils.to_absolute_path(cfg.mesh), output, render_orbit_config(cfg))
-    except Sv3dError as exc:
-        sys.exit(f"render_orbit.py: error: {exc}")
+    except (Sv3dError, OSError) as exc:  # bad input, or a file it cannot read or write: one line, exit 2
+        print(f"render_orbit.py: error: {one_line(exc)}", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote {out}")
 
 

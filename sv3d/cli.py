@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .errors import OUT_OF_MEMORY_HINT, Sv3dError, out_of_memory
+from .errors import OUT_OF_MEMORY_HINT, Sv3dError, one_line, out_of_memory
 
 __all__ = ["main", "build_parser"]
 
@@ -584,8 +584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sv3d: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file or folder the command could not read or write (permissions, disk full)
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"sv3d: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"sv3d: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sv3d: interrupted; nothing half-written was left behind", file=sys.stderr)

@@ -208,23 +208,55 @@ def refine_stage_config(cfg: Any) -> RefineStageConfig:
     return config
 
 
+# The `sv3d` group's keys (configs/sv3d/default.yaml): the orbit stage's settings, the input view's azimuth
+# (evaluation) and the ground-truth renders (`render`)
+_SV3D_KEYS = {
+    "checkpoint",
+    "orbit",
+    "elevation_deg",
+    "input_azimuth_deg",
+    "steps",
+    "seed",
+    "resolution",
+    "sgm_config",
+    "dtype",
+    "background",
+    "offload",
+    "allow_cpu",
+    "render",
+}
+
+
 def orbit_config(cfg: Any) -> OrbitConfig:
     """Stage 1's settings (`sv3d` group). `sv3d.orbit: static` is passed as None, which is static for
     sv3d_p and the only orbit of sv3d_u, so the default works with both checkpoints."""
     from .orbit import OrbitConfig
 
-    defaults = OrbitConfig()
+    group = to_container(_select(cfg, "sv3d", {})) or {}
+    unknown = sorted(set(group) - _SV3D_KEYS)
+    if unknown:  # a misspelt or unsupported key would be ignored: say so instead
+        raise InputError(f"sv3d.{unknown[0]}: unknown key (expected one of {', '.join(sorted(_SV3D_KEYS))})")
     kind = _select(cfg, "sv3d.orbit", "static")
-    return OrbitConfig(
-        checkpoint=_select(cfg, "sv3d.checkpoint"),
-        orbit=None if kind in ("static", "auto") else str(kind),
-        steps=int(_select(cfg, "sv3d.steps", defaults.steps)),
-        seed=int(_select(cfg, "sv3d.seed", defaults.seed)),
-        input_elevation_deg=float(_select(cfg, "sv3d.elevation_deg", defaults.input_elevation_deg)),
-        resolution=int(_select(cfg, "sv3d.resolution", defaults.resolution)),
-        sgm_config=_select(cfg, "sv3d.sgm_config"),
-        device=str(cfg.device),
-    )
+    values = {
+        "checkpoint": _select(cfg, "sv3d.checkpoint"),
+        "orbit": None if kind in ("static", "auto") else str(kind),
+        "device": str(cfg.device),
+    }
+    for key, field_name in (
+        ("steps", "steps"),
+        ("seed", "seed"),
+        ("elevation_deg", "input_elevation_deg"),
+        ("resolution", "resolution"),
+        ("sgm_config", "sgm_config"),
+        ("dtype", "dtype"),
+        ("background", "background"),
+        ("offload", "offload"),
+        ("allow_cpu", "allow_cpu"),
+    ):
+        if group.get(key) is not None:
+            values[field_name] = group[key]
+    typed = apply_overrides(OrbitConfig(), {k: v for k, v in values.items() if k != "orbit"}, "sv3d")
+    return dataclasses.replace(typed, orbit=values["orbit"])
 
 
 def run_config(cfg: Any) -> RunConfig:

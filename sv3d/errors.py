@@ -32,3 +32,12 @@ def out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError) or (torch is not None and isinstance(exc, torch.OutOfMemoryError)):
         return True
     return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
+def one_line(exc: BaseException) -> str:
+    """The one-line message of an error the user can act on: an Sv3dError's text, or an OSError's file and
+    reason (permissions, a full disk, an output path under a file)."""
+    if isinstance(exc, OSError) and not isinstance(exc, Sv3dError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror or exc}"
+    return str(exc)

@@ -121,7 +121,7 @@ def generate_orbit(
         )
         raise InputError(
             f"no CUDA GPU: sampling this {n_params / 1e9:.1f} B-parameter UNet on the CPU would take "
-            f"about {seconds / 3600:.1f} h; pass --allow-cpu to run it anyway"
+            f"about {seconds / 3600:.1f} h; pass --allow-cpu (Hydra: sv3d.allow_cpu=true) to run it anyway"
         )
     if config.offload:
         pipe.enable_cpu_offload(device)

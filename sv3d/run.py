@@ -473,7 +473,7 @@ def _check_cpu_budget(unet_params: int | None, orbit: OrbitConfig) -> None:
     )
     raise InputError(
         f"no CUDA GPU: sampling this {unet_params / 1e9:.1f} B-parameter UNet on the CPU would take about "
-        f"{hours:.1f} h; pass --allow-cpu to run it anyway"
+        f"{hours:.1f} h; pass --allow-cpu (Hydra: sv3d.allow_cpu=true) to run it anyway"
     )
 
 
@@ -555,9 +555,11 @@ def _resolve_configs(config: RunConfig, device: torch.device) -> None:
     for stage in (config.orbit, config.nerf, config.refine):
         if stage.device == "auto":
             stage.device = str(device)
-    if config.refine.checkpoint is None and config.orbit.checkpoint is not None:
-        # SDS (on by default on CUDA) guides with the model that generated the orbit
-        config.refine.checkpoint = config.orbit.checkpoint
+    orbit_ckpt = config.orbit.checkpoint
+    if orbit_ckpt is not None and config.refine.checkpoint in (None, orbit_ckpt):
+        # SDS (on by default on CUDA) guides with the model that generated the orbit: with its sgm yaml and
+        # dtype (the Hydra configs name the checkpoint for both stages already)
+        config.refine.checkpoint = orbit_ckpt
         config.refine.sgm_config = config.refine.sgm_config or config.orbit.sgm_config
         if config.refine.dtype == "auto":
             config.refine.dtype = config.orbit.dtype  # one --dtype for both uses of the model

@@ -210,3 +210,21 @@ def test_evaluate_script_exits_1_when_an_object_failed(tmp_path: Path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "evaluate.py: 1 object(s) failed: broken" in proc.stderr
     assert (out / "summary.json").is_file() and (out / "broken" / "error.txt").is_file()
+
+
+def test_hydra_scripts_turn_file_errors_into_one_line(tmp_path: Path):
+    """An output under a file was Hydra's "Error executing job" traceback (exit 1): now one line, exit 2."""
+    objects = write_test_objects(tmp_path / "gso", names=["blob"])
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "render_orbit.py"), f"mesh={objects['blob']}"]
+        + [f"output={blocker / 'orbit'}", "preset=toy", "device=cpu", "sv3d.render.resolution=32"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,  # Hydra's own outputs/ folder goes there
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("render_orbit.py: error:") and "Traceback" not in proc.stderr, proc.stderr

@@ -396,6 +396,30 @@ def test_image_to_mesh_hydra_entry_composes():
     assert isinstance(config, RunConfig) and config.allow_inconsistent and cfg.image == "photo.png"
     assert config.orbit.steps == 3 and config.orbit.orbit == "sine" and config.device == "cpu"
     assert config.orbit.checkpoint == "/x/sv3d_p.safetensors" and config.nerf.train.steps == 20  # toy
+    # Every key of the sv3d group reaches the orbit stage; an unknown one is refused, not ignored
+    more = ["sv3d.dtype=float32", "sv3d.background=plain", "sv3d.offload=true", "sv3d.allow_cpu=true"]
+    more += ["sv3d.resolution=256", "sv3d.sgm_config=/x/tiny.yaml"]
+    config = module.run_config(compose_config([*overrides, "sv3d.checkpoint=/x/p.safetensors", *more]))
+    o = config.orbit
+    assert (o.dtype, o.background, o.offload, o.allow_cpu, o.resolution) == (
+        "float32",
+        "plain",
+        True,
+        True,
+        256,
+    )
+    import torch
+
+    from sv3d.errors import InputError
+    from sv3d.run import _resolve_configs
+
+    with pytest.raises(InputError, match="sv3d.dtypes: unknown key"):
+        module.run_config(compose_config([*overrides, "+sv3d.dtypes=float16"]))
+    # SDS guides with the orbit's model: its sgm yaml and dtype too (the Hydra config names the checkpoint
+    # for both stages, and they were not copied then)
+    _resolve_configs(config, torch.device("cpu"))
+    assert config.refine.checkpoint == "/x/p.safetensors" and config.refine.sgm_config == "/x/tiny.yaml"
+    assert config.refine.dtype == "float32"
 
 
 def _load_script(name: str):
