@@ -528,7 +528,9 @@ def _check_pinhole(meta: dict, frames: list, fl_x: float, width: int, height: in
                 )
 
 
-_ORBIT_FRAME = re.compile(r"frame_\d+\.png")  # what write_orbit_directory writes beside transforms.json
+# What an orbit folder of ours holds: transforms.json, the frames, `sv3d orbit`'s preview.mp4, and the
+# hidden temporary files of their atomic writes (left by a killed process)
+_ORBIT_FILE = re.compile(r"transforms\.json|frame_\d+\.png|preview\.mp4|\.(transforms\.json|preview)\..*")
 
 
 def frame_file_names(num_frames: int) -> list[str]:
@@ -1001,11 +1003,7 @@ def write_orbit_directory(
         raise InputError(f"{target}: directory exists and is not empty (pass overwrite=True to replace it)")
     if target.is_dir() and overwrite:
         # Replacing removes the whole folder: only ever an orbit's (a photo beside it is the user's).
-        foreign = sorted(
-            p.name
-            for p in target.iterdir()
-            if p.name != TRANSFORMS_FILE and not _ORBIT_FRAME.fullmatch(p.name)
-        )
+        foreign = sorted(p.name for p in target.iterdir() if not _ORBIT_FILE.fullmatch(p.name))
         if foreign:
             raise InputError(
                 f"{target}: holds files that are not an orbit's ({', '.join(foreign[:3])}); replacing it "

@@ -592,7 +592,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RuntimeError, MemoryError) as exc:
         if not out_of_memory(exc):
             raise
-        print(f"sv3d: error: {OUT_OF_MEMORY_HINT} ({str(exc).splitlines()[0][:120]})", file=sys.stderr)
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+        print(f"sv3d: error: {OUT_OF_MEMORY_HINT} ({detail})", file=sys.stderr)
         return 2
 
 

@@ -141,7 +141,10 @@ def apply_overrides(base: T, values: Mapping | None, where: str) -> T:
         # A hash grid's growth comes from finest_resolution when that is set (the CPU default sets it), which
         # would silently undo the override: the override stands for itself.
         if values.get("finest_resolution") is not None:
-            raise InputError(f"{where}: give per_level_scale or finest_resolution, not both")
+            raise InputError(
+                f"{where}: give per_level_scale or finest_resolution, not both (over a preset that sets "
+                f"finest_resolution, add {where}.finest_resolution=null)"
+            )
         changes["finest_resolution"] = None
     try:
         return dataclasses.replace(base, **changes)

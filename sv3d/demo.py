@@ -96,8 +96,12 @@ def _is_demo_folder(output: Path) -> bool:
     first demo interrupted before its run began, it holds only what the demo writes first)."""
     from .run import RUN_FILE
 
-    if {p.name for p in output.iterdir()} <= {"objects", "orbit", "orbit_contact_sheet.png"}:
-        return True
+    names = {p.name for p in output.iterdir()}
+    objects = output / "objects"
+    if "objects" in names and names <= {"objects", "orbit", "orbit_contact_sheet.png"}:
+        from .testing.objects import TEST_OBJECTS
+
+        return objects.is_dir() and {p.name for p in objects.iterdir()} <= set(TEST_OBJECTS)
     try:
         source = json.loads((output / RUN_FILE).read_text()).get("source") or {}
     except (OSError, ValueError, AttributeError):

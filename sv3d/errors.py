@@ -18,8 +18,8 @@ class OrbitDirectoryError(InputError):
 
 
 OUT_OF_MEMORY_HINT = (
-    "out of memory: try smaller sizes (--resolution, --tet-resolution, --texture-size), --offload for SV3D "
-    "sampling or --sds off; a rerun keeps finished stages"
+    "out of memory: try --offload for SV3D sampling (a rerun keeps the finished stages), or --sds off and "
+    "smaller sizes (--tet-resolution, --texture-size, --resolution: another run, so another -o or --force)"
 )
 
 

@@ -378,9 +378,10 @@ class SDSGuidance:
         if c.mask and x.requires_grad:
             # The latent mask alone leaks: the encoder's self-attention carries a masked-in latent's
             # gradient back to every pixel, including those the input view saw well and the background.
-            # The render gradient is masked per pixel as well.
-            mask_px = mask.permute(0, 3, 1, 2).to(x)  # [V, 1, H, W]
-            x.register_hook(lambda g: g * mask_px)
+            # The render gradient is confined per pixel as well.
+            # Its support only: the soft weights are the latent mask's (multiplied again they would square).
+            support = (mask.permute(0, 3, 1, 2) > 0).to(x)  # [V, 1, H, W]
+            x.register_hook(lambda g: g * support)
         size = c.resolution
         if (h, w) != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=h > size)

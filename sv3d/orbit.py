@@ -60,10 +60,11 @@ def resolve_checkpoint(checkpoint: str | None) -> Path:
 
 
 def _dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":  # bfloat16 where the GPU has it (Ampere and later), else float16 (V100, T4)
+    if name == "auto":  # bfloat16 where the GPU has it (compute capability 8.0, Ampere, and later), else
+        # float16 (V100, T4: torch.cuda.is_bf16_supported() says yes there too, emulated)
         if device.type != "cuda":
             return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name not in table:
         raise InputError(f"--dtype must be auto, float32, bfloat16 or float16, got {name!r}")

@@ -31,7 +31,7 @@ from refine.tetgrid import tet_grid
 
 from .cameras import CAMERA_RADIUS, FOV_DEG, NUM_FRAMES, read_orbit_directory
 from .device import pick_device
-from .errors import InputError
+from .errors import InputError, out_of_memory
 from .evaluation.winding import build_face_tree, winding_numbers_fast
 from .fit_nerf import _atomic, orbit_fingerprint
 from .meshio import load_trimesh
@@ -451,6 +451,8 @@ def _guidance(frames, config: RefineStageConfig, device: torch.device):
     try:
         pipeline = SV3DPipeline.load(checkpoint, device=device, dtype=dtype, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        if out_of_memory(exc):  # not a bad file: the out-of-memory message says what to try
+            raise
         raise InputError(f"{checkpoint}: cannot load the SV3D checkpoint: {exc}") from None
     # The noise bound anneals over the SDS phase as it really is (the last sds_fraction of the steps)
     sds_steps = int(round(config.refine.sds_fraction * config.refine.steps))

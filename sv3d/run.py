@@ -184,7 +184,7 @@ def _run(
     _resolve_configs(config, device)
     _check_config(config, source["kind"])
     identity = {"source": source, "config": _identity(config)}
-    previous = _check_output(out, identity, force)
+    previous = _check_output(out, identity, force, source["kind"])
     ckpt_info = checkpoint_identity(checkpoint, (previous or {}).get("checkpoint")) if checkpoint else None
     made_with = ((previous or {}).get("checkpoint") or {}).get("sha256")
     if not force and ckpt_info and made_with and made_with != ckpt_info["sha256"]:
@@ -194,13 +194,16 @@ def _run(
         )
 
     # 2. Start (or resume) the record; --force removes this run's own files, never anything else
-    if force:  # the record first: an interrupted --force must not leave it trusting half-deleted stages
-        owned = [RUN_FILE] + [n for n in OWNED if n != RUN_FILE]
-        for name in owned if source["kind"] == "image" else [n for n in owned if n != "orbit"]:
+    if force:
+        if (out / RUN_FILE).is_file():  # first: an interrupted --force leaves a record of a run being cleared
+            # (trusting no stage, still the folder of a run that a later --force may clear)
+            clearing = {"format": RUN_FORMAT, "identity": None, "stages": {}, "finished_stages": []}
+            _write_summary(out, {**clearing, "status": "cleared by --force (interrupted)"})
+        for name in _owned(source["kind"]):
             path = out / name
             if path.is_dir():
                 shutil.rmtree(path)
-            elif path.exists():
+            elif path.exists() and name != RUN_FILE:
                 path.unlink()
         previous = None
     summary = previous or {
@@ -556,7 +559,11 @@ def _resolve_configs(config: RunConfig, device: torch.device) -> None:
         if stage.device == "auto":
             stage.device = str(device)
     orbit_ckpt = config.orbit.checkpoint
-    if orbit_ckpt is not None and config.refine.checkpoint in (None, orbit_ckpt):
+    same = config.refine.checkpoint is None or (
+        orbit_ckpt is not None
+        and Path(config.refine.checkpoint).expanduser().resolve() == Path(orbit_ckpt).expanduser().resolve()
+    )
+    if orbit_ckpt is not None and same:
         # SDS (on by default on CUDA) guides with the model that generated the orbit: with its sgm yaml and
         # dtype (the Hydra configs name the checkpoint for both stages already)
         config.refine.checkpoint = orbit_ckpt
@@ -629,7 +636,12 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
     return f"{prefix.rstrip('.')} {json.dumps(a)} -> {json.dumps(b)}"
 
 
-def _check_output(out: Path, identity: dict, force: bool) -> dict | None:
+def _owned(kind: str) -> list[str]:
+    """What --force may remove in a run's folder: an orbit run's orbit is the user's input."""
+    return [name for name in OWNED if kind == "image" or name != "orbit"]
+
+
+def _check_output(out: Path, identity: dict, force: bool, kind: str = "image") -> dict | None:
     """The previous run.json when `out` holds this same run; an error when it holds something else."""
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory")
@@ -638,7 +650,7 @@ def _check_output(out: Path, identity: dict, force: bool) -> dict | None:
     record = out / RUN_FILE
     if not record.is_file():
         # --force removes a run's own folders (OWNED): never same-named ones of a folder no run made
-        theirs = [name for name in OWNED if (out / name).exists()]
+        theirs = [name for name in _owned(kind) if (out / name).exists()]
         if force and not theirs:
             return None
         held = f" (it holds {', '.join(theirs)}, which --force would delete)" if theirs else ""

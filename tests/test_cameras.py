@@ -632,6 +632,8 @@ def test_write_refuses_non_empty_target_unless_overwrite(tmp_path: Path) -> None
     assert (target / "keep.txt").read_text() == "old"
     (target / "keep.txt").unlink()
     write_orbit_directory(target, orbit, _random_rgba(2, 4), "render")
+    (target / "preview.mp4").write_bytes(b"sv3d orbit's own")  # and a killed write's temporary file
+    (target / ".preview.k2j4.mp4").write_bytes(b"")
     write_orbit_directory(target, orbit, _random_rgba(2, 4), "render", overwrite=True)  # an orbit: replaced
     assert sorted(p.name for p in target.iterdir()) == ["frame_000.png", "frame_001.png", "transforms.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["orbit"]  # no temporary or backup left

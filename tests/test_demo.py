@@ -94,6 +94,12 @@ def test_demo_never_replaces_a_folder_that_is_not_its_own(tmp_path: Path, capsys
         assert "not a demo's output folder" in capsys.readouterr().err
     assert (folder / "nerf" / "train.py").read_text() == "mine"
     assert sorted(p.name for p in folder.iterdir()) == ["nerf"]
+    users = tmp_path / "work"  # a user's own orbit (sv3d render-orbit ... -o work/orbit) is not the demo's
+    (users / "orbit").mkdir(parents=True)
+    (users / "orbit" / "transforms.json").write_text("{}")
+    assert main(["demo", "-o", str(users)]) == 2
+    assert "not a demo's output folder" in capsys.readouterr().err
+    assert (users / "orbit" / "transforms.json").read_text() == "{}"
     assert main(["demo", "-o", str(tmp_path / "d"), "--nerf-steps", "0"]) == 2
     assert "--nerf-steps must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()

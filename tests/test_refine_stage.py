@@ -248,7 +248,10 @@ def test_the_sds_model_loads_in_the_devices_precision(tmp_path, monkeypatch, dev
         raise Loaded
 
     monkeypatch.setattr(SV3DPipeline, "load", staticmethod(fake_load))
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    # is_bf16_supported() says yes on a V100 or T4 too (emulation): the capability decides
+    monkeypatch.setattr(
+        torch.cuda, "get_device_capability", lambda *args, **kwargs: (8, 0) if bf16 else (7, 5)
+    )
     checkpoint = tmp_path / "model.safetensors"
     checkpoint.write_bytes(b"not read")
     config = refine_stage.default_refine_config(torch.device("cpu"))

@@ -298,6 +298,38 @@ def test_force_never_deletes_folders_no_run_made(tiny_run, sv3d_tiny, tmp_path, 
     ]
 
 
+def test_an_orbit_runs_folder_may_hold_its_orbit_and_an_interrupted_force_can_be_forced_again(
+    tiny_run, sv3d_tiny, tmp_path, monkeypatch
+):
+    """The demo runs from out/orbit into out: the orbit is the run's input, not a stranger's folder. And a
+    --force cut short while it cleared (run.json gone first, then nerf/ ...) left a folder that every later
+    command refused: run.json is rewritten as a cleared record instead."""
+    from sv3d.run import _check_output
+
+    demo_like = tmp_path / "demo"
+    (demo_like / "orbit").mkdir(parents=True)
+    (demo_like / "orbit" / "transforms.json").write_text("{}")
+    assert _check_output(demo_like, {}, force=True, kind="orbit") is None
+    with pytest.raises(InputError, match="it holds orbit"):
+        _check_output(demo_like, {}, force=True, kind="image")
+
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_run["out"], out)
+    args = [*run_args(sv3d_tiny, tiny_run["image"], out), "--allow-inconsistent", "--nerf-steps", "25"]
+
+    def cut(path, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module.shutil, "rmtree", cut)
+    assert main([*args, "--force"]) == 130  # interrupted while clearing
+    assert json.loads((out / "run.json").read_text())["finished_stages"] == []
+    monkeypatch.undo()
+    monkeypatch.setattr(run_module, "generate_orbit", cut)
+    assert main([*args, "--force"]) == 130  # accepted: cleared, then the orbit stage began
+    assert not (out / "nerf").exists()
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted in stage orbit"
+
+
 def test_a_full_disk_is_one_line_and_keeps_the_record(tiny_run, sv3d_tiny, tmp_path, capsys, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
