@@ -77,6 +77,10 @@ STAGE_OUTPUTS = {
 }
 # Config entries that change how a run is shown or allowed, not what it computes: not compared on rerun.
 _NOT_IDENTITY = (("orbit", "progress"), ("orbit", "offload"), ("orbit", "allow_cpu"), ("allow_inconsistent",))
+# Settings of the last steps only: a change redoes the export (turntable) or re-judges the consistency score,
+# not the whole run
+_EXPORT_ONLY = ("turntable_frames", "turntable_resolution", "turntable_elevation_deg", "turntable_fps")
+_NOT_IDENTITY += tuple((key,) for key in (*_EXPORT_ONLY, "consistency_threshold_db"))
 _DISK_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _HASH_CHUNK = 1 << 24  # 16 MiB reads: a 9 GB checkpoint hashes in constant memory
 
@@ -222,6 +226,10 @@ def _run(
         "status": "running",
     }
     summary["checkpoint"] = ckpt_info
+    current = asdict(config)
+    if any((summary.get("config") or {}).get(key) != current[key] for key in _EXPORT_ONLY):
+        summary["stages"].pop("export", None)  # another turntable: made again from the refined mesh
+    summary["config"] = current
     orbit_dir = out / "orbit" if source["kind"] == "image" else Path(source["orbit_dir"])
     summary["orbit_dir"] = str(orbit_dir)
 
@@ -323,6 +331,9 @@ def _finished(out: Path, summary: dict, stage: str) -> bool:
 def _check_flag(summary: dict, config: RunConfig) -> None:
     """Warn about a flagged orbit; stop the run unless the user allowed it."""
     score = summary["consistency"]
+    # judged against this run's threshold (a rerun may change it without redoing the score)
+    score["threshold_db"] = config.consistency_threshold_db
+    summary["flagged"] = bool(score["masked_psnr_db"] < config.consistency_threshold_db)
     if not summary["flagged"]:
         return
     warning = (

@@ -175,6 +175,23 @@ def test_a_stage_run_again_makes_the_later_ones_run_again(tiny_run, tmp_path, mo
     assert record["finished_stages"] == ["orbit", "nerf", "consistency", "refine", "export"]
 
 
+def test_turntable_and_threshold_changes_redo_only_what_they_change(tiny_run, tmp_path, monkeypatch, capsys):
+    """Another turntable size or consistency threshold was "another run" (--force: everything again)."""
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_run["out"], out)
+    args = [*tiny_run["args"], "--allow-inconsistent"]
+    args[args.index(str(tiny_run["out"]))] = str(out)
+    args[args.index("--turntable-resolution") + 1] = "40"
+    _forbid_stages(monkeypatch)
+    made = []
+    monkeypatch.setattr(run_module, "render_turntable", lambda *a, **k: made.append(a[3]))
+    assert main([*args, "--consistency-threshold", "99"]) == 0
+    assert made == [40]  # the export only, at the new size
+    record = json.loads((out / "run.json").read_text())
+    assert record["flagged"] and record["consistency"]["threshold_db"] == 99.0  # re-judged, not re-scored
+    assert "meshing it anyway" in capsys.readouterr().err
+
+
 def test_a_changed_config_refuses_and_force_redoes(tiny_run, tmp_path, capsys, monkeypatch):
     out = tmp_path / "copy"
     shutil.copytree(tiny_run["out"], out)
