@@ -392,9 +392,6 @@ def antialias(
         zw = rast[..., 2].detach()
         px, py, _ = _to_pixels(pos_clip.detach().float(), height, width)  # [V, N] each
         sil_edges, near = silhouette_edges(px, py, tri, topology.long(), use_numba)  # [V, F, 3], [V, F]
-        behind = pos_clip[..., 3].detach() <= _W_EPS  # [V, N]: projected through w ~ 0, or mirrored
-        if bool(behind.any()):  # their triangles are not drawn: their edges bound nothing on screen
-            sil_edges = sil_edges & ~(behind[:, tri] | behind[:, tri.roll(-1, dims=1)])
         if use_numba:
             if not _zbuffer_cpu.AVAILABLE:
                 raise RuntimeError("backend='numba' needs the numba package")

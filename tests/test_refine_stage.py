@@ -304,3 +304,22 @@ def test_sds_is_not_used_on_cameras_sv3d_does_not_know(tmp_path, monkeypatch, ca
     for orbit, fragment in ((far, "camera distance 3.00"), (few, "5 frames"), (rolled, "look-at")):
         with pytest.raises(InputError, match=fragment):
             refine_stage._guidance(types.SimpleNamespace(orbit=orbit), on, torch.device("cpu"))
+
+
+def test_score_glb_reports_the_exported_textures_psnr(scene, tmp_path):
+    """`scripts/score_glb.py` (the README's `.glb` PSNR column) on an sv3d-eval-like folder."""
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.spec_from_file_location(
+        "score_glb", Path(__file__).parents[1] / "scripts/score_glb.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    obj = tmp_path / "eval" / "blob"
+    assert run(scene["orbit"], "--init", scene["init"], "-o", obj, *TINY) == 0
+    shutil.copytree(scene["orbit"], obj / "gt_orbit")
+    assert script.main([str(tmp_path / "eval"), "--size", "48", "--json", str(tmp_path / "s.json")]) == 0
+    score = json.loads((tmp_path / "s.json").read_text())["blob"]
+    assert 15.0 < score < 60.0, score  # 12 toy steps: a rough texture, but the object's
+    assert script.main([str(tmp_path)]) == 2  # no eval folder there

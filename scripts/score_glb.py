@@ -1,0 +1,67 @@
+"""Masked PSNR of each exported `mesh.glb` against its ground-truth orbit, for an `sv3d eval` folder.
+
+Issue 5's texture check, as the README's Results table reports it: for every object of EVAL_DIR (an
+`sv3d eval` output: `<object>/mesh.glb` and `<object>/gt_orbit/`), the mesh is rendered unlit over white
+from the orbit's 21 cameras at SIZE² (antialiased), the frames are area-averaged to SIZE² and composited
+over white, and the PSNR is taken over the pixels whose averaged alpha exceeds 1/2 (the object's).
+
+    python scripts/score_glb.py /tmp/eval [--size 256] [--json scores.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from refine import render_mesh
+from sv3d.cameras import read_orbit_directory
+from sv3d.errors import Sv3dError, one_line
+from sv3d.meshio import load_mesh
+
+
+def glb_psnr(object_dir: Path, size: int = 256) -> float:
+    """Masked PSNR (dB) of `object_dir/mesh.glb`'s unlit renders against `object_dir/gt_orbit`'s frames."""
+    frames = read_orbit_directory(object_dir / "gt_orbit")
+    mesh = load_mesh(object_dir / "mesh.glb", place=False)  # glTF +Y up back to the world's z up
+    with torch.no_grad():
+        pred = render_mesh(mesh, frames.orbit.cameras(), size, shading="unlit").image  # [V, s, s, 3]
+    gt = F.interpolate(frames.images.permute(0, 3, 1, 2), size=(size, size), mode="area").permute(0, 2, 3, 1)
+    target = gt[..., :3] * gt[..., 3:] + (1.0 - gt[..., 3:])  # [V, s, s, 3] over white
+    mask = gt[..., 3] > 0.5  # [V, s, s]
+    mse = float((pred - target).pow(2).mean(-1)[mask].mean())
+    return -10.0 * math.log10(max(mse, 1e-12))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("eval_dir", type=Path, help="an sv3d eval output folder")
+    parser.add_argument("--size", type=int, default=256, help="render and comparison size (default 256)")
+    parser.add_argument("--json", type=Path, help="also write {object: dB} here")
+    args = parser.parse_args(argv)
+    objects = sorted(p.parent for p in args.eval_dir.glob("*/mesh.glb") if (p.parent / "gt_orbit").is_dir())
+    if not objects:
+        print(
+            f"score_glb.py: error: {args.eval_dir}: no <object>/mesh.glb with its gt_orbit/", file=sys.stderr
+        )
+        return 2
+    scores = {}
+    try:
+        for obj in objects:
+            scores[obj.name] = glb_psnr(obj, args.size)
+            print(f"{obj.name}: {scores[obj.name]:.1f} dB", flush=True)
+    except (Sv3dError, OSError) as exc:
+        print(f"score_glb.py: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    if args.json:
+        args.json.write_text(json.dumps(scores, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
