@@ -2,8 +2,9 @@
 
 Issue 5's texture check, as the README's Results table reports it: for every object of EVAL_DIR (an
 `sv3d eval` output: `<object>/mesh.glb` and `<object>/gt_orbit/`), the mesh is rendered unlit over white
-from the orbit's 21 cameras at SIZE² (antialiased), the frames are area-averaged to SIZE² and composited
-over white, and the PSNR is taken over the pixels whose averaged alpha exceeds 1/2 (the object's).
+from the orbit's 21 cameras at SIZE² (antialiased), the frames are composited over white and then
+area-averaged to SIZE² (`nerf.train.frames_over_white`, as the NeRF's targets), and the PSNR is taken over
+the pixels whose averaged alpha exceeds 1/2 (the object's).
 
     python scripts/score_glb.py /tmp/eval [--size 256] [--json scores.json]
 """
@@ -12,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from nerf.train import frames_over_white, psnr
 from refine import render_mesh
 from sv3d.cameras import read_orbit_directory
 from sv3d.errors import Sv3dError, one_line
@@ -31,11 +31,8 @@ def glb_psnr(object_dir: Path, size: int = 256) -> float:
     mesh = load_mesh(object_dir / "mesh.glb", place=False)  # glTF +Y up back to the world's z up
     with torch.no_grad():
         pred = render_mesh(mesh, frames.orbit.cameras(), size, shading="unlit").image  # [V, s, s, 3]
-    gt = F.interpolate(frames.images.permute(0, 3, 1, 2), size=(size, size), mode="area").permute(0, 2, 3, 1)
-    target = gt[..., :3] * gt[..., 3:] + (1.0 - gt[..., 3:])  # [V, s, s, 3] over white
-    mask = gt[..., 3] > 0.5  # [V, s, s]
-    mse = float((pred - target).pow(2).mean(-1)[mask].mean())
-    return -10.0 * math.log10(max(mse, 1e-12))
+    target, alpha = frames_over_white(frames.images, size)  # [V, s, s, 3] over white, [V, s, s, 1]
+    return psnr(pred, target, (alpha > 0.5).expand_as(target))
 
 
 def main(argv: list[str] | None = None) -> int:

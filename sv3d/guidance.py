@@ -378,8 +378,8 @@ class SDSGuidance:
         if c.mask and x.requires_grad:
             # The latent mask alone leaks: the encoder's self-attention carries a masked-in latent's
             # gradient back to every pixel, including those the input view saw well and the background.
-            # The render gradient is confined per pixel as well.
-            # Its support only: the soft weights are the latent mask's (multiplied again they would square).
+            # So the render gradient is confined to the mask's support too (its support only: the soft
+            # weights are the latent mask's, and multiplied again they would square).
             support = (mask.permute(0, 3, 1, 2) > 0).to(x)  # [V, 1, H, W]
             x.register_hook(lambda g: g * support)
         size = c.resolution
