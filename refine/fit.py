@@ -34,7 +34,15 @@ from .rasterizer import antialias, edge_topology, interpolate, interpolate_cover
 from .regularisers import laplacian_loss, normal_consistency_loss
 from .shading import albedo_smoothness
 
-__all__ = ["Guidance", "RefineConfig", "RefineResult", "frame_errors", "refine_surface", "render_surface"]
+__all__ = [
+    "Guidance",
+    "RefineConfig",
+    "RefineResult",
+    "frame_errors",
+    "refine_surface",
+    "render_surface",
+    "sds_phase_steps",
+]
 
 # guidance(images [V, H, W, 3] in [0, 1], alpha [V, H, W, 1], normals [V, H, W, 3], step) -> {"loss_sds": ...}
 Guidance = Callable[..., dict[str, Tensor]]
@@ -96,6 +104,11 @@ class RefineConfig:
     seed: int = 0
     tet: DMTetConfig = field(default_factory=DMTetConfig)
     color: ColorFieldConfig = field(default_factory=ColorFieldConfig)
+
+
+def sds_phase_steps(config: RefineConfig) -> int:
+    """How many of the steps get SDS guidance: the last `sds_fraction` of them."""
+    return int(round(config.sds_fraction * config.steps))
 
 
 @dataclass
@@ -277,7 +290,7 @@ def _optimise(
         betas=(0.9, 0.99),
         eps=1e-15,
     )
-    sds_start = config.steps - int(round(config.sds_fraction * config.steps)) if guidance else config.steps
+    sds_start = config.steps - sds_phase_steps(config) if guidance else config.steps
     n_views = images.shape[0]
     detach = not config.color_moves_geometry  # colour-field queries at detached surface points
     history: list[dict[str, float]] = []

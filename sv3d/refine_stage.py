@@ -25,7 +25,7 @@ from refine.bake import BakeConfig, check_texture_size
 from refine.cavities import open_cavities
 from refine.dmtet import DMTetConfig, validate_init
 from refine.export import CleanupConfig, clean_mesh, export_mesh, textured_mesh
-from refine.fit import RefineConfig, RefineResult, frame_errors, refine_surface
+from refine.fit import RefineConfig, RefineResult, frame_errors, refine_surface, sds_phase_steps
 from refine.render import render_mesh
 from refine.tetgrid import tet_grid
 
@@ -455,8 +455,9 @@ def _guidance(frames, config: RefineStageConfig, device: torch.device):
             raise
         raise InputError(f"{checkpoint}: cannot load the SV3D checkpoint: {exc}") from None
     # The noise bound anneals over the SDS phase as it really is (the last sds_fraction of the steps)
-    sds_steps = int(round(config.refine.sds_fraction * config.refine.steps))
-    sds = SDSConfig(resolution=config.refine.sds_resolution, anneal_steps=max(sds_steps, 1))
+    sds = SDSConfig(
+        resolution=config.refine.sds_resolution, anneal_steps=max(sds_phase_steps(config.refine), 1)
+    )
     last = frames.images[-1:].permute(0, 3, 1, 2).float()  # [1, 4, H, W] the input view
     image = last[:, :3] * last[:, 3:] + (1.0 - last[:, 3:])  # over white
     image = torch.nn.functional.interpolate(image, size=(sds.resolution,) * 2, mode="bilinear")
