@@ -32,6 +32,7 @@ __all__ = ["rasterize", "interpolate", "interpolate_covered", "texture", "antial
 
 _EMPTY_KEY = torch.iinfo(torch.int64).max
 _W_EPS = 1e-8  # vertices with w below this are behind the camera
+MAX_TRIANGLES = 2**24 - 1  # ids travel as float32 in rast[..., 3], exact up to 2^24
 
 
 def _resolution(resolution: int | tuple[int, int]) -> tuple[int, int]:
@@ -48,7 +49,7 @@ def _check_inputs(pos_clip: Tensor, tri: Tensor) -> None:
         raise ValueError(f"tri must be [F, 3], got {tuple(tri.shape)}")
     if tri.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"tri must be an integer tensor, got {tri.dtype}")
-    if tri.shape[0] >= 2**24:  # ids travel as float32 in rast[..., 3], exact up to 2^24
+    if tri.shape[0] > MAX_TRIANGLES:
         raise ValueError(f"at most 2^24 - 1 triangles, got {tri.shape[0]}: decimate the mesh")
     if tri.numel() and (int(tri.min()) < 0 or int(tri.max()) >= pos_clip.shape[1]):
         raise ValueError(

@@ -50,6 +50,7 @@ import trimesh
 from PIL import Image
 
 from refine.mesh import DEFAULT_COLOR, Mesh
+from refine.rasterizer import MAX_TRIANGLES
 from sv3d.errors import InputError, MeshLoadError
 
 UpAxis = Literal["auto", "y", "z"]
@@ -163,7 +164,7 @@ def load_mesh(path: str | Path, up: UpAxis = "auto", place: bool = True) -> Mesh
 
     # 1. Geometry: one vertex array, faces offset per part
     vertices, faces = _concatenate(parts)  # [N, 3], [F, 3]
-    _check_extent(mesh_path, vertices, faces)
+    _check_geometry(mesh_path, vertices, faces)
     if place:
         vertices, _, _ = place_in_world(vertices)
 
@@ -202,7 +203,7 @@ def load_trimesh(path: str | Path, up: UpAxis = "auto", place: bool = True) -> t
     mesh_path = resolve_mesh_path(path)
     parts = _read_parts(mesh_path, up, with_visuals=False)
     vertices, faces = _concatenate(parts)  # [N, 3], [F, 3]
-    _check_extent(mesh_path, vertices, faces)
+    _check_geometry(mesh_path, vertices, faces)
     if place:
         vertices, _, _ = place_in_world(vertices)
     return trimesh.Trimesh(vertices=vertices, faces=faces, process=True)
@@ -500,10 +501,10 @@ def _concatenate(parts: list[_Part]) -> tuple[np.ndarray, np.ndarray]:
     return vertices, faces
 
 
-MAX_FACES = 2**24 - 1  # the rasterizer carries triangle ids as float32
+MAX_FACES = MAX_TRIANGLES  # what the rasterizer takes (its triangle ids are float32)
 
 
-def _check_extent(path: Path, vertices: np.ndarray, faces: np.ndarray) -> None:
+def _check_geometry(path: Path, vertices: np.ndarray, faces: np.ndarray) -> None:
     if np.ptp(vertices, axis=0).max() <= 0:
         raise MeshLoadError(f"{path}: all vertices coincide; the mesh has no extent")
     if len(faces) > MAX_FACES:
