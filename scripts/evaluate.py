@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from sv3d.config import eval_config, run_config, to_container
+from sv3d.config import eval_config, job_output_dir, run_config, to_container
 from sv3d.errors import Sv3dError, one_line
 from sv3d.evaluate import aggregate_sweep, evaluate_dataset
 
@@ -31,11 +30,11 @@ from sv3d.evaluate import aggregate_sweep, evaluate_dataset
 def main(cfg) -> float | None:
     if cfg.eval.dataset is None:
         sys.exit("evaluate.py: error: give the dataset, e.g. eval.dataset=path/to/gso")
-    output = Path(cfg.output) if cfg.output else Path(HydraConfig.get().runtime.output_dir)
     objects = to_container(cfg.eval.objects)
     if isinstance(objects, str):
         objects = hydra.utils.to_absolute_path(objects)
     try:
+        output = job_output_dir(cfg, record_overrides=True)
         result = evaluate_dataset(
             hydra.utils.to_absolute_path(cfg.eval.dataset),
             output,

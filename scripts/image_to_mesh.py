@@ -10,13 +10,11 @@ one run directory each:
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from sv3d.config import run_config
+from sv3d.config import job_output_dir, run_config
 from sv3d.errors import Sv3dError, one_line
 from sv3d.run import run_image_to_mesh
 
@@ -28,7 +26,7 @@ def main(cfg) -> None:
     image = OmegaConf.select(cfg, "image")
     if image is None:
         sys.exit("image_to_mesh.py: error: give the photo, e.g. +image=path/to/photo.png")
-    output = Path(cfg.output) if cfg.output else Path(HydraConfig.get().runtime.output_dir) / "run"
+    output = job_output_dir(cfg, "run")
     try:
         result = run_image_to_mesh(hydra.utils.to_absolute_path(image), output, run_config(cfg))
     except (Sv3dError, OSError) as exc:  # bad input, or a file it cannot read or write: one line, exit 2

@@ -7,12 +7,10 @@ Example sweep over elevations, one orbit directory per run:
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 
-from sv3d.config import render_orbit_config
+from sv3d.config import job_output_dir, render_orbit_config
 from sv3d.errors import Sv3dError, one_line
 from sv3d.render_orbit import render_orbit
 
@@ -21,7 +19,7 @@ from sv3d.render_orbit import render_orbit
 def main(cfg) -> None:
     if cfg.mesh is None:
         sys.exit("render_orbit.py: error: give the mesh, e.g. mesh=path/to/model.obj")
-    output = Path(cfg.output) if cfg.output else Path(HydraConfig.get().runtime.output_dir) / "orbit"
+    output = job_output_dir(cfg, "orbit")
     try:
         out = render_orbit(hydra.utils.to_absolute_path(cfg.mesh), output, render_orbit_config(cfg))
     except (Sv3dError, OSError) as exc:  # bad input, or a file it cannot read or write: one line, exit 2

@@ -37,6 +37,7 @@ __all__ = [
     "compose_config",
     "eval_config",
     "fit_nerf_config",
+    "job_output_dir",
     "orbit_config",
     "refine_stage_config",
     "render_orbit_config",
@@ -284,3 +285,28 @@ def eval_config(cfg: Any) -> EvalConfig:
     config = apply_overrides(EvalConfig(render=render_orbit_config(cfg)), values, "eval")
     config.validate()
     return config
+
+
+def job_output_dir(cfg: Any, leaf: str | None = None, record_overrides: bool = False) -> Path:
+    """Where a Hydra entry point's job writes: `output=` when given, else Hydra's run directory (with
+    `leaf` below it). In a multirun every job gets its own folder under `output=`, named by its job number
+    as Hydra names a sweep's (`<output>/0`, `<output>/1`, ...): one shared folder made the jobs overwrite
+    or refuse each other. `record_overrides` writes the job's overrides to `.hydra/overrides.yaml` in its
+    folder, as in a sweep directory, so that `evaluate.py --aggregate OUTPUT` finds its columns."""
+    import yaml
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    if not cfg.output:
+        runtime = Path(hydra_cfg.runtime.output_dir)
+        return runtime / leaf if leaf else runtime
+    output = Path(cfg.output)
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return output
+    job_dir = output / str(hydra_cfg.job.num)
+    if record_overrides:
+        overrides = job_dir / ".hydra" / "overrides.yaml"
+        overrides.parent.mkdir(parents=True, exist_ok=True)
+        overrides.write_text(yaml.safe_dump(list(hydra_cfg.overrides.task)))
+    return job_dir

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -228,3 +229,49 @@ def test_hydra_scripts_turn_file_errors_into_one_line(tmp_path: Path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("render_orbit.py: error:") and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_multirun_with_a_fixed_output_gives_each_job_its_own_folder(tmp_path: Path):
+    """`-m ... output=DIR`: every job wrote into DIR itself (the second orbit replaced the first, or a run
+    refused the other's folder); now DIR/<job number>, and an evaluation's overrides beside it."""
+    objects = write_test_objects(tmp_path / "gso", names=["blob"])
+    out = tmp_path / "orbits"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "render_orbit.py"), "-m", f"mesh={objects['blob']}"]
+        + [f"output={out}", "preset=toy", "device=cpu", "sv3d.render.resolution=32"]
+        + ["sv3d.elevation_deg=0,20"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,  # Hydra's own multirun/ folder goes there
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    elevations = {}
+    for job in ("0", "1"):
+        frames = json.loads((out / job / "transforms.json").read_text())["frames"]
+        elevations[job] = round(float(frames[0]["elevation_deg"]))
+    assert sorted(elevations.values()) == [0, 20]
+
+
+def test_evaluation_jobs_record_their_overrides_under_a_fixed_output(tmp_path: Path):
+    """`evaluate.py -m ... output=DIR` jobs write DIR/<n>/.hydra/overrides.yaml, which --aggregate reads."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from sv3d.config import job_output_dir
+
+    GlobalHydra.instance().clear()
+    overrides = ["refine.refine.tet.resolution=24", f"output={tmp_path / 'sweep'}"]
+    with initialize_config_module(config_module="sv3d.configs", version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    cfg.hydra.mode, cfg.hydra.job.num = RunMode.MULTIRUN, 3
+    cfg.hydra.overrides.task = overrides
+    HydraConfig.instance().set_config(cfg)
+    try:
+        job = job_output_dir(cfg, record_overrides=True)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert job == tmp_path / "sweep" / "3"
+    from sv3d.evaluate import _overrides
+
+    assert _overrides(job)["refine.refine.tet.resolution"] == "24"
