@@ -365,7 +365,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         help="masked SDS from the SV3D model in the refinement (auto: on on CUDA; off saves its memory)",
     )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
-    p.add_argument("--force", action="store_true", help="start over in a directory holding another run")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="redo the stages that changed settings touch, and the later ones (same settings: start over)",
+    )
     p.set_defaults(func=_cmd_run)
 
 

@@ -67,6 +67,19 @@ RUN_FILE = "run.json"
 RUN_FORMAT = 1  # bump when run.json's layout changes
 STAGES = ("orbit", "nerf", "consistency", "refine", "export")
 OWNED = ("orbit", "nerf", "refine", "mesh.glb", "turntable.mp4", RUN_FILE)  # what --force may remove
+# What each stage writes: a stage that runs again starts from none of them.
+STAGE_FILES = {
+    "orbit": ("orbit",),
+    "nerf": ("nerf",),
+    "consistency": (),
+    "refine": ("refine",),
+    "export": ("mesh.glb", "turntable.mp4"),
+}
+# The entries of a run's identity (its source and config) that each stage's result depends on, beside
+# what the stages before it made: a changed entry redoes that stage and the ones after it (--force). Any
+# other entry (the source, seed, device, one this list does not know) redoes the whole run.
+_STAGE_KEYS = {"nerf": ("nerf",), "consistency": ("consistency_resolution",), "refine": ("refine",)}
+_TRASH = ".replaced-"  # prefix of a stage's files moved aside by --force before they are deleted
 # A finished stage is skipped on a rerun only while these files are still there.
 STAGE_OUTPUTS = {
     "orbit": ("orbit/transforms.json",),
@@ -188,28 +201,45 @@ def _run(
     _resolve_configs(config, device)
     _check_config(config, source["kind"])
     identity = {"source": source, "config": _identity(config)}
-    previous = _check_output(out, identity, force, source["kind"])
+    previous, redo_from = _check_output(out, identity, force, source["kind"])
     ckpt_info = checkpoint_identity(checkpoint, (previous or {}).get("checkpoint")) if checkpoint else None
     made_with = ((previous or {}).get("checkpoint") or {}).get("sha256")
-    if not force and ckpt_info and made_with and made_with != ckpt_info["sha256"]:
-        raise OtherRunError(
-            f"{out}: its finished stages were made with another file at {ckpt_info['path']} (sha256 "
-            f"{made_with[:12]}, now {ckpt_info['sha256'][:12]}); use --force to redo them, or another output"
-        )
+    if ckpt_info and made_with and made_with != ckpt_info["sha256"]:
+        if not force:
+            raise OtherRunError(
+                f"{out}: its finished stages were made with another file at {ckpt_info['path']} (sha256 "
+                f"{made_with[:12]}, now {ckpt_info['sha256'][:12]}); use --force to redo them, or another "
+                "output"
+            )
+        previous, redo_from = None, None  # other weights: every stage again
 
-    # 2. Start (or resume) the record; --force removes this run's own files, never anything else
-    if force:
+    # 2. Start (or resume) the record; --force removes this run's own files, never anything else: those of
+    # the stages that the changed settings touch (and the later ones), or all of them
+    if redo_from is not None:
+        # Moved aside first (instant), then the record, then deleted: cut short anywhere, the record never
+        # calls a stage finished whose files are half gone
+        redone = STAGES[STAGES.index(redo_from) :]
+        names = [f for stage in redone for f in STAGE_FILES[stage] if f in _owned(source["kind"])]
+        for name in names:
+            _remove(out / f"{_TRASH}{name}")
+            if (out / name).exists():
+                (out / name).rename(out / f"{_TRASH}{name}")
+        for stage in redone:
+            previous["stages"].pop(stage, None)
+        previous["finished_stages"] = [s for s in STAGES if previous["stages"].get(s, {}).get("finished")]
+        previous["identity"] = identity
+        _write_summary(out, {**previous, "status": f"redoing from stage {redo_from}"})
+    elif force:
         if (out / RUN_FILE).is_file():  # first: an interrupted --force leaves a record of a run being cleared
             # (trusting no stage, still the folder of a run that a later --force may clear)
             clearing = {"format": RUN_FORMAT, "identity": None, "stages": {}, "finished_stages": []}
             _write_summary(out, {**clearing, "status": "cleared by --force (interrupted)"})
         for name in _owned(source["kind"]):
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists() and name != RUN_FILE:
-                path.unlink()
+            if name != RUN_FILE:
+                _remove(out / name)
         previous = None
+    for name in _owned(source["kind"]):  # what a --force moved aside, and one cut short left
+        _remove(out / f"{_TRASH}{name}")
     summary = previous or {
         "format": RUN_FORMAT,
         "source": source,
@@ -321,6 +351,13 @@ def _with_progress(config: OrbitConfig, progress: bool) -> OrbitConfig:
     config = copy.deepcopy(config)
     config.progress = config.progress and progress
     return config
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 def _finished(out: Path, summary: dict, stage: str) -> bool:
@@ -652,18 +689,32 @@ def _owned(kind: str) -> list[str]:
     return [name for name in OWNED if kind == "image" or name != "orbit"]
 
 
-def _check_output(out: Path, identity: dict, force: bool, kind: str = "image") -> dict | None:
-    """The previous run.json when `out` holds this same run; an error when it holds something else."""
+def _first_stage_changed(recorded: dict, identity: dict) -> str:
+    """The earliest stage whose inputs differ between a recorded run's identity and this one's."""
+    old, new = recorded.get("config") or {}, identity["config"]
+    changed = {key for key in set(old) | set(new) if old.get(key) != new.get(key)}
+    if recorded.get("source") != identity["source"] or any(
+        not any(key in keys for keys in _STAGE_KEYS.values()) for key in changed
+    ):
+        return STAGES[0]
+    return next((stage for stage in STAGES if changed & set(_STAGE_KEYS.get(stage, ()))), STAGES[0])
+
+
+def _check_output(
+    out: Path, identity: dict, force: bool, kind: str = "image"
+) -> tuple[dict | None, str | None]:
+    """(the previous run.json when `out` holds this run or one whose later stages --force redoes, the stage
+    to redo from in that case); an error when `out` holds something else."""
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory")
     if not out.is_dir() or not any(out.iterdir()):
-        return None
+        return None, None
     record = out / RUN_FILE
     if not record.is_file():
         # --force removes a run's own folders (OWNED): never same-named ones of a folder no run made
         theirs = [name for name in _owned(kind) if (out / name).exists()]
         if force and not theirs:
-            return None
+            return None, None
         held = f" (it holds {', '.join(theirs)}, which --force would delete)" if theirs else ""
         raise InputError(
             f"{out}: output directory is not empty and holds no sv3d run{held}: use an empty or new directory"
@@ -674,18 +725,28 @@ def _check_output(out: Path, identity: dict, force: bool, kind: str = "image") -
         if isinstance(recorded, dict) and isinstance(recorded.get("config"), dict):
             recorded = {**recorded, "config": _without_display_entries(recorded["config"])}
         same = recorded == identity and previous.get("format") == RUN_FORMAT
-    except (OSError, ValueError, AttributeError):
+        comparable = (
+            isinstance(recorded, dict)
+            and previous.get("format") == RUN_FORMAT
+            and isinstance(previous.get("stages"), dict)
+        )
+        redo_from = None if same else _first_stage_changed(recorded, identity) if comparable else STAGES[0]
+    except (OSError, ValueError, AttributeError, TypeError):
         if force:
-            return None
+            return None, None
         raise InputError(f"{record}: unreadable run record (use --force to start over)") from None
     if same:
-        return None if force else previous
+        return (None, None) if force else (previous, None)
+    kept = [s for s in STAGES[: STAGES.index(redo_from)] if kind == "image" or s != "orbit"]
     if force:
-        return None
+        return (previous, redo_from) if kept else (None, None)
     change = _first_difference(recorded or {}, identity)
-    raise OtherRunError(
-        f"{out}: holds another run (different {change}); use another -o, or --force to start over"
+    todo = (
+        f"--force to redo the {redo_from} stage and after (keeping {', '.join(kept)})"
+        if kept
+        else ("--force to start over")
     )
+    raise OtherRunError(f"{out}: holds another run (different {change}); use another -o, or {todo}")
 
 
 def _write_summary(out: Path, summary: dict) -> None:

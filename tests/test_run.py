@@ -203,18 +203,59 @@ def test_a_changed_config_refuses_and_force_redoes(tiny_run, tmp_path, capsys, m
     assert "holds another run" in err and "steps 20 -> 25" in err and "--force" in err
     assert len(err.splitlines()) == 1 and (out / "run.json").read_bytes() == before
 
-    # --force starts over: the orbit is generated again (here interrupted right after, Ctrl-C)
+    assert "--force to redo the nerf stage and after (keeping orbit)" in err
+
+    # --force redoes what the change touches: the NeRF and after, not the orbit (it started over, SV3D
+    # sampling included); here interrupted as the NeRF stage begins (Ctrl-C)
     calls = []
 
     def interrupted(*a, **k):
         calls.append(a)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(run_module, "generate_orbit", interrupted)
+    monkeypatch.setattr(run_module, "generate_orbit", lambda *a, **k: pytest.fail("orbit generated again"))
+    monkeypatch.setattr(run_module, "fit_nerf", interrupted)
+    orbit_before = (out / "orbit" / "transforms.json").read_bytes()
     assert main([*args, "--nerf-steps", "25", "--force"]) == 130
     assert len(calls) == 1 and not (out / "nerf").exists() and not (out / "mesh.glb").exists()
+    assert not (out / "refine").exists() and (out / "orbit" / "transforms.json").read_bytes() == orbit_before
+    assert not list(out.glob(".replaced-*"))
+    record = json.loads((out / "run.json").read_text())
+    assert record["finished_stages"] == ["orbit"] and record["status"] == "interrupted in stage nerf"
+    assert record["identity"]["config"]["nerf"]["train"]["steps"] == 25  # the record is the new run's
+
+    # a setting of the orbit stage (sampler steps): everything again
+    monkeypatch.setattr(run_module, "generate_orbit", interrupted)
+    assert main([*args, "--nerf-steps", "25", "--steps", "3", "--force"]) == 130
+    assert len(calls) == 2 and not (out / "orbit").exists()
     record = json.loads((out / "run.json").read_text())
     assert record["finished_stages"] == [] and record["status"] == "interrupted in stage orbit"
+
+
+def test_force_after_a_refine_setting_changed_redoes_only_the_refinement(tiny_run, tmp_path, monkeypatch):
+    """A new --refine-steps with --force kept nothing (SV3D sampling and the NeRF fit again): now the orbit,
+    the NeRF and the consistency score are kept and the refinement and export run again."""
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_run["out"], out)
+    args = [*tiny_run["args"], "--allow-inconsistent", "--refine-steps", "7", "--force"]
+    args[args.index(str(tiny_run["out"]))] = str(out)
+    nerf_before = (out / "nerf" / "field.safetensors").read_bytes()
+    _forbid_stages(monkeypatch)
+    ran = []
+
+    def refine(orbit_dir, nerf_dir, refine_dir, config, *a, **k):
+        ran.append(config.refine.steps)
+        assert not refine_dir.exists()  # the old refinement's folder is gone
+        refine_dir.mkdir()
+        shutil.copyfile(out / "nerf" / "mesh.ply", refine_dir / "mesh.glb")
+
+    monkeypatch.setattr(run_module, "refine_stage", refine)
+    monkeypatch.setattr(run_module, "render_turntable", lambda *a, **k: ran.append("turntable"))
+    assert main(args) == 0
+    assert ran == [7, "turntable"] and (out / "nerf" / "field.safetensors").read_bytes() == nerf_before
+    record = json.loads((out / "run.json").read_text())
+    assert record["finished_stages"] == ["orbit", "nerf", "consistency", "refine", "export"]
+    assert record["identity"]["config"]["refine"]["refine"]["steps"] == 7
 
 
 def test_a_replaced_checkpoint_file_is_noticed(tiny_run, tmp_path, capsys, monkeypatch):
@@ -326,13 +367,13 @@ def test_an_orbit_runs_folder_may_hold_its_orbit_and_an_interrupted_force_can_be
     demo_like = tmp_path / "demo"
     (demo_like / "orbit").mkdir(parents=True)
     (demo_like / "orbit" / "transforms.json").write_text("{}")
-    assert _check_output(demo_like, {}, force=True, kind="orbit") is None
+    assert _check_output(demo_like, {}, force=True, kind="orbit") == (None, None)
     with pytest.raises(InputError, match="it holds orbit"):
         _check_output(demo_like, {}, force=True, kind="image")
 
     out = tmp_path / "copy"
     shutil.copytree(tiny_run["out"], out)
-    args = [*run_args(sv3d_tiny, tiny_run["image"], out), "--allow-inconsistent", "--nerf-steps", "25"]
+    args = [*run_args(sv3d_tiny, tiny_run["image"], out), "--allow-inconsistent", "--steps", "3"]
 
     def cut(path, *a, **k):
         raise KeyboardInterrupt
