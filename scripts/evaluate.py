@@ -54,7 +54,8 @@ def main(cfg) -> float | None:
         if HydraConfig.get().mode != RunMode.MULTIRUN:  # as `sv3d eval`; a sweep's other jobs go on
             sys.exit(1)
     mean = s["aggregate"]["mean"]["final"]["chamfer"]  # what a sweeper would minimise
-    return math.inf if mean is None else mean  # every object failed: the worst objective
+    # the mean covers the finished objects only: a config that fails the hard ones must not look better
+    return math.inf if mean is None or s["n_failed"] else mean
 
 
 def _aggregate(argv: list[str]) -> None:

@@ -35,7 +35,7 @@ import math
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -273,6 +273,15 @@ def _score(pred_path: Path, gt, config: EvalConfig) -> dict:
     return _protocol(pred, gt, config)
 
 
+def _baseline(name: str, score: Callable[[], dict]) -> dict:
+    """A comparison mesh's metrics, or {"error": ...} when it cannot be scored (an empty NeRF mesh, masks
+    that carve nothing): the object's final figures stand, this source is left out of its means."""
+    try:
+        return score()
+    except Exception as exc:  # noqa: BLE001 - any failure of a baseline is recorded beside the figures
+        return {"error": f"{name}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}".rstrip(": ")}
+
+
 def _in_ground_truth_frame(pred, config: EvalConfig):
     """A prediction turned into the ground truth's frame. A generated orbit puts its input view at azimuth
     0; the input view was rendered at `render.input_azimuth_deg` (a): the generated world is the ground
@@ -353,10 +362,13 @@ def evaluate_object(
     final = _score(result.mesh_path, gt, config)
     timings["final_metrics_seconds"] = round(time.perf_counter() - start, 3)
     start = time.perf_counter()
-    nerf = _score(out / "nerf" / "mesh.ply", gt, config)
+    nerf = _baseline("NeRF mesh", lambda: _score(out / "nerf" / "mesh.ply", gt, config))
     timings["nerf_metrics_seconds"] = round(time.perf_counter() - start, 3)
     start = time.perf_counter()
-    hull = _protocol(visual_hull_from_orbit_dir(masks_orbit, config.hull_resolution), gt, config)
+    hull = _baseline(
+        "visual hull",
+        lambda: _protocol(visual_hull_from_orbit_dir(masks_orbit, config.hull_resolution), gt, config),
+    )
     timings["hull_seconds"] = round(time.perf_counter() - start, 3)
 
     consistency = result.summary.get("consistency") or {}
@@ -487,6 +499,9 @@ def summarize(records: list[dict], config: EvalConfig, fingerprint: str = "") ->
             row["consistency_psnr_db"] = r.get("consistency_psnr_db")
             for source in SOURCES:
                 row[source] = {m: r[source].get(m) for m in metrics}
+            errors = [r[source]["error"] for source in SOURCES if r[source].get("error")]
+            if errors:  # a baseline that could not be scored (its figures are blank)
+                row["error"] = "; ".join(errors)
         else:
             row["error"] = r.get("error", "")
         rows.append(row)
@@ -677,6 +692,9 @@ def aggregate_sweep(sweep_dir: str | Path, output: str | Path | None = None) -> 
     _atomic(paths["csv"], lambda p: p.write_text(_csv_text(header, rows)))
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
-    text = f"# sweep {root.name}: {len(rows)} runs (means over objects)\n\n" + "\n".join(md) + "\n"
+    text = (
+        f"# sweep {root.name}: {len(rows)} runs (means over each run's finished objects: compare runs with "
+        "n_failed 0)\n\n" + "\n".join(md) + "\n"
+    )
     _atomic(paths["md"], lambda p: p.write_text(text))
     return paths

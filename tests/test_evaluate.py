@@ -195,6 +195,30 @@ def test_failing_object_is_recorded_and_the_batch_goes_on(dataset, tmp_path, mon
     assert not (tmp_path / "blob/error.txt").exists()
 
 
+def test_a_baseline_that_cannot_be_scored_keeps_the_objects_figures(dataset, tmp_path, monkeypatch, toy):
+    """An unreadable NeRF mesh (or masks that carve no hull) lost the object's final figures as well: the
+    whole object was an error and left every mean. Now only that source is blank, with its reason."""
+    config, run = toy
+    fake = _fake(monkeypatch, dataset)
+
+    def broken_nerf_mesh(source, output_dir, *a, **k):
+        result = fake(source, output_dir, *a, **k)
+        if Path(output_dir).name == "blob":
+            (Path(output_dir) / "nerf" / "mesh.ply").write_text("not a mesh")
+        return result
+
+    monkeypatch.setattr(sv3d.run, "run_from_orbit", broken_nerf_mesh)
+    result = evaluate_dataset(dataset, tmp_path, config, run, progress=False)
+    rows = {r["object"]: r for r in result.summary["objects"]}
+    blob = rows["blob"]
+    assert blob["status"] == "ok" and result.summary["n_failed"] == 0
+    assert blob["final"]["chamfer"] < 0.01 and blob["hull"]["chamfer"] > 0
+    assert blob["nerf"]["chamfer"] is None and blob["error"].startswith("NeRF mesh: MeshLoadError")
+    mean = result.summary["aggregate"]["mean"]
+    assert mean["nerf"]["chamfer"] == rows["plate"]["nerf"]["chamfer"]  # over the objects that have one
+    assert "NeRF mesh: MeshLoadError" in (tmp_path / "summary.md").read_text()
+
+
 def test_other_config_is_refused_unless_force(dataset, tmp_path, monkeypatch, toy):
     config, run = toy
     evaluate_dataset(dataset, tmp_path, config, run, objects=["plate"], progress=False)
