@@ -94,14 +94,21 @@ def place_ground_truth(gt: trimesh.Trimesh) -> trimesh.Trimesh:
 
 
 def face_components(mesh: trimesh.Trimesh) -> np.ndarray:
-    """[F] connected-component label of each face; faces sharing an edge (between positions) connect."""
+    """[F] connected-component label of each face; faces sharing an edge (between positions) connect, also
+    across an edge that three or more faces share (trimesh's face adjacency joins only edges of exactly
+    two, so a fin on a non-manifold edge was a component of its own)."""
     _, inverse = np.unique(np.asarray(mesh.vertices), axis=0, return_inverse=True)  # merge equal positions
     faces = inverse.reshape(-1)[np.asarray(mesh.faces)]  # [F, 3]
-    pairs = trimesh.graph.face_adjacency(faces=faces)  # [E, 2] faces that share an edge
     n = len(faces)
-    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    edges = np.sort(faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1)  # [3F, 2] each face's edges
+    _, edge_id = np.unique(edges, axis=0, return_inverse=True)  # [3F]
+    # faces and edges as the nodes of one graph, each face joined to its three edges
+    graph = coo_matrix(
+        (np.ones(3 * n), (np.repeat(np.arange(n), 3), n + edge_id.reshape(-1))),
+        shape=(n + int(edge_id.max(initial=-1)) + 1,) * 2,
+    )
     _, labels = connected_components(graph, directed=False)
-    return labels
+    return labels[:n]  # [F]: every edge node hangs on a face, so the labels count faces' components
 
 
 def remove_small_components(
