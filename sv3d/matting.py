@@ -2,10 +2,11 @@
 
 SV3D renders objects on pure white. A frame pixel I = a F + (1 - a) * 1, so 1 - I = a (1 - F): darkness is
 coverage times the object's own darkness. We take a soft coverage from the darkness max_c(1 - I_c) with a
-ramp between `low` (JPEG-like noise on white) and `high`, fill enclosed white regions (white parts of the
-object surrounded by it, e.g. a white label) unless they are holes one sees the background through (a mug's
-handle: at least `hole_min` of the object's area and pure background white, darkness < `low`, on 90% of
-their pixels), keep components that are not specks, and un-premultiply the colour.
+ramp between `low` (JPEG-like noise on white) and `high` at the object's outline (inside it, beyond 2 px of
+the outline, every pixel is fully covered, however light its colour), fill enclosed white regions (white
+parts of the object surrounded by it, e.g. a white label) unless they are holes one sees the background
+through (a mug's handle: at least `hole_min` of the object's area and pure background white, darkness <
+`low`, on 90% of their pixels), keep components that are not specks, and un-premultiply the colour.
 This is an estimate (pure-white parts touching the silhouette are lost); frames carry
 `alpha_source: matting` so that later stages know it.
 """
@@ -44,7 +45,11 @@ def matte_white_background(
             white = ndimage.sum_labels(darkness[t] < low, enclosed, index=ids)  # [k]
             holes = ids[(sizes >= hole_min * filled.sum()) & (white >= 0.9 * sizes)]  # [K] their ids
             filled &= ~np.isin(enclosed, holes)
-        a = np.where(filled & ~hard, 1.0, alpha[t])  # enclosed white: object, fully covered
+        # Inside the object (beyond 2 px of its outline) every pixel is fully covered: the darkness ramp
+        # judges coverage only at the outline (a light-grey body, darkness 0.08, read alpha 0.6 there and
+        # a darker colour); enclosed white (labels) is object as well
+        interior = ndimage.binary_erosion(filled, iterations=2)
+        a = np.where(interior | (filled & ~hard), 1.0, alpha[t])
         a = np.where(ndimage.binary_dilation(filled, iterations=2), a, 0.0)  # specks far from it: none
         rgb = frames[t]
         straight = np.where(

@@ -28,6 +28,21 @@ def test_matting_recovers_a_known_composite():
     assert rgba[..., 3][r > 32].max() == 0.0
 
 
+def test_a_light_object_is_opaque_inside():
+    """A light-grey body (0.90: darkness 0.10, under the ramp's 0.12) read alpha 0.8 all over and a darker
+    colour (0.875): only its outline is soft now, and its colour is its own."""
+    h = w = 96
+    yy, xx = np.mgrid[0:h, 0:w] + 0.5
+    r = np.hypot(xx - 48, yy - 48)
+    alpha = np.clip(30.0 - r, 0.0, 1.0)  # [H, W]
+    frame = alpha[..., None] * np.array([0.90, 0.90, 0.92]) + (1.0 - alpha[..., None])
+    rgba = matte_white_background(frame[None])[0]
+    inside = r < 27
+    assert rgba[..., 3][inside].min() == 1.0
+    assert np.allclose(rgba[..., :3][inside], [0.90, 0.90, 0.92], atol=1e-5)
+    assert rgba[..., 3][r > 32].max() == 0.0
+
+
 def test_matting_keeps_holes_one_sees_the_background_through():
     # a ring (a mug's handle seen from the side): its inside shows the pure-white background, so it is a
     # hole; a speck of pure white inside the ring's band (a highlight, 4 px) stays object
