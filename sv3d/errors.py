@@ -41,3 +41,11 @@ def one_line(exc: BaseException) -> str:
         where = f"{exc.filename}: " if exc.filename else ""
         return f"{where}{exc.strerror or exc}"
     return str(exc)
+
+
+def listing(items, shown: int = 5) -> str:
+    """The first `shown` items, comma-separated, and how many more: keeps a message about thousands of
+    checkpoint keys to one readable line."""
+    items = [str(i) for i in items]
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more

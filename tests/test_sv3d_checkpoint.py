@@ -95,3 +95,14 @@ def test_ckpt_is_read_with_weights_only(tmp_path: Path):
     torch.save({"state_dict": {"a": torch.ones(2)}, "obj": Path("x")}, evil)  # an arbitrary pickled object
     with pytest.raises(CheckpointError, match="weights_only"):
         read_checkpoint(evil)
+    legacy = tmp_path / "legacy.ckpt"  # torch's pre-1.6 format: memory-mapping refuses it, it is read whole
+    torch.save({"state_dict": {"a": torch.ones(2)}}, legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(read_checkpoint(legacy)["a"], torch.ones(2))
+
+
+def test_a_message_about_many_keys_stays_short(sv3d_tiny: Path, tmp_path: Path):
+    """Every unconverted key was listed (thousands for another UNet): the first five and a count now."""
+    from sv3d.errors import listing
+
+    assert listing([f"k{i}" for i in range(1000)]) == "k0, k1, k2, k3, k4 and 995 more"
+    assert listing(["a", "b"]) == "a, b"

@@ -64,6 +64,16 @@ def test_sequential_cfg_equals_batched(sv3d_tiny: Path):
     assert (batched.frames - sequential.frames).abs().max() <= 1e-5
 
 
+def test_loaded_weights_need_no_gradients(sv3d_tiny: Path, tmp_path: Path):
+    """The single-file UNet's weights required gradients (load_state_dict with assign=True makes new
+    Parameters): a UNet call under grad tracked all of them. Every component is frozen, from both formats."""
+    pipe, _ = load_tiny(sv3d_tiny, "p")
+    pipe.save_pretrained(tmp_path / "folder")
+    for loaded in (pipe, SV3DPipeline.from_pretrained(tmp_path / "folder")):
+        for part in (loaded.unet, loaded.vae, loaded.image_encoder):
+            assert not any(p.requires_grad for p in part.parameters())
+
+
 def test_cameras_are_checked_against_the_variant(sv3d_tiny: Path):
     pipe_u, ref_u = load_tiny(sv3d_tiny, "u")
     with pytest.raises(InputError, match="sv3d_u takes no cameras"):

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..errors import InputError
+from ..errors import InputError, listing
 
 __all__ = [
     "COMPONENT_PREFIXES",
@@ -96,10 +96,16 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
             ) from None
     if path.suffix in (".ckpt", ".pt", ".pth"):
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:  # only zip-format files map; a legacy .ckpt is read whole
+                if "mmap" not in str(exc):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - torch raises many types for bad pickles
             raise CheckpointError(
-                f"{path}: cannot be read with weights_only=True: {str(exc).splitlines()[0]}"
+                f"{path}: unreadable torch checkpoint (only tensors are loaded, weights_only=True): "
+                f"{(str(exc).splitlines() or [type(exc).__name__])[0]}"
             ) from None
         state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
         if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
@@ -153,9 +159,8 @@ def split_components(state: dict[str, Tensor], path: str | Path = "checkpoint") 
             else:
                 unknown.append(key)
     if unknown:
-        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-        raise CheckpointError(f"{path}: {len(unknown)} keys belong to no SV3D component: {shown}")
+        raise CheckpointError(f"{path}: {len(unknown)} keys belong to no SV3D component: {listing(unknown)}")
     missing = [name for name, part in components.items() if not part]
     if missing:
-        raise CheckpointError(f"{path}: not a complete SV3D checkpoint: no weights for {', '.join(missing)}")
+        raise CheckpointError(f"{path}: not a complete SV3D checkpoint: no weights for {listing(missing)}")
     return SV3DState(path=Path(path), variant=variant, components=components, ignored=ignored)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from ..errors import InputError
+from ..errors import InputError, listing
 
 __all__ = [
     "CLIP_MEAN",
@@ -149,7 +149,7 @@ def convert_clip_state(visual_state: dict[str, Tensor]) -> dict[str, Tensor]:
         else:
             unused.append(key)
     if unused:
-        raise InputError(f"CLIP conversion: {len(unused)} keys not consumed: {', '.join(unused)}")
+        raise InputError(f"CLIP conversion: {len(unused)} keys not consumed: {listing(unused)}")
     return out
 
 
@@ -173,7 +173,7 @@ def load_clip_vision(
     if result.missing_keys or result.unexpected_keys:
         raise InputError(
             f"CLIP: converted state does not fit CLIPVisionModelWithProjection: missing "
-            f"{result.missing_keys}, unexpected {result.unexpected_keys}"
+            f"{listing(result.missing_keys)}; unexpected {listing(result.unexpected_keys)}"
         )
     # The one non-persistent buffer is not in any state dict: rebuild it off the meta device.
     embeddings = model.vision_model.embeddings

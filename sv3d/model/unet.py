@@ -37,7 +37,7 @@ from diffusers.models.unets.unet_spatio_temporal_condition import (
 )
 from torch import Tensor
 
-from ..errors import InputError
+from ..errors import InputError, listing
 
 __all__ = [
     "SV3DUNet",
@@ -489,10 +489,6 @@ def _expected_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _listing(keys: list[str]) -> str:
-    return ", ".join(keys)
-
-
 def convert_unet_state(sgm_state: Mapping[str, Tensor], config: Mapping[str, Any]) -> dict[str, Tensor]:
     """sgm UNet state dict (prefix stripped) -> `SV3DUNet` state dict for `config`.
 
@@ -515,11 +511,11 @@ def convert_unet_state(sgm_state: Mapping[str, Tensor], config: Mapping[str, Any
     missing = [k for k in expected if k not in converted and k not in mismatched]
     problems = []
     if unconsumed:
-        problems.append(f"{len(unconsumed)} unexpected keys: {_listing(unconsumed)}")
+        problems.append(f"{len(unconsumed)} unexpected keys: {listing(unconsumed)}")
     if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatches: {_listing(list(mismatched.values()))}")
+        problems.append(f"{len(mismatched)} shape mismatches: {listing(list(mismatched.values()))}")
     if missing:
-        problems.append(f"{len(missing)} missing SV3DUNet keys: {_listing(missing)}")
+        problems.append(f"{len(missing)} missing SV3DUNet keys: {listing(missing)}")
     if problems:
         raise InputError("UNet checkpoint: " + "; ".join(problems))
     return converted
@@ -548,4 +544,4 @@ def load_sv3d_unet(
     with torch.device("meta"):
         model = SV3DUNet(**config)
     model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+    return model.eval().requires_grad_(False)  # inference weights, as the VAE and CLIP load

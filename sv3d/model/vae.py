@@ -28,7 +28,7 @@ import torch
 from diffusers import AutoencoderKL
 from torch import Tensor
 
-from ..errors import InputError
+from ..errors import InputError, listing
 
 __all__ = [
     "SCALING_FACTOR",
@@ -183,7 +183,7 @@ def convert_vae_state(
         else:
             unused.append(f"quant_conv.{key}")
     if unused:
-        raise InputError(f"VAE conversion: {len(unused)} keys not consumed: {', '.join(unused)}")
+        raise InputError(f"VAE conversion: {len(unused)} keys not consumed: {listing(unused)}")
     return out
 
 
