@@ -199,6 +199,9 @@ def _pil_to_float(img: Image.Image) -> tuple[np.ndarray, bool]:
         has_alpha = mode == "PA" or "transparency" in img.info
         img = img.convert("RGBA" if has_alpha else "RGB")
         mode = img.mode
+    elif mode in ("RGB", "L") and "transparency" in img.info:  # a PNG's colour key (tRNS): its alpha
+        img = img.convert("RGBA" if mode == "RGB" else "LA")
+        mode = img.mode
     if mode in ("RGB", "RGBA", "CMYK", "L"):
         img = _to_srgb(img)
         mode = img.mode
@@ -329,9 +332,12 @@ def _first_line(exc: BaseException) -> str:
 
 def _array_to_float(array: Any, name: str) -> tuple[np.ndarray, np.ndarray | None]:
     """An in-memory image ([H, W], [H, W, C] or [1, H, W, C]; uint8, uint16, bool or float in [0, 1])."""
-    if isinstance(array, Image.Image):
+    if isinstance(array, Image.Image):  # displayed upright, as load_image reads the same file
+        orientation = int(array.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+        sixteen = array.mode.startswith("I") or array.mode == "F"
         data, declared = _pil_to_float(array)
-        return _split_channels(data, name, None, declared, 1.0 / 255.0)
+        quantum = 1.0 / 65535.0 if sixteen else 1.0 / 255.0
+        return _split_channels(_orient(data, orientation), name, None, declared, quantum)
     if isinstance(array, Tensor):
         array = array.detach().cpu().numpy()
     data = np.asarray(array)
@@ -452,7 +458,8 @@ def plain_background_matte(rgb: np.ndarray, name: str = "image") -> tuple[np.nda
     obj &= ~np.isin(labels, _see_through(labels, count, edge_labels, backdrop_like, obj.sum()))
     radius = max(1, round(0.003 * min(height, width)))
     disk = _disk(radius)
-    obj = ndimage.binary_opening(obj, structure=disk)
+    # specks and noise apart from the object go; thin parts attached to it (a stem, a glass's leg) stay
+    obj = ndimage.binary_propagation(ndimage.binary_opening(obj, structure=disk), mask=obj)
     labels, count = ndimage.label(obj)
     if count == 0:
         raise InputError(f"{name}: no object found, every pixel matches the background colour")
