@@ -507,12 +507,23 @@ def _check_camera(matrix: np.ndarray, where: str) -> None:
         )
 
 
+# nerfstudio / COLMAP model names that are pinholes when their distortion coefficients are 0 (checked)
+_PINHOLE_MODELS = frozenset({"PINHOLE", "SIMPLE_PINHOLE", "OPENCV", "SIMPLE_RADIAL", "RADIAL"})
+
+
 def _check_pinhole(meta: dict, frames: list, fl_x: float, width: int, height: int, path: Path) -> None:
     """Our cameras are ideal pinholes with square pixels and the principal point at the image centre, the
-    same for every frame: nerfstudio-style intrinsics that say otherwise are refused, not ignored."""
+    same for every frame: nerfstudio-style intrinsics that say otherwise are refused, not ignored (a
+    fisheye or equirectangular `camera_model`, whatever its coefficients)."""
     for source, where in ((meta, str(path)), *((f, f"{path} frame {i}") for i, f in enumerate(frames))):
         if not isinstance(source, dict):
             continue
+        model = source.get("camera_model")
+        if model is not None and str(model).upper() not in _PINHOLE_MODELS:
+            raise OrbitDirectoryError(
+                f"{where}: camera_model {model!r}: cameras here are pinholes "
+                f"({', '.join(sorted(_PINHOLE_MODELS))} without distortion)"
+            )
         checks = {
             "fl_x": (source.get("fl_x"), fl_x, 1e-3 * fl_x),
             "fl_y": (source.get("fl_y"), fl_x, 1e-3 * fl_x),
@@ -828,6 +839,7 @@ class OrbitFrames:
 
 def _write_frame(path: Path, image: np.ndarray, bit_depth: int) -> None:
     """Write one [H, W, 4] float image in [0, 1] as an RGBA PNG of 8 or 16 bits per channel."""
+    image = np.clip(image.astype(np.float64), 0.0, 1.0)  # quantised in float64, one frame at a time
     if bit_depth == 8:
         Image.fromarray(np.round(image * 255.0).astype(np.uint8)).save(path)  # [H, W, 4] -> RGBA
         return
@@ -955,7 +967,9 @@ def _masks_for_opaque_frames(
 
 
 def _as_rgba(images: Tensor | np.ndarray, num_frames: int) -> np.ndarray:
-    """Validate frames to write: [V, H, W, 3|4], square, finite, in [0, 1] -> [V, H, W, 4] float64."""
+    """Validate frames to write: [V, H, W, 3|4], square, finite, in [0, 1] -> [V, H, W, 3|4] float32 (the
+    frames as given when they are float32: no copy of the whole orbit; `_write_frame` clips and rounds
+    each frame; 21 frames at 4096² are 5.6 GB in float32, and were 28 GB in float64 copies)."""
     arr = images.detach().cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
     if arr.ndim != 4 or arr.shape[-1] not in (3, 4):
         raise InputError(f"images must be [V, H, W, 4] (or 3 channels), got shape {arr.shape}")
@@ -963,16 +977,13 @@ def _as_rgba(images: Tensor | np.ndarray, num_frames: int) -> np.ndarray:
         raise InputError(f"{arr.shape[0]} images for an orbit of {num_frames} frames")
     if arr.shape[1] != arr.shape[2] or arr.shape[1] == 0:
         raise InputError(f"frames must be square and non-empty, got {arr.shape[2]}x{arr.shape[1]}")
-    arr = arr.astype(np.float64)
-    if not np.isfinite(arr).all():
+    arr = arr.astype(np.float32, copy=False)
+    lo, hi = float(arr.min()), float(arr.max())  # NaN when any value is (min and max propagate it)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise InputError("images contain non-finite values")
-    lo, hi = float(arr.min()), float(arr.max())
     if lo < -_PIXEL_RANGE_TOLERANCE or hi > 1.0 + _PIXEL_RANGE_TOLERANCE:
         raise InputError(f"images must be in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
-    arr = np.clip(arr, 0.0, 1.0)  # rounding overshoot only, checked above
-    if arr.shape[-1] == 3:
-        arr = np.concatenate([arr, np.ones_like(arr[..., :1])], axis=-1)
-    return arr
+    return arr  # rounding overshoot (checked above) is clipped per frame when written
 
 
 def write_orbit_directory(
@@ -1024,6 +1035,8 @@ def write_orbit_directory(
         # 3. Write everything into the staging directory
         names = frame_file_names(len(orbit))
         for name, image in zip(names, rgba, strict=True):
+            if image.shape[-1] == 3:  # opaque frames
+                image = np.concatenate([image, np.ones_like(image[..., :1])], axis=-1)
             _write_frame(staging / name, image, bit_depth)
         write_transforms(staging, orbit, rgba.shape[2], rgba.shape[1], alpha_source, names)
         os.chmod(staging, 0o755)  # as every output folder (mkdtemp's 0700 would keep it from others)

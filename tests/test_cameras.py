@@ -496,6 +496,13 @@ def test_nerfstudio_style_transforms(tmp_path: Path) -> None:
             read_transforms(directory)
     (directory / "transforms.json").write_text(json.dumps({**meta, "cx": 5.0, "cy": 5.0, "k1": 0.0}))
     read_transforms(directory)  # at the centre, no distortion: fine
+    # a fisheye or panorama is not a pinhole, with or without coefficients (it was read as one)
+    for model in ("OPENCV_FISHEYE", "EQUIRECTANGULAR"):
+        (directory / "transforms.json").write_text(json.dumps({**meta, "camera_model": model}))
+        with pytest.raises(OrbitDirectoryError, match=f"camera_model '{model}'"):
+            read_transforms(directory)
+    (directory / "transforms.json").write_text(json.dumps({**meta, "camera_model": "OPENCV", "k1": 0.0}))
+    read_transforms(directory)
     angle = 2.0 * math.atan(5.0 / focal)  # instant-ngp writes camera_angle_x beside fl_x, cx, k1 ...
     (directory / "transforms.json").write_text(json.dumps({**meta, "camera_angle_x": angle, "cx": 6.5}))
     with pytest.raises(OrbitDirectoryError, match="cx = 6.5"):
