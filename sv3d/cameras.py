@@ -119,6 +119,7 @@ __all__ = [
     "OrbitFrames",
     "angles_from_c2w",
     "c2w_from_angles",
+    "check_orbit_target",
     "explicit_orbit",
     "focal_from_fov",
     "frame_file_names",
@@ -986,6 +987,24 @@ def _as_rgba(images: Tensor | np.ndarray, num_frames: int) -> np.ndarray:
     return arr  # rounding overshoot (checked above) is clipped per frame when written
 
 
+def check_orbit_target(directory: str | Path, overwrite: bool = False) -> None:
+    """An InputError unless an orbit may be written to `directory`: a new or empty folder, or with
+    `overwrite` an orbit's (replacing removes the whole folder, so never one holding other files: a photo
+    beside it is the user's). The stages call it before their work too, not only when writing."""
+    target = Path(directory)
+    if target.exists() and not target.is_dir():
+        raise InputError(f"{target}: exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise InputError(f"{target}: directory exists and is not empty (use --force to replace it)")
+    if target.is_dir() and overwrite:
+        foreign = sorted(p.name for p in target.iterdir() if not _ORBIT_FILE.fullmatch(p.name))
+        if foreign:
+            raise InputError(
+                f"{target}: holds files that are not an orbit's ({', '.join(foreign[:3])}); replacing it "
+                "would delete them: use an empty or new directory"
+            )
+
+
 def write_orbit_directory(
     directory: str | Path,
     orbit: Orbit,
@@ -1008,18 +1027,7 @@ def write_orbit_directory(
     if bit_depth not in (8, 16):
         raise InputError(f"bit_depth must be 8 or 16, got {bit_depth}")
     rgba = _as_rgba(images, len(orbit))  # [V, H, W, 4]
-    if target.exists() and not target.is_dir():
-        raise InputError(f"{target}: exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise InputError(f"{target}: directory exists and is not empty (pass overwrite=True to replace it)")
-    if target.is_dir() and overwrite:
-        # Replacing removes the whole folder: only ever an orbit's (a photo beside it is the user's).
-        foreign = sorted(p.name for p in target.iterdir() if not _ORBIT_FILE.fullmatch(p.name))
-        if foreign:
-            raise InputError(
-                f"{target}: holds files that are not an orbit's ({', '.join(foreign[:3])}); replacing it "
-                "would delete them: use an empty or new directory"
-            )
+    check_orbit_target(target, overwrite)
 
     # 2. Create missing parents, remembering them so that a failure removes them again
     created: list[Path] = []

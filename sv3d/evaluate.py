@@ -183,11 +183,12 @@ def _resolved_run_config(run_config: RunConfig | None, mode: str) -> RunConfig:
 def _check_run_config(run_config: RunConfig, mode: str) -> None:
     """The pipeline's own checks of its config (and, generated, of its checkpoint), once for the batch:
     a bad setting fails before any object is rendered, not in every object in turn."""
-    from .run import _check_checkpoint, _check_config
+    from .orbit import check_checkpoint
+    from .run import _check_config
 
     _check_config(run_config, "image" if mode == "generated" else "orbit")
     if mode == "generated":
-        _check_checkpoint(Path(run_config.orbit.checkpoint), run_config.orbit)
+        check_checkpoint(Path(run_config.orbit.checkpoint), run_config.orbit)
 
 
 def config_fingerprint(config: EvalConfig, run_config: RunConfig) -> str:

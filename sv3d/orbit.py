@@ -8,6 +8,7 @@ background (`alpha_source: matting`; the last frame, the input view, keeps the i
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -16,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cameras import Orbit, make_orbit, write_orbit_directory
+from .cameras import Orbit, check_orbit_target, make_orbit, write_orbit_directory
 from .device import pick_device
 from .errors import InputError
 from .matting import matte_white_background
 
-__all__ = ["OrbitConfig", "generate_orbit", "resolve_checkpoint"]
+__all__ = ["OrbitConfig", "check_checkpoint", "check_cpu_budget", "generate_orbit", "resolve_checkpoint"]
 
 CPU_PARAM_LIMIT = 100_000_000  # above this UNet size a CPU run takes hours: refuse unless allowed
 TRAINED_ELEVATION_DEG = 10.0  # SV3D's input views were rendered around this elevation
@@ -80,6 +81,60 @@ def _orbit_for(variant: str, config: OrbitConfig) -> Orbit:
     return make_orbit(config.orbit or "static", config.input_elevation_deg)
 
 
+def check_cpu_budget(unet_params: int | None, orbit: OrbitConfig) -> None:
+    """Refuse, before anything is created, what generate_orbit would refuse: hours of sampling on a CPU."""
+    if unet_params is None or unet_params <= CPU_PARAM_LIMIT or orbit.allow_cpu:
+        return
+    from .cameras import NUM_FRAMES
+    from .model.pipeline import estimate_cpu_seconds
+
+    hours = (
+        estimate_cpu_seconds(unet_params, orbit.resolution, orbit.resolution, NUM_FRAMES, orbit.steps) / 3600
+    )
+    raise InputError(
+        f"no CUDA GPU: sampling this {unet_params / 1e9:.1f} B-parameter UNet on the CPU would take about "
+        f"{hours:.1f} h; pass --allow-cpu (Hydra: sv3d.allow_cpu=true) to run it anyway"
+    )
+
+
+def check_checkpoint(path: Path, orbit: OrbitConfig | None = None) -> int | None:
+    """Cheap check of a checkpoint from its header (no weights read): a garbage, foreign or incomplete file
+    fails before anything is created, and so does an orbit its variant cannot take (`orbit`: sv3d_u has no
+    cameras, so no --orbit).
+
+    Returns the UNet's parameter count (None for a diffusers folder, whose weights are not opened here).
+    """
+    from .model.checkpoint import COMPONENT_PREFIXES, read_checkpoint, split_components
+
+    prefix = COMPONENT_PREFIXES["unet"]
+    if path.is_dir():
+        from .model.pipeline import read_folder_variant
+
+        variant = read_folder_variant(path)
+        if orbit is not None:
+            _orbit_for(variant, orbit)
+        return None
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 - no __iter__
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise InputError(f"{path}: unreadable safetensors checkpoint (corrupt?): {exc}") from None
+    elif path.suffix in (".ckpt", ".pt", ".pth"):
+        shapes = {k: tuple(v.shape) for k, v in read_checkpoint(path).items()}  # memory-mapped where it can
+    else:
+        raise InputError(
+            f"{path}: unsupported checkpoint type {path.suffix!r} (expected .safetensors or .ckpt)"
+        )
+    # the loader's own split on shape-only tensors: foreign models, unknown keys, missing components
+    state = split_components({k: torch.empty(shape, device="meta") for k, shape in shapes.items()}, path)
+    if orbit is not None:
+        _orbit_for(state.variant, orbit)
+    return int(sum(math.prod(shape) for k, shape in shapes.items() if k.startswith(prefix)))
+
+
 def generate_orbit(
     image_path: str | Path, output_dir: str | Path, config: OrbitConfig | None = None, overwrite: bool = False
 ) -> Path:
@@ -106,9 +161,13 @@ def generate_orbit(
             file=sys.stderr,
         )
     checkpoint = resolve_checkpoint(config.checkpoint)
+    unet_params = check_checkpoint(checkpoint, config)  # its header: the variant takes the orbit asked for
     image, alpha = preprocess_image(image_path, size=config.resolution, background=config.background)
     device = pick_device(config.device)
     dtype = _dtype(config.dtype, device)
+    if device.type == "cpu":
+        check_cpu_budget(unet_params, config)  # before loading gigabytes of weights
+    check_orbit_target(out, overwrite)  # what writing would refuse, after minutes of sampling
 
     # 2. Load the model (on the CPU when offloading) and refuse hours-long CPU runs unless asked
     pipe = SV3DPipeline.load(

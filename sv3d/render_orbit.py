@@ -15,7 +15,7 @@ import torch
 from refine.rasterizer import edge_topology
 from refine.render import render_mesh
 
-from .cameras import NUM_FRAMES, OrbitFrames, make_orbit, write_orbit_directory
+from .cameras import NUM_FRAMES, OrbitFrames, check_orbit_target, make_orbit, write_orbit_directory
 from .device import pick_device
 from .errors import InputError
 from .meshio import load_mesh
@@ -75,7 +75,6 @@ def render_orbit(
     """Render `mesh_path` on an SV3D orbit into the orbit directory `output_dir` (atomically)."""
     config = config or RenderOrbitConfig()
     out = Path(output_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise InputError(f"{out}: output directory exists and is not empty (use --force to replace it)")
+    check_orbit_target(out, overwrite)  # before rendering, not after
     frames = render_orbit_frames(mesh_path, config)
     return write_orbit_directory(out, frames.orbit, frames.images, "render", overwrite=overwrite)

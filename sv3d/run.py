@@ -44,7 +44,7 @@ from .fit_nerf import (
     orbit_fingerprint,
     render_views,
 )
-from .orbit import OrbitConfig, generate_orbit, resolve_checkpoint
+from .orbit import OrbitConfig, check_checkpoint, check_cpu_budget, generate_orbit, resolve_checkpoint
 from .refine_stage import RefineStageConfig, check_refine_stage_config, default_refine_config, refine_stage
 from .video import write_video
 
@@ -160,9 +160,9 @@ def run_image_to_mesh(
     config = copy.deepcopy(config or RunConfig())
     _check_image(image, config.orbit)
     checkpoint = resolve_checkpoint(config.orbit.checkpoint)
-    unet_params = _check_checkpoint(checkpoint, config.orbit)
+    unet_params = check_checkpoint(checkpoint, config.orbit)
     if pick_device(config.orbit.device if config.orbit.device != "auto" else config.device).type == "cpu":
-        _check_cpu_budget(unet_params, config.orbit)
+        check_cpu_budget(unet_params, config.orbit)
     config.orbit.checkpoint = str(checkpoint.resolve())  # $SV3D_CHECKPOINT recorded as the path it named
     source = {"kind": "image", "image": str(image.resolve()), "image_sha256": _file_sha256(image)}
     return _run(source, Path(output_dir), config, checkpoint, force, progress)
@@ -508,69 +508,6 @@ def _check_image(image: Path, orbit: OrbitConfig) -> None:
     from .preprocess import preprocess_image
 
     preprocess_image(image, size=max(orbit.resolution, 64), background=orbit.background)
-
-
-def _check_cpu_budget(unet_params: int | None, orbit: OrbitConfig) -> None:
-    """Refuse, before anything is created, what generate_orbit would refuse: hours of sampling on a CPU."""
-    from .orbit import CPU_PARAM_LIMIT
-
-    if unet_params is None or unet_params <= CPU_PARAM_LIMIT or orbit.allow_cpu:
-        return
-    from .cameras import NUM_FRAMES
-    from .model.pipeline import estimate_cpu_seconds
-
-    hours = (
-        estimate_cpu_seconds(unet_params, orbit.resolution, orbit.resolution, NUM_FRAMES, orbit.steps) / 3600
-    )
-    raise InputError(
-        f"no CUDA GPU: sampling this {unet_params / 1e9:.1f} B-parameter UNet on the CPU would take about "
-        f"{hours:.1f} h; pass --allow-cpu (Hydra: sv3d.allow_cpu=true) to run it anyway"
-    )
-
-
-def _check_checkpoint(path: Path, orbit: OrbitConfig | None = None) -> int | None:
-    """Cheap check of a checkpoint from its header (no weights read): a garbage, foreign or incomplete file
-    fails before anything is created, and so does an orbit its variant cannot take (`orbit`: sv3d_u has no
-    cameras, so no --orbit).
-
-    Returns the UNet's parameter count (None for a diffusers folder, whose weights are not opened here).
-    """
-    from .model.checkpoint import COMPONENT_PREFIXES, split_components
-    from .orbit import _orbit_for
-
-    prefix = COMPONENT_PREFIXES["unet"]
-    if path.is_dir():
-        from .model.pipeline import read_folder_variant
-
-        variant = read_folder_variant(path)
-        if orbit is not None:
-            _orbit_for(variant, orbit)
-        return None
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 - no __iter__
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise InputError(f"{path}: unreadable safetensors checkpoint (corrupt?): {exc}") from None
-    elif path.suffix in (".ckpt", ".pt", ".pth"):
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:  # noqa: BLE001 - torch raises many types for bad pickles
-            raise InputError(f"{path}: unreadable checkpoint: {str(exc).splitlines()[0]}") from None
-        obj = obj.get("state_dict", obj) if isinstance(obj, dict) else {}
-        items = obj.items() if isinstance(obj, dict) else ()
-        shapes = {k: tuple(v.shape) for k, v in items if hasattr(v, "shape")}
-    else:
-        raise InputError(
-            f"{path}: unsupported checkpoint type {path.suffix!r} (expected .safetensors or .ckpt)"
-        )
-    # the loader's own split on shape-only tensors: foreign models, unknown keys, missing components
-    state = split_components({k: torch.empty(shape, device="meta") for k, shape in shapes.items()}, path)
-    if orbit is not None:
-        _orbit_for(state.variant, orbit)
-    return int(sum(math.prod(shape) for k, shape in shapes.items() if k.startswith(prefix)))
 
 
 def stage_configs(

@@ -165,3 +165,30 @@ def test_an_output_that_is_a_file_is_refused_even_with_force(tmp_path: Path):
     with pytest.raises(InputError, match="exists and is not a directory"):  # before any sampling
         generate_orbit(tmp_path / "photo.png", out, overwrite=True)
     assert out.read_bytes() == b"a file the user keeps"
+
+
+def test_what_writing_or_sampling_would_refuse_is_refused_before_the_model_loads(
+    sv3d_tiny: Path, tmp_path: Path, monkeypatch, capsys
+):
+    """A --force into a folder holding the photo, a sine orbit beyond its bounds and a full-size UNet on a
+    CPU were refused after the model loaded (gigabytes), the first one even after sampling (minutes)."""
+    import sv3d.orbit
+    from sv3d.model.pipeline import SV3DPipeline
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(SV3DPipeline, "load", never)
+    folder = tmp_path / "shoot"
+    folder.mkdir()
+    photo = rgba_disc(folder / "photo.png")
+    args = ["orbit", str(photo), "-o", str(folder), *tiny_args(sv3d_tiny, "p"), "--device", "cpu"]
+    assert main([*args, "--force"]) == 2
+    assert "not an orbit's (photo.png)" in capsys.readouterr().err and photo.is_file()
+    out = tmp_path / "out"
+    args[args.index(str(folder))] = str(out)
+    assert main([*args, "--orbit", "sine", "--input-elevation", "35"]) == 2
+    assert "sine" in capsys.readouterr().err and not out.exists()
+    monkeypatch.setattr(sv3d.orbit, "CPU_PARAM_LIMIT", 0)
+    assert main(args) == 2
+    assert "--allow-cpu" in capsys.readouterr().err and not out.exists()

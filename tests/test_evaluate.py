@@ -23,6 +23,7 @@ import torch
 import trimesh
 from PIL import Image
 
+import sv3d.orbit
 import sv3d.run
 from sv3d.cameras import make_orbit, write_orbit_directory
 from sv3d.cli import main
@@ -275,7 +276,7 @@ def test_generated_mode_renders_the_input_view(dataset, tmp_path, monkeypatch, t
     run.orbit.checkpoint = str(checkpoint)
     fake = _fake(monkeypatch, dataset)
     # nor checked: the fake ignores it
-    monkeypatch.setattr(sv3d.run, "_check_checkpoint", lambda path, orbit=None: None)
+    monkeypatch.setattr(sv3d.orbit, "check_checkpoint", lambda path, orbit=None: None)
     result = evaluate_dataset(dataset, tmp_path / "out", config, run, objects=["blob"], progress=False)
     assert fake.calls == ["blob"] and result.summary["mode"] == "generated"
     # input.png is the orbit's last frame: elevation 10, azimuth 0, at the configured size, RGBA
@@ -299,7 +300,7 @@ def test_generated_mode_turns_the_prediction_back_by_the_input_azimuth(dataset, 
     checkpoint.write_bytes(b"not read by the fake pipeline")
     run.orbit.checkpoint = str(checkpoint)
     _fake(monkeypatch, dataset, turn=90.0)  # writes what a perfect generator would: the GT turned by -90
-    monkeypatch.setattr(sv3d.run, "_check_checkpoint", lambda path, orbit=None: None)
+    monkeypatch.setattr(sv3d.orbit, "check_checkpoint", lambda path, orbit=None: None)
     result = evaluate_dataset(dataset, tmp_path / "out", config, run, objects=["blob"], progress=False)
     # that is the generator's world: its input view (azimuth 0) shows what input.png (azimuth 90) shows
     with Image.open(tmp_path / "out/blob/input.png") as im:
