@@ -7,6 +7,9 @@ area-averaged to SIZE² (`nerf.train.frames_over_white`, as the NeRF's targets),
 the pixels whose averaged alpha exceeds 1/2 (the object's).
 
     python scripts/score_glb.py /tmp/eval [--size 256] [--json scores.json]
+
+An object whose mesh or orbit cannot be read is reported (and in the JSON as "error: ...") and the others are
+scored; the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ from nerf.train import frames_over_white, psnr
 from refine import render_mesh
 from sv3d.cameras import read_orbit_directory
 from sv3d.errors import Sv3dError, one_line
+from sv3d.fit_nerf import _atomic
 from sv3d.meshio import load_mesh
 
 
 def glb_psnr(object_dir: Path, size: int = 256) -> float:
     """Masked PSNR (dB) of `object_dir/mesh.glb`'s unlit renders against `object_dir/gt_orbit`'s frames."""
     frames = read_orbit_directory(object_dir / "gt_orbit")
+    size = min(size, frames.images.shape[1])  # the frames are averaged down, never up
     mesh = load_mesh(object_dir / "mesh.glb", place=False)  # glTF +Y up back to the world's z up
     with torch.no_grad():
         pred = render_mesh(mesh, frames.orbit.cameras(), size, shading="unlit").image  # [V, s, s, 3]
@@ -41,23 +46,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=256, help="render and comparison size (default 256)")
     parser.add_argument("--json", type=Path, help="also write {object: dB} here")
     args = parser.parse_args(argv)
+    if args.size < 16:
+        parser.error(f"--size must be >= 16, got {args.size}")
     objects = sorted(p.parent for p in args.eval_dir.glob("*/mesh.glb") if (p.parent / "gt_orbit").is_dir())
     if not objects:
         print(
             f"score_glb.py: error: {args.eval_dir}: no <object>/mesh.glb with its gt_orbit/", file=sys.stderr
         )
         return 2
-    scores = {}
-    try:
-        for obj in objects:
+    scores: dict[str, float | str] = {}
+    for obj in objects:  # one unreadable mesh is reported and the others are still scored
+        try:
             scores[obj.name] = glb_psnr(obj, args.size)
             print(f"{obj.name}: {scores[obj.name]:.1f} dB", flush=True)
-    except (Sv3dError, OSError) as exc:
-        print(f"score_glb.py: error: {one_line(exc)}", file=sys.stderr)
-        return 2
+        except (Sv3dError, OSError) as exc:
+            scores[obj.name] = f"error: {one_line(exc)}"
+            print(f"score_glb.py: {obj.name}: error: {one_line(exc)}", file=sys.stderr)
     if args.json:
-        args.json.write_text(json.dumps(scores, indent=1))
-    return 0
+        _atomic(args.json, lambda p: p.write_text(json.dumps(scores, indent=1)))
+    return 1 if any(isinstance(v, str) for v in scores.values()) else 0
 
 
 if __name__ == "__main__":

@@ -323,3 +323,11 @@ def test_score_glb_reports_the_exported_textures_psnr(scene, tmp_path):
     score = json.loads((tmp_path / "s.json").read_text())["blob"]
     assert 15.0 < score < 60.0, score  # 12 toy steps: a rough texture, but the object's
     assert script.main([str(tmp_path)]) == 2  # no eval folder there
+    # larger than the frames: compared at the frames' size (a shape error before); a broken mesh beside
+    # it is reported and the other objects are still scored (one failure lost every score)
+    broken = tmp_path / "eval" / "broken"
+    shutil.copytree(scene["orbit"], broken / "gt_orbit")
+    (broken / "mesh.glb").write_bytes(b"not a glb")
+    assert script.main([str(tmp_path / "eval"), "--size", "4096", "--json", str(tmp_path / "s.json")]) == 1
+    scores = json.loads((tmp_path / "s.json").read_text())
+    assert isinstance(scores["blob"], float) and scores["broken"].startswith("error: ")
