@@ -86,6 +86,18 @@ def test_sphere_hull_from_21_views() -> None:
     assert volume_iou(hull, sphere, resolution=32) > 0.9
 
 
+def test_the_hull_of_two_parts_keeps_both() -> None:
+    """Only the largest component was kept: an object of two parts lost one from its baseline."""
+    big = trimesh.creation.icosphere(subdivisions=3, radius=0.2)
+    big.apply_translation([0.2, 0.0, 0.0])
+    small = trimesh.creation.icosphere(subdivisions=3, radius=0.12)
+    small.apply_translation([-0.25, 0.0, 0.25])
+    masks, cameras = _render_masks(trimesh.util.concatenate([big, small]), static_orbit())
+    hull = carve_visual_hull(masks, cameras, resolution=64)
+    assert len(hull.split(only_watertight=False)) == 2
+    assert hull.volume > 0.95 * (big.volume + small.volume)
+
+
 def test_bowl_hull_is_worse_than_plate_hull() -> None:
     # Silhouettes cannot see concavities: the bowl's hull fills its inside, so the inner surface is far
     # from it, while a flat plate is carved close to its shape. The sine orbit (elevations within ±20°

@@ -6,7 +6,7 @@ TPAMI 1994): the largest shape consistent with the silhouettes, so a reconstruct
 has learnt nothing beyond the outline. Voxel centres in [-bound, bound]³ are projected into every view and
 kept when they fall inside every mask (outside the image frame counts as outside the mask); marching
 cubes on the padded occupancy (level 0.5) gives a closed, outward-oriented mesh in world coordinates,
-of which the largest connected component is returned.
+with all its connected components (parts apart stay: predictions are scored with all of theirs).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from torch import Tensor
 from refine.camera import Cameras, transform_points
 from sv3d.cameras import read_orbit_directory
 from sv3d.errors import InputError
-from sv3d.evaluation.metrics import face_components
 
 __all__ = ["carve_visual_hull", "carve_occupancy", "visual_hull_from_orbit_dir"]
 
@@ -77,15 +76,6 @@ def carve_occupancy(
     return occupancy.reshape(resolution, resolution, resolution)
 
 
-def _largest_component(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
-    labels = face_components(mesh)  # [F]
-    area = np.bincount(labels, weights=mesh.area_faces)  # [C]
-    keep = labels == int(np.argmax(area))
-    part = trimesh.Trimesh(vertices=mesh.vertices, faces=np.asarray(mesh.faces)[keep], process=False)
-    part.remove_unreferenced_vertices()
-    return part
-
-
 def carve_visual_hull(
     masks: Tensor | np.ndarray,  # [V, H, W] or [V, H, W, 1], float in [0, 1] or bool
     cameras: Cameras,  # V cameras, OpenGL convention
@@ -93,7 +83,7 @@ def carve_visual_hull(
     bound: float = 0.55,  # half side of the carved cube; the world's objects fit in radius 0.5
     threshold: float = 0.5,  # a float mask counts as object above this
 ) -> trimesh.Trimesh:
-    """The visual hull as a closed, outward-oriented mesh in world coordinates (largest component).
+    """The visual hull as a closed, outward-oriented mesh in world coordinates (all its components).
 
     Raises InputError when nothing survives the carving (empty masks, or cameras that miss the cube).
     """
@@ -106,7 +96,8 @@ def carve_visual_hull(
     # Padded index j sits at x = -bound + (j - 1/2) h, and marching cubes returns j·h.
     verts = verts.astype(np.float64) - bound - 0.5 * h
     mesh = trimesh.Trimesh(vertices=verts, faces=faces.astype(np.int64), process=True)
-    mesh = _largest_component(mesh)
+    # every component: the baseline is the hull of the masks, parts apart included (as predictions are
+    # scored with all of theirs)
     if mesh.volume < 0:  # make the winding outward whatever marching cubes' convention is
         mesh.invert()
     return mesh
