@@ -32,6 +32,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import sys
 import time
 import traceback
@@ -65,6 +66,7 @@ __all__ = [
 
 METRICS_FILE = "metrics.json"
 ERROR_FILE = "error.txt"
+CHECKPOINTS_FILE = "checkpoints.json"  # the weights' sha256 by role, reused while size and mtime match
 RENDER_FILE = "render.json"  # the render config of gt_orbit/ or input.png, to know when to redo them
 STARTED_FILE = "started.json"  # the config fingerprint an object was started with (finished or not)
 SUMMARY_FORMAT = 1  # bump when summary.json's layout changes
@@ -191,16 +193,40 @@ def _check_run_config(run_config: RunConfig, mode: str) -> None:
         check_checkpoint(Path(run_config.orbit.checkpoint), run_config.orbit)
 
 
-def config_fingerprint(config: EvalConfig, run_config: RunConfig) -> str:
-    """sha256 of what determines an object's figures: the protocol, the renders and the pipeline config
-    (in oracle mode without the orbit stage's settings, which it does not use)."""
+def config_fingerprint(
+    config: EvalConfig, run_config: RunConfig, checkpoints: dict[str, dict] | None = None
+) -> str:
+    """sha256 of what determines an object's figures: the protocol, the renders, the pipeline config (in
+    oracle mode without the orbit stage's settings, which it does not use) and the weights' contents
+    (`checkpoints`, from `checkpoint_hashes`: a file replaced at the same path is another model)."""
     run = json.loads(json.dumps(asdict(run_config), default=str))
     run.pop("allow_inconsistent", None)
     run.get("orbit", {}).pop("progress", None)
     if config.mode == "oracle":
         run.pop("orbit", None)
     data = {"eval": asdict(config), "run": run, "protocol": PROTOCOL_VERSION}
+    if checkpoints:
+        data["weights"] = {role: c["sha256"] for role, c in checkpoints.items()}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def checkpoint_hashes(run_config: RunConfig, mode: str, cached: dict | None = None) -> dict[str, dict]:
+    """{role: checkpoint_identity} of the SV3D weights the figures depend on: the orbit's (generated mode)
+    and the SDS guidance's (unless SDS is off). `cached` (a previous result) spares rehashing a file whose
+    size and mtime are unchanged."""
+    from .run import checkpoint_identity
+
+    cached = cached if isinstance(cached, dict) else {}
+    paths = {}
+    if mode == "generated" and run_config.orbit.checkpoint:
+        paths["orbit"] = run_config.orbit.checkpoint
+    refine = run_config.refine
+    sds = refine.checkpoint or (os.environ.get("SV3D_CHECKPOINT") if refine.sds == "on" else None)
+    if refine.sds != "off" and sds and Path(sds).expanduser().exists():
+        paths["sds"] = sds
+    return {
+        role: checkpoint_identity(Path(path).expanduser(), cached.get(role)) for role, path in paths.items()
+    }
 
 
 def ground_truth_identity(object_dir: Path, previous: dict | None = None) -> dict:
@@ -417,7 +443,8 @@ def evaluate_dataset(
         raise InputError(f"{out}: exists and is not a directory")
     run = _resolved_run_config(run_config, config.mode)
     _check_run_config(run, config.mode)
-    fingerprint = config_fingerprint(config, run)
+    checkpoints = checkpoint_hashes(run, config.mode, _read_json(out / CHECKPOINTS_FILE))
+    fingerprint = config_fingerprint(config, run, checkpoints)
     done: dict[str, dict] = {}
     stale: dict[str, str] = {}  # finished, or started and not finished, with another config or ground truth
     for name in names if not force else ():  # --force redoes every object: nothing to compare
@@ -426,7 +453,7 @@ def evaluate_dataset(
             continue
         recorded = previous.get("ground_truth_files") or {}
         if previous.get("fingerprint") != fingerprint:
-            stale[name] = "another config or scoring protocol"
+            stale[name] = "another config, scoring protocol or checkpoint"
         elif ground_truth_identity(dataset / name, recorded)["sha256"] != recorded.get("sha256"):
             stale[name] = f"another ground truth than {dataset / name}'s"
         elif previous.get("status") == "ok":
@@ -440,6 +467,8 @@ def evaluate_dataset(
 
     # 2. Each object in turn; a failure is recorded and the batch goes on
     out.mkdir(parents=True, exist_ok=True)
+    if checkpoints:
+        _write_json(out / CHECKPOINTS_FILE, checkpoints)  # the hashes, for the next rerun
     records: list[dict] = []
     for i, name in enumerate(names):
         if name in done and not force:

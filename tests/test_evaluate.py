@@ -290,6 +290,13 @@ def test_generated_mode_renders_the_input_view(dataset, tmp_path, monkeypatch, t
     record = result.records[0]
     assert record["final"]["chamfer"] < 1e-3 and record["hull"]["chamfer"] > record["final"]["chamfer"]
 
+    # the same path with other weights: the finished object was kept with the old model's figures
+    evaluate_dataset(dataset, tmp_path / "out", config, run, objects=["blob"], progress=False)
+    assert fake.calls == ["blob"]  # unchanged file: kept (its hash is reused from checkpoints.json)
+    checkpoint.write_bytes(b"other weights at the same path")
+    with pytest.raises(InputError, match="another config, scoring protocol or checkpoint"):
+        evaluate_dataset(dataset, tmp_path / "out", config, run, objects=["blob"], progress=False)
+
 
 def test_generated_mode_turns_the_prediction_back_by_the_input_azimuth(dataset, tmp_path, monkeypatch, toy):
     config, run = toy
