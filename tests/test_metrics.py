@@ -282,6 +282,11 @@ def test_volume_iou_of_cubes_shifted_by_half_a_side() -> None:
     speck = trimesh.creation.box(bounds=[[11, 0, 0], [11.001, 0.001, 0.001]])
     with_speck = trimesh.util.concatenate([b, speck])
     assert volume_iou(a, with_speck, resolution=64) == pytest.approx(1.0 / 3.0, abs=0.02)
+    # a predicted floater beyond the grid's cube still counts in the union (it was left out: IoU 1)
+    floater = trimesh.creation.box(bounds=[[10, 0, 0], [10.5, 1, 1]])  # half the cube's volume
+    assert volume_iou(trimesh.util.concatenate([a, floater]), a, resolution=64) == pytest.approx(
+        1.0 / 1.5, abs=0.02
+    )
 
 
 def test_internal_faces_give_no_visible_samples() -> None:

@@ -332,7 +332,8 @@ def fscore(
 def _grid_box(pred: trimesh.Trimesh, gt: trimesh.Trimesh) -> tuple[np.ndarray, float]:
     """(centre [3], side) of the cube around the union of both bounding boxes, clipped to the ground truth's
     box grown by half its largest side each way: a far floater of no volume would otherwise stretch the
-    grid (one at 10 sides away left the object a few cells wide); the prediction beyond is not counted."""
+    grid (one at 10 sides away left the object a few cells wide); the prediction beyond it is counted on a
+    grid of its own (`_volume_outside`)."""
     gt_lo, gt_hi = gt.bounds
     margin = 0.5 * float((gt_hi - gt_lo).max())
     lo = np.maximum(np.minimum(pred.bounds[0], gt_lo), gt_lo - margin)  # [3]
@@ -355,7 +356,8 @@ def occupancy(mesh: trimesh.Trimesh, points: np.ndarray) -> np.ndarray:
 def volume_iou(pred_mesh: trimesh.Trimesh, gt_mesh: trimesh.Trimesh, resolution: int = 64) -> float:
     """Volume IoU on `resolution`³ cell centres filling the cube around the union of both bounding boxes
     (cubic cells; centred on the union box; side = its largest extent), the union box clipped to the ground
-    truth's grown by half its largest side each way (`_grid_box`). Inside: |winding number| > 0.5.
+    truth's grown by half its largest side each way (`_grid_box`); the prediction's volume beyond that cube
+    is added to the union (`_volume_outside`, on a coarser grid). Inside: |winding number| > 0.5.
     Returns 0.0 when neither mesh encloses any cell centre."""
     _check_mesh(pred_mesh, "prediction")
     _check_mesh(gt_mesh, "ground truth")
@@ -363,8 +365,26 @@ def volume_iou(pred_mesh: trimesh.Trimesh, gt_mesh: trimesh.Trimesh, resolution:
     g = (np.arange(resolution) + 0.5) / resolution - 0.5  # [R] cell centres in [-0.5, 0.5]
     grid = np.stack(np.meshgrid(g, g, g, indexing="ij"), axis=-1).reshape(-1, 3) * side + center  # [R³, 3]
     a, b = occupancy(pred_mesh, grid), occupancy(gt_mesh, grid)
-    union = int((a | b).sum())
+    union = float((a | b).sum()) + _volume_outside(pred_mesh, center, side, side / resolution)
     return float((a & b).sum()) / union if union > 0 else 0.0
+
+
+def _volume_outside(mesh: trimesh.Trimesh, center: np.ndarray, side: float, cell: float) -> float:
+    """The prediction's volume outside the IoU grid's cube (which the ground truth lies in), in fine cells:
+    counted on a grid over the prediction's own box, as fine as the IoU grid's or coarser, at most 64³
+    cells, so that a floater beyond the cube still enlarges the union (it is never in the intersection)."""
+    lo, hi = np.asarray(mesh.bounds[0], float), np.asarray(mesh.bounds[1], float)  # [3] each
+    box_lo, box_hi = center - side / 2.0, center + side / 2.0
+    if np.all(lo >= box_lo) and np.all(hi <= box_hi):
+        return 0.0
+    coarse = max(cell, float(np.prod(hi - lo)) ** (1.0 / 3.0) / 64.0)
+    counts = np.maximum(np.ceil((hi - lo) / coarse), 1).astype(int)  # [3]
+    index = np.stack(np.meshgrid(*(np.arange(n) for n in counts), indexing="ij"), axis=-1).reshape(-1, 3)
+    points = lo + (index + 0.5) * coarse  # [K, 3] cell centres over the prediction's box
+    outside = np.any((points < box_lo) | (points > box_hi), axis=1)
+    if not outside.any():
+        return 0.0
+    return float(occupancy(mesh, points[outside]).sum()) * (coarse / cell) ** 3
 
 
 # ----------------------------------------------------------------------------------------------------------
