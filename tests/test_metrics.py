@@ -307,6 +307,20 @@ def test_internal_faces_give_no_visible_samples() -> None:
     assert np.allclose(counts, 1 / 6, atol=0.02)
 
 
+def test_a_far_speck_does_not_coarsen_the_visibility_test() -> None:
+    """The views were framed on every vertex: a speck 10 units away made a pixel 0.04 wide and the depth
+    tolerance 0.02, so a hidden inner shell 0.01 under the surface passed as visible. The frame follows
+    the body now; the speck's own points still count (seen from outside the frame)."""
+    outer = trimesh.creation.icosphere(subdivisions=4, radius=0.5)
+    inner = trimesh.creation.icosphere(subdivisions=4, radius=0.49)  # hidden inside the outer one
+    speck = trimesh.creation.box(bounds=[[10, 0, 0], [10.01, 0.01, 0.01]])
+    mesh = trimesh.util.concatenate([outer, inner, speck])
+    points = sample_visible_surface(mesh, n_points=5_000, seed=0, n_views=24, resolution=512)
+    radius = np.linalg.norm(points, axis=1)
+    assert (radius < 0.495).sum() == 0  # nothing on the hidden shell
+    assert (radius > 5).any()  # the speck is part of the prediction
+
+
 def test_visible_samples_are_fixed_by_the_seed() -> None:
     mesh = _bumpy_sphere(3)
     a = sample_visible_surface(mesh, 2_000, seed=5, n_views=12, resolution=128)

@@ -189,6 +189,15 @@ def _area_uniform_samples(
     return np.einsum("ck,ckj->cj", bary, tri), face
 
 
+def _view_frame(mesh: trimesh.Trimesh) -> tuple[np.ndarray, float]:
+    """(centre [3], radius) of the visibility views' frame: the bounding sphere of the components of at
+    least 1% of the area, with a 1% margin. Framed on every vertex, a speck far away made the pixels (and
+    the depth tolerance, half a pixel) as coarse as the speck's distance."""
+    vertices = np.asarray(remove_small_components(mesh).vertices, dtype=np.float64)
+    center = (vertices.min(0) + vertices.max(0)) / 2.0
+    return center, 1.02 * float(np.linalg.norm(vertices - center, axis=-1).max())
+
+
 @torch.no_grad()
 def _visible(
     mesh: trimesh.Trimesh,
@@ -197,6 +206,7 @@ def _visible(
     n_views: int,
     resolution: int,
     min_cos: float,
+    frame: tuple[np.ndarray, float],  # (centre [3], radius) of the views' frame
     views_per_batch: int = 8,
 ) -> np.ndarray:
     """[C] bool: seen by at least one of `n_views` orthographic views (a shadow-map test).
@@ -206,12 +216,12 @@ def _visible(
     ray to the candidate, lies within half a pixel of it (the same surface continuing across a triangle
     edge), and neither plane is seen at a grazing angle (|cos| < min_cos). Extrapolating the visible plane
     rather than reading a depth at the pixel centre keeps the tolerance independent of the slope, so a
-    hidden wall right behind a tilted outer surface is not let through.
+    hidden wall right behind a tilted outer surface is not let through. A candidate outside a view's frame
+    (on a small floater beyond it, `_view_frame`) counts as seen by it: nothing framed lies in front of it.
     """
     device = pick_device()
     vertices = np.array(mesh.vertices, dtype=np.float64)
-    center = (vertices.min(0) + vertices.max(0)) / 2.0
-    radius = 1.02 * float(np.linalg.norm(vertices - center, axis=-1).max())  # a 1% frame margin
+    center, radius = frame
     directions = fibonacci_sphere(n_views)  # [V, 3] from the centre towards each camera
     cameras = _orthographic_cameras(directions, center, radius)
     tol = 0.5 * (2.0 * radius / resolution)  # half a pixel (orthographic: the same size everywhere)
@@ -243,7 +253,7 @@ def _visible(
         # Along the ray p + λ·d: the visible plane n·(x − a) = 0 is met at λ = n·(a − p) / (n·d).
         lam = (n_hit * (anchor[hit] - pts[None])).sum(-1) / torch.where(cos_hit.abs() > 1e-12, cos_hit, 1.0)
         same_surface = (hit == own[None]) | ((lam.abs() <= tol) & (cos_hit.abs() >= min_cos))
-        seen |= (covered & (cos_own >= min_cos) & same_surface).any(dim=0)
+        seen |= (((covered & same_surface) | ~inside) & (cos_own >= min_cos)).any(dim=0)
     return seen.cpu().numpy()
 
 
@@ -270,12 +280,13 @@ def sample_visible_surface(
     if n_points <= 0:
         raise InputError(f"n_points must be positive, got {n_points}")
     rng = np.random.default_rng(seed)
+    frame = _view_frame(mesh)
     per_round = max(int(math.ceil(oversample * n_points)), 1)
     found: list[np.ndarray] = []
     n_found = 0
     for _ in range(max_rounds):
         cand, face = _area_uniform_samples(mesh, per_round, rng)
-        keep = _visible(mesh, cand, face, n_views, resolution, min_cos)
+        keep = _visible(mesh, cand, face, n_views, resolution, min_cos, frame)
         found.append(cand[keep])
         n_found += int(keep.sum())
         if n_found >= n_points:
