@@ -145,7 +145,7 @@ def test_bfloat16_unet_and_clip_stay_close_to_float32(sv3d_tiny: Path):
 
 def test_cpu_offload_gives_the_same_result(sv3d_tiny: Path, monkeypatch):
     pipe, ref = load_tiny(sv3d_tiny, "p")
-    plain, _ = run_reference(pipe, ref)
+    plain, _ = run_reference(pipe, ref, decode_chunk=2)  # as offloading decodes (14 at once: 1e-6 apart)
     pipe.enable_cpu_offload("cpu")  # the mechanics (move in, run, move out) on the device we have
     placed, at_conditioning = [], []  # what each _on call put on the device; what was there at conditioning
     on, conditioning = pipe._on, pipe.conditioning
@@ -153,10 +153,17 @@ def test_cpu_offload_gives_the_same_result(sv3d_tiny: Path, monkeypatch):
     monkeypatch.setattr(
         pipe, "conditioning", lambda *a, **k: at_conditioning.append(placed[-1]) or conditioning(*a, **k)
     )
+    import sv3d.model.pipeline as pipeline_module
+
+    chunks, decode = [], pipeline_module.decode_frames
+    monkeypatch.setattr(
+        pipeline_module, "decode_frames", lambda vae, z, chunk: chunks.append(chunk) or decode(vae, z, chunk)
+    )
     offloaded, _ = run_reference(pipe, ref)
     (modules,) = at_conditioning  # CLIP and the VAE are on the device together when they run
     assert any(m is pipe.image_encoder for m in modules) and any(m is pipe.vae for m in modules)
     assert torch.equal(plain.frames, offloaded.frames)
+    assert chunks == [2]  # offloading decodes 2 frames at a time (14: ~14 GB at 576², estimated)
     assert next(pipe.unet.parameters()).device.type == "cpu"
 
 

@@ -227,7 +227,9 @@ class SV3DPipeline:
         num_steps: int = 50,  # the reference's default
         seed: int = REFERENCE_SEED,
         cond_aug: float = 1e-5,  # the reference's SV3D value
-        decode_chunk: int = 14,  # frames decoded at once (no numeric effect: per-frame decoder)
+        decode_chunk: int | None = None,  # frames decoded at once (no numeric effect: per-frame decoder);
+        # None: 14, or 2 when offloading (the float32 VAE at 576² takes ~1 GB a frame: 14 at once were
+        # about twice the sampling's peak, estimated, not measured on a GPU)
         cfg_batching: bool = True,  # uncond and cond in one UNet call (faster) or two (less memory)
         randn: Tensor | None = None,  # [T, 4, h, w] start noise, instead of drawing it from `seed`
         cond_frames_noise: Tensor | None = None,  # [1, 3, H, W] cond-augmentation noise, likewise
@@ -300,6 +302,8 @@ class SV3DPipeline:
         # 5. Decode frame by frame, put the input view back as the last frame
         start = time.perf_counter()
         self._on(self.vae)
+        if decode_chunk is None:
+            decode_chunk = 2 if self.offload_device is not None else 14
         decoded = decode_frames(
             self.vae, latents.to(self.vae.dtype), chunk=decode_chunk
         ).float()  # [T, 3, H, W]
