@@ -204,3 +204,19 @@ def test_cuda_bfloat16_matches_float32(sv3d_tiny: Path):
     bf16, _ = run_reference(gpu, ref)
     diff = (bf16.frames - cpu.frames).abs()
     assert diff.mean() < 0.01 and diff.max() < 0.1
+
+
+def test_clip_head_width_from_the_yaml(tmp_path: Path):
+    """An OpenCLIP vision config without head_width has OpenCLIP's default, 64 (80, ViT-H/14's, was
+    assumed: 16 heads where OpenCLIP builds 20, silently other embeddings); no config: ViT-H/14's 80."""
+    from sv3d.model.pipeline import _head_widths_from_yaml
+
+    spelled = tmp_path / "a.yaml"
+    spelled.write_text("open_clip_arch:\n  config:\n    vision_cfg:\n      width: 1280\n      layers: 2\n")
+    assert _head_widths_from_yaml(spelled, 64, 80)[1] == 64
+    explicit = tmp_path / "b.yaml"
+    explicit.write_text("open_clip_arch:\n  config:\n    vision_cfg:\n      width: 96\n      head_width: 32\n")
+    assert _head_widths_from_yaml(explicit, 64, 80)[1] == 32
+    plain = tmp_path / "c.yaml"
+    plain.write_text("notes: []\n")
+    assert _head_widths_from_yaml(plain, 64, 80)[1] == 80

@@ -348,6 +348,9 @@ def _strict(loaded: tuple, where: Path) -> torch.nn.Module:
     return model
 
 
+_OPEN_CLIP_HEAD_WIDTH = 64  # open_clip's VisionCfg.head_width default
+
+
 def _head_widths_from_yaml(path: Path, unet_default: int, clip_default: int) -> tuple[int, int]:
     """(UNet num_head_channels, CLIP head width) from an sgm yaml; defaults where it says nothing."""
     import yaml
@@ -362,7 +365,8 @@ def _head_widths_from_yaml(path: Path, unet_default: int, clip_default: int) -> 
         raise InputError(f"{path}: not an sgm config (a YAML mapping expected, got {type(config).__name__})")
     unet = num_head_channels_from_sgm_config(config) if "model" in config else unet_default
     vision = ((config.get("open_clip_arch") or {}).get("config") or {}).get("vision_cfg") or {}
-    return unet, int(vision.get("head_width", clip_default))
+    # an architecture spelled out without head_width has OpenCLIP's default, 64; none: the real ViT-H/14's
+    return unet, int(vision.get("head_width", _OPEN_CLIP_HEAD_WIDTH if vision else clip_default))
 
 
 def estimate_cpu_seconds(unet_params: int, height: int, width: int, num_frames: int, num_steps: int) -> float:
