@@ -215,7 +215,7 @@ def test_clip_head_width_from_the_yaml(tmp_path: Path):
     spelled.write_text("open_clip_arch:\n  config:\n    vision_cfg:\n      width: 1280\n      layers: 2\n")
     assert _head_widths_from_yaml(spelled, 64, 80)[1] == 64
     explicit = tmp_path / "b.yaml"
-    explicit.write_text("open_clip_arch:\n  config:\n    vision_cfg:\n      width: 96\n      head_width: 32\n")
+    explicit.write_text("open_clip_arch:\n  config:\n    vision_cfg:\n      width: 96\n      head_width: 32")
     assert _head_widths_from_yaml(explicit, 64, 80)[1] == 32
     plain = tmp_path / "c.yaml"
     plain.write_text("notes: []\n")
