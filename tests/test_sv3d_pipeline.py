@@ -220,3 +220,14 @@ def test_clip_head_width_from_the_yaml(tmp_path: Path):
     plain = tmp_path / "c.yaml"
     plain.write_text("notes: []\n")
     assert _head_widths_from_yaml(plain, 64, 80)[1] == 80
+
+
+def test_a_yaml_whose_camera_vector_differs_from_the_assumed_layout_is_refused(sv3d_tiny, tmp_path):
+    """The variant and the camera vector's split come from the UNet's width; a model whose yaml declares
+    other embedder widths (polar 48 and azimuth 48 beside cond_aug 64: also 160 wide) was conditioned on
+    the wrong split without a word."""
+    text = (sv3d_tiny / "tiny_sv3d_p.yaml").read_text()
+    other = tmp_path / "other.yaml"
+    other.write_text(text.replace("outdim: 64", "outdim: 48").replace("outdim: 32", "outdim: 64"))
+    with pytest.raises(CheckpointError, match="not the layout"):
+        SV3DPipeline.from_single_file(sv3d_tiny / "tiny_sv3d_p.safetensors", sgm_config=other)

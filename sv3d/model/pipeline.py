@@ -85,6 +85,8 @@ class SV3DPipeline:
         state = read_checkpoint(path)
         parts = split_components(state, path)
         del state
+        if sgm_config is not None:
+            _check_vector_layout(Path(sgm_config), parts.variant, parts.components["unet"])
         c = parts.components
         unet = load_sv3d_unet(c["unet"], num_head_channels, device=device, dtype=dtype)
         # The reference runs the VAE in float32 even under autocast (disable_*_autocast): so do we.
@@ -349,6 +351,34 @@ def _strict(loaded: tuple, where: Path) -> torch.nn.Module:
 
 
 _OPEN_CLIP_HEAD_WIDTH = 64  # open_clip's VisionCfg.head_width default
+_VECTOR_KEYS = ("cond_aug", "polars_rad", "azimuths_rad")  # the conditioner's vector embedders, in order
+
+
+def _check_vector_layout(path: Path, variant: str, unet_state: dict[str, Tensor]) -> None:
+    """The camera vector's layout is read from the UNet's width (sv3d_p: cond_aug w, polar 2w, azimuth 2w
+    for a width of 5w; sv3d_u: cond_aug alone): an sgm yaml whose vector embedders say otherwise names a
+    model that this layout would condition wrongly without an error, so it is refused."""
+    import yaml
+
+    from .conditioner import vector_widths
+
+    try:
+        config = yaml.safe_load(path.read_text())
+        models = config["model"]["params"]["conditioner_config"]["params"]["emb_models"]
+        declared = {
+            m["input_key"]: int(m["params"]["outdim"]) for m in models if m.get("input_key") in _VECTOR_KEYS
+        }
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        return  # no conditioner in the yaml (head widths only): nothing to compare
+    if not declared:
+        return
+    width = unet_state["label_emb.0.0.weight"].shape[1]
+    expected = dict(zip(_VECTOR_KEYS, vector_widths(width, variant == "sv3d_p"), strict=False))
+    if declared != expected:
+        raise CheckpointError(
+            f"{path}: its vector embedders ({declared}) are not the layout of this {variant} checkpoint's "
+            f"{width}-wide camera vector ({expected}): an unsupported model"
+        )
 
 
 def _head_widths_from_yaml(path: Path, unet_default: int, clip_default: int) -> tuple[int, int]:
