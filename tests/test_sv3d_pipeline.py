@@ -231,3 +231,19 @@ def test_a_yaml_whose_camera_vector_differs_from_the_assumed_layout_is_refused(s
     other.write_text(text.replace("outdim: 64", "outdim: 48").replace("outdim: 32", "outdim: 64"))
     with pytest.raises(CheckpointError, match="not the layout"):
         SV3DPipeline.from_single_file(sv3d_tiny / "tiny_sv3d_p.safetensors", sgm_config=other)
+
+
+def test_a_yaml_asking_for_other_sampling_settings_is_refused(sv3d_tiny: Path, tmp_path: Path):
+    """A guider scale, sigma range or latent scale other than SV3D's was ignored without a word."""
+    text = (sv3d_tiny / "tiny_sv3d_p.yaml").read_text()
+    for old, new, named in (
+        ("max_scale: 2.5", "max_scale: 3.0", "max_scale = 3.0"),
+        ("sigma_max: 700.0", "sigma_max: 80.0", "sigma_max = 80.0"),
+        ("scale_factor: 0.18215", "scale_factor: 0.13025", "scale_factor = 0.13025"),
+        ("TrianglePredictionGuider", "LinearPredictionGuider", "LinearPredictionGuider"),
+    ):
+        assert old in text
+        other = tmp_path / "other.yaml"
+        other.write_text(text.replace(old, new))
+        with pytest.raises(InputError, match=named):
+            SV3DPipeline.from_single_file(sv3d_tiny / "tiny_sv3d_p.safetensors", sgm_config=other)

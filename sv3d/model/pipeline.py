@@ -381,8 +381,52 @@ def _check_vector_layout(path: Path, variant: str, unet_state: dict[str, Tensor]
         )
 
 
+# What the pipeline implements (SV3D's sgm configs): (dotted key in the yaml, value); others are refused
+_SV3D_SAMPLING = (
+    ("model.params.scale_factor", 0.18215),
+    ("model.params.network_config.params.merge_strategy", "learned_with_images"),
+    ("model.params.sampler_config.target", "sgm.modules.diffusionmodules.sampling.EulerEDMSampler"),
+    ("model.params.sampler_config.params.s_churn", 0.0),
+    ("model.params.sampler_config.params.discretization_config.params.sigma_min", 0.002),
+    ("model.params.sampler_config.params.discretization_config.params.sigma_max", 700.0),
+    ("model.params.sampler_config.params.discretization_config.params.rho", 7.0),
+    (
+        "model.params.sampler_config.params.guider_config.target",
+        "sgm.modules.diffusionmodules.guiders.TrianglePredictionGuider",
+    ),
+    ("model.params.sampler_config.params.guider_config.params.min_scale", 1.0),
+    ("model.params.sampler_config.params.guider_config.params.max_scale", 2.5),
+    ("model.params.sampler_config.params.guider_config.params.period", 1.0),
+)
+
+
+def _check_sampling_settings(config: dict, path: Path) -> None:
+    """Refuses a yaml whose sampler, guider, latent scale or merge strategy differ from SV3D's: they would
+    be ignored (the pipeline samples as SV3D's configs say), giving another model's output silently."""
+    for key, ours in _SV3D_SAMPLING:
+        node: object = config
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            continue  # not stated: the sgm default, which is SV3D's
+        same = node == ours if isinstance(ours, str) else _close(node, ours)
+        if not same:
+            raise InputError(
+                f"{path}: {key.rsplit('.', 2)[-2]}.{key.rsplit('.', 1)[-1]} = {node!r}, but this pipeline "
+                f"samples as SV3D ({ours!r}): an unsupported configuration"
+            )
+
+
+def _close(value: object, expected: float) -> bool:
+    try:
+        return math.isclose(float(value), expected, rel_tol=1e-9)
+    except (TypeError, ValueError):
+        return False
+
+
 def _head_widths_from_yaml(path: Path, unet_default: int, clip_default: int) -> tuple[int, int]:
-    """(UNet num_head_channels, CLIP head width) from an sgm yaml; defaults where it says nothing."""
+    """(UNet num_head_channels, CLIP head width) from an sgm yaml; defaults where it says nothing. A yaml
+    that asks for sampling settings other than SV3D's (which this pipeline implements) is refused."""
     import yaml
 
     from .unet import num_head_channels_from_sgm_config
@@ -393,6 +437,7 @@ def _head_widths_from_yaml(path: Path, unet_default: int, clip_default: int) -> 
         raise InputError(f"{path}: cannot read the sgm config: {str(exc).splitlines()[0]}") from None
     if not isinstance(config, dict):
         raise InputError(f"{path}: not an sgm config (a YAML mapping expected, got {type(config).__name__})")
+    _check_sampling_settings(config, path)
     unet = num_head_channels_from_sgm_config(config) if "model" in config else unet_default
     vision = ((config.get("open_clip_arch") or {}).get("config") or {}).get("vision_cfg") or {}
     # an architecture spelled out without head_width has OpenCLIP's default, 64; none: the real ViT-H/14's
