@@ -21,7 +21,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from sv3d.config import eval_config, job_output_dir, run_config, to_container
+from sv3d.config import eval_config, job_output_dir, record_job_overrides, run_config, to_container
 from sv3d.errors import Sv3dError, one_line
 from sv3d.evaluate import aggregate_sweep, evaluate_dataset
 
@@ -34,7 +34,7 @@ def main(cfg) -> float | None:
     if isinstance(objects, str):
         objects = hydra.utils.to_absolute_path(objects)
     try:
-        output = job_output_dir(cfg, record_overrides=True)
+        output = job_output_dir(cfg)
         result = evaluate_dataset(
             hydra.utils.to_absolute_path(cfg.eval.dataset),
             output,
@@ -43,6 +43,7 @@ def main(cfg) -> float | None:
             objects=objects,
             force=bool(cfg.eval.force),
         )
+        record_job_overrides(cfg, output)  # after the results: a refused job leaves the old labels
     except (Sv3dError, OSError) as exc:  # bad input, or a file it cannot read or write: one line, exit 2
         print(f"evaluate.py: error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)

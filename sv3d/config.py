@@ -38,6 +38,7 @@ __all__ = [
     "eval_config",
     "fit_nerf_config",
     "job_output_dir",
+    "record_job_overrides",
     "orbit_config",
     "refine_stage_config",
     "render_orbit_config",
@@ -287,13 +288,11 @@ def eval_config(cfg: Any) -> EvalConfig:
     return config
 
 
-def job_output_dir(cfg: Any, leaf: str | None = None, record_overrides: bool = False) -> Path:
+def job_output_dir(cfg: Any, leaf: str | None = None) -> Path:
     """Where a Hydra entry point's job writes: `output=` when given, else Hydra's run directory (with
     `leaf` below it). In a multirun every job gets its own folder under `output=`, named by its job number
     as Hydra names a sweep's (`<output>/0`, `<output>/1`, ...): one shared folder made the jobs overwrite
-    or refuse each other. `record_overrides` writes the job's overrides to `.hydra/overrides.yaml` in its
-    folder, as in a sweep directory, so that `evaluate.py --aggregate OUTPUT` finds its columns."""
-    import yaml
+    or refuse each other."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -302,11 +301,27 @@ def job_output_dir(cfg: Any, leaf: str | None = None, record_overrides: bool = F
         runtime = Path(hydra_cfg.runtime.output_dir)
         return runtime / leaf if leaf else runtime
     output = Path(cfg.output)
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return output
-    job_dir = output / str(hydra_cfg.job.num)
-    if record_overrides:
-        overrides = job_dir / ".hydra" / "overrides.yaml"
-        overrides.parent.mkdir(parents=True, exist_ok=True)
-        overrides.write_text(yaml.safe_dump(list(hydra_cfg.overrides.task)))
-    return job_dir
+    return output / str(hydra_cfg.job.num) if hydra_cfg.mode == RunMode.MULTIRUN else output
+
+
+def record_job_overrides(cfg: Any, job_dir: Path) -> None:
+    """A multirun job under `output=` writes its overrides to `<job>/.hydra/overrides.yaml` (atomically),
+    as Hydra does in its sweep folders, so that `evaluate.py --aggregate OUTPUT` finds its columns. Called
+    once the job's results are written: a job refused for another run's folder leaves its labels as they
+    were."""
+    import os
+    import tempfile
+
+    import yaml
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    if not cfg.output or hydra_cfg.mode != RunMode.MULTIRUN:
+        return  # Hydra's own run and sweep folders hold .hydra/ already
+    folder = Path(job_dir) / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".overrides.", suffix=".yaml", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        f.write(yaml.safe_dump(list(hydra_cfg.overrides.task)))
+    os.replace(tmp, folder / "overrides.yaml")

@@ -72,8 +72,10 @@ STARTED_FILE = "started.json"  # the config fingerprint an object was started wi
 SUMMARY_FORMAT = 1  # bump when summary.json's layout changes
 # Bump when the scoring changes, so that records scored the old way are not mixed with new ones: 2 since
 # 2026-12-07 (generated predictions turned back by the input azimuth, volume IoU of inward-wound meshes and
-# on a grid clipped around the ground truth, the largest component always kept).
-PROTOCOL_VERSION = 2
+# on a grid clipped around the ground truth, the largest component always kept); 3 since 2026-12-07 (volume
+# IoU counts the prediction beyond that grid, visibility views framed on the body without far specks,
+# components joined across non-manifold edges, the visual hull with all its components).
+PROTOCOL_VERSION = 3
 SOURCES = ("final", "nerf", "hull")  # the refined mesh, the NeRF stage's mesh, the visual-hull baseline
 
 
@@ -214,19 +216,25 @@ def checkpoint_hashes(run_config: RunConfig, mode: str, cached: dict | None = No
     """{role: checkpoint_identity} of the SV3D weights the figures depend on: the orbit's (generated mode)
     and the SDS guidance's (unless SDS is off). `cached` (a previous result) spares rehashing a file whose
     size and mtime are unchanged."""
+    from .device import pick_device
     from .run import checkpoint_identity
 
     cached = cached if isinstance(cached, dict) else {}
-    paths = {}
+    paths: dict[str, Path] = {}
     if mode == "generated" and run_config.orbit.checkpoint:
-        paths["orbit"] = run_config.orbit.checkpoint
+        paths["orbit"] = Path(run_config.orbit.checkpoint).expanduser().resolve()
+    # SDS as the run resolves it (run._resolve_configs, refine_stage._guidance): the refinement's own
+    # checkpoint, else the orbit's, else $SV3D_CHECKPOINT with --sds on; "auto" guides on CUDA only
     refine = run_config.refine
-    sds = refine.checkpoint or (os.environ.get("SV3D_CHECKPOINT") if refine.sds == "on" else None)
-    if refine.sds != "off" and sds and Path(sds).expanduser().exists():
-        paths["sds"] = sds
-    return {
-        role: checkpoint_identity(Path(path).expanduser(), cached.get(role)) for role, path in paths.items()
-    }
+    device = pick_device(refine.device if refine.device != "auto" else run_config.device)
+    wanted = refine.sds == "on" or (refine.sds == "auto" and device.type == "cuda")
+    sds = refine.checkpoint or run_config.orbit.checkpoint
+    sds = sds or (os.environ.get("SV3D_CHECKPOINT") if refine.sds == "on" else None)
+    if wanted and sds and Path(sds).expanduser().exists():
+        resolved = Path(sds).expanduser().resolve()
+        if resolved not in paths.values():  # the orbit's model guides too: hashed once
+            paths["sds"] = resolved
+    return {role: checkpoint_identity(path, cached.get(role)) for role, path in paths.items()}
 
 
 def ground_truth_identity(object_dir: Path, previous: dict | None = None) -> dict:
@@ -305,7 +313,8 @@ def _baseline(name: str, score: Callable[[], dict]) -> dict:
     that carve nothing): the object's final figures stand, this source is left out of its means."""
     try:
         return score()
-    except Exception as exc:  # noqa: BLE001 - any failure of a baseline is recorded beside the figures
+    except InputError as exc:  # a mesh that cannot be scored; anything else (memory, a bug) fails the
+        # object, which a rerun retries
         return {"error": f"{name}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}".rstrip(": ")}
 
 

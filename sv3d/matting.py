@@ -3,10 +3,12 @@
 SV3D renders objects on pure white. A frame pixel I = a F + (1 - a) * 1, so 1 - I = a (1 - F): darkness is
 coverage times the object's own darkness. We take a soft coverage from the darkness max_c(1 - I_c) with a
 ramp between `low` (JPEG-like noise on white) and `high` at the object's outline (inside it, beyond 2 px of
-the outline, every pixel is fully covered, however light its colour), fill enclosed white regions (white
-parts of the object surrounded by it, e.g. a white label) unless they are holes one sees the background
-through (a mug's handle: at least `hole_min` of the object's area and pure background white, darkness <
-`low`, on 90% of their pixels), keep components that are not specks, and un-premultiply the colour.
+the outline, every pixel of the object is fully covered: the object is what the ramp puts above 1/2,
+darkness 0.07, and what it encloses; a body lighter than 0.93 in every channel is not found as object), fill
+enclosed white regions (white parts of the object surrounded by it, e.g. a white label) unless they are
+holes one sees the background through (a mug's handle: at least `hole_min` of the object's area and pure
+background white, darkness < `low`, on 90% of their pixels), keep components that are not specks, and un-
+premultiply the colour.
 This is an estimate (pure-white parts touching the silhouette are lost); frames carry
 `alpha_source: matting` so that later stages know it.
 """

@@ -98,9 +98,10 @@ def check_cpu_budget(unet_params: int | None, orbit: OrbitConfig) -> None:
 
 
 def check_checkpoint(path: Path, orbit: OrbitConfig | None = None) -> int | None:
-    """Cheap check of a checkpoint from its header (no weights read): a garbage, foreign or incomplete file
-    fails before anything is created, and so does an orbit its variant cannot take (`orbit`: sv3d_u has no
-    cameras, so no --orbit).
+    """Cheap check of a checkpoint from its header (no weights read, except from a legacy .ckpt, which
+    cannot be memory-mapped): a garbage, foreign or incomplete file fails before anything is created, and
+    so does an orbit its variant cannot take (`orbit`: sv3d_u has no cameras, so no --orbit) or an sgm yaml
+    whose camera vector has another layout.
 
     Returns the UNet's parameter count (None for a diffusers folder, whose weights are not opened here).
     """
@@ -132,6 +133,12 @@ def check_checkpoint(path: Path, orbit: OrbitConfig | None = None) -> int | None
     state = split_components({k: torch.empty(shape, device="meta") for k, shape in shapes.items()}, path)
     if orbit is not None:
         _orbit_for(state.variant, orbit)
+        if orbit.sgm_config:  # a yaml of other sampling settings or camera-vector layout: refused now
+            from .model.pipeline import _head_widths_from_yaml, check_vector_layout
+
+            _head_widths_from_yaml(Path(orbit.sgm_config), 64, 80)
+            width = shapes[prefix + "label_emb.0.0.weight"][1]
+            check_vector_layout(Path(orbit.sgm_config), state.variant, width)
     return int(sum(math.prod(shape) for k, shape in shapes.items() if k.startswith(prefix)))
 
 

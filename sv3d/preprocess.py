@@ -458,8 +458,12 @@ def plain_background_matte(rgb: np.ndarray, name: str = "image") -> tuple[np.nda
     obj &= ~np.isin(labels, _see_through(labels, count, edge_labels, backdrop_like, obj.sum()))
     radius = max(1, round(0.003 * min(height, width)))
     disk = _disk(radius)
-    # specks and noise apart from the object go; thin parts attached to it (a stem, a glass's leg) stay
-    obj = ndimage.binary_propagation(ndimage.binary_opening(obj, structure=disk), mask=obj)
+    # specks and noise apart from the object go; thin parts attached to it (a stem, a glass's leg) stay,
+    # unless they run to the image's border (a table edge or seam across the photo)
+    opened = ndimage.binary_opening(obj, structure=disk)
+    thin, n_thin = ndimage.label(ndimage.binary_propagation(opened, mask=obj) & ~opened)
+    border = np.unique(np.concatenate([thin[0], thin[-1], thin[:, 0], thin[:, -1]]))
+    obj = opened | ((thin > 0) & ~np.isin(thin, border[border > 0]))
     labels, count = ndimage.label(obj)
     if count == 0:
         raise InputError(f"{name}: no object found, every pixel matches the background colour")

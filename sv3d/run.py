@@ -201,17 +201,20 @@ def _run(
     _resolve_configs(config, device)
     _check_config(config, source["kind"])
     identity = {"source": source, "config": _identity(config)}
+    # The weights first: a file replaced at the same path makes every stage stale, whatever else changed
+    made = _read_record(out).get("checkpoint")
+    made = made if isinstance(made, dict) else {}
+    ckpt_info = checkpoint_identity(checkpoint, made) if checkpoint else None
+    made_with = made.get("sha256")
+    other_weights = bool(ckpt_info and made_with and made_with != ckpt_info["sha256"])
+    if other_weights and not force:
+        raise OtherRunError(
+            f"{out}: its finished stages were made with another file at {ckpt_info['path']} (sha256 "
+            f"{made_with[:12]}, now {ckpt_info['sha256'][:12]}); use --force to redo them, or another output"
+        )
     previous, redo_from = _check_output(out, identity, force, source["kind"])
-    ckpt_info = checkpoint_identity(checkpoint, (previous or {}).get("checkpoint")) if checkpoint else None
-    made_with = ((previous or {}).get("checkpoint") or {}).get("sha256")
-    if ckpt_info and made_with and made_with != ckpt_info["sha256"]:
-        if not force:
-            raise OtherRunError(
-                f"{out}: its finished stages were made with another file at {ckpt_info['path']} (sha256 "
-                f"{made_with[:12]}, now {ckpt_info['sha256'][:12]}); use --force to redo them, or another "
-                "output"
-            )
-        previous, redo_from = None, None  # other weights: every stage again
+    if other_weights:
+        previous, redo_from = None, None  # every stage again
 
     # 2. Start (or resume) the record; --force removes this run's own files, never anything else: those of
     # the stages that the changed settings touch (and the later ones), or all of them
@@ -674,7 +677,11 @@ def _check_output(
         raise InputError(f"{record}: unreadable run record (use --force to start over)") from None
     if same:
         return (None, None) if force else (previous, None)
-    kept = [s for s in STAGES[: STAGES.index(redo_from)] if kind == "image" or s != "orbit"]
+    kept = [  # the stages before the change that are finished (their files there): what --force keeps
+        s
+        for s in STAGES[: STAGES.index(redo_from)]
+        if (kind == "image" or s != "orbit") and _finished(out, previous, s)
+    ]
     if force:
         return (previous, redo_from) if kept else (None, None)
     change = _first_difference(recorded or {}, identity)
@@ -684,6 +691,15 @@ def _check_output(
         else ("--force to start over")
     )
     raise OtherRunError(f"{out}: holds another run (different {change}); use another -o, or {todo}")
+
+
+def _read_record(out: Path) -> dict:
+    """The run.json in `out` as a dict, or {} (none, unreadable: `_check_output` says what is wrong)."""
+    try:
+        record = json.loads((out / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _write_summary(out: Path, summary: dict) -> None:

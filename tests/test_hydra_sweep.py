@@ -258,7 +258,7 @@ def test_evaluation_jobs_record_their_overrides_under_a_fixed_output(tmp_path: P
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from sv3d.config import job_output_dir
+    from sv3d.config import job_output_dir, record_job_overrides
 
     GlobalHydra.instance().clear()
     overrides = ["refine.refine.tet.resolution=24", f"output={tmp_path / 'sweep'}"]
@@ -268,7 +268,9 @@ def test_evaluation_jobs_record_their_overrides_under_a_fixed_output(tmp_path: P
     cfg.hydra.overrides.task = overrides
     HydraConfig.instance().set_config(cfg)
     try:
-        job = job_output_dir(cfg, record_overrides=True)
+        job = job_output_dir(cfg)
+        assert not job.exists()  # nothing written before the job's work
+        record_job_overrides(cfg, job)
     finally:
         HydraConfig.instance().cfg = None
     assert job == tmp_path / "sweep" / "3"

@@ -319,6 +319,18 @@ def test_a_far_speck_does_not_coarsen_the_visibility_test() -> None:
     radius = np.linalg.norm(points, axis=1)
     assert (radius < 0.495).sum() == 0  # nothing on the hidden shell
     assert (radius > 5).any()  # the speck is part of the prediction
+    # a mesh of many small fragments (none 1% of the area) is framed whole: hidden walls stay hidden
+    cubes = []
+    for i in range(120):
+        centre = 0.1 * np.array([i % 5, (i // 5) % 4, i // 20])
+        for side in (0.05, 0.045):  # a cube and a hidden one inside it
+            cube = trimesh.creation.box(extents=[side] * 3)
+            cube.apply_translation(centre)
+            cubes.append(cube)
+    lattice = trimesh.util.concatenate(cubes)
+    points = sample_visible_surface(lattice, 5_000, seed=0, n_views=24, resolution=512)
+    offset = np.abs(points - 0.1 * np.round(points / 0.1)).max(axis=1)  # max-norm from the nearest centre
+    assert offset.min() > 0.024  # on the outer cubes (0.025), none on the inner ones (0.0225)
 
 
 def test_visible_samples_are_fixed_by_the_seed() -> None:

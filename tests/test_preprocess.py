@@ -409,9 +409,11 @@ def test_plain_matting_keeps_thin_parts_of_a_large_photo():
     rgb = np.full((height, width, 3), 0.95, np.float32) + RNG.normal(0, 0.005, (height, width, 3))
     rgb = rgb * (1 - truth[..., None]) + np.array([0.2, 0.5, 0.1]) * truth[..., None]
     rgb[100:103, 100:103] = 0.2  # a speck of dust, 3 px
+    rgb[300:303, :] = 0.3  # a seam across the whole photo, through the flower head
     alpha = plain_background_alpha(np.clip(rgb, 0, 1).astype(np.float32))
     assert alpha[600:880, 499:501].min() == 1.0  # the stem
     assert alpha[100:103, 100:103].max() == 0.0
+    assert alpha[300:303, :300].max() == 0.0 and alpha[300:303, 700:].max() == 0.0  # the seam, as before
 
 
 def test_plain_matting_rejects_busy_and_empty_images():

@@ -274,6 +274,9 @@ def test_a_replaced_checkpoint_file_is_noticed(tiny_run, tmp_path, capsys, monke
     err = capsys.readouterr().err.strip()
     assert "made with another file" in err and "--force" in err and len(err.splitlines()) == 1, err
     assert (out / "run.json").read_bytes() == before
+    # a changed refine setting as well: the weights are named (it promised to keep the orbit and NeRF)
+    assert main([*args, "--refine-steps", "7"]) == 2
+    assert "made with another file" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -231,6 +231,12 @@ def test_a_yaml_whose_camera_vector_differs_from_the_assumed_layout_is_refused(s
     other.write_text(text.replace("outdim: 64", "outdim: 48").replace("outdim: 32", "outdim: 64"))
     with pytest.raises(CheckpointError, match="not the layout"):
         SV3DPipeline.from_single_file(sv3d_tiny / "tiny_sv3d_p.safetensors", sgm_config=other)
+    from sv3d.orbit import OrbitConfig, check_checkpoint  # and up front, from the header alone
+
+    with pytest.raises(CheckpointError, match="not the layout"):
+        check_checkpoint(sv3d_tiny / "tiny_sv3d_p.safetensors", OrbitConfig(sgm_config=str(other)))
+    own = OrbitConfig(sgm_config=str(sv3d_tiny / "tiny_sv3d_p.yaml"))
+    assert check_checkpoint(sv3d_tiny / "tiny_sv3d_p.safetensors", own) > 0  # the model's own yaml: fine
 
 
 def test_a_yaml_asking_for_other_sampling_settings_is_refused(sv3d_tiny: Path, tmp_path: Path):
@@ -241,6 +247,7 @@ def test_a_yaml_asking_for_other_sampling_settings_is_refused(sv3d_tiny: Path, t
         ("sigma_max: 700.0", "sigma_max: 80.0", "sigma_max = 80.0"),
         ("scale_factor: 0.18215", "scale_factor: 0.13025", "scale_factor = 0.13025"),
         ("TrianglePredictionGuider", "LinearPredictionGuider", "LinearPredictionGuider"),
+        ("sigma_max: 700.0", "rho: 7.0", "sigma_max = 80.0 \\(sgm default\\)"),  # left out: sgm's 80
     ):
         assert old in text
         other = tmp_path / "other.yaml"

@@ -190,10 +190,16 @@ def _area_uniform_samples(
 
 
 def _view_frame(mesh: trimesh.Trimesh) -> tuple[np.ndarray, float]:
-    """(centre [3], radius) of the visibility views' frame: the bounding sphere of the components of at
-    least 1% of the area, with a 1% margin. Framed on every vertex, a speck far away made the pixels (and
-    the depth tolerance, half a pixel) as coarse as the speck's distance."""
-    vertices = np.asarray(remove_small_components(mesh).vertices, dtype=np.float64)
+    """(centre [3], radius) of the visibility views' frame: the bounding box's sphere of the largest
+    components that hold 99% of the area (the smallest, 1% in all, left out), with a 1% margin. Framed on
+    every vertex, a speck far away made the pixels (and the depth tolerance, half a pixel) as coarse as the
+    speck's distance; a mesh of many small fragments keeps them all in the frame."""
+    labels = face_components(mesh)  # [F]
+    area = np.bincount(labels, weights=mesh.area_faces)  # [C]
+    order = np.argsort(area)  # smallest first
+    dropped = order[np.cumsum(area[order]) <= 0.01 * area.sum()]  # [D] the smallest, 1% of the area at most
+    faces = np.asarray(mesh.faces)[~np.isin(labels, dropped)]  # [F', 3]
+    vertices = np.asarray(mesh.vertices, dtype=np.float64)[np.unique(faces)]
     center = (vertices.min(0) + vertices.max(0)) / 2.0
     return center, 1.02 * float(np.linalg.norm(vertices - center, axis=-1).max())
 

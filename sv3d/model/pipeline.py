@@ -34,7 +34,7 @@ from .sampler import (
 from .unet import SV3DUNet, load_sv3d_unet
 from .vae import decode_frames, load_sv3d_vae
 
-__all__ = ["SV3DOutput", "SV3DPipeline", "estimate_cpu_seconds", "read_folder_variant"]
+__all__ = ["SV3DOutput", "SV3DPipeline", "check_vector_layout", "estimate_cpu_seconds", "read_folder_variant"]
 
 _CONFIG_FILE = "sv3d_pipeline.json"
 REFERENCE_SEED = 23  # the reference script's default seed
@@ -86,7 +86,8 @@ class SV3DPipeline:
         parts = split_components(state, path)
         del state
         if sgm_config is not None:
-            _check_vector_layout(Path(sgm_config), parts.variant, parts.components["unet"])
+            width = parts.components["unet"]["label_emb.0.0.weight"].shape[1]
+            check_vector_layout(Path(sgm_config), parts.variant, width)
         c = parts.components
         unet = load_sv3d_unet(c["unet"], num_head_channels, device=device, dtype=dtype)
         # The reference runs the VAE in float32 even under autocast (disable_*_autocast): so do we.
@@ -354,7 +355,7 @@ _OPEN_CLIP_HEAD_WIDTH = 64  # open_clip's VisionCfg.head_width default
 _VECTOR_KEYS = ("cond_aug", "polars_rad", "azimuths_rad")  # the conditioner's vector embedders, in order
 
 
-def _check_vector_layout(path: Path, variant: str, unet_state: dict[str, Tensor]) -> None:
+def check_vector_layout(path: Path, variant: str, width: int) -> None:
     """The camera vector's layout is read from the UNet's width (sv3d_p: cond_aug w, polar 2w, azimuth 2w
     for a width of 5w; sv3d_u: cond_aug alone): an sgm yaml whose vector embedders say otherwise names a
     model that this layout would condition wrongly without an error, so it is refused."""
@@ -372,7 +373,6 @@ def _check_vector_layout(path: Path, variant: str, unet_state: dict[str, Tensor]
         return  # no conditioner in the yaml (head widths only): nothing to compare
     if not declared:
         return
-    width = unet_state["label_emb.0.0.weight"].shape[1]
     expected = dict(zip(_VECTOR_KEYS, vector_widths(width, variant == "sv3d_p"), strict=False))
     if declared != expected:
         raise CheckpointError(
@@ -381,39 +381,52 @@ def _check_vector_layout(path: Path, variant: str, unet_state: dict[str, Tensor]
         )
 
 
-# What the pipeline implements (SV3D's sgm configs): (dotted key in the yaml, value); others are refused
-_SV3D_SAMPLING = (
-    ("model.params.scale_factor", 0.18215),
-    ("model.params.network_config.params.merge_strategy", "learned_with_images"),
-    ("model.params.sampler_config.target", "sgm.modules.diffusionmodules.sampling.EulerEDMSampler"),
-    ("model.params.sampler_config.params.s_churn", 0.0),
-    ("model.params.sampler_config.params.discretization_config.params.sigma_min", 0.002),
-    ("model.params.sampler_config.params.discretization_config.params.sigma_max", 700.0),
-    ("model.params.sampler_config.params.discretization_config.params.rho", 7.0),
+# What the pipeline implements (SV3D's sgm configs): (dotted key in the yaml, SV3D's value, sgm's default
+# where the key's block is given without it; None: no default, not compared when absent). Others refused.
+_SAMPLER = "model.params.sampler_config"
+_GUIDER = f"{_SAMPLER}.params.guider_config"
+_DISCRETIZATION = f"{_SAMPLER}.params.discretization_config"
+_SV3D_SAMPLING: tuple[tuple[str, object, object], ...] = (
+    ("model.params.scale_factor", 0.18215, 1.0),  # DiffusionEngine's default 1.0
+    ("model.params.network_config.params.merge_strategy", "learned_with_images", "fixed"),  # VideoUNet's
     (
-        "model.params.sampler_config.params.guider_config.target",
-        "sgm.modules.diffusionmodules.guiders.TrianglePredictionGuider",
+        "model.params.denoiser_config.params.scaling_config.target",
+        "sgm.modules.diffusionmodules.denoiser_scaling.VScalingWithEDMcNoise",
+        None,
     ),
-    ("model.params.sampler_config.params.guider_config.params.min_scale", 1.0),
-    ("model.params.sampler_config.params.guider_config.params.max_scale", 2.5),
-    ("model.params.sampler_config.params.guider_config.params.period", 1.0),
+    (f"{_SAMPLER}.target", "sgm.modules.diffusionmodules.sampling.EulerEDMSampler", None),
+    (f"{_SAMPLER}.params.s_churn", 0.0, 0.0),
+    (f"{_DISCRETIZATION}.target", "sgm.modules.diffusionmodules.discretizer.EDMDiscretization", None),
+    (f"{_DISCRETIZATION}.params.sigma_min", 0.002, 0.002),
+    (f"{_DISCRETIZATION}.params.sigma_max", 700.0, 80.0),  # EDMDiscretization's default is EDM's 80
+    (f"{_DISCRETIZATION}.params.rho", 7.0, 7.0),
+    (f"{_GUIDER}.target", "sgm.modules.diffusionmodules.guiders.TrianglePredictionGuider", None),
+    (f"{_GUIDER}.params.min_scale", 1.0, 1.0),
+    (f"{_GUIDER}.params.max_scale", 2.5, None),
+    (f"{_GUIDER}.params.period", 1.0, 1.0),
 )
 
 
 def _check_sampling_settings(config: dict, path: Path) -> None:
-    """Refuses a yaml whose sampler, guider, latent scale or merge strategy differ from SV3D's: they would
-    be ignored (the pipeline samples as SV3D's configs say), giving another model's output silently."""
-    for key, ours in _SV3D_SAMPLING:
+    """Refuses a yaml whose sampler, guider, denoiser scaling, latent scale or merge strategy differ from
+    SV3D's: they would be ignored (the pipeline samples as SV3D's configs say), giving another model's
+    output silently. A key left out of a block that is given takes sgm's default, as sgm would."""
+    for key, ours, default in _SV3D_SAMPLING:
+        *parents, name = key.split(".")
         node: object = config
-        for part in key.split("."):
+        for part in parents:
             node = node.get(part) if isinstance(node, dict) else None
-        if node is None:
-            continue  # not stated: the sgm default, which is SV3D's
-        same = node == ours if isinstance(ours, str) else _close(node, ours)
+        if not isinstance(node, dict):
+            continue  # the block is not in the yaml (a head-width-only yaml): nothing stated
+        value = node.get(name, default)
+        if value is None:
+            continue
+        same = value == ours if isinstance(ours, str) else _close(value, float(ours))
         if not same:
             raise InputError(
-                f"{path}: {key.rsplit('.', 2)[-2]}.{key.rsplit('.', 1)[-1]} = {node!r}, but this pipeline "
-                f"samples as SV3D ({ours!r}): an unsupported configuration"
+                f"{path}: {'.'.join(p for p in key.split('.')[-3:] if p != 'params')} = {value!r}"
+                f"{'' if name in node else ' (sgm default)'}, but "
+                f"this pipeline samples as SV3D ({ours!r}): an unsupported configuration"
             )
 
 
