@@ -29,7 +29,8 @@ from sv3d.evaluate import aggregate_sweep, evaluate_dataset
 @hydra.main(version_base="1.3", config_path="pkg://sv3d.configs", config_name="config")
 def main(cfg) -> float | None:
     if cfg.eval.dataset is None:
-        sys.exit("evaluate.py: error: give the dataset, e.g. eval.dataset=path/to/gso")
+        print("evaluate.py: error: give the dataset, e.g. eval.dataset=path/to/gso", file=sys.stderr)
+        sys.exit(2)
     objects = to_container(cfg.eval.objects)
     if isinstance(objects, str):
         objects = hydra.utils.to_absolute_path(objects)
@@ -61,7 +62,8 @@ def main(cfg) -> float | None:
 
 def _aggregate(argv: list[str]) -> None:
     if len(argv) != 1:
-        sys.exit("evaluate.py: error: --aggregate takes one sweep directory")
+        print("evaluate.py: error: --aggregate takes one sweep directory", file=sys.stderr)
+        sys.exit(2)
     try:
         paths = aggregate_sweep(argv[0])
     except (Sv3dError, OSError) as exc:  # bad input, or a file it cannot read or write: one line, exit 2

@@ -25,7 +25,8 @@ __all__ = ["main", "run_config"]
 def main(cfg) -> None:
     image = OmegaConf.select(cfg, "image")
     if image is None:
-        sys.exit("image_to_mesh.py: error: give the photo, e.g. +image=path/to/photo.png")
+        print("image_to_mesh.py: error: give the photo, e.g. +image=path/to/photo.png", file=sys.stderr)
+        sys.exit(2)
     output = job_output_dir(cfg, "run")
     try:
         result = run_image_to_mesh(hydra.utils.to_absolute_path(image), output, run_config(cfg))

@@ -18,7 +18,8 @@ from sv3d.render_orbit import render_orbit
 @hydra.main(version_base="1.3", config_path="pkg://sv3d.configs", config_name="config")
 def main(cfg) -> None:
     if cfg.mesh is None:
-        sys.exit("render_orbit.py: error: give the mesh, e.g. mesh=path/to/model.obj")
+        print("render_orbit.py: error: give the mesh, e.g. mesh=path/to/model.obj", file=sys.stderr)
+        sys.exit(2)
     output = job_output_dir(cfg, "orbit")
     try:
         out = render_orbit(hydra.utils.to_absolute_path(cfg.mesh), output, render_orbit_config(cfg))

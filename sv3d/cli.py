@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -251,9 +252,9 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
         "--sds",
         choices=("auto", "on", "off"),
         default="auto",
-        help="masked SDS from the SV3D model (auto: on with --checkpoint on CUDA)",
+        help="masked SDS from the SV3D model (auto: on on CUDA when a checkpoint is given or set)",
     )
-    p.add_argument("--checkpoint", help="SV3D checkpoint for SDS (or $SV3D_CHECKPOINT with --sds on)")
+    p.add_argument("--checkpoint", help="SV3D checkpoint for SDS (else $SV3D_CHECKPOINT)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(func=_cmd_refine)
@@ -264,7 +265,9 @@ def _cmd_refine(args: argparse.Namespace) -> int:
     from .refine_stage import default_refine_config, refine_stage
 
     config = default_refine_config(pick_device(args.device))
-    config.device, config.sds, config.checkpoint = args.device, args.sds, args.checkpoint
+    # $SV3D_CHECKPOINT counts as given, as for `sv3d run` and the Hydra configs (auto: SDS on CUDA)
+    checkpoint = args.checkpoint or os.environ.get("SV3D_CHECKPOINT") or None
+    config.device, config.sds, config.checkpoint = args.device, args.sds, checkpoint
     if args.steps is not None:
         config.refine.steps = args.steps
     if args.resolution is not None:

@@ -57,7 +57,7 @@ class RefineStageConfig:
     cleanup: CleanupConfig = field(default_factory=CleanupConfig)  # components < 1% area; no decimation
     preview_resolution: int = 256
     sds: str = "auto"  # "auto": on with a checkpoint on CUDA; "on"; "off"
-    checkpoint: str | None = None  # SV3D checkpoint for SDS (or $SV3D_CHECKPOINT when sds == "on")
+    checkpoint: str | None = None  # SV3D checkpoint for SDS (`sv3d refine`: else $SV3D_CHECKPOINT)
     sgm_config: str | None = None  # sgm yaml for checkpoints with non-SV3D widths (the tiny test models)
     dtype: str = "auto"  # the SDS model's UNet and CLIP: auto (bfloat16 on CUDA), float32, bfloat16, float16
     device: str = "auto"

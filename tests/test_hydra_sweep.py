@@ -229,6 +229,15 @@ def test_hydra_scripts_turn_file_errors_into_one_line(tmp_path: Path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("render_orbit.py: error:") and "Traceback" not in proc.stderr, proc.stderr
+    # without the mesh: one line, exit 2 as well (it was exit 1)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "render_orbit.py"), "preset=toy"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("render_orbit.py: error: give the mesh")
 
 
 def test_multirun_with_a_fixed_output_gives_each_job_its_own_folder(tmp_path: Path):

@@ -331,3 +331,19 @@ def test_score_glb_reports_the_exported_textures_psnr(scene, tmp_path):
     assert script.main([str(tmp_path / "eval"), "--size", "4096", "--json", str(tmp_path / "s.json")]) == 1
     scores = json.loads((tmp_path / "s.json").read_text())
     assert isinstance(scores["blob"], float) and scores["broken"].startswith("error: ")
+
+
+def test_sv3d_checkpoint_in_the_environment_counts_as_given(monkeypatch, tmp_path: Path):
+    """`sv3d refine` read $SV3D_CHECKPOINT only with --sds on, so `auto` on CUDA ran without SDS where
+    `sv3d run` and the Hydra configs guided with it."""
+    import sv3d.refine_stage
+
+    seen = []
+    monkeypatch.setattr(sv3d.refine_stage, "refine_stage", lambda *a, **k: seen.append(a[3]) or a[2])
+    monkeypatch.setenv("SV3D_CHECKPOINT", str(tmp_path / "sv3d_p.safetensors"))
+    assert run(tmp_path / "orbit", "--init", tmp_path / "mesh.ply", "-o", tmp_path / "out") == 0
+    assert seen[0].checkpoint == str(tmp_path / "sv3d_p.safetensors") and seen[0].sds == "auto"
+    seen.clear()
+    out = tmp_path / "o2"
+    assert run(tmp_path / "orbit", "--init", tmp_path / "mesh.ply", "-o", out, "--checkpoint", "x") == 0
+    assert seen[0].checkpoint == "x"  # the option wins
