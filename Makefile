@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 	    echo "installing torch (CUDA build)"; $(PY) -m pip install -q "torch>=2.4"; \
 	  else \
-	    echo "installing torch (CPU build: $(CPU_TORCH))"; $(PY) -m pip install -q "$(CPU_TORCH)"; \
+	    echo "installing torch (CPU build: $(CPU_TORCH))"; $(PY) -m pip install -q $(CPU_TORCH); \
 	  fi; \
 	fi
 	@$(PY) -m pip install -q -e '.[dev]'
