@@ -251,7 +251,7 @@ def _check_train_config(config: TrainConfig) -> None:
 class TrainResult:
     field: RadianceField
     history: list[dict[str, float]]  # per logged step: loss terms and PSNR
-    seconds: float
+    seconds: float  # training time, over every run of a resumed fit (the checkpoint keeps the earlier)
 
 
 def psnr(a: Tensor, b: Tensor, mask: Tensor | None = None) -> float:
@@ -383,6 +383,8 @@ def fit_field(
     progress: Callable[[int, dict[str, float]], None] | None = None,  # called after every step
     occupancy: Callable[[Tensor], Tensor] | None = None,  # [N, 3] -> [N] bool: samples worth evaluating
     model: RadianceField | None = None,  # the field to train (built from config.field when None)
+    identity: dict | None = None,  # what else the fit depends on (the caller's settings), kept with the
+    # checkpoint: one made under another identity is not resumed
 ) -> TrainResult:
     """Optimise a radiance field so that its renders reproduce the frames (over white) and their alpha."""
     config = config or TrainConfig()
@@ -448,7 +450,7 @@ def fit_field(
     gamma = config.lr_final_factor ** (1.0 / max(config.steps, 1))
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma)
     history: list[dict[str, float]] = []
-    start_step = 0
+    start_step, earlier_seconds = 0, 0.0
     stop_pays = True  # whether early stop saves more than its first pass costs (measured every 50 steps)
     checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
     data_sha256 = _data_fingerprint(images, c2w, fov_deg) if checkpoint_path else None
@@ -459,7 +461,11 @@ def fit_field(
             raise ValueError(
                 f"{checkpoint_path}: unreadable checkpoint ({type(exc).__name__}); remove it or use --force"
             ) from None
-        if not isinstance(state, dict) or state.get("config") != asdict(config):
+        if (
+            not isinstance(state, dict)
+            or state.get("config") != asdict(config)
+            or state.get("identity") != (identity or {})
+        ):
             raise ValueError(
                 f"{checkpoint_path}: checkpoint of another configuration; remove it or use --force"
             )
@@ -473,6 +479,7 @@ def fit_field(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step, history = int(state["step"]), list(state["history"])
+        earlier_seconds = float(state.get("seconds", 0.0))  # the training before the interruption
         stop_pays = bool(state["stop_pays"])  # written by every checkpoint of this configuration
         torch.set_rng_state(state["rng"].cpu())  # map_location moved it to `device`; it must be a CPU tensor
         if device.type == "cuda" and state.get("cuda_rng") is not None:
@@ -491,6 +498,8 @@ def fit_field(
                     "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                     "estimator": estimator.state_dict() if estimator is not None else None,
                     "config": asdict(config),
+                    "identity": identity or {},
+                    "seconds": earlier_seconds + time.perf_counter() - started,
                     "data_sha256": data_sha256,
                     "stop_pays": stop_pays,
                 },
@@ -565,4 +574,5 @@ def fit_field(
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
             save(step + 1)
     save(config.steps)
-    return TrainResult(field=model.eval(), history=history, seconds=time.perf_counter() - started)
+    seconds = earlier_seconds + time.perf_counter() - started  # over every run of this fit
+    return TrainResult(field=model.eval(), history=history, seconds=seconds)

@@ -38,6 +38,7 @@ __all__ = [
     "Guidance",
     "RefineConfig",
     "RefineResult",
+    "SurfaceVanishedError",
     "frame_errors",
     "refine_surface",
     "render_surface",
@@ -109,6 +110,10 @@ class RefineConfig:
 def sds_phase_steps(config: RefineConfig) -> int:
     """How many of the steps get SDS guidance: the last `sds_fraction` of them."""
     return int(round(config.sds_fraction * config.steps))
+
+
+class SurfaceVanishedError(RuntimeError):
+    """Every SDF value turned positive during the refinement: no surface is left to render."""
 
 
 @dataclass
@@ -303,7 +308,7 @@ def _optimise(
     for step in range(config.steps):
         vertices, faces = geometry.extract()  # [M, 3], [K, 3]
         if faces.shape[0] == 0:
-            raise RuntimeError(f"refinement step {step}: the surface vanished (every SDF value is positive)")
+            raise SurfaceVanishedError(f"step {step}: the surface vanished (every SDF value is positive)")
         pick = torch.randperm(n_views, device=device)[: config.views_per_step]
         topology = edge_topology(faces)  # [K, 3] the face across each edge: antialiasing, normal consistency
         out = render_surface(

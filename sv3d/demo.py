@@ -145,7 +145,10 @@ def run_demo(output: str | Path, config: DemoConfig | None = None, force: bool =
     timings: dict[str, float] = {}
     start_all = time.perf_counter()
 
-    # 2. The ground-truth object in GSO layout, and its orbit (SV3D's 21 views at elevation 10 deg)
+    # 2. The ground-truth object in GSO layout, and its orbit (SV3D's 21 views at elevation 10 deg); the
+    # previous demo's scores go first (they described its mesh, which this run may replace)
+    for name in ("metrics.json", "visual_hull.ply"):
+        (output / name).unlink(missing_ok=True)
     t0 = time.perf_counter()
     object_dir = write_test_object(output / "objects", config.object_name)
     frames = render_orbit_frames(object_dir, render_config)

@@ -128,6 +128,12 @@ def check_fit_config(config: FitNerfConfig) -> None:
             raise InputError(f"{name} must be >= {least}, got {value}")
     if config.hull_dilate < 0:
         raise InputError(f"hull_dilate must be >= 0 cells, got {config.hull_dilate}")
+    e = config.extract
+    if config.level_mask_resolution < 8 or e.chunk < 1 or not 0.0 <= e.min_component < 1.0:
+        raise InputError(
+            f"level_mask_resolution must be >= 8, extract.chunk >= 1 and extract.min_component in [0, 1), "
+            f"got {config.level_mask_resolution}, {e.chunk} and {e.min_component}"
+        )
 
 
 def silhouette_iou(
@@ -286,6 +292,8 @@ def fit_nerf(
     resumable = out.is_dir() and (out / CHECKPOINT).is_file()
     if out.is_dir() and any(out.iterdir()) and not resumable and not force:
         raise InputError(f"{out}: output directory exists and is not empty (use --force to replace it)")
+    if out.is_dir() and out.resolve() == Path(orbit_dir).resolve():  # --force would delete its preview
+        raise InputError(f"{out}: is the orbit directory; write the NeRF into a folder of its own")
     if float(frames.images[..., 3].max()) <= 0.0:
         raise InputError(f"{orbit_dir}: every frame's alpha is empty: there is no object to reconstruct")
     masks = frames.masks()  # [V, H, W, 1]
@@ -343,6 +351,7 @@ def fit_nerf(
             out / CHECKPOINT,
             progress=report,
             occupancy=occupancy,
+            identity={"hull_resolution": config.hull_resolution, "hull_dilate": config.hull_dilate},
         )
     except ValueError as exc:  # its checkpoint's (which name the file) or no ray to train on
         raise InputError(str(exc)) from None
@@ -350,7 +359,8 @@ def fit_nerf(
         if bar is not None:
             bar.close()
 
-    # 3. Extract and write every file atomically
+    # 3. Extract and write every file atomically; fit_nerf.json, written last, marks the set finished
+    (out / "fit_nerf.json").unlink(missing_ok=True)
     start = time.perf_counter()
     grid = density_grid(
         result.field, config.train.field.bound, config.extract.resolution, config.extract.chunk, occupancy
@@ -403,7 +413,9 @@ def fit_nerf(
     write_video(out / "preview.mp4", previews)  # atomic itself
     summary = {
         "history": result.history,
-        "train_seconds": result.seconds,
+        "train_seconds": result.seconds,  # every run's, when resumed
+        "config": asdict(config),  # extraction settings included (a rerun of a finished fit re-meshes)
+        "device": str(device),
         "orbit_sha256": orbit_fingerprint(orbit_dir),
         "extract_seconds": time.perf_counter() - start,
         "mesh_faces": len(mesh.faces),

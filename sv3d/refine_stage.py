@@ -25,7 +25,14 @@ from refine.bake import BakeConfig, check_texture_size
 from refine.cavities import open_cavities
 from refine.dmtet import DMTetConfig, validate_init
 from refine.export import CleanupConfig, clean_mesh, export_mesh, textured_mesh
-from refine.fit import RefineConfig, RefineResult, frame_errors, refine_surface, sds_phase_steps
+from refine.fit import (
+    RefineConfig,
+    RefineResult,
+    SurfaceVanishedError,
+    frame_errors,
+    refine_surface,
+    sds_phase_steps,
+)
 from refine.render import render_mesh
 from refine.tetgrid import tet_grid
 
@@ -105,6 +112,20 @@ def check_refine_stage_config(config: RefineStageConfig) -> None:
     r = config.refine
     if r.steps < 1:
         raise InputError(f"refine steps must be >= 1, got {r.steps}")
+    if r.views_per_step < 1 or r.sds_resolution < 8 or r.sds_resolution % 8:
+        raise InputError(
+            f"refine: views_per_step must be >= 1 and sds_resolution a multiple of 8 (the VAE's factor), "
+            f"got {r.views_per_step} and {r.sds_resolution}"
+        )
+    fractions = (config.cavity_min_fraction, config.cavity_gain, config.cavity_check)
+    positive = config.cavity_thickness > 0 and config.cavity_abort_ratio > 0
+    if not (positive and all(0 <= f <= 1 for f in fractions)):
+        raise InputError(
+            "refine: cavity_thickness and cavity_abort_ratio must be > 0 and cavity_min_fraction, "
+            f"cavity_gain and cavity_check in [0, 1], got {config.cavity_thickness}, "
+            f"{config.cavity_abort_ratio}, {config.cavity_min_fraction}, {config.cavity_gain} and "
+            f"{config.cavity_check}"
+        )
     if not MIN_RESOLUTION <= r.tet.resolution <= MAX_RESOLUTION:
         raise InputError(
             f"--tet-resolution must be in [{MIN_RESOLUTION}, {MAX_RESOLUTION}], got {r.tet.resolution}"
@@ -226,22 +247,26 @@ def _load_init(init: Path, orbit_dir: Path, up: str = "auto") -> tuple[trimesh.T
         summary, mesh_path = init / "fit_nerf.json", init / "mesh.ply"
         if not mesh_path.is_file():
             raise InputError(f"{init}: not a fit-nerf output (no mesh.ply); give it or a mesh file as --init")
-        if summary.is_file():
-            try:
-                record = json.loads(summary.read_text())
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise InputError(f"{summary}: unreadable ({exc})") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{summary}: expected a JSON object, got {type(record).__name__}")
-            fitted_on = record.get("orbit_sha256")
-            if fitted_on and fitted_on != orbit_fingerprint(orbit_dir):
-                raise InputError(
-                    f"{init}: this NeRF was fitted on another orbit than {orbit_dir}; fit it on this orbit"
-                )
-            floor = record.get("floor_height")
-            number = isinstance(floor, (int, float)) and not isinstance(floor, bool)
-            if floor is not None and not (number and math.isfinite(floor)):
-                raise InputError(f"{summary}: floor_height must be a number or null, got {floor!r}")
+        if not summary.is_file():  # written last: without it the folder holds an unfinished fit's files
+            raise InputError(
+                f"{init}: an unfinished fit-nerf output (no fit_nerf.json): rerun sv3d fit-nerf, or give "
+                f"{mesh_path} itself as --init"
+            )
+        try:
+            record = json.loads(summary.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"{summary}: unreadable ({exc})") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{summary}: expected a JSON object, got {type(record).__name__}")
+        fitted_on = record.get("orbit_sha256")
+        if fitted_on and fitted_on != orbit_fingerprint(orbit_dir):
+            raise InputError(
+                f"{init}: this NeRF was fitted on another orbit than {orbit_dir}; fit it on this orbit"
+            )
+        floor = record.get("floor_height")
+        number = isinstance(floor, (int, float)) and not isinstance(floor, bool)
+        if floor is not None and not (number and math.isfinite(floor)):
+            raise InputError(f"{summary}: floor_height must be a number or null, got {floor!r}")
         init, up = mesh_path, "z"  # ours: the world's axes
     elif not init.is_file():
         raise InputError(f"{init}: --init not found (a fit-nerf output directory or a mesh file)")
@@ -272,7 +297,9 @@ def refine_stage(
         raise InputError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise InputError(f"{out}: output directory exists and is not empty (use --force to replace it)")
+    _check_not_an_input(out, orbit_dir, init)
     mesh, floor = _load_init(init, orbit_dir, init_up)
+    plan = _guidance_plan(frames, config, device)  # SDS settings, before the expensive signed distances
     tet = config.refine.tet
     grid = tet_grid(tet.resolution, tet.bound, cache_dir=tet.cache_dir)  # the grid DMTetGeometry reads
     init_sdf = mesh_sdf(mesh, grid.vertices)
@@ -280,7 +307,7 @@ def refine_stage(
         validate_init(init_sdf, grid.boundary_mask())
     except ValueError as exc:
         raise InputError(f"{init}: {exc}") from None
-    guidance = _guidance(frames, config, device)
+    guidance = _guidance(frames, config, device, plan)
     out.mkdir(parents=True, exist_ok=True)
     for name in OUTPUTS:
         (out / name).unlink(missing_ok=True)
@@ -301,8 +328,8 @@ def refine_stage(
 
     try:
         result, starts = _refine_starts(frames, init_sdf, grid, config, guidance, device, report, floor)
-    except ValueError as exc:  # an init that is empty or reaches the grid's boundary
-        raise InputError(f"{init}: {exc}") from None
+    except (ValueError, SurfaceVanishedError) as exc:  # the init was checked above: the refinement's
+        raise InputError(f"refinement of {init}: {exc}") from None
     finally:
         if bar is not None:
             bar.close()
@@ -321,7 +348,12 @@ def refine_stage(
     write_video(out / "preview.mp4", preview.clamp(0, 1).numpy())
     summary = {
         "history": result.history,
-        "refine_seconds": result.seconds,
+        "refine_seconds": sum(s.get("seconds", 0.0) for s in starts),  # every start's, the chosen one's
+        "chosen_start_seconds": result.seconds,
+        "init": {"path": str(init.resolve()), "sha256": _init_sha256(init), "up": init_up},
+        "device": str(device),
+        "sds_checkpoint": None if plan is None else str(plan.checkpoint),
+        "sds_dtype": None if plan is None else str(plan.dtype).removeprefix("torch."),
         "export_seconds": time.perf_counter() - start,
         "faces": int(textured.faces.shape[0]),
         "sds": guidance is not None,
@@ -332,6 +364,27 @@ def refine_stage(
     }
     _atomic(out / "refine.json", lambda p: p.write_text(json.dumps(summary, indent=1, default=str)))
     return out
+
+
+def _check_not_an_input(out: Path, orbit_dir: Path, init: Path) -> None:
+    """The output folder must not be the orbit's or the init file's: --force would delete what is there
+    under the stage's names (`mesh.obj` as init, the orbit's `preview.mp4`)."""
+    init_folder = init if init.is_dir() else init.parent
+    for what, folder in (("the orbit directory", orbit_dir), ("the init's folder", init_folder)):
+        if out.exists() and folder.exists() and out.resolve() == folder.resolve():
+            raise InputError(f"{out}: is {what}; write the refinement into a folder of its own")
+
+
+def _init_sha256(init: Path) -> str:
+    """sha256 of the init mesh file (a fit-nerf output's mesh.ply)."""
+    import hashlib
+
+    path = init / "mesh.ply" if init.is_dir() else init
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class _Abandoned(Exception):
@@ -408,6 +461,8 @@ def _refine_starts(
                     chosen = candidate
             except _Abandoned as exc:
                 starts.append({**note, "abandoned": str(exc)})
+            except SurfaceVanishedError as exc:  # the thin opened walls vanished: the plain start stands
+                starts.append({**note, "failed": str(exc)})
     for start in starts:
         start["chosen"] = False
     starts[0 if chosen is from_init else 1]["chosen"] = True
@@ -428,8 +483,18 @@ def _unlike_sv3d(orbit) -> str | None:
     return None
 
 
-def _guidance(frames, config: RefineStageConfig, device: torch.device):
-    """The masked-SDS callable, or None: "auto" turns it on with a checkpoint on CUDA."""
+@dataclass
+class _GuidancePlan:
+    """What the masked SDS will load, settled (and checked) before any work: checkpoint, dtype, config."""
+
+    checkpoint: Path
+    dtype: torch.dtype
+    sds: object  # sv3d.guidance.SDSConfig
+
+
+def _guidance_plan(frames, config: RefineStageConfig, device: torch.device) -> _GuidancePlan | None:
+    """None when no SDS runs ("auto" turns it on with a checkpoint on CUDA), else what it will load; every
+    setting it needs is checked here, before the stage's first expensive step."""
     wanted = config.sds == "on" or (config.sds == "auto" and config.checkpoint and device.type == "cuda")
     if config.sds not in ("auto", "on", "off"):
         raise InputError(f"--sds must be auto, on or off, got {config.sds!r}")
@@ -441,23 +506,35 @@ def _guidance(frames, config: RefineStageConfig, device: torch.device):
             raise InputError(f"--sds on: SV3D cannot guide this orbit ({foreign}); use --sds off")
         print(f"sv3d: note: no SDS: SV3D cannot guide this orbit ({foreign})", file=sys.stderr)
         return None
-    from .guidance import SDSConfig, make_sv3d_guidance
-    from .model.pipeline import SV3DPipeline
+    from .guidance import SDSConfig
     from .orbit import _dtype, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(config.checkpoint)
-    kwargs = {"sgm_config": config.sgm_config} if config.sgm_config else {}
     dtype = _dtype(config.dtype, device)  # as the orbit stage: auto is bfloat16 on CUDA (the VAE float32)
+    try:  # the noise bound anneals over the SDS phase as it really is (the last sds_fraction of the steps)
+        sds = SDSConfig(
+            resolution=config.refine.sds_resolution, anneal_steps=max(sds_phase_steps(config.refine), 1)
+        )
+    except ValueError as exc:
+        raise InputError(f"refine SDS: {exc}") from None
+    return _GuidancePlan(checkpoint, dtype, sds)
+
+
+def _guidance(frames, config: RefineStageConfig, device: torch.device, plan: _GuidancePlan | None):
+    """The masked-SDS callable of `plan` (None: no SDS)."""
+    if plan is None:
+        return None
+    from .guidance import make_sv3d_guidance
+    from .model.pipeline import SV3DPipeline
+
+    kwargs = {"sgm_config": config.sgm_config} if config.sgm_config else {}
     try:
-        pipeline = SV3DPipeline.load(checkpoint, device=device, dtype=dtype, **kwargs)
+        pipeline = SV3DPipeline.load(plan.checkpoint, device=device, dtype=plan.dtype, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         if out_of_memory(exc):  # not a bad file: the out-of-memory message says what to try
             raise
-        raise InputError(f"{checkpoint}: cannot load the SV3D checkpoint: {exc}") from None
-    # The noise bound anneals over the SDS phase as it really is (the last sds_fraction of the steps)
-    sds = SDSConfig(
-        resolution=config.refine.sds_resolution, anneal_steps=max(sds_phase_steps(config.refine), 1)
-    )
+        raise InputError(f"{plan.checkpoint}: cannot load the SV3D checkpoint: {exc}") from None
+    sds = plan.sds
     last = frames.images[-1:].permute(0, 3, 1, 2).float()  # [1, 4, H, W] the input view
     image = last[:, :3] * last[:, 3:] + (1.0 - last[:, 3:])  # over white
     image = torch.nn.functional.interpolate(image, size=(sds.resolution,) * 2, mode="bilinear")
