@@ -204,7 +204,9 @@ def test_dtype_and_validation():
 
 
 @pytest.mark.slow
-def test_timing_at_128():
+def test_full_size_grid_at_128():
+    """The CUDA default's grid (12.6 M tets) on the CPU: forward and backward complete with finite
+    gradients. Times are printed, not asserted (benchmarks are scripts: scripts/bench_refine.py)."""
     grid = tet_grid(128, bound=0.55, cache=False)
     vertices = grid.vertices.clone().requires_grad_(True)
     sdf = (grid.vertices.norm(dim=1) - 0.35).requires_grad_(True)
@@ -216,7 +218,8 @@ def test_timing_at_128():
     verts.square().sum().backward()
     backward = time.perf_counter() - start
     print(f"marching_tets at 128: forward {forward:.2f} s, backward {backward:.2f} s, {faces.shape[0]} faces")
-    assert forward < 20.0 and backward < 20.0
+    assert faces.shape[0] > 0 and torch.isfinite(sdf.grad).all() and torch.isfinite(vertices.grad).all()
+    assert sdf.grad.abs().sum() > 0
 
 
 @pytest.mark.gpu

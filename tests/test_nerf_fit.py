@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -18,6 +19,7 @@ from refine.camera import transform_points
 from refine.rasterizer import rasterize
 from sv3d.cameras import explicit_orbit, static_orbit
 from sv3d.cli import main
+from sv3d.errors import InputError
 from sv3d.fit_nerf import FitNerfConfig, choose_level, fit_nerf, orbit_fingerprint
 from sv3d.render_orbit import RenderOrbitConfig, render_orbit
 from sv3d.testing.objects import write_test_object
@@ -607,6 +609,13 @@ def test_fit_nerf_resumes_after_an_interruption(orbit, tmp_path, monkeypatch):
         fit_nerf(orbit, out, config, progress=False)
     assert not (out / "mesh.ply").exists()  # nothing half-written: only the checkpoint
     monkeypatch.setattr(nerf.train, "_atomic_save", original)
+    # another occupancy hull changes what is sampled: that checkpoint is not resumed (it was, silently)
+    other = copy.deepcopy(config)
+    other.hull_dilate = config.hull_dilate + 1
+    with pytest.raises(InputError, match="checkpoint of another configuration"):
+        fit_nerf(orbit, out, other, progress=False)
+    first_seconds = torch.load(out / "checkpoint.pt", weights_only=True)["seconds"]
+    assert first_seconds > 0
     steps: list[int] = []
     real_fit = nerf.train.fit_field
 
@@ -619,6 +628,9 @@ def test_fit_nerf_resumes_after_an_interruption(orbit, tmp_path, monkeypatch):
     fit_nerf(orbit, out, config, progress=False)
     assert steps[0] == 21 and steps[-1] == TOY.steps  # resumed after the last checkpoint
     assert (out / "mesh.ply").is_file()
+    record = json.loads((out / "fit_nerf.json").read_text())
+    assert record["train_seconds"] > first_seconds  # both runs' training, not the resumed part's only
+    assert record["config"]["hull_dilate"] == config.hull_dilate and record["device"] == "cpu"
 
 
 @pytest.mark.gpu
@@ -851,3 +863,12 @@ def test_few_views_are_not_taken_for_an_object_too_large(orbit, tmp_path):
     sides = torch.stack([hull[0], hull[-1], hull[:, 0], hull[:, -1]]).float().mean()
     assert float(sides) > 0.05  # it fills the cube's sides ...
     assert not bool((hull & ~_ball_hull(pair.orbit.cameras(), 64, 0.55)).any())  # ... within the ball's
+
+
+def test_the_orbit_directory_is_not_an_output(orbit: Path):
+    """`fit-nerf orb -o orb --force` deleted the orbit's preview.mp4 (one of the stage's file names)."""
+    preview = orbit / "preview.mp4"
+    existed = preview.is_file()
+    with pytest.raises(InputError, match="is the orbit directory"):
+        fit_nerf(orbit, orbit, FitNerfConfig(train=TOY), force=True, progress=False)
+    assert preview.is_file() == existed

@@ -205,6 +205,30 @@ def test_texture_hits_texel_centres_and_wraps():
     assert torch.allclose(texture(tex, edge, boundary="clamp"), torch.tensor(3.0))
 
 
+def test_float32_gradients_match_float64():
+    """The refinement runs in float32; the gradient checks run in float64: the same scene's gradient of
+    antialias with respect to the positions (the silhouette crossings' arithmetic), float32 against
+    float64, on one rasterization (so both blend the same pixels)."""
+    verts, faces, pos64 = _small_scene(torch.float64)
+    res = 24
+    rast64 = rasterize(pos64, faces, res)
+    gen = torch.Generator().manual_seed(4)
+    attr64 = torch.rand(verts.shape[0], 3, generator=gen, dtype=torch.float64)
+    weights = torch.rand(pos64.shape[0], res, res, 3, generator=gen, dtype=torch.float64)
+    topo = edge_topology(faces)
+    grads = {}
+    for dtype in (torch.float64, torch.float32):
+        pos = pos64.to(dtype).requires_grad_(True)
+        rast = rast64.to(dtype)  # the same pixels for both: only the arithmetic's precision differs
+        color = interpolate(attr64.to(dtype), rast, faces)
+        blended = antialias(color, rast, pos, faces, topo)
+        (grads[dtype],) = torch.autograd.grad((blended * weights.to(dtype)).sum(), pos)
+    g32, g64 = grads[torch.float32].double(), grads[torch.float64]
+    assert g64.abs().sum() > 0
+    relative = float((g32 - g64).abs().max() / g64.abs().max())
+    assert relative <= 1e-3, relative
+
+
 def test_gradcheck_antialias():
     verts, faces, pos = _small_scene()
     res = 12
@@ -254,6 +278,36 @@ def test_antialiased_alpha_is_the_pixels_coverage(backend: str):
         assert error < 0.04 and error < 0.25 * unblended, (n_sides, angle, float(error), float(unblended))
         inner = coverage == 1
         assert torch.equal(alpha[inner], inside[inner])  # no blending across the fan's inner edges
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_antialiasing_where_one_surface_occludes_another(backend: str):
+    """Every pair above had the background on one side, so the depth test between two surfaces was never
+    exercised: a heptagon in front of a square (both drawn), the colour 1 on the front one and 0 on the
+    back one; at the heptagon's outline the blended colour is the share of the pixel it covers (16 x 16
+    supersampled), as at an outline against the background."""
+    if backend == "numba" and not _zbuffer_cpu.AVAILABLE:
+        pytest.skip("numba is not installed: only the torch path exists")
+    res, ss = 48, 16
+    back_pos, back_faces = _fan(4, 0.1)  # z 0.5, inradius 0.42
+    front_pos, front_faces = _fan(7, 0.3)
+    front_pos = front_pos.clone()
+    front_pos[..., :2] = front_pos[..., :2] * 0.5 + torch.tensor([0.05, 0.02])  # radius 0.3, inside
+    front_pos[..., 2] = 0.2  # nearer than the square
+    pos = torch.cat([back_pos, front_pos], dim=1)  # [1, 5 + 8, 4]
+    faces = torch.cat([back_faces, front_faces + back_pos.shape[1]])
+    n_back = back_faces.shape[0]
+
+    def front_share(rast: torch.Tensor) -> torch.Tensor:  # [1, H, W, 1]: 1 where the front fan is drawn
+        return (rast[..., 3:] > n_back).float()
+
+    rast = rasterize(pos, faces, res)
+    drawn = front_share(rast)
+    blended = antialias(drawn, rast, pos, faces, backend=backend)
+    fine = front_share(rasterize(pos, faces, res * ss)).reshape(1, res, ss, res, ss, 1).mean((2, 4))
+    edge = (fine > 0) & (fine < 1)
+    error, unblended = (blended - fine).abs()[edge].mean(), (drawn - fine).abs()[edge].mean()
+    assert error < 0.04 and error < 0.25 * unblended, (float(error), float(unblended))
 
 
 def test_bad_triangles_are_refused():
@@ -364,9 +418,17 @@ def test_render_mesh_colours_and_shading():
     # Straight RGBA: colour where covered, alpha from coverage.
     rgba = lit.rgba
     assert rgba.shape[-1] == 4 and torch.allclose(rgba[..., 3:], lit.alpha)
-    # Normals are unit length and face the camera.
+    # Normals are unit length, face the camera and are the smooth (vertex-interpolated) ones: on a sphere
+    # centred at the origin, the direction of the surface point (flat face normals are ~1.5 deg off)
     n = lit.normals[inside]
     assert torch.allclose(n.norm(dim=-1), torch.ones(n.shape[0]), atol=1e-4)
+    rast = rasterize(transform_points(verts, cams.world_to_clip()), faces, 48)
+    points = interpolate(verts, rast, faces)[inside]  # [P, 3] the visible surface points
+    radial = torch.nn.functional.normalize(points, dim=-1)
+    angle = torch.rad2deg(torch.acos((n * radial).sum(-1).clamp(-1.0, 1.0)))
+    assert angle.mean() < 0.5, angle.mean()
+    to_camera = cams.positions()[:, None, None, :].expand(-1, 48, 48, -1)[inside] - points
+    assert ((n * to_camera).sum(-1) > 0).all()
 
 
 def test_render_mesh_texture_and_vertex_colours():

@@ -47,6 +47,11 @@ def test_refine_writes_a_watertight_textured_mesh(scene, tmp_path: Path):
     welded = trimesh.Trimesh(reloaded.vertices, reloaded.faces, process=True)  # seams merged
     assert welded.is_watertight
     summary = json.loads((out / "refine.json").read_text())
+    import hashlib
+
+    assert summary["init"]["sha256"] == hashlib.sha256(scene["init"].read_bytes()).hexdigest()
+    assert summary["init"]["up"] == "auto" and summary["device"] == "cpu"
+    assert summary["refine_seconds"] == pytest.approx(sum(s.get("seconds", 0.0) for s in summary["starts"]))
     # Same place and size as the init (the orbit's world frame survives the glTF y-up round trip), but for
     # the floor cut: the hidden bottom is cut flat where every view sees the surface down to (at 48 pixels
     # a view's horizon on the blob is seen about 0.07 above its lowest point).
@@ -97,9 +102,56 @@ def test_settings_used_only_at_export_are_checked_up_front():
         (replace(config, bake=replace(b, supersample=1.5)), "supersample an integer in [1, 4]"),
         (replace(config, bake=replace(b, chunk_size=0)), "bake.chunk_size must be >= 1"),
         (replace(config, preview_resolution=0), "preview_resolution >= 8"),
+        # used in the refinement or its second start only (a traceback, or an error blaming the init)
+        (replace(config, refine=replace(config.refine, views_per_step=0)), "views_per_step must be >= 1"),
+        (replace(config, refine=replace(config.refine, sds_resolution=100)), "sds_resolution a multiple"),
+        (replace(config, cavity_thickness=0.0), "cavity_thickness and cavity_abort_ratio must be > 0"),
+        (replace(config, cavity_check=1.5), "cavity_check in [0, 1]"),
     ]:
         with pytest.raises(InputError, match=re.escape(message)):
             check_refine_stage_config(bad)
+
+
+def test_what_refine_would_refuse_late_or_delete_is_refused_first(scene, tmp_path, capsys, monkeypatch):
+    """--force into the init's own folder deleted the user's mesh.obj/.mtl/.png (the stage's names); --sds on
+    without a checkpoint failed after the signed distances; a fit-nerf folder without fit_nerf.json (an
+    interrupted fit: files of two runs) was taken as an init."""
+    import shutil
+
+    import sv3d.refine_stage
+
+    monkeypatch.setattr(sv3d.refine_stage, "mesh_sdf", lambda *a, **k: pytest.fail("signed distances ran"))
+    folder = tmp_path / "work"
+    folder.mkdir()
+    scene["placed"].export(folder / "mesh.obj")
+    before = (folder / "mesh.obj").read_bytes()
+    assert run(scene["orbit"], "--init", folder / "mesh.obj", "-o", folder, "--force", *TINY) == 2
+    assert "is the init's folder" in capsys.readouterr().err and (folder / "mesh.obj").read_bytes() == before
+    assert run(scene["orbit"], "--init", scene["init"], "-o", scene["orbit"], "--force", *TINY) == 2
+    assert "is the orbit directory" in capsys.readouterr().err
+    monkeypatch.delenv("SV3D_CHECKPOINT", raising=False)
+    assert run(scene["orbit"], "--init", scene["init"], "-o", tmp_path / "o", "--sds", "on", *TINY) == 2
+    assert "no SV3D checkpoint" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    unfinished = tmp_path / "nerf"
+    unfinished.mkdir()
+    shutil.copyfile(scene["init"], unfinished / "mesh.ply")  # mesh.ply written, fit_nerf.json not yet
+    assert run(scene["orbit"], "--init", unfinished, "-o", tmp_path / "o", *TINY) == 2
+    assert "unfinished fit-nerf output" in capsys.readouterr().err
+
+
+def test_a_vanished_surface_is_one_line(scene, tmp_path, capsys, monkeypatch):
+    """The refinement losing every face was a RuntimeError traceback."""
+    import sv3d.refine_stage
+    from refine.fit import SurfaceVanishedError
+
+    def vanished(*a, **k):
+        raise SurfaceVanishedError("step 3: the surface vanished (every SDF value is positive)")
+
+    monkeypatch.setattr(sv3d.refine_stage, "refine_surface", vanished)
+    assert run(scene["orbit"], "--init", scene["init"], "-o", tmp_path / "o", *TINY) == 2
+    err = capsys.readouterr().err.strip()
+    errors = [line for line in err.splitlines() if "error" in line]  # beside the progress bar
+    assert len(errors) == 1 and "the surface vanished" in errors[0] and "Traceback" not in err, err
 
 
 def test_bad_inits_fail_with_one_line(scene, tmp_path, capsys):
@@ -257,8 +309,9 @@ def test_the_sds_model_loads_in_the_devices_precision(tmp_path, monkeypatch, dev
     config = refine_stage.default_refine_config(torch.device("cpu"))
     config = dataclasses.replace(config, sds="on", checkpoint=str(checkpoint))
     frames = types.SimpleNamespace(orbit=static_orbit())  # SV3D's own cameras
+    plan = refine_stage._guidance_plan(frames, config, torch.device(device))
     with pytest.raises(Loaded):
-        refine_stage._guidance(frames, config, torch.device(device))
+        refine_stage._guidance(frames, config, torch.device(device), plan)
     assert seen["dtype"] == getattr(torch, dtype) and seen["device"] == torch.device(device)
     if device != "cpu":
         return
@@ -273,7 +326,12 @@ def test_the_sds_model_loads_in_the_devices_precision(tmp_path, monkeypatch, dev
     )
     config.refine.steps, config.refine.sds_fraction = 300, 0.2
     frames.images = torch.ones(21, 8, 8, 4)
-    refine_stage._guidance(frames, config, torch.device(device))
+    refine_stage._guidance(
+        frames,
+        config,
+        torch.device(device),
+        refine_stage._guidance_plan(frames, config, torch.device(device)),
+    )
     assert made["sds"].anneal_steps == 60
 
 
@@ -292,10 +350,12 @@ def test_sds_is_not_used_on_cameras_sv3d_does_not_know(tmp_path, monkeypatch, ca
     wide = types.SimpleNamespace(orbit=static_orbit())
     wide.orbit.fov_deg = 50.0  # another tool's lens
     auto = dataclasses.replace(config, sds="auto", checkpoint=str(checkpoint))
-    assert refine_stage._guidance(wide, auto, torch.device("cuda")) is None  # on by default there: skipped
+    assert (
+        refine_stage._guidance_plan(wide, auto, torch.device("cuda")) is None
+    )  # on there by default: skipped
     assert "no SDS" in capsys.readouterr().err
     with pytest.raises(InputError, match="field of view 50.0"):
-        refine_stage._guidance(wide, dataclasses.replace(auto, sds="on"), torch.device("cpu"))
+        refine_stage._guidance_plan(wide, dataclasses.replace(auto, sds="on"), torch.device("cpu"))
     on = dataclasses.replace(auto, sds="on")
     far, few = static_orbit(), static_orbit(num_frames=5)
     far.radius = 3.0
@@ -303,7 +363,7 @@ def test_sds_is_not_used_on_cameras_sv3d_does_not_know(tmp_path, monkeypatch, ca
     rolled.c2w_matrices = rolled.c2w().to(torch.float64)
     for orbit, fragment in ((far, "camera distance 3.00"), (few, "5 frames"), (rolled, "look-at")):
         with pytest.raises(InputError, match=fragment):
-            refine_stage._guidance(types.SimpleNamespace(orbit=orbit), on, torch.device("cpu"))
+            refine_stage._guidance_plan(types.SimpleNamespace(orbit=orbit), on, torch.device("cpu"))
 
 
 def test_score_glb_reports_the_exported_textures_psnr(scene, tmp_path):

@@ -138,10 +138,10 @@ def test_rejects_bad_arguments(resolution, bound):
 
 
 @pytest.mark.slow
-def test_resolution_128_generation_time():
+def test_resolution_128_generation():
+    """The CUDA default's grid is generated in full (the time is printed, not asserted: a benchmark)."""
     start = time.perf_counter()
     grid = tet_grid(128, cache=False)
     seconds = time.perf_counter() - start
     print(f"tet_grid(128): {seconds:.2f} s, {grid.tets.shape[0]} tets")
-    assert grid.tets.shape == (6 * 128**3, 4)
-    assert seconds < 30.0
+    assert grid.tets.shape == (6 * 128**3, 4) and grid.vertices.shape == (129**3, 3)
