@@ -309,19 +309,16 @@ def record_job_overrides(cfg: Any, job_dir: Path) -> None:
     as Hydra does in its sweep folders, so that `evaluate.py --aggregate OUTPUT` finds its columns. Called
     once the job's results are written: a job refused for another run's folder leaves its labels as they
     were."""
-    import os
-    import tempfile
-
     import yaml
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
+
+    from .fit_nerf import _atomic
 
     hydra_cfg = HydraConfig.get()
     if not cfg.output or hydra_cfg.mode != RunMode.MULTIRUN:
         return  # Hydra's own run and sweep folders hold .hydra/ already
     folder = Path(job_dir) / ".hydra"
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".overrides.", suffix=".yaml", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        f.write(yaml.safe_dump(list(hydra_cfg.overrides.task)))
-    os.replace(tmp, folder / "overrides.yaml")
+    text = yaml.safe_dump(list(hydra_cfg.overrides.task))
+    _atomic(folder / "overrides.yaml", lambda p: p.write_text(text))

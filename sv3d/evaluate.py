@@ -308,6 +308,11 @@ def _score(pred_path: Path, gt, config: EvalConfig) -> dict:
     return _protocol(pred, gt, config)
 
 
+def _error_line(exc: BaseException) -> str:
+    """ "Type: first line of the message" of a failure recorded beside the figures."""
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}".rstrip(": ")
+
+
 def _baseline(name: str, score: Callable[[], dict]) -> dict:
     """A comparison mesh's metrics, or {"error": ...} when it cannot be scored (an empty NeRF mesh, masks
     that carve nothing): the object's final figures stand, this source is left out of its means."""
@@ -315,7 +320,7 @@ def _baseline(name: str, score: Callable[[], dict]) -> dict:
         return score()
     except InputError as exc:  # a mesh that cannot be scored; anything else (memory, a bug) fails the
         # object, which a rerun retries
-        return {"error": f"{name}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}".rstrip(": ")}
+        return {"error": f"{name}: {_error_line(exc)}"}
 
 
 def _in_ground_truth_frame(pred, config: EvalConfig):
@@ -492,7 +497,7 @@ def evaluate_dataset(
                 dataset / name / "meshes" / "model.obj", out / name, config, run, force, progress, fingerprint
             )
         except Exception as exc:  # noqa: BLE001 - any failure of one object is recorded, the batch goes on
-            message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+            message = _error_line(exc)
             (out / name).mkdir(parents=True, exist_ok=True)
             _atomic(out / name / ERROR_FILE, lambda p: p.write_text(traceback.format_exc()))
             if progress:

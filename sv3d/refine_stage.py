@@ -41,6 +41,7 @@ from .device import pick_device
 from .errors import InputError, out_of_memory
 from .evaluation.winding import build_face_tree, winding_numbers_fast
 from .fit_nerf import _atomic, orbit_fingerprint
+from .hashing import file_sha256
 from .meshio import load_trimesh
 from .video import write_video
 
@@ -346,11 +347,12 @@ def refine_stage(
         cameras = frames.orbit.cameras()
         preview = render_mesh(textured, cameras, config.preview_resolution, shading="unlit").image
     write_video(out / "preview.mp4", preview.clamp(0, 1).numpy())
+    init_file = init / "mesh.ply" if init.is_dir() else init  # the mesh refined (a fit-nerf folder's)
     summary = {
         "history": result.history,
         "refine_seconds": sum(s.get("seconds", 0.0) for s in starts),  # every start's, the chosen one's
         "chosen_start_seconds": result.seconds,
-        "init": {"path": str(init.resolve()), "sha256": _init_sha256(init), "up": init_up},
+        "init": {"path": str(init_file.resolve()), "sha256": file_sha256(init_file), "up": init_up},
         "device": str(device),
         "sds_checkpoint": None if plan is None else str(plan.checkpoint),
         "sds_dtype": None if plan is None else str(plan.dtype).removeprefix("torch."),
@@ -373,18 +375,6 @@ def _check_not_an_input(out: Path, orbit_dir: Path, init: Path) -> None:
     for what, folder in (("the orbit directory", orbit_dir), ("the init's folder", init_folder)):
         if out.exists() and folder.exists() and out.resolve() == folder.resolve():
             raise InputError(f"{out}: is {what}; write the refinement into a folder of its own")
-
-
-def _init_sha256(init: Path) -> str:
-    """sha256 of the init mesh file (a fit-nerf output's mesh.ply)."""
-    import hashlib
-
-    path = init / "mesh.ply" if init.is_dir() else init
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _Abandoned(Exception):

@@ -44,6 +44,7 @@ from .fit_nerf import (
     orbit_fingerprint,
     render_views,
 )
+from .hashing import file_sha256
 from .orbit import OrbitConfig, check_checkpoint, check_cpu_budget, generate_orbit, resolve_checkpoint
 from .refine_stage import RefineStageConfig, check_refine_stage_config, default_refine_config, refine_stage
 from .video import write_video
@@ -66,7 +67,6 @@ __all__ = [
 RUN_FILE = "run.json"
 RUN_FORMAT = 1  # bump when run.json's layout changes
 STAGES = ("orbit", "nerf", "consistency", "refine", "export")
-OWNED = ("orbit", "nerf", "refine", "mesh.glb", "turntable.mp4", RUN_FILE)  # what --force may remove
 # What each stage writes: a stage that runs again starts from none of them.
 STAGE_FILES = {
     "orbit": ("orbit",),
@@ -75,6 +75,7 @@ STAGE_FILES = {
     "refine": ("refine",),
     "export": ("mesh.glb", "turntable.mp4"),
 }
+OWNED = (*(name for names in STAGE_FILES.values() for name in names), RUN_FILE)  # what --force may remove
 # The entries of a run's identity (its source and config) that each stage's result depends on, beside
 # what the stages before it made: a changed entry redoes that stage and the ones after it (--force). Any
 # other entry (the source, seed, device, one this list does not know) redoes the whole run.
@@ -95,7 +96,6 @@ _NOT_IDENTITY = (("orbit", "progress"), ("orbit", "offload"), ("orbit", "allow_c
 _EXPORT_ONLY = ("turntable_frames", "turntable_resolution", "turntable_elevation_deg", "turntable_fps")
 _NOT_IDENTITY += tuple((key,) for key in (*_EXPORT_ONLY, "consistency_threshold_db"))
 _DISK_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-_HASH_CHUNK = 1 << 24  # 16 MiB reads: a 9 GB checkpoint hashes in constant memory
 
 
 class InconsistentOrbitError(Sv3dError):
@@ -164,7 +164,7 @@ def run_image_to_mesh(
     if pick_device(config.orbit.device if config.orbit.device != "auto" else config.device).type == "cpu":
         check_cpu_budget(unet_params, config.orbit)
     config.orbit.checkpoint = str(checkpoint.resolve())  # $SV3D_CHECKPOINT recorded as the path it named
-    source = {"kind": "image", "image": str(image.resolve()), "image_sha256": _file_sha256(image)}
+    source = {"kind": "image", "image": str(image.resolve()), "image_sha256": file_sha256(image)}
     return _run(source, Path(output_dir), config, checkpoint, force, progress)
 
 
@@ -731,14 +731,6 @@ def _versions() -> dict[str, str | None]:
     return found
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def checkpoint_identity(path: Path, previous: dict | None = None) -> dict:
     """{"path", "sha256", "method", ...} of a checkpoint; reuses `previous` while size and mtime match.
 
@@ -762,7 +754,7 @@ def checkpoint_identity(path: Path, previous: dict | None = None) -> dict:
     key = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     if previous and all(previous.get(k) == v for k, v in key.items()) and previous.get("sha256"):
         return previous
-    return {**key, "sha256": _file_sha256(path), "method": "file: sha256 of its bytes"}
+    return {**key, "sha256": file_sha256(path), "method": "file: sha256 of its bytes"}
 
 
 @contextmanager
