@@ -217,20 +217,20 @@ def checkpoint_hashes(run_config: RunConfig, mode: str, cached: dict | None = No
     and the SDS guidance's (unless SDS is off). `cached` (a previous result) spares rehashing a file whose
     size and mtime are unchanged."""
     from .device import pick_device
-    from .run import checkpoint_identity
+    from .refine_stage import sds_wanted
+    from .run import _resolve_configs, checkpoint_identity
 
     cached = cached if isinstance(cached, dict) else {}
     paths: dict[str, Path] = {}
     if mode == "generated" and run_config.orbit.checkpoint:
         paths["orbit"] = Path(run_config.orbit.checkpoint).expanduser().resolve()
-    # SDS as the run resolves it (run._resolve_configs, refine_stage._guidance): the refinement's own
-    # checkpoint, else the orbit's, else $SV3D_CHECKPOINT with --sds on; "auto" guides on CUDA only
-    refine = run_config.refine
-    device = pick_device(refine.device if refine.device != "auto" else run_config.device)
-    wanted = refine.sds == "on" or (refine.sds == "auto" and device.type == "cuda")
-    sds = refine.checkpoint or run_config.orbit.checkpoint
-    sds = sds or (os.environ.get("SV3D_CHECKPOINT") if refine.sds == "on" else None)
-    if wanted and sds and Path(sds).expanduser().exists():
+    # SDS as the run resolves it: the refinement's checkpoint (the orbit's when it names none), or
+    # $SV3D_CHECKPOINT with --sds on (resolve_checkpoint)
+    resolved_run = copy.deepcopy(run_config)
+    _resolve_configs(resolved_run, pick_device(resolved_run.device))
+    refine = resolved_run.refine
+    sds = refine.checkpoint or (os.environ.get("SV3D_CHECKPOINT") if refine.sds == "on" else None)
+    if sds_wanted(refine, pick_device(refine.device)) and sds and Path(sds).expanduser().exists():
         resolved = Path(sds).expanduser().resolve()
         if resolved not in paths.values():  # the orbit's model guides too: hashed once
             paths["sds"] = resolved

@@ -106,14 +106,18 @@ def check_checkpoint(path: Path, orbit: OrbitConfig | None = None) -> int | None
     Returns the UNet's parameter count (None for a diffusers folder, whose weights are not opened here).
     """
     from .model.checkpoint import COMPONENT_PREFIXES, read_checkpoint, split_components
+    from .model.pipeline import check_sgm_config
 
     prefix = COMPONENT_PREFIXES["unet"]
+    sgm_config = Path(orbit.sgm_config) if orbit is not None and orbit.sgm_config else None
     if path.is_dir():
         from .model.pipeline import read_folder_variant
 
         variant = read_folder_variant(path)
         if orbit is not None:
             _orbit_for(variant, orbit)
+        if sgm_config is not None:
+            check_sgm_config(sgm_config)
         return None
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
@@ -133,12 +137,8 @@ def check_checkpoint(path: Path, orbit: OrbitConfig | None = None) -> int | None
     state = split_components({k: torch.empty(shape, device="meta") for k, shape in shapes.items()}, path)
     if orbit is not None:
         _orbit_for(state.variant, orbit)
-        if orbit.sgm_config:  # a yaml of other sampling settings or camera-vector layout: refused now
-            from .model.pipeline import _head_widths_from_yaml, check_vector_layout
-
-            _head_widths_from_yaml(Path(orbit.sgm_config), 64, 80)
-            width = shapes[prefix + "label_emb.0.0.weight"][1]
-            check_vector_layout(Path(orbit.sgm_config), state.variant, width)
+        if sgm_config is not None:  # other sampling settings or camera-vector layout: refused now
+            check_sgm_config(sgm_config, state.variant, shapes[prefix + "label_emb.0.0.weight"][1])
     return int(sum(math.prod(shape) for k, shape in shapes.items() if k.startswith(prefix)))
 
 
@@ -146,7 +146,7 @@ def generate_orbit(
     image_path: str | Path, output_dir: str | Path, config: OrbitConfig | None = None, overwrite: bool = False
 ) -> Path:
     """Photo -> orbit directory (generated frames, cameras, preview.mp4). Returns the directory."""
-    from .model.pipeline import SV3DPipeline, estimate_cpu_seconds
+    from .model.pipeline import SV3DPipeline
     from .preprocess import preprocess_image
     from .video import write_video
 
@@ -181,15 +181,8 @@ def generate_orbit(
         checkpoint, device="cpu" if config.offload else device, dtype=dtype, sgm_config=config.sgm_config
     )
     orbit = _orbit_for(pipe.variant, config)
-    n_params = sum(p.numel() for p in pipe.unet.parameters())
-    if device.type == "cpu" and n_params > CPU_PARAM_LIMIT and not config.allow_cpu:
-        seconds = estimate_cpu_seconds(
-            n_params, config.resolution, config.resolution, len(orbit), config.steps
-        )
-        raise InputError(
-            f"no CUDA GPU: sampling this {n_params / 1e9:.1f} B-parameter UNet on the CPU would take "
-            f"about {seconds / 3600:.1f} h; pass --allow-cpu (Hydra: sv3d.allow_cpu=true) to run it anyway"
-        )
+    if device.type == "cpu" and unet_params is None:  # a diffusers folder: its size is known now
+        check_cpu_budget(sum(p.numel() for p in pipe.unet.parameters()), config)
     if config.offload:
         pipe.enable_cpu_offload(device)
 

@@ -473,6 +473,11 @@ def _unlike_sv3d(orbit) -> str | None:
     return None
 
 
+def sds_wanted(config: RefineStageConfig, device: torch.device) -> bool:
+    """Whether the refinement guides with SDS: "on", or "auto" with a checkpoint on CUDA."""
+    return config.sds == "on" or (config.sds == "auto" and bool(config.checkpoint) and device.type == "cuda")
+
+
 @dataclass
 class _GuidancePlan:
     """What the masked SDS will load, settled (and checked) before any work: checkpoint, dtype, config."""
@@ -485,10 +490,9 @@ class _GuidancePlan:
 def _guidance_plan(frames, config: RefineStageConfig, device: torch.device) -> _GuidancePlan | None:
     """None when no SDS runs ("auto" turns it on with a checkpoint on CUDA), else what it will load; every
     setting it needs is checked here, before the stage's first expensive step."""
-    wanted = config.sds == "on" or (config.sds == "auto" and config.checkpoint and device.type == "cuda")
     if config.sds not in ("auto", "on", "off"):
         raise InputError(f"--sds must be auto, on or off, got {config.sds!r}")
-    if not wanted:
+    if not sds_wanted(config, device):
         return None
     foreign = _unlike_sv3d(frames.orbit)
     if foreign:  # SV3D conditions on angles alone: renders from other cameras would be pulled wrong

@@ -577,12 +577,10 @@ def _check_config(config: RunConfig, kind: str) -> None:
             raise InputError(f"--steps must be >= 1, got {o.steps}")
         if o.orbit not in (None, "static", "sine"):
             raise InputError(f"--orbit must be static or sine, got {o.orbit!r}")
-        from .model.pipeline import _head_widths_from_yaml
         from .orbit import _dtype
 
         _dtype(o.dtype, torch.device("cpu"))  # the name only: checked again on the real device
-        if o.sgm_config:
-            _head_widths_from_yaml(Path(o.sgm_config), 64, 80)
+        # (the sgm yaml is checked with the checkpoint: orbit.check_checkpoint)
     if config.nerf.train.steps < 1:
         raise InputError(f"--nerf-steps must be >= 1, got {config.nerf.train.steps}")
     if config.refine.refine.steps < 1:

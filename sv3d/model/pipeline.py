@@ -34,7 +34,14 @@ from .sampler import (
 from .unet import SV3DUNet, load_sv3d_unet
 from .vae import decode_frames, load_sv3d_vae
 
-__all__ = ["SV3DOutput", "SV3DPipeline", "check_vector_layout", "estimate_cpu_seconds", "read_folder_variant"]
+__all__ = [
+    "SV3DOutput",
+    "SV3DPipeline",
+    "check_sgm_config",
+    "check_vector_layout",
+    "estimate_cpu_seconds",
+    "read_folder_variant",
+]
 
 _CONFIG_FILE = "sv3d_pipeline.json"
 REFERENCE_SEED = 23  # the reference script's default seed
@@ -353,6 +360,15 @@ def _strict(loaded: tuple, where: Path) -> torch.nn.Module:
 
 _OPEN_CLIP_HEAD_WIDTH = 64  # open_clip's VisionCfg.head_width default
 _VECTOR_KEYS = ("cond_aug", "polars_rad", "azimuths_rad")  # the conditioner's vector embedders, in order
+
+
+def check_sgm_config(path: Path, variant: str | None = None, width: int | None = None) -> None:
+    """What loading with the sgm yaml `path` would refuse, checked before the weights load: an unreadable
+    file, sampling settings other than SV3D's, and (given the checkpoint's variant and camera-vector
+    width) another camera-vector layout."""
+    _head_widths_from_yaml(path, 64, 80)  # from_single_file's defaults: only the checks matter here
+    if variant is not None and width is not None:
+        check_vector_layout(path, variant, width)
 
 
 def check_vector_layout(path: Path, variant: str, width: int) -> None:
