@@ -405,6 +405,7 @@ def fit_field(
     use_estimator = config.sampler == "estimator" or (
         config.sampler == "auto" and config.proposal_samples == 0 and estimator_available(device)
     )
+    sampler_used = "estimator" if use_estimator else "uniform"
     torch.manual_seed(config.seed)
 
     # 2. Rays of every pixel of the (resized) frames, with their targets
@@ -469,6 +470,11 @@ def fit_field(
             raise ValueError(
                 f"{checkpoint_path}: checkpoint of another configuration; remove it or use --force"
             )
+        if state.get("sampler_used") != sampler_used:  # "auto" resolves by device: a CPU fit on CUDA
+            raise ValueError(
+                f"{checkpoint_path}: checkpoint trained with the {state.get('sampler_used')} sampler, this"
+                f" run samples with the {sampler_used} one (another device?); remove it or use --force"
+            )
         if state.get("data_sha256") != data_sha256:
             raise ValueError(
                 f"{checkpoint_path}: checkpoint of other frames or cameras; remove it or use --force"
@@ -499,6 +505,7 @@ def fit_field(
                     "estimator": estimator.state_dict() if estimator is not None else None,
                     "config": asdict(config),
                     "identity": identity or {},
+                    "sampler_used": sampler_used,
                     "seconds": earlier_seconds + time.perf_counter() - started,
                     "data_sha256": data_sha256,
                     "stop_pays": stop_pays,

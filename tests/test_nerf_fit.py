@@ -614,6 +614,14 @@ def test_fit_nerf_resumes_after_an_interruption(orbit, tmp_path, monkeypatch):
     other.hull_dilate = config.hull_dilate + 1
     with pytest.raises(InputError, match="checkpoint of another configuration"):
         fit_nerf(orbit, out, other, progress=False)
+    # nor one trained with the other sampler ("auto" is the estimator on CUDA, uniform on the CPU)
+    saved = (out / "checkpoint.pt").read_bytes()
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["sampler_used"] == "uniform"
+    torch.save({**state, "sampler_used": "estimator"}, out / "checkpoint.pt")
+    with pytest.raises(InputError, match="trained with the estimator sampler"):
+        fit_nerf(orbit, out, config, progress=False)
+    (out / "checkpoint.pt").write_bytes(saved)
     first_seconds = torch.load(out / "checkpoint.pt", weights_only=True)["seconds"]
     assert first_seconds > 0
     steps: list[int] = []
