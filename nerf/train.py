@@ -470,7 +470,9 @@ def fit_field(
             raise ValueError(
                 f"{checkpoint_path}: checkpoint of another configuration; remove it or use --force"
             )
-        if state.get("sampler_used") != sampler_used:  # "auto" resolves by device: a CPU fit on CUDA
+        if "sampler_used" not in state:
+            raise ValueError(f"{checkpoint_path}: checkpoint of an older version; remove it or use --force")
+        if state["sampler_used"] != sampler_used:  # "auto" resolves by device: a CPU fit on CUDA
             raise ValueError(
                 f"{checkpoint_path}: checkpoint trained with the {state.get('sampler_used')} sampler, this"
                 f" run samples with the {sampler_used} one (another device?); remove it or use --force"
