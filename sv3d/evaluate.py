@@ -230,7 +230,8 @@ def checkpoint_hashes(run_config: RunConfig, mode: str, cached: dict | None = No
     _resolve_configs(resolved_run, pick_device(resolved_run.device))
     refine = resolved_run.refine
     sds = refine.checkpoint or (os.environ.get("SV3D_CHECKPOINT") if refine.sds == "on" else None)
-    if sds_wanted(refine, pick_device(refine.device)) and sds and Path(sds).expanduser().exists():
+    wanted = sds_wanted(refine, pick_device(refine.device), rendered=mode == "oracle")  # oracle: GT renders
+    if wanted and sds and Path(sds).expanduser().exists():
         resolved = Path(sds).expanduser().resolve()
         if resolved not in paths.values():  # the orbit's model guides too: hashed once
             paths["sds"] = resolved

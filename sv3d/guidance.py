@@ -212,7 +212,9 @@ class SDSConfig:
     sigma_max: float = 10.0
     sigma_max_final: float = 2.0
     anneal_steps: int = 1000  # calls over which the upper bound moves; sv3d refine: its SDS phase's length
-    weighting: str = "x0"  # "x0": w = 1 (the SV3D authors' SDS code); "sds": DreamFusion's w = 1 - abar
+    # "x0": w = 1 (as the SV3D authors' code, whose loss compares the decoded denoised frames with the renders
+    # in RGB; ours compares latents); "sds": DreamFusion's w = 1 - abar
+    weighting: str = "x0"
     guidance_scale: float | None = None  # CFG; None: SV3D's per-frame triangle (1 -> 2.5 -> 1)
     mask: bool = True  # SV3D's masked SDS: only where the input view saw the surface poorly
     # Visible-from-input weight: smoothstep(mask_low, mask_high, n . d_in); mask = 1 - that. With (0, 0.5),
@@ -275,10 +277,22 @@ def visibility_mask(
     differ from d_in by at most ~15 degrees, and the mask is soft anyway.
     """
     d = input_view_dir.to(device=normals.device, dtype=normals.dtype)
-    facing = (normals.detach() * d).sum(dim=-1, keepdim=True)  # [V, H, W, 1] = n . d_in
+    n = normals.detach()
+    facing = (n * d).sum(dim=-1, keepdim=True)  # [V, H, W, 1] = n . d_in
     seen_poorly = 1.0 - smoothstep(low, high, facing)  # [V, H, W, 1]
+    # Antialiased silhouette pixels beside the covered ones have alpha > 0 but no normal (facing 0 would
+    # read as edge-on: weight 1 whatever the surface there): they take the mean weight of the covered
+    # pixels among their 3 x 3 neighbours.
+    covered = (n.abs().sum(dim=-1, keepdim=True) > 0).to(n.dtype)  # [V, H, W, 1]
+    beside = _mean_3x3(seen_poorly * covered) / _mean_3x3(covered).clamp(min=1e-6)  # 0 with none beside
+    seen_poorly = torch.where(covered > 0, seen_poorly, beside)
     a = alpha.detach().clamp(0.0, 1.0)
     return a * seen_poorly + (1.0 - a) * background
+
+
+def _mean_3x3(images: Tensor) -> Tensor:
+    """[V, H, W, C] -> the mean over each pixel's 3 x 3 neighbourhood (zeros beyond the border)."""
+    return F.avg_pool2d(images.permute(0, 3, 1, 2), 3, stride=1, padding=1).permute(0, 2, 3, 1)
 
 
 def input_view_direction(orbit: Orbit) -> Tensor:
@@ -310,6 +324,7 @@ class SDSGuidance:
         model: SDSModel,
         config: SDSConfig,
         input_view_dir: Tensor,  # [3] from the object towards the input camera (input_view_direction)
+        input_view_index: int | None = None,  # the renders' input view (SV3D's orbits: the last), None: none
     ) -> None:
         if not isinstance(model, SDSModel):
             raise ValueError(
@@ -330,7 +345,13 @@ class SDSGuidance:
         self.model = model
         self.config = config
         self.input_view_dir = d / d.norm()  # [3]
-        self.generator = torch.Generator("cpu").manual_seed(config.seed)
+        self.input_view_index = input_view_index
+        self.reset()
+
+    def reset(self) -> None:
+        """Start the sigma and noise draws and the call counter again (each refinement start gets the same
+        draws, so that starts compared with each other differ by their surfaces only)."""
+        self.generator = torch.Generator("cpu").manual_seed(self.config.seed)
         self.num_calls = 0
 
     def sigma_bounds(self, step: int) -> tuple[float, float]:
@@ -370,6 +391,9 @@ class SDSGuidance:
             mask = visibility_mask(
                 normals, alpha, self.input_view_dir, c.mask_low, c.mask_high, c.background_weight
             )  # [V, H, W, 1]
+            if self.input_view_index is not None:  # the input view saw everything its render shows
+                i = self.input_view_index
+                mask[i] = (1.0 - alpha[i].detach().clamp(0.0, 1.0)) * c.background_weight
         else:
             mask = torch.ones_like(alpha.detach())
 
@@ -458,7 +482,7 @@ def make_sv3d_guidance(
         seed=config.seed,
         cfg_batching=cfg_batching,
     )
-    return SDSGuidance(model, config, input_view_direction(orbit))
+    return SDSGuidance(model, config, input_view_direction(orbit), input_view_index=len(orbit) - 1)
 
 
 def _check_orbit_for(variant: str, orbit: Orbit) -> None:

@@ -118,6 +118,10 @@ def check_refine_stage_config(config: RefineStageConfig) -> None:
             f"refine: views_per_step must be >= 1 and sds_resolution a multiple of 8 (the VAE's factor), "
             f"got {r.views_per_step} and {r.sds_resolution}"
         )
+    weights = {k: v for k, v in vars(r).items() if k.startswith("lambda_")}
+    bad = {k: v for k, v in weights.items() if not (math.isfinite(v) and v >= 0)}
+    if bad:
+        raise InputError(f"refine: loss weights must be finite and >= 0, got {bad}")
     fractions = (config.cavity_min_fraction, config.cavity_gain, config.cavity_check)
     positive = config.cavity_thickness > 0 and config.cavity_abort_ratio > 0
     if not (positive and all(0 <= f <= 1 for f in fractions)):
@@ -407,6 +411,8 @@ def _refine_starts(
         return callback
 
     def run(name: str, sdf: torch.Tensor) -> tuple[RefineResult, dict]:
+        if guidance is not None:
+            guidance.reset()  # both starts get the same noise draws
         result = refine_surface(
             frames.images, cameras, sdf, config.refine, guidance, device, progress(name), floor_height=floor
         )
@@ -473,9 +479,12 @@ def _unlike_sv3d(orbit) -> str | None:
     return None
 
 
-def sds_wanted(config: RefineStageConfig, device: torch.device) -> bool:
-    """Whether the refinement guides with SDS: "on", or "auto" with a checkpoint on CUDA."""
-    return config.sds == "on" or (config.sds == "auto" and bool(config.checkpoint) and device.type == "cuda")
+def sds_wanted(config: RefineStageConfig, device: torch.device, rendered: bool = False) -> bool:
+    """Whether the refinement guides with SDS: "on", or "auto" with a checkpoint on CUDA for frames that are
+    not ground-truth renders (`rendered`: an oracle orbit, `alpha_source` "render": SDS would pull true
+    frames towards the model's guess)."""
+    auto = config.sds == "auto" and bool(config.checkpoint) and device.type == "cuda" and not rendered
+    return config.sds == "on" or auto
 
 
 @dataclass
@@ -492,7 +501,12 @@ def _guidance_plan(frames, config: RefineStageConfig, device: torch.device) -> _
     setting it needs is checked here, before the stage's first expensive step."""
     if config.sds not in ("auto", "on", "off"):
         raise InputError(f"--sds must be auto, on or off, got {config.sds!r}")
-    if not sds_wanted(config, device):
+    if not sds_wanted(config, device, rendered=frames.alpha_source == "render"):
+        if sds_wanted(config, device):
+            print(
+                "sv3d: note: no SDS: the frames are ground-truth renders (--sds on guides them)",
+                file=sys.stderr,
+            )
         return None
     foreign = _unlike_sv3d(frames.orbit)
     if foreign:  # SV3D conditions on angles alone: renders from other cameras would be pulled wrong
@@ -507,7 +521,9 @@ def _guidance_plan(frames, config: RefineStageConfig, device: torch.device) -> _
     dtype = _dtype(config.dtype, device)  # as the orbit stage: auto is bfloat16 on CUDA (the VAE float32)
     try:  # the noise bound anneals over the SDS phase as it really is (the last sds_fraction of the steps)
         sds = SDSConfig(
-            resolution=config.refine.sds_resolution, anneal_steps=max(sds_phase_steps(config.refine), 1)
+            resolution=config.refine.sds_resolution,
+            anneal_steps=max(sds_phase_steps(config.refine), 1),
+            seed=config.refine.seed,  # the refinement's seed draws the noise too
         )
     except ValueError as exc:
         raise InputError(f"refine SDS: {exc}") from None

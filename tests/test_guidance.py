@@ -108,6 +108,47 @@ def test_mask_is_zero_facing_the_input_camera_and_one_facing_away():
     assert torch.allclose(mask, expected, atol=1e-6), mask
 
 
+def test_silhouette_pixels_beside_the_surface_take_their_neighbours_weight():
+    """An antialiased pixel just outside the rasterized surface has alpha > 0 but no normal: it read as
+    edge-on (weight 1 x alpha), so the outline the input camera sees head-on got full SDS."""
+    d = torch.tensor([0.0, 0.0, 1.0])
+    normals = torch.zeros(1, 3, 4, 3)
+    normals[0, :, :2] = d  # columns 0-1 covered, facing the input camera (weight 0)
+    normals[0, 1, 0] = -d  # one covered pixel facing away (weight 1)
+    alpha = torch.zeros(1, 3, 4, 1)
+    alpha[0, :, :2] = 1.0
+    alpha[0, :, 2] = 0.4  # the antialiased band beside them, not covered; column 3 empty
+    mask = visibility_mask(normals, alpha, d)[0, ..., 0]  # [3, 4]
+    # band pixel (row r, column 2): the mean weight of the covered pixels among its neighbours (column 1
+    # only, all facing: 0) times its alpha; covered pixels keep their own weight
+    assert torch.equal(mask[:, 2], torch.zeros(3)) and torch.equal(mask[:, 3], torch.zeros(3))
+    assert mask[1, 0] == 1.0 and mask[0, 0] == 0.0
+    normals[0, :, 1] = -d  # the covered column beside the band faces away: the band gets 1 x alpha
+    mask = visibility_mask(normals, alpha, d)[0, ..., 0]
+    assert torch.allclose(mask[:, 2], torch.full((3,), 0.4))
+
+
+def test_the_input_view_gets_no_sds_and_reset_repeats_the_draws():
+    """The input view saw everything its render shows (its outline too, which the normals call edge-on);
+    each refinement start (reset) draws the same sigmas and noise."""
+    v, size = 3, 16
+    model = IdentityModel(torch.zeros(v, 3, size, size), size)
+    d = torch.tensor([0.0, 1.0, 0.0])
+    config = SDSConfig(resolution=size, mask=True)
+    guidance = SDSGuidance(model, config, d, input_view_index=v - 1)
+    images = torch.full((v, size, size, 3), 0.75, requires_grad=True)
+    normals = (-d).expand(v, size, size, 3).clone()  # facing away from the input camera: weight 1
+    out = guidance(images, torch.ones(v, size, size, 1), normals)
+    out["loss_sds"].backward()
+    assert float(images.grad[-1].abs().max()) == 0.0  # the input view: nothing
+    assert float(images.grad[:-1].abs().min()) > 0.0  # the others: everywhere
+    first = [float(guidance(images, torch.ones(v, size, size, 1), normals)["sigma"]) for _ in range(3)]
+    guidance.reset()
+    assert guidance.num_calls == 0
+    assert float(guidance(images, torch.ones(v, size, size, 1), normals)["sigma"]) == float(out["sigma"])
+    assert first[0] != float(out["sigma"])
+
+
 def test_mask_on_a_rendered_sphere_from_the_input_view_and_behind_it():
     orbit = static_orbit(0.0, 30.0, num_frames=2)  # frame 0 at a_in + 180 (exactly behind), frame 1 the input
     vertices, faces = icosphere(3)

@@ -267,6 +267,7 @@ def test_sds_alone_converges_to_the_target_shape_and_colours():
         lambda_sdf_sign=0.0,
         sds_fraction=1.0,
         sds_resolution=RES,
+        lambda_sds=1.0,  # the only loss here (the default balances it against the frames)
         lr_sdf=5e-3,
     )
     images = torch.zeros(views, RES, RES, 4)  # not used: the reconstruction losses are off

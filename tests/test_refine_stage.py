@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import types
 from pathlib import Path
@@ -107,6 +108,8 @@ def test_settings_used_only_at_export_are_checked_up_front():
         (replace(config, refine=replace(config.refine, sds_resolution=100)), "sds_resolution a multiple"),
         (replace(config, cavity_thickness=0.0), "cavity_thickness and cavity_abort_ratio must be > 0"),
         (replace(config, cavity_check=1.5), "cavity_check in [0, 1]"),
+        (replace(config, refine=replace(config.refine, lambda_sds=-1.0)), "{'lambda_sds': -1.0}"),
+        (replace(config, refine=replace(config.refine, lambda_rgb=math.nan)), "{'lambda_rgb': nan}"),
     ]:
         with pytest.raises(InputError, match=re.escape(message)):
             check_refine_stage_config(bad)
@@ -308,7 +311,7 @@ def test_the_sds_model_loads_in_the_devices_precision(tmp_path, monkeypatch, dev
     checkpoint.write_bytes(b"not read")
     config = refine_stage.default_refine_config(torch.device("cpu"))
     config = dataclasses.replace(config, sds="on", checkpoint=str(checkpoint))
-    frames = types.SimpleNamespace(orbit=static_orbit())  # SV3D's own cameras
+    frames = types.SimpleNamespace(orbit=static_orbit(), alpha_source="matting")  # SV3D's own cameras
     plan = refine_stage._guidance_plan(frames, config, torch.device(device))
     with pytest.raises(Loaded):
         refine_stage._guidance(frames, config, torch.device(device), plan)
@@ -332,7 +335,7 @@ def test_the_sds_model_loads_in_the_devices_precision(tmp_path, monkeypatch, dev
         torch.device(device),
         refine_stage._guidance_plan(frames, config, torch.device(device)),
     )
-    assert made["sds"].anneal_steps == 60
+    assert made["sds"].anneal_steps == 60 and made["sds"].seed == config.refine.seed
 
 
 def test_sds_is_not_used_on_cameras_sv3d_does_not_know(tmp_path, monkeypatch, capsys):
@@ -347,13 +350,22 @@ def test_sds_is_not_used_on_cameras_sv3d_does_not_know(tmp_path, monkeypatch, ca
     checkpoint = tmp_path / "model.safetensors"
     checkpoint.write_bytes(b"not read")
     config = refine_stage.default_refine_config(torch.device("cpu"))
-    wide = types.SimpleNamespace(orbit=static_orbit())
+    wide = types.SimpleNamespace(orbit=static_orbit(), alpha_source="matting")
     wide.orbit.fov_deg = 50.0  # another tool's lens
     auto = dataclasses.replace(config, sds="auto", checkpoint=str(checkpoint))
     assert (
         refine_stage._guidance_plan(wide, auto, torch.device("cuda")) is None
     )  # on there by default: skipped
     assert "no SDS" in capsys.readouterr().err
+    # ground-truth renders (an oracle orbit) are not pulled towards the model's guess unless asked
+    truth = types.SimpleNamespace(orbit=static_orbit(), alpha_source="render")
+    assert refine_stage._guidance_plan(truth, auto, torch.device("cuda")) is None
+    assert "ground-truth renders" in capsys.readouterr().err
+    assert not refine_stage.sds_wanted(auto, torch.device("cuda"), rendered=True)
+    assert refine_stage.sds_wanted(auto, torch.device("cuda")) and not refine_stage.sds_wanted(
+        auto, torch.device("cpu")
+    )
+    assert refine_stage.sds_wanted(dataclasses.replace(auto, sds="on"), torch.device("cpu"), rendered=True)
     with pytest.raises(InputError, match="field of view 50.0"):
         refine_stage._guidance_plan(wide, dataclasses.replace(auto, sds="on"), torch.device("cpu"))
     on = dataclasses.replace(auto, sds="on")
@@ -363,7 +375,9 @@ def test_sds_is_not_used_on_cameras_sv3d_does_not_know(tmp_path, monkeypatch, ca
     rolled.c2w_matrices = rolled.c2w().to(torch.float64)
     for orbit, fragment in ((far, "camera distance 3.00"), (few, "5 frames"), (rolled, "look-at")):
         with pytest.raises(InputError, match=fragment):
-            refine_stage._guidance_plan(types.SimpleNamespace(orbit=orbit), on, torch.device("cpu"))
+            refine_stage._guidance_plan(
+                types.SimpleNamespace(orbit=orbit, alpha_source="matting"), on, torch.device("cpu")
+            )
 
 
 def test_score_glb_reports_the_exported_textures_psnr(scene, tmp_path):
