@@ -18,6 +18,7 @@ from skimage import measure
 __all__ = [
     "ExtractConfig",
     "clear_below",
+    "cut_floor",
     "density_grid",
     "extract_mesh",
     "fill_cavities",
@@ -96,6 +97,13 @@ def clear_below(grid: np.ndarray, bound: float, height: float) -> np.ndarray:
     cleared = grid.copy()
     cleared[:, :, z < height] = 0.0
     return cleared
+
+
+def cut_floor(grid: np.ndarray, bound: float, level: float, height: float) -> np.ndarray:
+    """[R, R, R] densities (a copy) with the enclosed inside filled (`fill_cavities`), then every cell under
+    z = `height` emptied (`clear_below`). In that order: a cut through a soft shell's low interior opens it
+    at the bottom, and no filling afterwards closes it again (a double-walled shell open underneath)."""
+    return clear_below(fill_cavities(grid, level), bound, height)
 
 
 def surface(

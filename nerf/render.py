@@ -432,13 +432,15 @@ def update_estimator(
     n_samples: int,  # as given to `render_rays`, to turn density into per-step opacity
     occ_thre: float = 0.01,  # a cell is empty below this opacity over one step (instant-ngp)
     every: int = 16,  # refresh period in steps (instant-ngp: 16)
+    chunk: int = 1 << 18,  # points a density call: the warm-up refresh asks for every cell at once (128³:
+    # 2.1M points, some 16 GB of hash-grid temporaries on CUDA; 256³: 8x that)
 ) -> None:
     """Refresh the occupancy grid from the field's density (in place); call once per training step."""
     aabb = estimator.aabbs[0]
     step_size = float((aabb[3:] - aabb[:3]).norm()) / n_samples / 3**0.5
 
-    def occ_eval_fn(x: Tensor) -> Tensor:
-        return density_fn(x) * step_size  # [N] ~ opacity over one marching step
+    def occ_eval_fn(x: Tensor) -> Tensor:  # [N, 3] -> [N] ~ opacity over one marching step
+        return torch.cat([density_fn(part) for part in x.split(chunk)]) * step_size
 
     estimator.update_every_n_steps(step=step, occ_eval_fn=occ_eval_fn, occ_thre=occ_thre, n=every)
 

@@ -233,6 +233,10 @@ def _check_train_config(config: TrainConfig) -> None:
             f"color_smooth_jitter and color_smooth_cap must be > 0, got {config.color_smooth_jitter} and "
             f"{config.color_smooth_cap}"
         )
+    if config.sampler not in ("auto", "estimator", "uniform"):
+        raise ValueError(f"sampler must be auto, estimator or uniform, got {config.sampler!r}")
+    if config.estimator_resolution < 1:
+        raise ValueError(f"estimator_resolution must be >= 1, got {config.estimator_resolution}")
     if config.proposal_samples < 0:
         raise ValueError(f"proposal_samples must be >= 0, got {config.proposal_samples}")
     if config.sampler == "estimator" and config.proposal_samples > 0:

@@ -367,6 +367,11 @@ def _optimise(
         if progress is not None:
             progress(step + 1, record)
     seconds = time.perf_counter() - started
+    with torch.no_grad():  # the last step's update may have emptied it: no step after it would say so
+        if geometry.extract()[1].shape[0] == 0:
+            raise SurfaceVanishedError(
+                f"step {config.steps}: the surface vanished (every SDF value is positive)"
+            )
     return RefineResult(geometry=geometry, color=color.eval(), history=history, seconds=seconds, floor=floor)
 
 
@@ -392,5 +397,6 @@ def _keep_above(geometry: DMTetGeometry, height: float) -> None:
     """Project the surface above the floor after a step (what a step moved under it is cut)."""
     try:
         geometry.cut_below(height)
-    except ValueError:  # the whole surface went under it in one step: leave it to the vanishing check
-        pass
+    except ValueError:  # the whole surface went under it in one step (cut_below changed nothing): left
+        # as it was, the floor would be off for every later step while refine.json reports it applied
+        raise SurfaceVanishedError(f"the surface sank below the floor cut at z = {height:.4g}") from None

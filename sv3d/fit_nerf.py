@@ -23,7 +23,7 @@ import trimesh
 from nerf.encoding import HashGridConfig
 from nerf.extract import (
     ExtractConfig,
-    clear_below,
+    cut_floor,
     density_grid,
     extract_mesh,
     fill_cavities,
@@ -47,6 +47,7 @@ from .video import write_video
 __all__ = [
     "FitNerfConfig",
     "check_fit_config",
+    "check_sampler",
     "choose_level",
     "default_fit_config",
     "fit_nerf",
@@ -133,6 +134,18 @@ def check_fit_config(config: FitNerfConfig) -> None:
         raise InputError(
             f"level_mask_resolution must be >= 8, extract.chunk >= 1 and extract.min_component in [0, 1), "
             f"got {config.level_mask_resolution}, {e.chunk} and {e.min_component}"
+        )
+
+
+def check_sampler(config: FitNerfConfig, device: torch.device) -> None:
+    """A one-line InputError, before anything is made, when sampler "estimator" cannot run on `device`
+    (it needs CUDA and nerfacc's CUDA extension; "auto" falls back to the uniform sampler instead)."""
+    from nerf.render import estimator_available
+
+    if config.train.sampler == "estimator" and not estimator_available(device):
+        raise InputError(
+            f"NeRF sampler 'estimator' needs CUDA and nerfacc's CUDA extension, not available on {device}; "
+            "use sampler auto or uniform"
         )
 
 
@@ -286,6 +299,7 @@ def fit_nerf(
     device = pick_device(config.device if config else "auto")
     config = config or default_fit_config(device)
     check_fit_config(config)
+    check_sampler(config, device)
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory")
@@ -369,6 +383,11 @@ def fit_nerf(
     level_ious: dict[float, float] = {}
     level_areas: dict[float, float] = {}
     size = min(config.level_mask_resolution, frames.images.shape[1])
+    if not config.level_candidates and not grid.max() > level > grid.min():  # a fixed level
+        raise InputError(
+            f"the fitted density never crosses extract.level {level} (range {grid.min():.3g} to "
+            f"{grid.max():.3g}): the field is empty or solid at that level"
+        )
     if config.level_candidates:
         alpha = frames.images[..., 3][:, None]  # [V, 1, H, W]
         masks = torch.nn.functional.interpolate(alpha, size=(size, size), mode="area")[:, 0] > 0.5
@@ -389,7 +408,7 @@ def fit_nerf(
         faces = torch.as_tensor(np.asarray(seen.faces), dtype=torch.int64)  # [F, 3]
         floor = seen_floor_height(vertices, faces, frames.orbit.cameras(), size)
         if floor is not None:  # no view sees the surface: nothing is known to cut
-            grid = clear_below(grid, bound, floor)
+            grid = cut_floor(grid, bound, level, floor)
     mesh = extract_mesh(result.field, grid, bound, config.extract, level=level)
     _atomic(out / "mesh.ply", lambda p: mesh.export(p, file_type="ply"))
     # The grid mesh.ply was made from: floor cut, cavities filled (the floating parts the mesh drops stay).

@@ -39,6 +39,7 @@ from .fit_nerf import (
     FitNerfConfig,
     _atomic,
     check_fit_config,
+    check_sampler,
     default_fit_config,
     fit_nerf,
     orbit_fingerprint,
@@ -200,6 +201,7 @@ def _run(
     device = pick_device(config.device)
     _resolve_configs(config, device)
     _check_config(config, source["kind"])
+    check_sampler(config.nerf, pick_device(config.nerf.device))  # before the orbit stage's minutes
     identity = {"source": source, "config": _identity(config)}
     # The weights first: a file replaced at the same path makes every stage stale, whatever else changed
     made = _read_record(out).get("checkpoint")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -442,6 +443,26 @@ def test_clear_below_empties_exactly_the_cells_under_the_height():
     np.testing.assert_array_equal(clear_below(grid, 1.0, -2.0), grid)  # under the grid: nothing cut
 
 
+def test_the_floor_cut_keeps_a_soft_shell_closed():
+    """A fit's inside is often a low pocket inside a dense shell: cut first and filled after, the cut opened
+    the shell at the bottom and the mesh became a double-walled shell, open underneath (and its volume
+    about nothing); filled first, it is a solid with a flat bottom."""
+    from nerf.extract import cut_floor
+
+    res, bound, level = 48, 0.55, 10.0
+    c = (np.arange(res) + 0.5) / res * 2 * bound - bound
+    r = np.sqrt(sum(g**2 for g in np.meshgrid(c, c, c, indexing="ij")))
+    shell = np.where((r < 0.4) & (r > 0.3), 50.0, 1.0).astype(np.float32)  # interior density 1 < level
+    cut = surface(cut_floor(shell, bound, level, -0.2), bound, level)
+    assert cut.is_watertight and len(cut.split(only_watertight=False)) == 1
+    # the solid ball of radius 0.4 below z = -0.2 removed: volume of the rest, to the grid's rounding
+    cap = math.pi * 0.2**2 * (3 * 0.4 - 0.2) / 3  # the cap of height 0.2 under z = -0.2
+    assert abs(cut.volume - (4 / 3 * math.pi * 0.4**3 - cap)) < 0.08 * cut.volume
+    opened = surface(clear_below(shell, bound, -0.2), bound, level)  # the old order
+    # measured: area 2.91 against 2.08 (the inner wall too), volume 0.139 against 0.239 (hollow)
+    assert opened.area > 1.3 * cut.area and opened.volume < 0.7 * cut.volume
+
+
 def test_orbit_fingerprint_follows_the_frames_not_only_the_cameras(orbit: Path, tmp_path: Path):
     copy = Path(shutil.copytree(orbit, tmp_path / "copy"))
     assert orbit_fingerprint(copy) == orbit_fingerprint(orbit)
@@ -482,6 +503,10 @@ def test_fit_nerf_writes_its_files_and_refuses_bad_input(orbit: Path, tmp_path: 
     floor = json.loads((out / "fit_nerf.json").read_text())["floor_height"]
     assert -0.55 < floor < 0.55 and mesh.vertices[:, 2].min() > floor - 2 * 0.55 / 32
     assert (grid[:, :, (np.arange(32) + 0.5) / 32 * 1.1 - 0.55 < floor] == 0).all()
+    # Re-meshed at a fixed level the field never reaches: one line (it was a traceback after the training)
+    high = dataclasses.replace(config, extract=dataclasses.replace(config.extract, level=1000.0))
+    with pytest.raises(InputError, match="never crosses extract.level 1000"):
+        fit_nerf(orbit, out, high, progress=False)
     # Bad input: a missing frame, a malformed transforms.json -> one line, nothing created.
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -687,6 +712,20 @@ def test_sampler_choice_is_checked(orbit: Path):
         fit_field(*args, replace(TOY, sampler="grid"), device="cpu")
     with pytest.raises(ValueError, match="proposal_samples needs sampler"):
         TrainConfig(sampler="estimator", proposal_samples=8)
+    with pytest.raises(ValueError, match="estimator_resolution must be >= 1"):
+        TrainConfig(estimator_resolution=0)
+
+
+def test_an_estimator_that_cannot_run_is_refused_before_anything_is_deleted(orbit: Path, tmp_path: Path):
+    """sampler 'estimator' on a CPU failed inside the training, after --force had deleted the previous fit
+    (and, in `sv3d run`, after the orbit stage's minutes)."""
+    out = tmp_path / "fit"
+    out.mkdir()
+    (out / "mesh.ply").write_text("the previous fit")
+    config = FitNerfConfig(train=dataclasses.replace(TOY, sampler="estimator"), device="cpu")
+    with pytest.raises(InputError, match="needs CUDA and nerfacc's CUDA extension"):
+        fit_nerf(orbit, out, config, force=True, progress=False)
+    assert (out / "mesh.ply").read_text() == "the previous fit"
 
 
 def test_auto_sampler_leaves_the_estimator_to_proposal_sampling(orbit: Path, monkeypatch):
@@ -880,3 +919,23 @@ def test_the_orbit_directory_is_not_an_output(orbit: Path):
     with pytest.raises(InputError, match="is the orbit directory"):
         fit_nerf(orbit, orbit, FitNerfConfig(train=TOY), force=True, progress=False)
     assert preview.is_file() == existed
+
+
+def test_the_occupancy_refresh_asks_for_densities_in_chunks():
+    """During warm-up nerfacc refreshes every cell in one density call (2.1M points at 128³): the hash
+    grid's temporaries then need some 16 GB on CUDA. The refresh is chunked; its result is the same."""
+    from nerf.render import make_estimator, update_estimator
+
+    def ball(x: torch.Tensor) -> torch.Tensor:  # density 100 inside radius 0.3
+        sizes.append(x.shape[0])
+        return torch.where(x.norm(dim=-1) < 0.3, 100.0, 0.0)
+
+    grids = []
+    for chunk in (1000, 1 << 30):
+        sizes: list[int] = []
+        estimator = make_estimator(0.55, resolution=16, device="cpu")
+        torch.manual_seed(0)  # nerfacc jitters the points inside their cells
+        update_estimator(estimator, ball, step=0, n_samples=48, chunk=chunk)
+        grids.append(estimator.binaries.clone())
+        assert sum(sizes) == 16**3 and max(sizes) == min(chunk, 16**3)
+    assert torch.equal(grids[0], grids[1]) and 0 < int(grids[0].sum()) < 16**3

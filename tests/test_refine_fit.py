@@ -300,3 +300,34 @@ def test_the_colour_field_covers_a_wider_tet_grid():
     config = RefineConfig(steps=1, render_resolution=RES, views_per_step=1, tet=tet)
     result = refine_surface(images, cameras, sphere_sdf(0.3, tet), config)
     assert result.color.config.bound == 0.7
+
+
+def test_a_surface_emptied_by_the_last_step_or_sunk_under_the_floor_is_a_vanished_surface(monkeypatch):
+    """The emptiness check ran before each step only: a last step that emptied the surface went on to the
+    export (a traceback); a surface that one step moved wholly under the floor left the floor off for
+    every later step (the cut refused and changed nothing) while the record called it applied."""
+    from refine.dmtet import DMTetGeometry
+    from refine.fit import SurfaceVanishedError, _keep_above
+
+    cameras = static_orbit(10.0, 0.0, num_frames=2).cameras()
+    rgba, _ = coloured_sphere_frames(0.3, cameras, RES)
+    config = RefineConfig(steps=3, render_resolution=RES, views_per_step=1, tet=TET, floor_cut=False)
+    calls = {"n": 0}
+    original = DMTetGeometry.keep_off_boundary
+
+    def empty_after_the_last_step(self):
+        calls["n"] += 1
+        if calls["n"] == config.steps:
+            self.sdf.data.fill_(1.0)
+        return original(self)
+
+    monkeypatch.setattr(DMTetGeometry, "keep_off_boundary", empty_after_the_last_step)
+    with pytest.raises(SurfaceVanishedError, match="step 3: the surface vanished"):
+        refine_surface(straight_rgba(rgba), cameras, sphere_sdf(0.3), config)
+    monkeypatch.setattr(DMTetGeometry, "keep_off_boundary", original)
+
+    geometry = DMTetGeometry(TET)
+    geometry.init_from_sdf(sphere_sdf(0.3))
+    _keep_above(geometry, -0.1)  # a cut through the sphere: fine
+    with pytest.raises(SurfaceVanishedError, match="sank below the floor cut at z = 0.4"):
+        _keep_above(geometry, 0.4)  # above the whole sphere
