@@ -206,7 +206,9 @@ def hash_encode_torch(
     levels = _check_inputs(x, table, config)
     n, n_levels, n_feat = x.shape[0], config.n_levels, config.n_features_per_level
     scales = torch.tensor(levels.scales, dtype=x.dtype, device=x.device)  # [L]
-    pos = x.clamp(0.0, 1.0)[:, None, :] * scales[None, :, None] + 0.5  # [N, L, 3]
+    # NaN (a diverged fit) reads x = 0 as the compiled kernels do: floor(NaN) indexed outside the table (an
+    # IndexError on the CPU, a device-side assert that ends the CUDA context)
+    pos = torch.nan_to_num(x, nan=0.0).clamp(0.0, 1.0)[:, None, :] * scales[None, :, None] + 0.5  # [N, L, 3]
     cell = torch.floor(pos)
     frac = pos - cell  # [N, L, 3]
     lo = cell.long()  # [N, L, 3]
@@ -345,6 +347,9 @@ def hash_encode(
                 f"backend='triton' needs the triton package and CUDA tensors (or TRITON_INTERPRET=1 on CPU), "
                 f"got {x.device}"
             )
+        f = config.n_features_per_level
+        if f & (f - 1):  # the kernels' tl.arange over the features
+            raise ValueError(f"backend='triton' needs n_features_per_level a power of two, got {f}")
         return _HashEncodeTriton.apply(x, table, _check_inputs(x, table, config))
     use_numba = backend == "numba" or (backend == "auto" and x.device.type == "cpu" and _hash_cpu.AVAILABLE)
     if use_numba and not _hash_cpu.AVAILABLE:

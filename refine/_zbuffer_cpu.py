@@ -87,7 +87,7 @@ if AVAILABLE:
 if AVAILABLE:
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def _silhouettes(px, py, tri, topo, far, sil, near):  # pragma: no cover
+    def _silhouettes(px, py, tri, topo, far, rings, sil, near):  # pragma: no cover
         # sil [V, F, 3]: edge k (tri[f, k] -> tri[f, k+1]) has no single neighbour, or the neighbour's far
         # vertex lies on the triangle's own side of it; near [V, F]: within two edge-steps of such an edge
         n_views, n_faces = px.shape[0], tri.shape[0]
@@ -104,7 +104,7 @@ if AVAILABLE:
                         edge = (own >= 0) == (other >= 0)
                     sil[v, f, k] = edge
                     level[f] = level[f] or edge
-            for _ in range(2):
+            for _ in range(rings):
                 grown = level.copy()
                 for f in range(n_faces):
                     if not level[f]:
@@ -117,20 +117,23 @@ if AVAILABLE:
                 near[v, f] = level[f]
 
     @numba.njit(cache=True, nogil=True)
-    def _best_edge(face, horizontal, front_a, cx, cy, px_v, py_v, tri, topo, sil_v):  # pragma: no cover
-        # The silhouette edge of `face` or its 2-ring that crosses the pair's segment nearest the front
-        # pixel: returns its two vertex indices, or (-1, -1).
-        cand = np.empty(13, dtype=np.int64)
+    def _best_edge(face, horizontal, front_a, cx, cy, px_v, py_v, tri, topo, sil_v, cand):  # pragma: no cover
+        # The silhouette edge of `face` or its rings of edge neighbours (cand: (3^(rings+1) - 1) / 2
+        # entries, filled breadth first as rasterizer's torch path orders them) that crosses the pair's
+        # segment nearest the front pixel: returns its two vertex indices, or (-1, -1).
         cand[0] = face
-        for j in range(3):
-            r1 = topo[face, j]
-            cand[1 + j] = r1
-            for k in range(3):
-                cand[4 + 3 * j + k] = topo[r1, k] if r1 >= 0 else -1
+        start, end, n = 0, 1, 1
+        while n < cand.shape[0]:
+            for i in range(start, end):
+                g = cand[i]
+                for k in range(3):
+                    cand[n] = topo[g, k] if g >= 0 else -1
+                    n += 1
+            start, end = end, n
         best = np.float32(2.0)
         b0, b1 = -1, -1
         one = np.float32(1.0)
-        for c in range(13):
+        for c in range(cand.shape[0]):
             f = cand[c]
             if f < 0:
                 continue
@@ -164,6 +167,7 @@ if AVAILABLE:
         topo,
         sil,
         near,
+        rings,
         offsets,
         count_only,
         out_pix,
@@ -179,6 +183,7 @@ if AVAILABLE:
         for v in numba.prange(n_views):
             n = 0
             base = offsets[v]
+            cand = np.empty((3 ** (rings + 1) - 1) // 2, dtype=np.int64)
             for y in range(height):
                 for x in range(width):
                     ia = ids[v, y, x]
@@ -209,6 +214,7 @@ if AVAILABLE:
                             tri,
                             topo,
                             sil[v],
+                            cand,
                         )
                         if e0 < 0:
                             continue
@@ -228,11 +234,12 @@ def silhouette_edges_cpu(
     tri: np.ndarray,  # [F, 3] int64
     topo: np.ndarray,  # [F, 3] int64 from edge_topology
     far: np.ndarray,  # [F, 3] int64 the neighbour's vertex off edge k (any vertex where there is none)
+    rings: int,  # edge-steps from a silhouette edge that count as near it
 ) -> tuple[np.ndarray, np.ndarray]:
     """rasterizer.silhouette_edges compiled: ([V, F, 3] silhouette edges, [V, F] near one)."""
     sil = np.empty((px.shape[0], tri.shape[0], 3), dtype=np.bool_)
     near = np.empty((px.shape[0], tri.shape[0]), dtype=np.bool_)
-    _silhouettes(px, py, tri, topo, far, sil, near)
+    _silhouettes(px, py, tri, topo, far, rings, sil, near)
     return sil, near
 
 
@@ -244,7 +251,8 @@ def silhouette_crossings_cpu(
     tri: np.ndarray,  # [F, 3] int64
     topo: np.ndarray,  # [F, 3] int64 from edge_topology
     sil: np.ndarray,  # [V, F, 3] bool: silhouette edges (rasterizer.silhouette_edges)
-    near: np.ndarray,  # [V, F] bool: triangles within two edge-steps of one
+    near: np.ndarray,  # [V, F] bool: triangles within `rings` edge-steps of one
+    rings: int,  # edge-steps from the front pixel's triangle searched for the silhouette edge
 ) -> tuple[np.ndarray, ...]:
     """[Q] arrays: view, pixel a (flat over V*H*W), horizontal pair, front is a, edge vertices v0, v1."""
     n_views = ids.shape[0]
@@ -260,6 +268,7 @@ def silhouette_crossings_cpu(
         topo,
         sil,
         near,
+        rings,
         offsets,
         True,
         empty_i,
@@ -273,7 +282,7 @@ def silhouette_crossings_cpu(
     total = int(counts.sum())
     pix, e0, e1 = (np.empty(total, dtype=np.int64) for _ in range(3))
     hor, front = np.empty(total, dtype=np.bool_), np.empty(total, dtype=np.bool_)
-    _crossings(ids, zw, px, py, tri, topo, sil, near, offsets, False, pix, hor, front, e0, e1, counts)
+    _crossings(ids, zw, px, py, tri, topo, sil, near, rings, offsets, False, pix, hor, front, e0, e1, counts)
     height, width = ids.shape[1], ids.shape[2]
     view = pix // (height * width)
     return view, pix, hor, front, e0, e1

@@ -32,6 +32,7 @@ __all__ = ["rasterize", "interpolate", "interpolate_covered", "texture", "antial
 
 _EMPTY_KEY = torch.iinfo(torch.int64).max
 _W_EPS = 1e-8  # vertices with w below this are behind the camera
+SEARCH_RINGS = 2  # antialias: edge-steps from the front pixel's triangle searched for its silhouette edge
 MAX_TRIANGLES = 2**24 - 1  # ids travel as float32 in rast[..., 3], exact up to 2^24
 
 
@@ -365,6 +366,7 @@ def antialias(
     tri: Tensor,  # [F, 3] the triangles given to rasterize
     topology: Tensor | None = None,  # [F, 3] from edge_topology(tri); computed when None
     backend: str = "auto",  # finding the crossings: "numba" (compiled, CPU), "torch" (any device), "auto"
+    search_rings: int = SEARCH_RINGS,  # edge-steps from the front pixel's triangle to its silhouette edge
 ) -> Tensor:
     """Analytic antialiasing of silhouette edges -> [V, H, W, C].
 
@@ -392,7 +394,7 @@ def antialias(
         ids = rast[..., 3].detach().long()  # [V, H, W], 0 = empty
         zw = rast[..., 2].detach()
         px, py, _ = _to_pixels(pos_clip.detach().float(), height, width)  # [V, N] each
-        sil_edges, near = silhouette_edges(px, py, tri, topology.long(), use_numba)  # [V, F, 3], [V, F]
+        sil_edges, near = silhouette_edges(px, py, tri, topology.long(), use_numba, search_rings)
         if use_numba:
             if not _zbuffer_cpu.AVAILABLE:
                 raise RuntimeError("backend='numba' needs the numba package")
@@ -405,11 +407,12 @@ def antialias(
                 topology.long().cpu().numpy(),
                 sil_edges.cpu().numpy(),
                 near.cpu().numpy(),
+                search_rings,
             )
             view, pixel_a, horizontal, front_a, e0, e1 = (torch.from_numpy(a).to(color.device) for a in found)
         else:
             view, pixel_a, horizontal, front_a, e0, e1 = _silhouette_crossings_torch(
-                ids, zw, px, py, tri, topology.long(), sil_edges, near
+                ids, zw, px, py, tri, topology.long(), sil_edges, near, search_rings
             )
     if view.numel() == 0:
         return color
@@ -447,8 +450,9 @@ def silhouette_edges(
     tri: Tensor,  # [F, 3] int64
     topology: Tensor,  # [F, 3] from edge_topology
     use_numba: bool = False,  # the compiled loop (CPU), same values
+    rings: int = 2,  # edge-steps that count as near a silhouette edge
 ) -> tuple[Tensor, Tensor]:
-    """Silhouette edges in each view -> (edge k of each triangle is one [V, F, 3], triangle within two
+    """Silhouette edges in each view -> (edge k of each triangle is one [V, F, 3], triangle within `rings`
     edge-steps of one [V, F]).
 
     As nvdiffrast decides it, from the geometry and not the winding: an edge is a silhouette when it has no
@@ -462,7 +466,8 @@ def silhouette_edges(
     far = tri[opp_clamped].sum(-1) - a - b  # [F, 3] the neighbour's vertex off the edge
     if use_numba:
         arrays = [t.cpu().numpy() for t in (px, py, tri, topology, torch.where(valid_opp, far, c))]
-        return tuple(torch.from_numpy(x).to(px.device) for x in _zbuffer_cpu.silhouette_edges_cpu(*arrays))
+        found = _zbuffer_cpu.silhouette_edges_cpu(*arrays, rings)
+        return tuple(torch.from_numpy(x).to(px.device) for x in found)
 
     def side(p: Tensor) -> Tensor:  # [V, F, 3] twice the signed area of (a, b, p) in pixels
         ax, ay = px[:, a], py[:, a]
@@ -473,7 +478,7 @@ def silhouette_edges(
     # Only pairs whose front triangle is near a silhouette can be blended: the others are dropped before
     # the expensive part.
     near = sil.any(-1)  # [V, F]
-    for _ in range(2):
+    for _ in range(rings):
         near = near | (near[:, opp_clamped] & valid_opp).any(-1)
     return sil, near
 
@@ -487,6 +492,7 @@ def _silhouette_crossings_torch(
     topology: Tensor,  # [F, 3] from edge_topology
     sil_edges: Tensor,  # [V, F, 3] from silhouette_edges
     near_silhouette: Tensor,  # [V, F]
+    rings: int,  # edge-steps searched from the front pixel's triangle
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The pixel pairs to blend and their edges: view, pixel a (flat), horizontal, front is a, edge v0, v1."""
     n_views, height, width = ids.shape
@@ -505,18 +511,21 @@ def _silhouette_crossings_torch(
         pv, py_, px_, face = pv[near], py_[near], px_[near], face[near]
         front_a = a_front[pv, py_, px_]
         # The separating silhouette edge may belong to a neighbour of the triangle seen at the front pixel
-        # (small or sliver triangles): search its 2-ring of edge neighbours.
-        ring1 = topology[face]  # [Q, 3]
-        ring2 = topology[ring1.clamp(min=0)].reshape(-1, 9)  # [Q, 9]
-        ring2 = torch.where((ring1 < 0).repeat_interleave(3, dim=1), -1, ring2)
-        cand = torch.cat([face[:, None], ring1, ring2], dim=1)  # [Q, 13], < 0 = none
+        # (small, sliver or foreshortened triangles): search its rings of edge neighbours, breadth first.
+        rings_found, frontier = [face[:, None]], face[:, None]
+        for _ in range(rings):
+            frontier = torch.where(
+                (frontier < 0).repeat_interleave(3, dim=1), -1, topology[frontier.clamp(min=0)].flatten(1)
+            )  # [Q, 3^k]
+            rings_found.append(frontier)
+        cand = torch.cat(rings_found, dim=1)  # [Q, K], K = (3^(rings + 1) - 1) / 2, < 0 = none
         cand_ok = cand >= 0
         cand = cand.clamp(min=0)
-        silhouette = cand_ok[..., None] & sil_edges[pv[:, None], cand]  # [Q, 13, 3]
-        silhouette = silhouette.reshape(-1, 39)  # [Q, 39]
-        corners = tri[cand]  # [Q, 13, 3]
-        v0 = corners.reshape(-1, 39)
-        v1 = corners.roll(-1, dims=2).reshape(-1, 39)
+        silhouette = cand_ok[..., None] & sil_edges[pv[:, None], cand]  # [Q, K, 3]
+        silhouette = silhouette.flatten(1)  # [Q, 3K]
+        corners = tri[cand]  # [Q, K, 3]
+        v0 = corners.flatten(1)
+        v1 = corners.roll(-1, dims=2).flatten(1)
         ex0, ey0 = px[pv[:, None], v0], py[pv[:, None], v0]  # [Q, 39]
         ex1, ey1 = px[pv[:, None], v1], py[pv[:, None], v1]
         cx = px_.to(ex0.dtype)[:, None] + 0.5

@@ -151,10 +151,12 @@ def test_points_outside_the_box_are_clamped_with_zero_gradient():
         torch.testing.assert_close(out[0], out[1])  # same point after clamping
         assert gx[0, 0] == 0 and gx[0, 2] == 0 and gx[0, 1] != 0
     # NaN (a diverged fit): the compiled kernel, which does not check bounds, reads x = 0 instead of a row
-    # floor(NaN) points at outside the table
+    # floor(NaN) points at outside the table; so does the torch path (it raised IndexError; on CUDA a
+    # device-side assert)
     nan = torch.tensor([[float("nan"), 0.3, 1.0], [0.0, 0.3, 1.0]], dtype=torch.float64)
-    out = _numba(nan, table, TINY)
-    torch.testing.assert_close(out[0], out[1])
+    for fn in (_numba, hash_encode_torch):
+        out = fn(nan, table, TINY)
+        torch.testing.assert_close(out[0], out[1])
 
 
 @needs_numba
@@ -287,6 +289,14 @@ def test_triton_kernels_match_the_torch_path(triton_interpreter, dtype):
     grad_tol = {"atol": 1e-3, "rtol": 1e-4} if dtype == torch.float32 else tol  # x's grad: ~1e3 scales
     torch.testing.assert_close(got[0], want[0], **grad_tol)
     torch.testing.assert_close(got[1], want[1], **tol)
+
+
+def test_triton_kernels_need_a_power_of_two_features(triton_interpreter):
+    """tl.arange over the features: 3 failed to compile with Triton's own message; refused in one line."""
+    config = HashGridConfig(n_levels=2, n_features_per_level=3, log2_hashmap_size=5, base_resolution=2)
+    table = torch.zeros(hash_grid_levels(config).n_rows, 3)
+    with pytest.raises(ValueError, match="power of two, got 3"):
+        hash_encode(torch.rand(4, 3), table, config, backend="triton")
 
 
 def test_triton_kernels_gradcheck(triton_interpreter):

@@ -493,7 +493,8 @@ def test_cuda_matches_cpu():
     assert (cpu.image - gpu.image.cpu()).abs().mean() < 1e-3
 
 
-def test_torch_and_numba_antialias_agree():
+@pytest.mark.parametrize("rings", [2, 3])
+def test_torch_and_numba_antialias_agree(rings: int):
     if not _zbuffer_cpu.AVAILABLE:
         pytest.skip("numba is not installed: only the torch path exists")
     mesh = bumpy_sphere(3)
@@ -507,7 +508,7 @@ def test_torch_and_numba_antialias_agree():
         color = torch.rand(3, 64, 64, 3)
         outs, grads = [], []
         for backend in ("torch", "numba"):
-            out = antialias(color, rast, pos, faces, backend=backend)
+            out = antialias(color, rast, pos, faces, backend=backend, search_rings=rings)
             (g,) = torch.autograd.grad(out.pow(2).sum(), pos)
             outs.append(out)
             grads.append(g)
