@@ -95,7 +95,7 @@ def _starts(monkeypatch, init_sdf, open_loss: float, open_step_loss: float = 0.0
 
 def test_the_open_start_is_kept_only_when_it_fits_clearly_better(monkeypatch):
     box = _box_sdf(_lattice(), 0.3)
-    name, starts = _starts(monkeypatch, box, open_loss=0.78)  # 22% better than the init's 1.0 (the bowl)
+    name, starts = _starts(monkeypatch, box, open_loss=0.85)  # 15% better than the init's 1.0 (the bowl)
     assert name == "open" and [s["chosen"] for s in starts] == [False, True]
     assert starts[1]["removed"] > 0.5
     name, starts = _starts(monkeypatch, box, open_loss=0.89)  # 11% (a closed box): keep the init
