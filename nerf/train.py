@@ -399,8 +399,6 @@ def fit_field(
         raise ValueError(f"c2w must be [{images.shape[0]}, 4, 4], got {tuple(c2w.shape)}")
     if float(images[..., 3].max()) <= 0.0:
         raise ValueError("every frame's alpha is empty: there is no object to reconstruct")
-    if config.sampler not in ("auto", "estimator", "uniform"):
-        raise ValueError(f"sampler must be auto, estimator or uniform, got {config.sampler!r}")
     _check_train_config(config)  # fields may have been set after the config was made
     device = torch.device(device)
     if config.sampler == "estimator" and not estimator_available(device):
@@ -478,7 +476,7 @@ def fit_field(
             raise ValueError(f"{checkpoint_path}: checkpoint of an older version; remove it or use --force")
         if state["sampler_used"] != sampler_used:  # "auto" resolves by device: a CPU fit on CUDA
             raise ValueError(
-                f"{checkpoint_path}: checkpoint trained with the {state.get('sampler_used')} sampler, this"
+                f"{checkpoint_path}: checkpoint trained with the {state['sampler_used']} sampler, this"
                 f" run samples with the {sampler_used} one (another device?); remove it or use --force"
             )
         if state.get("data_sha256") != data_sha256:
