@@ -450,7 +450,7 @@ def silhouette_edges(
     tri: Tensor,  # [F, 3] int64
     topology: Tensor,  # [F, 3] from edge_topology
     use_numba: bool = False,  # the compiled loop (CPU), same values
-    rings: int = 2,  # edge-steps that count as near a silhouette edge
+    rings: int = SEARCH_RINGS,  # edge-steps that count as near a silhouette edge
 ) -> tuple[Tensor, Tensor]:
     """Silhouette edges in each view -> (edge k of each triangle is one [V, F, 3], triangle within `rings`
     edge-steps of one [V, F]).
