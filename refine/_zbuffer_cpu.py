@@ -5,8 +5,7 @@
   same slack, nearest z/w wins, ties to the lower triangle id).
 * `fill_rast_cpu`: the (u, v, z/w, id + 1) values at the covered pixels, the same formulas as
   `rasterizer._barycentrics`, for renders that need no gradient.
-* `silhouette_crossings_cpu`: the search of `antialias` for pixel pairs split by a silhouette edge, the
-  same rules as `rasterizer._silhouette_crossings_torch`.
+* `silhouette_edges_cpu`: the silhouette edges that `antialias` follows (`rasterizer.silhouette_edges`).
 
 The two agree with their PyTorch references up to float rounding at exact ties (`tests/test_rasterizer.py`
 checks that); the PyTorch paths stay the reference and the CUDA path. numba compiles these once and
@@ -22,7 +21,7 @@ try:
 except ImportError:  # pragma: no cover - numba is a dependency; the torch path still works without it
     numba = None
 
-__all__ = ["AVAILABLE", "fill_rast_cpu", "silhouette_crossings_cpu", "visible_triangles_cpu"]
+__all__ = ["AVAILABLE", "fill_rast_cpu", "silhouette_edges_cpu", "visible_triangles_cpu"]
 
 AVAILABLE = numba is not None
 
@@ -87,12 +86,11 @@ if AVAILABLE:
 if AVAILABLE:
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def _silhouettes(px, py, tri, topo, far, rings, sil, near):  # pragma: no cover
+    def _silhouettes(px, py, tri, topo, far, sil):  # pragma: no cover
         # sil [V, F, 3]: edge k (tri[f, k] -> tri[f, k+1]) has no single neighbour, or the neighbour's far
-        # vertex lies on the triangle's own side of it; near [V, F]: within two edge-steps of such an edge
+        # vertex lies on the triangle's own side of it
         n_views, n_faces = px.shape[0], tri.shape[0]
         for v in numba.prange(n_views):
-            level = np.zeros(n_faces, dtype=np.bool_)
             for f in range(n_faces):
                 for k in range(3):
                     a, b, c, o = tri[f, k], tri[f, (k + 1) % 3], tri[f, (k + 2) % 3], far[f, k]
@@ -103,129 +101,6 @@ if AVAILABLE:
                         other = ex * (py[v, o] - py[v, a]) - ey * (px[v, o] - px[v, a])
                         edge = (own >= 0) == (other >= 0)
                     sil[v, f, k] = edge
-                    level[f] = level[f] or edge
-            for _ in range(rings):
-                grown = level.copy()
-                for f in range(n_faces):
-                    if not level[f]:
-                        for k in range(3):
-                            o = topo[f, k]
-                            if o >= 0 and level[o]:
-                                grown[f] = True
-                level = grown
-            for f in range(n_faces):
-                near[v, f] = level[f]
-
-    @numba.njit(cache=True, nogil=True)
-    def _best_edge(face, horizontal, front_a, cx, cy, px_v, py_v, tri, topo, sil_v, cand):  # pragma: no cover
-        # The silhouette edge of `face` or its rings of edge neighbours (cand: (3^(rings+1) - 1) / 2
-        # entries, filled breadth first as rasterizer's torch path orders them) that crosses the pair's
-        # segment nearest the front pixel: returns its two vertex indices, or (-1, -1).
-        cand[0] = face
-        start, end, n = 0, 1, 1
-        while n < cand.shape[0]:
-            for i in range(start, end):
-                g = cand[i]
-                for k in range(3):
-                    cand[n] = topo[g, k] if g >= 0 else -1
-                    n += 1
-            start, end = end, n
-        best = np.float32(2.0)
-        b0, b1 = -1, -1
-        one = np.float32(1.0)
-        for c in range(cand.shape[0]):
-            f = cand[c]
-            if f < 0:
-                continue
-            for k in range(3):
-                if not sil_v[f, k]:
-                    continue
-                i0, i1 = tri[f, k], tri[f, (k + 1) % 3]
-                if horizontal:
-                    num, den = cy - py_v[i0], py_v[i1] - py_v[i0]
-                    a0, a1, start = px_v[i0], px_v[i1], cx
-                else:
-                    num, den = cx - px_v[i0], px_v[i1] - px_v[i0]
-                    a0, a1, start = py_v[i0], py_v[i1], cy
-                if not (num * (num - den) < 0) or abs(den) < abs(a1 - a0):  # crossing, steep (nvdiffrast)
-                    continue
-                t = a0 + num / den * (a1 - a0) - start
-                if t <= 0 or t >= one:
-                    continue
-                dist = t if front_a else one - t
-                if dist < best:
-                    best, b0, b1 = dist, i0, i1
-        return b0, b1
-
-    @numba.njit(parallel=True, cache=True, nogil=True)
-    def _crossings(
-        ids,
-        zw,
-        px,
-        py,
-        tri,
-        topo,
-        sil,
-        near,
-        rings,
-        offsets,
-        count_only,
-        out_pix,
-        out_hor,
-        out_front,
-        out_e0,
-        out_e1,
-        counts,
-    ):  # pragma: no cover
-        # Two passes: count_only fills counts[v]; then, with offsets, each view writes its own slice.
-        n_views, height, width = ids.shape
-        half = np.float32(0.5)
-        for v in numba.prange(n_views):
-            n = 0
-            base = offsets[v]
-            cand = np.empty((3 ** (rings + 1) - 1) // 2, dtype=np.int64)
-            for y in range(height):
-                for x in range(width):
-                    ia = ids[v, y, x]
-                    for h in range(2):
-                        horizontal = h == 0
-                        if horizontal:
-                            if x + 1 >= width:
-                                continue
-                            ib, zb = ids[v, y, x + 1], zw[v, y, x + 1]
-                        else:
-                            if y + 1 >= height:
-                                continue
-                            ib, zb = ids[v, y + 1, x], zw[v, y + 1, x]
-                        if ia == ib:
-                            continue
-                        front_a = ib == 0 or (ia > 0 and zw[v, y, x] < zb)
-                        face = (ia if front_a else ib) - 1
-                        if not near[v, face]:
-                            continue
-                        e0, e1 = _best_edge(
-                            face,
-                            horizontal,
-                            front_a,
-                            np.float32(x) + half,
-                            np.float32(y) + half,
-                            px[v],
-                            py[v],
-                            tri,
-                            topo,
-                            sil[v],
-                            cand,
-                        )
-                        if e0 < 0:
-                            continue
-                        if not count_only:
-                            out_pix[base + n] = (v * height + y) * width + x
-                            out_hor[base + n] = horizontal
-                            out_front[base + n] = front_a
-                            out_e0[base + n] = e0
-                            out_e1[base + n] = e1
-                        n += 1
-            counts[v] = n
 
 
 def silhouette_edges_cpu(
@@ -234,58 +109,11 @@ def silhouette_edges_cpu(
     tri: np.ndarray,  # [F, 3] int64
     topo: np.ndarray,  # [F, 3] int64 from edge_topology
     far: np.ndarray,  # [F, 3] int64 the neighbour's vertex off edge k (any vertex where there is none)
-    rings: int,  # edge-steps from a silhouette edge that count as near it
-) -> tuple[np.ndarray, np.ndarray]:
-    """rasterizer.silhouette_edges compiled: ([V, F, 3] silhouette edges, [V, F] near one)."""
+) -> np.ndarray:
+    """rasterizer.silhouette_edges compiled: [V, F, 3] bool silhouette edges."""
     sil = np.empty((px.shape[0], tri.shape[0], 3), dtype=np.bool_)
-    near = np.empty((px.shape[0], tri.shape[0]), dtype=np.bool_)
-    _silhouettes(px, py, tri, topo, far, rings, sil, near)
-    return sil, near
-
-
-def silhouette_crossings_cpu(
-    ids: np.ndarray,  # [V, H, W] int64 triangle id + 1, 0 = empty
-    zw: np.ndarray,  # [V, H, W] float32 z/w
-    px: np.ndarray,  # [V, N] float32 pixel x
-    py: np.ndarray,  # [V, N] float32 pixel y
-    tri: np.ndarray,  # [F, 3] int64
-    topo: np.ndarray,  # [F, 3] int64 from edge_topology
-    sil: np.ndarray,  # [V, F, 3] bool: silhouette edges (rasterizer.silhouette_edges)
-    near: np.ndarray,  # [V, F] bool: triangles within `rings` edge-steps of one
-    rings: int,  # edge-steps from the front pixel's triangle searched for the silhouette edge
-) -> tuple[np.ndarray, ...]:
-    """[Q] arrays: view, pixel a (flat over V*H*W), horizontal pair, front is a, edge vertices v0, v1."""
-    n_views = ids.shape[0]
-    counts = np.zeros(n_views, dtype=np.int64)
-    empty_i, empty_b = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.bool_)
-    offsets = np.zeros(n_views, dtype=np.int64)
-    _crossings(
-        ids,
-        zw,
-        px,
-        py,
-        tri,
-        topo,
-        sil,
-        near,
-        rings,
-        offsets,
-        True,
-        empty_i,
-        empty_b,
-        empty_b,
-        empty_i,
-        empty_i,
-        counts,
-    )
-    offsets[1:] = np.cumsum(counts)[:-1]
-    total = int(counts.sum())
-    pix, e0, e1 = (np.empty(total, dtype=np.int64) for _ in range(3))
-    hor, front = np.empty(total, dtype=np.bool_), np.empty(total, dtype=np.bool_)
-    _crossings(ids, zw, px, py, tri, topo, sil, near, rings, offsets, False, pix, hor, front, e0, e1, counts)
-    height, width = ids.shape[1], ids.shape[2]
-    view = pix // (height * width)
-    return view, pix, hor, front, e0, e1
+    _silhouettes(px, py, tri, topo, far, sil)
+    return sil
 
 
 if AVAILABLE:

@@ -32,7 +32,6 @@ __all__ = ["rasterize", "interpolate", "interpolate_covered", "texture", "antial
 
 _EMPTY_KEY = torch.iinfo(torch.int64).max
 _W_EPS = 1e-8  # vertices with w below this are behind the camera
-SEARCH_RINGS = 2  # antialias: edge-steps from the front pixel's triangle searched for its silhouette edge
 MAX_TRIANGLES = 2**24 - 1  # ids travel as float32 in rast[..., 3], exact up to 2^24
 
 
@@ -365,20 +364,22 @@ def antialias(
     pos_clip: Tensor,  # [V, N, 4] the positions given to rasterize
     tri: Tensor,  # [F, 3] the triangles given to rasterize
     topology: Tensor | None = None,  # [F, 3] from edge_topology(tri); computed when None
-    backend: str = "auto",  # finding the crossings: "numba" (compiled, CPU), "torch" (any device), "auto"
-    search_rings: int = SEARCH_RINGS,  # edge-steps from the front pixel's triangle to its silhouette edge
+    backend: str = "auto",  # silhouette edges by "numba" (compiled, CPU), "torch" (any device), "auto"
 ) -> Tensor:
     """Analytic antialiasing of silhouette edges -> [V, H, W, C].
 
-    For each pair of horizontally or vertically adjacent pixels that see different triangles (or a triangle
-    and the background), the silhouette edges (`silhouette_edges`) of the front pixel's triangle and of its
-    2-ring of edge neighbours are tested; of those that cross the segment between the two pixel centres
-    and are steeper across the pair than along it (nvdiffrast's rule: each edge pixel is blended by one
-    direction's pairs), the one nearest the front pixel is taken.
+    Each silhouette edge (`silhouette_edges`) is followed across the pixel rows and columns it spans in
+    screen space: where it crosses the segment between two horizontally (vertically) adjacent pixel centres
+    that see different triangles (or a triangle and the background), and it lies in front of what the
+    farther of the two pixels sees, it is a candidate for that pair; of a pair's candidates the front-most
+    (smallest z/w where it crosses) bounds the nearer surface. The pair is blended by it when the edge is
+    steeper across the pair than along it (nvdiffrast's rule: each outline pixel is blended by one
+    direction's pairs). Searching in screen space rather than along the mesh finds the outline on fine
+    meshes too, where near an outline the surface is seen edge-on and the triangle at the front pixel lies
+    many triangles away from the silhouette edge.
     At distance d from the front pixel's centre, with d < 1/2 the front pixel takes (1/2 - d) of the other's
     colour, and with d > 1/2 the other pixel takes (d - 1/2) of the front's. Differentiable w.r.t. `color`
-    and, through the crossing point, the edge's vertex positions. Finding the crossings is not
-    differentiable and runs as a compiled loop on CPU ("auto"); the torch path is its reference.
+    and, through the crossing point, the edge's vertex positions; finding the crossings is not.
     """
     _check_inputs(pos_clip, tri)
     n_views, height, width, _ = color.shape
@@ -390,30 +391,15 @@ def antialias(
     use_numba = backend == "numba" or (
         backend == "auto" and pos_clip.device.type == "cpu" and _zbuffer_cpu.AVAILABLE
     )
+    if use_numba and not _zbuffer_cpu.AVAILABLE:
+        raise RuntimeError("backend='numba' needs the numba package")
     with torch.no_grad():
-        ids = rast[..., 3].detach().long()  # [V, H, W], 0 = empty
-        zw = rast[..., 2].detach()
-        px, py, _ = _to_pixels(pos_clip.detach().float(), height, width)  # [V, N] each
-        sil_edges, near = silhouette_edges(px, py, tri, topology.long(), use_numba, search_rings)
-        if use_numba:
-            if not _zbuffer_cpu.AVAILABLE:
-                raise RuntimeError("backend='numba' needs the numba package")
-            found = _zbuffer_cpu.silhouette_crossings_cpu(
-                ids.cpu().numpy(),
-                zw.float().cpu().numpy(),
-                px.cpu().numpy(),
-                py.cpu().numpy(),
-                tri.cpu().numpy(),
-                topology.long().cpu().numpy(),
-                sil_edges.cpu().numpy(),
-                near.cpu().numpy(),
-                search_rings,
-            )
-            view, pixel_a, horizontal, front_a, e0, e1 = (torch.from_numpy(a).to(color.device) for a in found)
-        else:
-            view, pixel_a, horizontal, front_a, e0, e1 = _silhouette_crossings_torch(
-                ids, zw, px, py, tri, topology.long(), sil_edges, near, search_rings
-            )
+        px, py, pz = _to_pixels(pos_clip.detach().float(), height, width)  # [V, N] each
+        sil_edges = silhouette_edges(px, py, tri, topology.long(), use_numba)
+        ids, zw = rast[..., 3].detach().long(), rast[..., 2].detach().float()  # [V, H, W], id 0 = empty
+        view, pixel_a, horizontal, front_a, e0, e1 = _silhouette_crossings(
+            ids, zw, px, py, pz, tri, topology.long(), sil_edges
+        )
     if view.numel() == 0:
         return color
 
@@ -450,10 +436,8 @@ def silhouette_edges(
     tri: Tensor,  # [F, 3] int64
     topology: Tensor,  # [F, 3] from edge_topology
     use_numba: bool = False,  # the compiled loop (CPU), same values
-    rings: int = SEARCH_RINGS,  # edge-steps that count as near a silhouette edge
-) -> tuple[Tensor, Tensor]:
-    """Silhouette edges in each view -> (edge k of each triangle is one [V, F, 3], triangle within `rings`
-    edge-steps of one [V, F]).
+) -> Tensor:
+    """Silhouette edges in each view -> [V, F, 3] bool (edge k of triangle f: tri[f, k] -> tri[f, k + 1]).
 
     As nvdiffrast decides it, from the geometry and not the winding: an edge is a silhouette when it has no
     single neighbour, or when the neighbour's far vertex lies on the same side of the edge as the
@@ -462,96 +446,83 @@ def silhouette_edges(
     """
     a, b, c = tri, tri.roll(-1, dims=1), tri.roll(-2, dims=1)  # [F, 3]: edge k is a -> b, c the third
     valid_opp = topology >= 0  # [F, 3]
-    opp_clamped = topology.clamp(min=0)
-    far = tri[opp_clamped].sum(-1) - a - b  # [F, 3] the neighbour's vertex off the edge
+    far = tri[topology.clamp(min=0)].sum(-1) - a - b  # [F, 3] the neighbour's vertex off the edge
     if use_numba:
         arrays = [t.cpu().numpy() for t in (px, py, tri, topology, torch.where(valid_opp, far, c))]
-        found = _zbuffer_cpu.silhouette_edges_cpu(*arrays, rings)
-        return tuple(torch.from_numpy(x).to(px.device) for x in found)
+        return torch.from_numpy(_zbuffer_cpu.silhouette_edges_cpu(*arrays)).to(px.device)
 
     def side(p: Tensor) -> Tensor:  # [V, F, 3] twice the signed area of (a, b, p) in pixels
         ax, ay = px[:, a], py[:, a]
         return (px[:, b] - ax) * (py[:, p] - ay) - (py[:, b] - ay) * (px[:, p] - ax)
 
     own, other = side(c), side(torch.where(valid_opp, far, c))
-    sil = ~valid_opp[None] | ((own >= 0) == (other >= 0))  # [V, F, 3]
-    # Only pairs whose front triangle is near a silhouette can be blended: the others are dropped before
-    # the expensive part.
-    near = sil.any(-1)  # [V, F]
-    for _ in range(rings):
-        near = near | (near[:, opp_clamped] & valid_opp).any(-1)
-    return sil, near
+    return ~valid_opp[None] | ((own >= 0) == (other >= 0))  # [V, F, 3]
 
 
-def _silhouette_crossings_torch(
+def _silhouette_crossings(
     ids: Tensor,  # [V, H, W] triangle id + 1, 0 = empty
     zw: Tensor,  # [V, H, W] z/w
     px: Tensor,  # [V, N] pixel x of the vertices
     py: Tensor,  # [V, N] pixel y
+    pz: Tensor,  # [V, N] z/w
     tri: Tensor,  # [F, 3] int64
     topology: Tensor,  # [F, 3] from edge_topology
     sil_edges: Tensor,  # [V, F, 3] from silhouette_edges
-    near_silhouette: Tensor,  # [V, F]
-    rings: int,  # edge-steps searched from the front pixel's triangle
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The pixel pairs to blend and their edges: view, pixel a (flat), horizontal, front is a, edge v0, v1."""
-    n_views, height, width = ids.shape
+    """The pixel pairs to blend and their edges: [Q] view, pixel a (flat), horizontal, front is a, v0, v1.
 
+    Vectorised over (edge, row or column crossed): the work is the silhouette's length in pixels.
+    """
+    n_views, height, width = ids.shape
+    device = ids.device
+    face = torch.arange(tri.shape[0], device=device)[:, None]
+    once = (topology < 0) | (face < topology)  # [F, 3] an interior edge is flagged from both its triangles
+    v, f, k = (sil_edges & once[None]).nonzero(as_tuple=True)  # [E] each
+    i0, i1 = tri[f, k], tri[f, (k + 1) % 3]
+    x0, y0, z0, x1, y1, z1 = px[v, i0], py[v, i0], pz[v, i0], px[v, i1], py[v, i1], pz[v, i1]  # [E] each
+    flat_ids = ids.reshape(-1)
+    depth = torch.where(flat_ids > 0, zw.reshape(-1), torch.full_like(zw.reshape(-1), float("inf")))
     results = []
-    for horizontal in (True, False):  # pairs (x, x+1) and (y, y+1)
+    for horizontal in (True, False):  # pairs (x, x+1) on a row, then (y, y+1) in a column
+        # The edge crosses the centre lines (rows y = j + 1/2, or columns x = j + 1/2) between its ends.
+        c0, c1, a0, a1 = (y0, y1, x0, x1) if horizontal else (x0, x1, y0, y1)
+        n_lines, n_along = (height, width) if horizontal else (width, height)
+        first = torch.ceil(torch.minimum(c0, c1) - 0.5).clamp(min=0)
+        last = torch.floor(torch.maximum(c0, c1) - 0.5).clamp(max=n_lines - 1)
+        count = (last - first + 1).clamp(min=0).long()  # [E]
+        edge = torch.repeat_interleave(torch.arange(v.numel(), device=device), count)  # [X] crossings
+        offset = torch.arange(edge.numel(), device=device) - (torch.cumsum(count, 0) - count)[edge]
+        line = first[edge].long() + offset
+        num, den = line.to(c0.dtype) + 0.5 - c0[edge], c1[edge] - c0[edge]
+        strict = num * (num - den) < 0  # the ends strictly on either side of the line
+        s = num / torch.where(strict, den, torch.ones_like(den))  # [X] where along the edge, 0..1
+        cross = a0[edge] + s * (a1[edge] - a0[edge])
+        i = torch.floor(cross - 0.5)  # the pair's first pixel
+        ok = strict & (i >= 0) & (i <= n_along - 2) & (cross - (i + 0.5) > 0)
+        edge, line, i, s = edge[ok], line[ok], i[ok].long(), s[ok]
+        vv = v[edge]
         if horizontal:
-            id_a, id_b, z_a, z_b = ids[:, :, :-1], ids[:, :, 1:], zw[:, :, :-1], zw[:, :, 1:]
+            pixel_a = (vv * height + line) * width + i
+            pixel_b = pixel_a + 1
         else:
-            id_a, id_b, z_a, z_b = ids[:, :-1, :], ids[:, 1:, :], zw[:, :-1, :], zw[:, 1:, :]
-        a_front = (id_b == 0) | ((id_a > 0) & (z_a < z_b))
-        front_id = torch.where(a_front, id_a, id_b)
-        pv, py_, px_ = (id_a != id_b).nonzero(as_tuple=True)  # pair index: view, row, column of pixel a
-        face = front_id[pv, py_, px_] - 1  # [Q]
-        near = near_silhouette[pv, face]
-        pv, py_, px_, face = pv[near], py_[near], px_[near], face[near]
-        front_a = a_front[pv, py_, px_]
-        # The separating silhouette edge may belong to a neighbour of the triangle seen at the front pixel
-        # (small, sliver or foreshortened triangles): search its rings of edge neighbours, breadth first.
-        rings_found, frontier = [face[:, None]], face[:, None]
-        for _ in range(rings):
-            frontier = torch.where(
-                (frontier < 0).repeat_interleave(3, dim=1), -1, topology[frontier.clamp(min=0)].flatten(1)
-            )  # [Q, 3^k]
-            rings_found.append(frontier)
-        cand = torch.cat(rings_found, dim=1)  # [Q, K], K = (3^(rings + 1) - 1) / 2, < 0 = none
-        cand_ok = cand >= 0
-        cand = cand.clamp(min=0)
-        silhouette = cand_ok[..., None] & sil_edges[pv[:, None], cand]  # [Q, K, 3]
-        silhouette = silhouette.flatten(1)  # [Q, 3K]
-        corners = tri[cand]  # [Q, K, 3]
-        v0 = corners.flatten(1)
-        v1 = corners.roll(-1, dims=2).flatten(1)
-        ex0, ey0 = px[pv[:, None], v0], py[pv[:, None], v0]  # [Q, 39]
-        ex1, ey1 = px[pv[:, None], v1], py[pv[:, None], v1]
-        cx = px_.to(ex0.dtype)[:, None] + 0.5
-        cy = py_.to(ex0.dtype)[:, None] + 0.5
-        if horizontal:
-            num, den, along0, along1, start = cy - ey0, ey1 - ey0, ex0, ex1, cx
-        else:
-            num, den, along0, along1, start = cx - ex0, ex1 - ex0, ey0, ey1, cy
-        # Endpoints strictly on either side of the line, and (nvdiffrast's rule) the edge steeper across the
-        # pair than along it: a flat edge is the other direction's pairs' to blend, each pixel once.
-        crosses = (num * (num - den) < 0) & silhouette & (den.abs() >= (along1 - along0).abs())
-        t = along0 + num / torch.where(crosses, den, torch.ones_like(den)) * (along1 - along0) - start
-        valid = crosses & (t > 0) & (t < 1)
-        # Of the crossing silhouette edges, the one nearest the front pixel bounds the front surface.
-        dist = torch.where(front_a[:, None], t, 1.0 - t)
-        pick = torch.where(valid, dist, torch.full_like(dist, 2.0)).argmin(dim=-1, keepdim=True)
-        ok = valid.any(-1)
-        pixel_a = (pv * height + py_) * width + px_
-        results.append(
-            (
-                pv[ok],
-                pixel_a[ok],
-                torch.full_like(pv[ok], horizontal, dtype=torch.bool),
-                front_a[ok],
-                v0.gather(1, pick).squeeze(1)[ok],
-                v1.gather(1, pick).squeeze(1)[ok],
-            )
-        )
+            pixel_a = (vv * height + i) * width + line
+            pixel_b = pixel_a + width
+        id_a, id_b, z_a, z_b = flat_ids[pixel_a], flat_ids[pixel_b], depth[pixel_a], depth[pixel_b]
+        front_a = (id_b == 0) | ((id_a > 0) & (z_a < z_b))
+        z_edge = z0[edge] + s * (z1[edge] - z0[edge])  # z/w is affine in screen space along the edge
+        # A candidate lies in front of what the farther pixel sees: an edge hidden behind a surface that
+        # covers both pixels is not one. Of a pair's candidates the front-most is the outline there.
+        keep = (id_a != id_b) & (z_edge < torch.where(front_a, z_b, z_a))
+        pixel_a, front_a, edge, z_edge = pixel_a[keep], front_a[keep], edge[keep], z_edge[keep]
+        order = torch.sort(z_edge, stable=True).indices
+        order = order[torch.sort(pixel_a[order], stable=True).indices]  # by pair, then front to back
+        pixel_a, front_a, edge = pixel_a[order], front_a[order], edge[order]
+        first_of_pair = torch.ones_like(pixel_a, dtype=torch.bool)
+        first_of_pair[1:] = pixel_a[1:] != pixel_a[:-1]
+        # Steep across the pair (nvdiffrast's rule), decided after the pick: a flat front-most edge leaves
+        # the pair to the other direction rather than letting a steep edge behind it blend it.
+        pick = first_of_pair.clone()
+        pick[first_of_pair] = (c1 - c0).abs()[edge[first_of_pair]] >= (a1 - a0).abs()[edge[first_of_pair]]
+        pixel_a, front_a, edge = pixel_a[pick], front_a[pick], edge[pick]
+        results.append((v[edge], pixel_a, torch.full_like(front_a, horizontal), front_a, i0[edge], i1[edge]))
     return tuple(torch.cat(parts) for parts in zip(*results, strict=True))  # type: ignore[return-value]
