@@ -12,13 +12,17 @@ is done without a compiled kernel, on CPU and CUDA alike:
   only, the perspective-correct barycentrics and z/w are recomputed from the winning triangle's clip-space
   vertices inside autograd, so gradients reach the vertex positions through every later op.
 * `antialias` is nvdiffrast's analytic silhouette antialiasing: where neighbouring pixels see different
-  surfaces and a silhouette edge of the front triangle crosses the segment between their centres, the two
-  colours are blended by the crossing's position; the crossing moves with the edge's vertices, which gives
-  gradients w.r.t. positions at silhouettes (a mask loss moves the outline).
+  surfaces and a visible silhouette edge crosses the segment between their centres, the two colours are
+  blended by the crossing's position; the crossing moves with the edge's vertices, which gives gradients
+  w.r.t. positions at silhouettes (a mask loss moves the outline). The edges are found in screen space
+  (each silhouette edge followed over the rows and columns it spans, with a depth test), not among the
+  front pixel's triangle and its neighbours: on a fine mesh the triangle seen just inside an outline lies
+  many triangles away from it.
 
 Differences from nvdiffrast, on purpose: image row 0 is the TOP of the image (y_ndc = +1), so renders are
 upright without a flip; no mipmapping (`texture` is bilinear); triangles with a vertex behind the near
-plane of the camera (w <= 0) are dropped rather than clipped; no depth peeling.
+plane of the camera (w <= 0) are dropped rather than clipped; no depth peeling; the silhouette search
+of `antialias` runs in screen space.
 """
 
 from __future__ import annotations
@@ -396,9 +400,10 @@ def antialias(
     with torch.no_grad():
         px, py, pz = _to_pixels(pos_clip.detach().float(), height, width)  # [V, N] each
         sil_edges = silhouette_edges(px, py, tri, topology.long(), use_numba)
+        drawn = (pos_clip.detach()[..., 3][:, tri] > _W_EPS).all(-1)  # [V, F] as rasterize draws them
         ids, zw = rast[..., 3].detach().long(), rast[..., 2].detach().float()  # [V, H, W], id 0 = empty
         view, pixel_a, horizontal, front_a, e0, e1 = _silhouette_crossings(
-            ids, zw, px, py, pz, tri, topology.long(), sil_edges
+            ids, zw, px, py, pz, tri, topology.long(), sil_edges, drawn
         )
     if view.numel() == 0:
         return color
@@ -468,6 +473,7 @@ def _silhouette_crossings(
     tri: Tensor,  # [F, 3] int64
     topology: Tensor,  # [F, 3] from edge_topology
     sil_edges: Tensor,  # [V, F, 3] from silhouette_edges
+    drawn: Tensor,  # [V, F] triangles that rasterize draws (all vertices in front of the camera)
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The pixel pairs to blend and their edges: [Q] view, pixel a (flat), horizontal, front is a, v0, v1.
 
@@ -475,9 +481,12 @@ def _silhouette_crossings(
     """
     n_views, height, width = ids.shape
     device = ids.device
-    face = torch.arange(tri.shape[0], device=device)[:, None]
-    once = (topology < 0) | (face < topology)  # [F, 3] an interior edge is flagged from both its triangles
-    v, f, k = (sil_edges & once[None]).nonzero(as_tuple=True)  # [E] each
+    # Silhouette edges of drawn triangles; an interior edge is flagged from both its triangles: counted from
+    # the lower-numbered one, or from the one drawn where the other is not (behind the camera).
+    face = torch.arange(tri.shape[0], device=device)[None, :, None]
+    neighbour_drawn = drawn[:, topology.clamp(min=0)]  # [V, F, 3]
+    once = (topology[None] < 0) | (face < topology[None]) | ~neighbour_drawn
+    v, f, k = (sil_edges & drawn[..., None] & once).nonzero(as_tuple=True)  # [E] each
     i0, i1 = tri[f, k], tri[f, (k + 1) % 3]
     x0, y0, z0, x1, y1, z1 = px[v, i0], py[v, i0], pz[v, i0], px[v, i1], py[v, i1], pz[v, i1]  # [E] each
     flat_ids = ids.reshape(-1)

@@ -175,6 +175,22 @@ def test_triangles_behind_the_camera_are_dropped_and_empty_scene():
     assert rasterize(pos, torch.zeros((0, 3), dtype=torch.long), 8).abs().sum() == 0
 
 
+def test_antialias_ignores_edges_of_triangles_behind_the_camera():
+    """A square (two triangles) with a third triangle on one of its edges whose far vertex is behind the
+    camera (w < 0): rasterize drops it, and its two other edges, projected through w < 0 across the square,
+    blend nothing; the result is the square's alone (the shared edge is its outline either way)."""
+    square = [[-0.47, -0.43, 0.5, 1.0], [0.41, -0.52, 0.5, 1.0], [0.45, 0.44, 0.5, 1.0], [-0.5, 0.4, 0.5, 1.0]]
+    pos = torch.tensor([square + [[1.0, 0.0, 0.5, -1.0]]])  # [1, 5, 4]
+    faces = torch.tensor([[0, 1, 2], [0, 2, 3], [1, 4, 2]])
+    colour = torch.rand(1, 16, 16, 3, generator=torch.Generator().manual_seed(0))
+    rast = rasterize(pos, faces, 16)
+    assert torch.equal(rast, rasterize(pos, faces[:2], 16))
+    for backend in ("torch", "numba") if _zbuffer_cpu.AVAILABLE else ("torch",):
+        with_dropped = antialias(colour, rast, pos, faces, backend=backend)
+        assert torch.equal(with_dropped, antialias(colour, rast, pos[:, :4], faces[:2], backend=backend))
+        assert not torch.equal(with_dropped, colour)
+
+
 def _small_scene(dtype=torch.float64):
     mesh = trimesh.creation.icosphere(subdivisions=1, radius=0.45)
     verts = torch.tensor(mesh.vertices, dtype=dtype)
