@@ -398,10 +398,13 @@ def antialias(
     if use_numba and not _zbuffer_cpu.AVAILABLE:
         raise RuntimeError("backend='numba' needs the numba package")
     with torch.no_grad():
-        px, py, pz = _to_pixels(pos_clip.detach().float(), height, width)  # [V, N] each
+        # The search in the positions' precision (float64 in the gradient checks): the crossings it finds are
+        # the ones the differentiable part below computes again.
+        search = pos_clip.detach().to(torch.float64 if pos_clip.dtype == torch.float64 else torch.float32)
+        px, py, pz = _to_pixels(search, height, width)  # [V, N] each
         sil_edges = silhouette_edges(px, py, tri, topology.long(), use_numba)
-        drawn = (pos_clip.detach()[..., 3][:, tri] > _W_EPS).all(-1)  # [V, F] as rasterize draws them
-        ids, zw = rast[..., 3].detach().long(), rast[..., 2].detach().float()  # [V, H, W], id 0 = empty
+        drawn = (search[..., 3][:, tri] > _W_EPS).all(-1)  # [V, F] as rasterize draws them
+        ids, zw = rast[..., 3].detach().long(), rast[..., 2].detach().to(px.dtype)  # [V, H, W], 0 = empty
         view, pixel_a, horizontal, front_a, e0, e1 = _silhouette_crossings(
             ids, zw, px, py, pz, tri, topology.long(), sil_edges, drawn
         )
@@ -420,7 +423,7 @@ def antialias(
     den_v = torch.where(horizontal, torch.ones_like(ex0), ex1 - ex0)
     t_h = ex0 + (cy - ey0) / den_h * (ex1 - ex0) - cx
     t_v = ey0 + (cx - ex0) / den_v * (ey1 - ey0) - cy
-    t = torch.where(horizontal, t_h, t_v)  # in (0, 1): pixels from a's centre towards b's
+    t = torch.where(horizontal, t_h, t_v).clamp(0.0, 1.0)  # in (0, 1): pixels from a's centre towards b's
     d = torch.where(front_a, t, 1.0 - t)  # distance from the front pixel's centre to the edge
     pixel_b = pixel_a + torch.where(horizontal, 1, width)
     idx_front = torch.where(front_a, pixel_a, pixel_b)
@@ -481,14 +484,21 @@ def _silhouette_crossings(
     """
     n_views, height, width = ids.shape
     device = ids.device
-    # Silhouette edges of drawn triangles; an interior edge is flagged from both its triangles: counted from
-    # the lower-numbered one, or from the one drawn where the other is not (behind the camera).
-    face = torch.arange(tri.shape[0], device=device)[None, :, None]
-    neighbour_drawn = drawn[:, topology.clamp(min=0)]  # [V, F, 3]
-    once = (topology[None] < 0) | (face < topology[None]) | ~neighbour_drawn
-    v, f, k = (sil_edges & drawn[..., None] & once).nonzero(as_tuple=True)  # [E] each
+    # An interior edge is a silhouette when either of its triangles says so (the test is symmetric but for
+    # rounding and degenerate triangles), and on the outline of what is drawn when its neighbour is not
+    # (behind the camera). Each is followed once: from the lower-numbered triangle, or the drawn one.
+    face = torch.arange(tri.shape[0], device=device)[:, None]  # [F, 1]
+    has_opp = topology >= 0  # [F, 3]
+    opp = topology.clamp(min=0)
+    mate_k = (topology[opp] == face[..., None]).int().argmax(-1)  # [F, 3] the edge's index in its neighbour
+    neighbour_drawn = drawn[:, opp] | ~has_opp  # [V, F, 3]
+    flagged = sil_edges | (has_opp & sil_edges[:, opp, mate_k]) | ~neighbour_drawn
+    once = ~has_opp | (face < topology) | ~neighbour_drawn
+    v, f, k = (flagged & once & drawn[..., None]).nonzero(as_tuple=True)  # [E] each
     i0, i1 = tri[f, k], tri[f, (k + 1) % 3]
     x0, y0, z0, x1, y1, z1 = px[v, i0], py[v, i0], pz[v, i0], px[v, i1], py[v, i1], pz[v, i1]  # [E] each
+    finite = torch.stack([x0, y0, z0, x1, y1, z1]).isfinite().all(0)  # a diverged vertex crosses nothing
+    v, i0, i1, x0, y0, z0, x1, y1, z1 = (x[finite] for x in (v, i0, i1, x0, y0, z0, x1, y1, z1))
     flat_ids = ids.reshape(-1)
     depth = torch.where(flat_ids > 0, zw.reshape(-1), torch.full_like(zw.reshape(-1), float("inf")))
     results = []
@@ -521,7 +531,8 @@ def _silhouette_crossings(
         z_edge = z0[edge] + s * (z1[edge] - z0[edge])  # z/w is affine in screen space along the edge
         # A candidate lies in front of what the farther pixel sees: an edge hidden behind a surface that
         # covers both pixels is not one. Of a pair's candidates the front-most is the outline there.
-        keep = (id_a != id_b) & (z_edge < torch.where(front_a, z_b, z_a))
+        # Where the crossing is outside the depth range, rasterize clips the surface: no outline there.
+        keep = (id_a != id_b) & (z_edge < torch.where(front_a, z_b, z_a)) & (z_edge.abs() <= 1.0)
         pixel_a, front_a, edge, z_edge = pixel_a[keep], front_a[keep], edge[keep], z_edge[keep]
         order = torch.sort(z_edge, stable=True).indices
         order = order[torch.sort(pixel_a[order], stable=True).indices]  # by pair, then front to back

@@ -11,7 +11,7 @@ import trimesh
 
 from refine import Cameras, Mesh, antialias, edge_topology, interpolate, rasterize, render_mesh, texture
 from refine.camera import transform_points
-from refine.rasterizer import _zbuffer_cpu, interpolate_covered
+from refine.rasterizer import _silhouette_crossings, _to_pixels, _zbuffer_cpu, interpolate_covered
 from sv3d.cameras import FOV_DEG, c2w_from_angles, projection_from_fov
 
 
@@ -175,13 +175,26 @@ def test_triangles_behind_the_camera_are_dropped_and_empty_scene():
     assert rasterize(pos, torch.zeros((0, 3), dtype=torch.long), 8).abs().sum() == 0
 
 
-def test_antialias_ignores_edges_of_triangles_behind_the_camera():
-    """A square (two triangles) with a third triangle on one of its edges whose far vertex is behind the
-    camera (w < 0): rasterize drops it, and its two other edges, projected through w < 0 across the square,
-    blend nothing; the result is the square's alone (the shared edge is its outline either way)."""
-    square = [[-0.47, -0.43, 0.5, 1.0], [0.41, -0.52, 0.5, 1.0], [0.45, 0.44, 0.5, 1.0], [-0.5, 0.4, 0.5, 1.0]]
-    pos = torch.tensor([square + [[1.0, 0.0, 0.5, -1.0]]])  # [1, 5, 4]
-    faces = torch.tensor([[0, 1, 2], [0, 2, 3], [1, 4, 2]])
+_SQUARE = [[-0.47, -0.43, 0.5, 1.0], [0.41, -0.52, 0.5, 1.0], [0.45, 0.44, 0.5, 1.0], [-0.5, 0.4, 0.5, 1.0]]
+
+
+_NEAR_PLANE = [[-0.3, -0.6, -2.0, 1.0], [0.6, 0.1, -2.0, 1.0], [-0.2, 0.7, -2.0, 1.0]]  # z/w < -1
+
+
+@pytest.mark.parametrize(
+    ("extra", "extra_face"),
+    [
+        ([[1.0, 0.0, 0.5, -1.0]], [1, 4, 2]),  # behind the camera, projected across the square
+        ([[-1.0, 0.0, 0.5, -1.0]], [1, 4, 2]),  # projected beyond 1-2: 1-2 would not read as a silhouette
+        (_NEAR_PLANE, [4, 5, 6]),  # in front of the near plane, over the square: clipped
+        ([[float("nan"), 0.0, 0.5, 1.0]] + _NEAR_PLANE[1:], [4, 5, 6]),  # a diverged vertex
+    ],
+)
+def test_antialias_ignores_triangles_that_are_not_drawn(extra: list[list[float]], extra_face: list[int]):
+    """A square (two triangles) with a third triangle that rasterize does not draw: its edges blend nothing
+    (and where it shares the square's edge 1-2, that edge is the square's outline), as without it."""
+    pos = torch.tensor([_SQUARE + extra])  # [1, 4 + E, 4]
+    faces = torch.tensor([[0, 1, 2], [0, 2, 3], extra_face])
     colour = torch.rand(1, 16, 16, 3, generator=torch.Generator().manual_seed(0))
     rast = rasterize(pos, faces, 16)
     assert torch.equal(rast, rasterize(pos, faces[:2], 16))
@@ -189,6 +202,25 @@ def test_antialias_ignores_edges_of_triangles_behind_the_camera():
         with_dropped = antialias(colour, rast, pos, faces, backend=backend)
         assert torch.equal(with_dropped, antialias(colour, rast, pos[:, :4], faces[:2], backend=backend))
         assert not torch.equal(with_dropped, colour)
+
+
+def test_an_edge_flagged_by_one_of_its_triangles_is_followed():
+    """The silhouette test is symmetric but for rounding and degenerate triangles: an interior edge that
+    only its higher-numbered triangle flags is still followed (each edge is walked once, from the
+    lower-numbered triangle)."""
+    pos = torch.tensor([_SQUARE], dtype=torch.float32)
+    pos[0, 3, 2] = 0.9  # triangle 1's far vertex deeper: across the diagonal 0-2 the pixels see farther
+    faces = torch.tensor([[0, 1, 2], [0, 2, 3]])
+    rast = rasterize(pos, faces, 16)
+    px, py, pz = _to_pixels(pos, 16, 16)
+    ids, zw = rast[..., 3].long(), rast[..., 2]
+    topology = edge_topology(faces)
+    drawn = torch.ones(1, 2, dtype=torch.bool)
+    only_diagonal = torch.zeros(1, 2, 3, dtype=torch.bool)
+    only_diagonal[0, 1, 0] = True  # triangle 1's edge 0 -> 2, not triangle 0's edge 2 -> 0
+    view, _, _, _, e0, e1 = _silhouette_crossings(ids, zw, px, py, pz, faces, topology, only_diagonal, drawn)
+    assert view.numel() > 4
+    assert set(zip(e0.tolist(), e1.tolist(), strict=True)) <= {(0, 2), (2, 0)}
 
 
 def _small_scene(dtype=torch.float64):
@@ -421,7 +453,10 @@ def test_hidden_silhouettes_blend_nothing(backend: str):
     pure = ((front_share == 1) | ((any_share == 1) & (front_share == 0))).float()[:, None]
     far_from_outline = -torch.nn.functional.max_pool2d(-pure, 3, stride=1, padding=1)[:, 0] == 1
     hidden = far_from_outline & (front_share == 1)
-    assert hidden.sum() > 200  # the front sphere's inside, across which the back outline runs
+    alone = rasterize(pos[:, : len(back)], back_faces, res * ss)[..., 3].reshape(1, res, ss, res, ss)
+    back_alone = (alone > 0).float().mean((2, 4))
+    behind = hidden & (back_alone > 0) & (back_alone < 1)  # the back outline, under the front sphere
+    assert behind.sum() > 10
     assert not changed[far_from_outline].any()
     assert changed.sum() > 50
     drawn = (rast[..., 3:] > n_back).float()
