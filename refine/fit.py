@@ -45,7 +45,8 @@ __all__ = [
     "sds_phase_steps",
 ]
 
-# guidance(images [V, H, W, 3] in [0, 1], alpha [V, H, W, 1], normals [V, H, W, 3], step) -> {"loss_sds": ...}
+# guidance(images [V, H, W, 3] in [0, 1], alpha [V, H, W, 1], normals [V, H, W, 3], step=, points=) ->
+# {"loss_sds": ...}; points [V, H, W, 3]: the world surface point at each pixel (0 where empty)
 Guidance = Callable[..., dict[str, Tensor]]
 
 
@@ -141,6 +142,7 @@ class SurfaceRender:
     alpha: Tensor  # [V, H, W, 1] antialiased coverage
     normals: Tensor | None  # [V, H, W, 3] unit world normals (outward), 0 off the surface; None if not asked
     points: Tensor  # [P, 3] the surface points where the colour was queried, detached
+    point_image: Tensor | None = None  # [V, H, W, 3] the same per pixel (0 where empty); when asked for
 
 
 def render_surface(
@@ -152,6 +154,7 @@ def render_surface(
     detach_points: bool = True,  # False: photometric error moves the surface through the colour field
     with_normals: bool = True,  # False: no normals image (the reconstruction losses do not use it)
     topology: Tensor | None = None,  # [F, 3] edge_topology(faces), when the caller has it already
+    with_point_image: bool = False,  # True: also the surface points as an image (the guidance's mask)
 ) -> SurfaceRender:
     """Render the surface with its colour field: unlit (the lighting is in the colours), or, for a field
     whose `shaded` is true, given the interpolated vertex normals at the surface points as well."""
@@ -178,8 +181,16 @@ def render_surface(
     rgba = torch.cat([flat.view(*mask.shape[:-1], 3), mask.to(queried.dtype)], dim=-1)  # premultiplied
     rgba = antialias(rgba, rast, pos_clip, faces, edge_topology(faces) if topology is None else topology)
     alpha = rgba[..., 3:].clamp(0.0, 1.0)
+    point_image = None
+    if with_point_image:
+        flat_points = queried.new_zeros(mask.numel(), 3).index_put((covered,), queried.detach())
+        point_image = flat_points.view(*mask.shape[:-1], 3)
     return SurfaceRender(
-        image=rgba[..., :3] + (1.0 - alpha), alpha=alpha, normals=normals, points=queried.detach()
+        image=rgba[..., :3] + (1.0 - alpha),
+        alpha=alpha,
+        normals=normals,
+        points=queried.detach(),
+        point_image=point_image,
     )
 
 
@@ -348,9 +359,18 @@ def _optimise(
         loss = sum(getattr(config, f"lambda_{name}") * value for name, value in losses.items())
         if guidance is not None and step >= sds_start:
             full = render_surface(
-                vertices, faces, color, cameras, config.sds_resolution, detach, topology=topology
+                vertices,
+                faces,
+                color,
+                cameras,
+                config.sds_resolution,
+                detach,
+                topology=topology,
+                with_point_image=True,
             )
-            sds = guidance(full.image, full.alpha, full.normals, step=step - sds_start)
+            sds = guidance(
+                full.image, full.alpha, full.normals, step=step - sds_start, points=full.point_image
+            )
             losses["sds"] = sds["loss_sds"]
             loss = loss + config.lambda_sds * losses["sds"]
         optimizer.zero_grad(set_to_none=True)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor
 
-from .cameras import NUM_FRAMES, Orbit, static_orbit
+from .cameras import FOV_DEG, NUM_FRAMES, Orbit, static_orbit
 from .errors import InputError
 from .model.conditioner import concat_for_cfg
 from .model.pipeline import SV3DPipeline
@@ -49,6 +49,7 @@ __all__ = [
     "SV3DSDSModel",
     "input_view_direction",
     "make_sv3d_guidance",
+    "seen_from_input",
     "smoothstep",
     "visibility_mask",
 ]
@@ -222,6 +223,11 @@ class SDSConfig:
     mask_low: float = 0.0
     mask_high: float = 0.5
     background_weight: float = 0.0  # mask value off the object (alpha 0): the frames' silhouettes rule there
+    # Occlusion: a surface point counts as seen from the input view only where it is no farther from the
+    # input camera than the input view's own render there (+ this, in world units; the object's radius is
+    # 0.5): the far inside wall of a cup faces the input camera but its near wall hides it. Needs the
+    # renders' surface points (`points=`) and the input camera (make_sv3d_guidance gives both); None: off.
+    occlusion_tolerance: float | None = 0.02
     seed: int = 0  # sigma and noise draws (a CPU generator: the same numbers on every device)
 
     def __post_init__(self) -> None:
@@ -253,6 +259,9 @@ class SDSConfig:
             )
         if not 0.0 <= self.background_weight <= 1.0:
             raise ValueError(f"SDSConfig.background_weight must be in [0, 1], got {self.background_weight}")
+        tol = self.occlusion_tolerance
+        if tol is not None and not (math.isfinite(tol) and tol > 0.0):
+            raise ValueError(f"SDSConfig.occlusion_tolerance must be a finite number > 0 or None, got {tol}")
 
 
 def smoothstep(edge0: float, edge1: float, x: Tensor) -> Tensor:
@@ -268,18 +277,23 @@ def visibility_mask(
     low: float = 0.0,
     high: float = 0.5,
     background: float = 0.0,
+    unoccluded: Tensor | None = None,  # [V, H, W, 1] bool: in the input camera's line of sight (None: all)
 ) -> Tensor:
     """Soft "poorly seen from the input view" weight [V, H, W, 1] in [0, 1] (no gradient).
 
-    mask = alpha * (1 - smoothstep(low, high, n . d_in)) + (1 - alpha) * background.
-    n . d_in <= low (facing away from the input camera, or edge-on): 1; >= high: 0; smooth between.
+    mask = alpha * (1 - smoothstep(low, high, n . d_in) * unoccluded) + (1 - alpha) * background.
+    n . d_in <= low (facing away from the input camera, or edge-on): 1; >= high: 0; smooth between; and 1
+    where something else hides the surface from the input camera (`unoccluded`, from `seen_from_input`).
     A direction instead of per-pixel view rays: the input camera is 2 object radii away, so rays to it
     differ from d_in by at most ~15 degrees, and the mask is soft anyway.
     """
     d = input_view_dir.to(device=normals.device, dtype=normals.dtype)
     n = normals.detach()
     facing = (n * d).sum(dim=-1, keepdim=True)  # [V, H, W, 1] = n . d_in
-    seen_poorly = 1.0 - smoothstep(low, high, facing)  # [V, H, W, 1]
+    seen_well = smoothstep(low, high, facing)  # [V, H, W, 1]
+    if unoccluded is not None:
+        seen_well = seen_well * unoccluded.to(seen_well.dtype)
+    seen_poorly = 1.0 - seen_well
     # Antialiased silhouette pixels beside the covered ones have alpha > 0 but no normal (facing 0 would
     # read as edge-on: weight 1 whatever the surface there): they take the mean weight of the covered
     # pixels among their 3 x 3 neighbours.
@@ -288,6 +302,35 @@ def visibility_mask(
     seen_poorly = torch.where(covered > 0, seen_poorly, beside)
     a = alpha.detach().clamp(0.0, 1.0)
     return a * seen_poorly + (1.0 - a) * background
+
+
+def seen_from_input(
+    points: Tensor,  # [V, H, W, 3] world surface points of the renders (anything where not covered)
+    covered: Tensor,  # [V, H, W, 1] bool: a surface is drawn there
+    input_index: int,  # which render is the input view's
+    input_c2w: Tensor,  # [4, 4] the input camera, OpenGL convention (looks along -z, y up)
+    fov_deg: float,  # the renders' field of view (square images)
+    tolerance: float,  # world units a point may lie behind the input view's surface and still count as seen
+) -> Tensor:
+    """[V, H, W, 1] bool: the surface point is covered and in the input camera's line of sight.
+
+    Each point is projected into the input view and compared with the depth of the input view's own render
+    at that pixel (nearest pixel: within a pixel of an occluder's outline either answer can come out; on
+    the surfaces turned towards the input camera it agrees with ray casting at 99% of the pixels at 128²,
+    tests/test_guidance.py). A point outside the input view's frame or behind its camera is not seen.
+    """
+    n_views, height, width, _ = points.shape
+    c2w = input_c2w.to(device=points.device, dtype=points.dtype)
+    cam = (points.detach() - c2w[:3, 3]) @ c2w[:3, :3]  # [V, H, W, 3] camera coordinates
+    depth = -cam[..., 2]  # [V, H, W] along the viewing axis
+    scale = depth.clamp(min=1e-6) * math.tan(math.radians(fov_deg) / 2)
+    col = ((cam[..., 0] / scale + 1.0) * (0.5 * width)).floor()
+    row = ((1.0 - cam[..., 1] / scale) * (0.5 * height)).floor()
+    inside = (depth > 1e-6) & (col >= 0) & (col < width) & (row >= 0) & (row < height)
+    empty = torch.full_like(depth[0], float("inf"))
+    own = torch.where(covered[input_index, ..., 0], depth[input_index], empty)  # [H, W]
+    ref = own[row.clamp(0, height - 1).long(), col.clamp(0, width - 1).long()]  # [V, H, W]
+    return (covered[..., 0] & inside & (depth <= ref + tolerance))[..., None]
 
 
 def _mean_3x3(images: Tensor) -> Tensor:
@@ -325,6 +368,8 @@ class SDSGuidance:
         config: SDSConfig,
         input_view_dir: Tensor,  # [3] from the object towards the input camera (input_view_direction)
         input_view_index: int | None = None,  # the renders' input view (SV3D's orbits: the last), None: none
+        input_c2w: Tensor | None = None,  # [4, 4] the input camera, for the occlusion test (with the index)
+        fov_deg: float = FOV_DEG,  # the renders' field of view
     ) -> None:
         if not isinstance(model, SDSModel):
             raise ValueError(
@@ -346,6 +391,12 @@ class SDSGuidance:
         self.config = config
         self.input_view_dir = d / d.norm()  # [3]
         self.input_view_index = input_view_index
+        if input_c2w is not None:
+            input_c2w = torch.as_tensor(input_c2w, dtype=torch.float32).detach().cpu()
+            if input_c2w.shape != (4, 4) or not bool(torch.isfinite(input_c2w).all()):
+                raise ValueError(f"input_c2w must be a finite [4, 4] matrix, got {tuple(input_c2w.shape)}")
+        self.input_c2w = input_c2w
+        self.fov_deg = float(fov_deg)
         self.reset()
 
     def reset(self) -> None:
@@ -367,6 +418,7 @@ class SDSGuidance:
         alpha: Tensor,  # [V, H, W, 1] coverage
         normals: Tensor,  # [V, H, W, 3] world unit normals, 0 where empty
         step: int | None = None,  # annealing step; None: the number of earlier calls
+        points: Tensor | None = None,  # [V, H, W, 3] world surface points: the mask's occlusion test
     ) -> dict[str, Tensor]:
         c = self.config
         # 1. Check inputs
@@ -377,6 +429,8 @@ class SDSGuidance:
             raise ValueError(f"alpha must be [{v}, {h}, {w}, 1] like images, got {tuple(alpha.shape)}")
         if normals.shape != (v, h, w, 3):
             raise ValueError(f"normals must be [{v}, {h}, {w}, 3] like images, got {tuple(normals.shape)}")
+        if points is not None and points.shape != (v, h, w, 3):
+            raise ValueError(f"points must be [{v}, {h}, {w}, 3] like images, got {tuple(points.shape)}")
         if self.model.num_frames is not None and v != self.model.num_frames:
             raise ValueError(
                 f"got {v} views but the model's orbit has {self.model.num_frames} frames "
@@ -388,8 +442,16 @@ class SDSGuidance:
 
         # 2. Soft visibility mask at the render resolution (no gradient)
         if c.mask:
+            unoccluded = None
+            occlusion_test = c.occlusion_tolerance is not None and self.input_c2w is not None
+            if occlusion_test and points is not None and self.input_view_index is not None:
+                covered = normals.detach().abs().sum(dim=-1, keepdim=True) > 0  # [V, H, W, 1]
+                tol = c.occlusion_tolerance
+                unoccluded = seen_from_input(
+                    points, covered, self.input_view_index, self.input_c2w, self.fov_deg, tol
+                )
             mask = visibility_mask(
-                normals, alpha, self.input_view_dir, c.mask_low, c.mask_high, c.background_weight
+                normals, alpha, self.input_view_dir, c.mask_low, c.mask_high, c.background_weight, unoccluded
             )  # [V, H, W, 1]
             if self.input_view_index is not None:  # the input view saw everything its render shows
                 i = self.input_view_index
@@ -482,7 +544,14 @@ def make_sv3d_guidance(
         seed=config.seed,
         cfg_batching=cfg_batching,
     )
-    return SDSGuidance(model, config, input_view_direction(orbit), input_view_index=len(orbit) - 1)
+    return SDSGuidance(
+        model,
+        config,
+        input_view_direction(orbit),
+        input_view_index=len(orbit) - 1,
+        input_c2w=orbit.c2w()[-1],
+        fov_deg=orbit.fov_deg,
+    )
 
 
 def _check_orbit_for(variant: str, orbit: Orbit) -> None:

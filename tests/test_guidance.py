@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 import trimesh
 
-from refine import Mesh, edge_topology, render_mesh
+from refine import Mesh, edge_topology, interpolate, rasterize, render_mesh
+from refine.camera import transform_points
 from sv3d.cameras import static_orbit
 from sv3d.guidance import (
     SDSConfig,
@@ -21,6 +22,7 @@ from sv3d.guidance import (
     SV3DSDSModel,
     input_view_direction,
     make_sv3d_guidance,
+    seen_from_input,
     smoothstep,
     visibility_mask,
 )
@@ -164,6 +166,88 @@ def test_mask_on_a_rendered_sphere_from_the_input_view_and_behind_it():
     # interpolated normals turn towards the input camera, which lowers their weight.
     off = (mask[0] - out.alpha[0]).abs()[..., 0] > 0.02  # [H, W]
     assert int(off.sum()) <= 2 and bool((mask[0][off] < out.alpha[0][off]).all())
+
+
+def _two_spheres_along_the_input_view(orbit, res: int):
+    """A small sphere between the input camera and a larger one: (points, covered, normals, alpha) of the
+    orbit's renders ([V, H, W, .]) and the trimesh scene."""
+    d_in = input_view_direction(orbit)
+    spheres = []
+    for centre, radius in ((0.25 * d_in, 0.15), (-0.2 * d_in, 0.28)):
+        m = trimesh.creation.icosphere(subdivisions=4)
+        spheres.append(trimesh.Trimesh(m.vertices * radius + centre.numpy(), m.faces))
+    scene = trimesh.util.concatenate(spheres)
+    verts = torch.tensor(scene.vertices, dtype=torch.float32)
+    faces = torch.tensor(scene.faces)
+    out = render_mesh(Mesh(verts, faces), orbit.cameras(), res)
+    pos = transform_points(verts, orbit.cameras().world_to_clip())
+    points = interpolate(verts, rasterize(pos, faces, res), faces)  # [V, H, W, 3]
+    return points, out.mask > 0, out.normals, out.alpha, scene
+
+
+def test_occlusion_from_the_input_view_matches_ray_casting():
+    """A surface that faces the input camera but lies behind another is not seen from it: the larger,
+    farther sphere's middle is hidden by the small one. `seen_from_input` (projection into the input view's
+    own render) agrees with casting a ray from the input camera to each rendered surface point (embree),
+    and the SDS mask is 1 (times alpha) there although the normals face the input camera."""
+    pytest.importorskip("embreex")
+    from trimesh.ray.ray_pyembree import RayMeshIntersector
+
+    orbit = static_orbit(10.0, 30.0, num_frames=4)  # the last frame is the input view; the others see sides
+    res = 128
+    points, covered, normals, alpha, scene = _two_spheres_along_the_input_view(orbit, res)
+    c2w = orbit.c2w()[-1]
+    seen = seen_from_input(points, covered, len(orbit) - 1, c2w, orbit.fov_deg, tolerance=0.02)
+    assert bool(seen[-1][covered[-1]].all())  # the input view sees all it renders
+
+    camera = c2w[:3, 3].double().numpy()
+    targets = points[covered[..., 0]].double().numpy()  # [P, 3]
+    towards = targets - camera
+    distance = (towards**2).sum(-1) ** 0.5
+    locations, ray, _ = RayMeshIntersector(scene).intersects_location(
+        camera[None].repeat(len(targets), 0), towards / distance[:, None], multiple_hits=False
+    )
+    first = torch.full((len(targets),), float("inf"), dtype=torch.float64)  # distance to the first hit
+    first[torch.tensor(ray)] = torch.tensor(((locations - camera) ** 2).sum(-1) ** 0.5)
+    visible = first >= torch.tensor(distance) - 0.02  # nothing before the point
+    # Where the mask depends on it (surfaces turned towards the input camera: n . d_in >= 0.25); at grazing
+    # angles the surface's depth changes by more than the tolerance across one of the input view's pixels.
+    d = input_view_direction(orbit)
+    turned = ((normals * d).sum(-1) >= 0.25)[covered[..., 0]]
+    agree = float((seen[covered] == visible)[turned].double().mean())
+    hidden = ~visible & turned
+    assert hidden.sum() > 300 and agree > 0.98, (int(hidden.sum()), agree)
+
+    facing = (normals * d).sum(-1, keepdim=True) >= 0.5  # [V, H, W, 1]: well turned to the input camera
+    mask = visibility_mask(normals, alpha, d, unoccluded=seen)
+    hidden_facing = facing & ~seen & covered
+    assert hidden_facing.sum() > 50
+    assert torch.allclose(mask[hidden_facing], alpha[hidden_facing])  # the SDS mask's full weight
+    plain = visibility_mask(normals, alpha, d)
+    assert float(plain[hidden_facing].max()) == 0.0  # without the test: "seen well", no SDS
+
+
+def test_guidance_uses_the_surface_points_for_its_mask():
+    """Given the renders' surface points and the input camera, the guidance's mask covers the hidden
+    surfaces as well; without points (or with `occlusion_tolerance=None`) it is the normals' mask."""
+    orbit = static_orbit(10.0, 30.0, num_frames=4)
+    res = 32
+    points, _, normals, alpha, _ = _two_spheres_along_the_input_view(orbit, res)
+    images = torch.full((len(orbit), res, res, 3), 0.5)
+    d = input_view_direction(orbit)
+    means = {}
+    cases = (("occlusion", 0.02, points), ("no points", 0.02, None), ("off", None, points))
+    for name, tolerance, given in cases:
+        model = IdentityModel(torch.zeros(len(orbit), 3, res, res), res)
+        config = SDSConfig(resolution=res, occlusion_tolerance=tolerance)
+        guidance = SDSGuidance(model, config, d, len(orbit) - 1, orbit.c2w()[-1], orbit.fov_deg)
+        means[name] = float(guidance(images, alpha, normals, points=given)["mask_mean"])
+    assert means["occlusion"] > means["no points"] + 0.005
+    assert means["no points"] == means["off"]
+    with pytest.raises(ValueError, match="points must be"):
+        guidance(images, alpha, normals, points=points[:, :8])
+    with pytest.raises(ValueError, match="occlusion_tolerance"):
+        SDSConfig(occlusion_tolerance=-1.0)
 
 
 # ------------------------------------------------------------------------------------------------
