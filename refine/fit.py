@@ -14,6 +14,7 @@ to (`refine.floor`) and each step's surface is projected above that plane.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -45,8 +46,9 @@ __all__ = [
     "sds_phase_steps",
 ]
 
-# guidance(images [V, H, W, 3] in [0, 1], alpha [V, H, W, 1], normals [V, H, W, 3], step=, points=) ->
-# {"loss_sds": ...}; points [V, H, W, 3]: the world surface point at each pixel (0 where empty)
+# guidance(images [V, H, W, 3] in [0, 1], alpha [V, H, W, 1], normals [V, H, W, 3], step=[, points=]) ->
+# {"loss_sds": ...}; points [V, H, W, 3]: the world surface point at each pixel (0 where empty), given to
+# callables that take a `points` keyword
 Guidance = Callable[..., dict[str, Tensor]]
 
 
@@ -194,6 +196,16 @@ def render_surface(
     )
 
 
+def _takes_points(guidance: Guidance) -> bool:
+    """Whether the guidance callable accepts `points=` (the surface points image): older callables of
+    (images, alpha, normals, step) keep working, and no points image is made for them."""
+    try:
+        parameters = inspect.signature(guidance).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable without a signature: the old contract
+        return False
+    return any(p.name == "points" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
 def _resize(images: Tensor, size: int) -> Tensor:
     """[V, H, W, C] -> [V, size, size, C] (area when shrinking, bilinear when growing)."""
     if images.shape[1] == size:
@@ -316,6 +328,7 @@ def _optimise(
         eps=1e-15,
     )
     sds_start = config.steps - sds_phase_steps(config) if guidance else config.steps
+    guidance_takes_points = guidance is not None and _takes_points(guidance)
     n_views = images.shape[0]
     detach = not config.color_moves_geometry  # colour-field queries at detached surface points
     history: list[dict[str, float]] = []
@@ -366,11 +379,10 @@ def _optimise(
                 config.sds_resolution,
                 detach,
                 topology=topology,
-                with_point_image=True,
+                with_point_image=guidance_takes_points,
             )
-            sds = guidance(
-                full.image, full.alpha, full.normals, step=step - sds_start, points=full.point_image
-            )
+            extra = {"points": full.point_image} if guidance_takes_points else {}
+            sds = guidance(full.image, full.alpha, full.normals, step=step - sds_start, **extra)
             losses["sds"] = sds["loss_sds"]
             loss = loss + config.lambda_sds * losses["sds"]
         optimizer.zero_grad(set_to_none=True)

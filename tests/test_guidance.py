@@ -172,8 +172,11 @@ def _two_spheres_along_the_input_view(orbit, res: int):
     """A small sphere between the input camera and a larger one: (points, covered, normals, alpha) of the
     orbit's renders ([V, H, W, .]) and the trimesh scene."""
     d_in = input_view_direction(orbit)
+    # Off the input camera's optical axis (its x and y axes), the input view's depth image is symmetric
+    # neither way: a flipped row or column would read other pixels.
+    off = 0.08 * orbit.c2w()[-1, :3, 0] + 0.06 * orbit.c2w()[-1, :3, 1]
     spheres = []
-    for centre, radius in ((0.25 * d_in, 0.15), (-0.2 * d_in, 0.28)):
+    for centre, radius in ((0.25 * d_in + off, 0.15), (-0.2 * d_in - 0.6 * off, 0.28)):
         m = trimesh.creation.icosphere(subdivisions=4)
         spheres.append(trimesh.Trimesh(m.vertices * radius + centre.numpy(), m.faces))
     scene = trimesh.util.concatenate(spheres)
@@ -228,26 +231,37 @@ def test_occlusion_from_the_input_view_matches_ray_casting():
 
 
 def test_guidance_uses_the_surface_points_for_its_mask():
-    """Given the renders' surface points and the input camera, the guidance's mask covers the hidden
-    surfaces as well; without points (or with `occlusion_tolerance=None`) it is the normals' mask."""
+    """Given the renders' surface points and the input camera, the guidance's mask is the normals' mask
+    with the occlusion test (computed here from the parts); without points, or with
+    `occlusion_tolerance=None`, it is the normals' mask alone."""
     orbit = static_orbit(10.0, 30.0, num_frames=4)
     res = 32
     points, _, normals, alpha, _ = _two_spheres_along_the_input_view(orbit, res)
     images = torch.full((len(orbit), res, res, 3), 0.5)
     d = input_view_direction(orbit)
-    means = {}
-    cases = (("occlusion", 0.02, points), ("no points", 0.02, None), ("off", None, points))
+    covered = normals.abs().sum(-1, keepdim=True) > 0
+    seen = seen_from_input(points, covered, len(orbit) - 1, orbit.c2w()[-1], orbit.fov_deg, 0.02)
+    expected = {}
+    for name, unoccluded in (("occlusion", seen), ("normals only", None)):
+        mask = visibility_mask(normals, alpha, d, unoccluded=unoccluded)
+        mask[-1] = 0.0  # the input view: no SDS on what it shows (background weight 0)
+        expected[name] = float(mask.mean())
+    assert expected["occlusion"] > expected["normals only"] + 0.01  # the hidden part of the far sphere
+    cases = (("occlusion", 0.02, points), ("normals only", 0.02, None), ("normals only", None, points))
     for name, tolerance, given in cases:
-        model = IdentityModel(torch.zeros(len(orbit), 3, res, res), res)
+        model = IdentityModel(torch.zeros(len(orbit), 3, res, res), res)  # latents = images: the mask as is
         config = SDSConfig(resolution=res, occlusion_tolerance=tolerance)
         guidance = SDSGuidance(model, config, d, len(orbit) - 1, orbit.c2w()[-1], orbit.fov_deg)
-        means[name] = float(guidance(images, alpha, normals, points=given)["mask_mean"])
-    assert means["occlusion"] > means["no points"] + 0.005
-    assert means["no points"] == means["off"]
+        mean = float(guidance(images, alpha, normals, points=given)["mask_mean"])
+        assert mean == pytest.approx(expected[name], abs=1e-6), name
     with pytest.raises(ValueError, match="points must be"):
         guidance(images, alpha, normals, points=points[:, :8])
     with pytest.raises(ValueError, match="occlusion_tolerance"):
         SDSConfig(occlusion_tolerance=-1.0)
+    with pytest.raises(ValueError, match="needs input_view_index"):
+        SDSGuidance(model, config, d, None, orbit.c2w()[-1])
+    with pytest.raises(ValueError, match="fov_deg"):
+        SDSGuidance(model, config, d, len(orbit) - 1, orbit.c2w()[-1], fov_deg=0.0)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 import trimesh
 
-from refine import Mesh, edge_topology, render_mesh
+from refine import Mesh, edge_topology, interpolate, rasterize, render_mesh
+from refine.camera import transform_points
 from refine.color_field import ColorField, ColorFieldConfig
 from refine.dmtet import DMTetConfig
 from refine.fit import RefineConfig, refine_surface, render_surface
@@ -289,6 +290,42 @@ def test_sds_alone_converges_to_the_target_shape_and_colours():
     assert iou > 0.9 and iou > iou0 + 0.1, (iou0, iou)
     assert err < 0.5 * err0, (err0, err)
     assert math.isfinite(result.history[-1]["sds"])
+
+
+def test_guidance_gets_the_surface_points_when_it_takes_them():
+    """The SDS step hands a guidance that takes `points=` the world surface point of every rendered pixel
+    (the interpolated vertex positions, 0 off the surface), and calls one of the older signature
+    (images, alpha, normals, step) without them."""
+    views = 2
+    cameras = static_orbit(10.0, 0.0, num_frames=views).cameras()
+    config = RefineConfig(steps=2, render_resolution=RES, views_per_step=1, tet=TET, sds_fraction=0.5)
+    config = replace(config, sds_resolution=RES)
+    images = coloured_sphere_frames(0.40, cameras, RES)[0]
+    seen = []
+
+    def new_style(images, alpha, normals, step=None, points=None):
+        seen.append(("new", images.shape, points))
+        return {"loss_sds": images.sum() * 0.0}
+
+    def old_style(images, alpha, normals, step=None):
+        seen.append(("old", images.shape, None))
+        return {"loss_sds": images.sum() * 0.0}
+
+    for guidance in (new_style, old_style):
+        refine_surface(images, cameras, sphere_sdf(0.36), config, guidance=guidance)
+    (_, shape, points), (kind, _, _) = seen
+    assert kind == "old" and points is not None and points.shape == (*shape[:3], 3)
+
+    sphere = trimesh.creation.icosphere(subdivisions=3)
+    vertices, faces = torch.tensor(sphere.vertices * 0.4, dtype=torch.float32), torch.tensor(sphere.faces)
+    out = render_surface(vertices, faces, lambda p: torch.ones_like(p), cameras, RES, with_point_image=True)
+    rast = rasterize(transform_points(vertices, cameras.world_to_clip()), faces, RES)
+    covered = rast[..., 3] > 0
+    expected = interpolate(vertices, rast, faces)  # [V, H, W, 3]
+    assert covered.sum() > 100
+    assert torch.allclose(out.point_image[covered], expected[covered], atol=1e-6)
+    assert bool((out.point_image[~covered] == 0).all())
+    assert render_surface(vertices, faces, lambda p: torch.ones_like(p), cameras, RES).point_image is None
 
 
 def test_the_colour_field_covers_a_wider_tet_grid():
