@@ -95,10 +95,10 @@ def _starts(monkeypatch, init_sdf, open_loss: float, open_step_loss: float = 0.0
 
 def test_the_open_start_is_kept_only_when_it_fits_clearly_better(monkeypatch):
     box = _box_sdf(_lattice(), 0.3)
-    name, starts = _starts(monkeypatch, box, open_loss=0.85)  # 15% better than the init's 1.0 (the bowl)
+    name, starts = _starts(monkeypatch, box, open_loss=0.69)  # 31% better than the init's 1.0 (the bowl)
     assert name == "open" and [s["chosen"] for s in starts] == [False, True]
     assert starts[1]["removed"] > 0.5
-    name, starts = _starts(monkeypatch, box, open_loss=0.89)  # 11% (a closed box): keep the init
+    name, starts = _starts(monkeypatch, box, open_loss=0.825)  # 17.5% (the closed box): keep the init
     assert name == "init" and [s["chosen"] for s in starts] == [True, False]
     name, starts = _starts(monkeypatch, box, open_loss=0.92, cavity_gain=0.05)
     assert name == "open"
