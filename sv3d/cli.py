@@ -234,7 +234,8 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
         "--no-open-cavities",
         action="store_true",
         help="refine from the init only (by default also from the init with its cavities opened, kept "
-        "when it fits the frames at least 10%% better: a bowl keeps its inside; about twice the time)",
+        "when its colours fit the frames at least 25%% better: a bowl keeps its inside; about twice the "
+        "time)",
     )
     cavities.add_argument(
         "--open-cavities",

@@ -562,6 +562,17 @@ def test_volume_weight_reaches_the_nerf_stage():
     assert run_config_from_args(args).nerf.train.volume_weight == 0.0  # off by default
 
 
+def test_the_refine_help_states_the_open_cavity_threshold_in_use(capsys):
+    """The help quotes the default threshold (it said 10% while the default was 13%)."""
+    from sv3d.cli import build_parser
+    from sv3d.refine_stage import RefineStageConfig
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["refine", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"at least {round(RefineStageConfig().cavity_gain * 100)}% better" in help_text
+
+
 def test_no_floor_cut_reaches_the_nerf_and_refine_stages():
     from sv3d.cli import build_parser, run_config_from_args
 
