@@ -331,8 +331,9 @@ def seen_from_input(
     col = ((cam[:, 0] / scale + 1.0) * (0.5 * width)).floor()
     row = ((1.0 - cam[:, 1] / scale) * (0.5 * height)).floor()
     inside = (depth > 1e-6) & (col >= 0) & (col < width) & (row >= 0) & (row < height)
-    own_depth = -((points.detach()[input_index].float() - c2w[:3, 3]) @ c2w[:3, :3])[..., 2]  # [H, W]
-    own = torch.where(mask[input_index], own_depth, torch.full_like(own_depth, float("inf")))
+    all_depth = torch.full(mask.shape, float("inf"), device=points.device)  # [V, H, W], inf where empty
+    all_depth[mask] = depth
+    own = all_depth[input_index]  # [H, W] the input view's own render
     ref = own[row.clamp(0, height - 1).long(), col.clamp(0, width - 1).long()]  # [P]
     slack = tolerance + 1.5 * depth * (2.0 * tan_half / height)  # world units
     seen = torch.zeros_like(mask)
