@@ -6,9 +6,9 @@ colours of the wall behind it is a local minimum of the photometric loss, and ca
 surface a long way through states that fit the frames worse. Started from the open shape, it keeps it
 (measured on the bowl: refined from the ground truth, 14% lower photometric loss than the lid). So the
 refinement stage tries this hypothesis as a second start and keeps it when it explains the frames
-clearly better (`sv3d.refine_stage`): every point deeper than `thickness` inside the init surface, and
-everything above it in its vertical column, is removed, which leaves a shell of that thickness, open at
-the top.
+clearly better where the two differ (`cavity_fit_gain`, used by `sv3d.refine_stage`). The opened init:
+every point deeper than `thickness` inside the init surface, and everything above it in its vertical
+column, is removed, which leaves a shell of that thickness, open at the top.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from scipy.ndimage import distance_transform_edt
 from torch import Tensor
 
-__all__ = ["open_cavities"]
+__all__ = ["cavity_fit_gain", "open_cavities"]
 
 
 def open_cavities(
@@ -49,3 +49,36 @@ def open_cavities(
     cavity_sdf = np.where(cavity, 0.5 * cell - inside_cavity, outside_cavity - 0.5 * cell)  # < 0 inside
     carved = np.maximum(grid, -cavity_sdf)
     return torch.as_tensor(carved.reshape(-1), dtype=sdf.dtype, device=sdf.device)
+
+
+def cavity_fit_gain(
+    plain_rgb: Tensor,  # [V, S, S] per-pixel RGB error of the surface refined from the init
+    plain_depth: Tensor,  # [V, S, S] its depth along the viewing axis, 0 where it covers nothing
+    open_rgb: Tensor,  # [V, S, S] the same for the surface refined from the opened init
+    open_depth: Tensor,  # [V, S, S]
+    thickness: float,  # world units: the opened surface must lie deeper than the plain one by more than this
+) -> dict[str, float]:
+    """How much of the plain start's RGB error the opened start removes where it looks into its cavity.
+
+    {"gain": (plain's error - opened's error, summed over the pixels where both cover the object and the
+    opened surface lies more than `thickness` behind the plain one) / plain's error over every pixel,
+    "pixels": the share of the plain start's covered pixels in that region}. Elsewhere the two surfaces are
+    the same up to a wall and differ only in how sharply each refinement fitted rims and edges, which can
+    favour either start whatever lies under the lid (measured: a closed box's opened start fitted 17.5%
+    better overall, 75% of it at its rim); inside the region the difference is what the opening explains.
+    """
+    if not (plain_rgb.shape == plain_depth.shape == open_rgb.shape == open_depth.shape):
+        raise ValueError(
+            f"error and depth maps must have one shape, got {tuple(plain_rgb.shape)}, "
+            f"{tuple(plain_depth.shape)}, {tuple(open_rgb.shape)} and {tuple(open_depth.shape)}"
+        )
+    if thickness <= 0:
+        raise ValueError(f"thickness must be > 0, got {thickness}")
+    covered = plain_depth > 0
+    deeper = covered & (open_depth > 0) & (open_depth - plain_depth > thickness)  # [V, S, S]
+    total = float(plain_rgb.double().sum())
+    removed = float((plain_rgb.double() - open_rgb.double())[deeper].sum())
+    return {
+        "gain": removed / total if total > 0 else 0.0,
+        "pixels": float(deeper.sum()) / max(int(covered.sum()), 1),
+    }

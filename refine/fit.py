@@ -36,10 +36,12 @@ from .regularisers import laplacian_loss, normal_consistency_loss
 from .shading import albedo_smoothness
 
 __all__ = [
+    "FrameErrorMaps",
     "Guidance",
     "RefineConfig",
     "RefineResult",
     "SurfaceVanishedError",
+    "frame_error_maps",
     "frame_errors",
     "refine_surface",
     "render_surface",
@@ -145,6 +147,7 @@ class SurfaceRender:
     normals: Tensor | None  # [V, H, W, 3] unit world normals (outward), 0 off the surface; None if not asked
     points: Tensor  # [P, 3] the surface points where the colour was queried, detached
     point_image: Tensor | None = None  # [V, H, W, 3] the same per pixel (0 where empty); when asked for
+    depth: Tensor | None = None  # [V, H, W, 1] along the viewing axis (0 where empty); when asked for
 
 
 def render_surface(
@@ -157,6 +160,7 @@ def render_surface(
     with_normals: bool = True,  # False: no normals image (the reconstruction losses do not use it)
     topology: Tensor | None = None,  # [F, 3] edge_topology(faces), when the caller has it already
     with_point_image: bool = False,  # True: also the surface points as an image (the guidance's mask)
+    with_depth: bool = False,  # True: also the depth image (comparing two surfaces' renders)
 ) -> SurfaceRender:
     """Render the surface with its colour field: unlit (the lighting is in the colours), or, for a field
     whose `shaded` is true, given the interpolated vertex normals at the surface points as well."""
@@ -187,12 +191,17 @@ def render_surface(
     if with_point_image:
         flat_points = queried.new_zeros(mask.numel(), 3).index_put((covered,), queried.detach())
         point_image = flat_points.view(*mask.shape[:-1], 3)
+    depth = None
+    if with_depth:  # camera-space -z, interpolated perspective-correctly
+        view_z = -transform_points(vertices.detach(), cameras.world_to_camera())[..., 2:3]  # [V, N, 1]
+        depth = interpolate(view_z, rast, faces) * mask
     return SurfaceRender(
         image=rgba[..., :3] + (1.0 - alpha),
         alpha=alpha,
         normals=normals,
         points=queried.detach(),
         point_image=point_image,
+        depth=depth,
     )
 
 
@@ -223,31 +232,50 @@ def _targets(images: Tensor, resolution: int, device: torch.device) -> tuple[Ten
     return frames[..., :3], frames[..., 3:]
 
 
+@dataclass
+class FrameErrorMaps:
+    rgb: Tensor  # [V, S, S] squared RGB error over white per pixel (mean over the channels)
+    mask: Tensor  # [V, S, S] squared coverage error per pixel
+    depth: Tensor  # [V, S, S] the render's depth along the viewing axis, 0 where it covers nothing
+
+
 @torch.no_grad()
-def frame_errors(
+def frame_error_maps(
     result: RefineResult,
     images: Tensor,  # [V, H, W, 4] straight RGBA frames in [0, 1]
     cameras: Cameras,  # V cameras of the frames
     resolution: int,  # frames compared at this size (the refinement's render_resolution)
     views_per_batch: int = 4,
-) -> dict[str, float]:
-    """{"rgb": mean squared RGB error (over white), "mask": mean squared coverage error} of the refined
-    surface's renders against all the frames, over every view (their sum: the reconstruction loss with
-    unit weights)."""
+) -> FrameErrorMaps:
+    """Per-pixel errors of the refined surface's renders against all the frames, and its depth there."""
     vertices, faces = result.geometry.extract()
     device = vertices.device
     target_rgb, target_alpha = _targets(images, resolution, device)
     cameras = cameras.to(device)
     topology = edge_topology(faces)
-    rgb = mask = 0.0
+    rgb, mask, depth = [], [], []
     for start in range(0, len(cameras), views_per_batch):
         views = torch.arange(start, min(start + views_per_batch, len(cameras)), device=device)
         out = render_surface(
-            vertices, faces, result.color, cameras[views], resolution, with_normals=False, topology=topology
+            vertices,
+            faces,
+            result.color,
+            cameras[views],
+            resolution,
+            with_normals=False,
+            topology=topology,
+            with_depth=True,
         )
-        rgb += float((out.image - target_rgb[views]).pow(2).sum() / (3 * resolution**2))
-        mask += float((out.alpha - target_alpha[views]).pow(2).sum() / resolution**2)
-    return {"rgb": rgb / len(cameras), "mask": mask / len(cameras)}
+        rgb.append((out.image - target_rgb[views]).pow(2).mean(-1))
+        mask.append((out.alpha - target_alpha[views]).pow(2)[..., 0])
+        depth.append(out.depth[..., 0])
+    return FrameErrorMaps(rgb=torch.cat(rgb), mask=torch.cat(mask), depth=torch.cat(depth))
+
+
+def frame_errors(maps: FrameErrorMaps) -> dict[str, float]:
+    """{"rgb": mean squared RGB error (over white), "mask": mean squared coverage error} over every pixel of
+    every view (their sum: the reconstruction loss with unit weights)."""
+    return {"rgb": float(maps.rgb.mean()), "mask": float(maps.mask.mean())}
 
 
 def refine_surface(

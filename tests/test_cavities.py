@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refine.cavities import open_cavities
+from refine.cavities import cavity_fit_gain, open_cavities
 from refine.tetgrid import tet_grid
 
 R, BOUND = 32, 0.55
@@ -54,6 +54,28 @@ def test_open_cavities_rejects_bad_arguments():
         open_cavities(torch.zeros((R + 1) ** 3), R, BOUND, 0.0)
 
 
+def test_cavity_fit_gain_counts_only_where_the_opened_surface_lies_deeper():
+    shape = (2, 4, 4)
+    plain_rgb, plain_depth = torch.ones(shape), torch.full(shape, 2.0)
+    plain_depth[1, 3] = 0.0  # a row the plain surface does not cover
+    open_rgb, open_depth = plain_rgb.clone(), plain_depth.clone()
+    open_depth[0, :2] = 2.5  # 8 pixels looking into the cavity: half their error removed
+    open_rgb[0, :2] = 0.5
+    open_rgb[1, :2] = 0.0  # same depth (rims, edges): better fitted, not counted
+    open_depth[1, 2, :2], open_rgb[1, 2, :2] = 2.02, 0.0  # deeper by less than the wall: not counted
+    open_depth[1, 2, 2:], open_rgb[1, 2, 2:] = 1.5, 0.0  # in front of the plain surface: not counted
+    open_depth[1, 3], open_rgb[1, 3] = 3.0, 0.0  # not covered by the plain start: not counted (its
+    # error there is in the total: 32 pixels)
+    gain = cavity_fit_gain(plain_rgb, plain_depth, open_rgb, open_depth, thickness=0.03)
+    assert gain["gain"] == pytest.approx(8 * 0.5 / 32) and gain["pixels"] == pytest.approx(8 / 28)
+    worse = cavity_fit_gain(plain_rgb, plain_depth, open_rgb + 1.0, open_depth, thickness=0.03)
+    assert worse["gain"] == pytest.approx(-8 * 0.5 / 32)  # a worse fit there is a negative gain
+    with pytest.raises(ValueError, match="one shape"):
+        cavity_fit_gain(plain_rgb, plain_depth[0], open_rgb, open_depth, 0.03)
+    with pytest.raises(ValueError, match="thickness"):
+        cavity_fit_gain(plain_rgb, plain_depth, open_rgb, open_depth, 0.0)
+
+
 class _Frames:
     """The two things `_refine_starts` reads of an orbit: its images and its cameras."""
 
@@ -65,12 +87,18 @@ class _Frames:
             return None
 
 
-def _starts(monkeypatch, init_sdf, open_loss: float, open_step_loss: float = 0.01, **overrides):
-    """Run `_refine_starts` with a stand-in refinement: each start reports a constant step loss (the open
-    start `open_step_loss`, the init 0.01) and ends with RGB error 1.0 (init) or `open_loss` (open)."""
+def _starts(
+    monkeypatch, init_sdf, cavity: float, rest: float = 1.0, open_step_loss: float = 0.01, **overrides
+):
+    """Run `_refine_starts` with a stand-in refinement over two 8x8 views: each start reports a constant
+    step loss (the open start `open_step_loss`, the init 0.01); the init's renders end with RGB error 1.0
+    per pixel at depth 1, the open start's with `cavity` in the first view, where it lies deeper (looking
+    into its cavity), and `rest` in the second at the init's depth. The open start's share of the init's
+    error removed in its cavity: (1 - cavity) / 2."""
     from types import SimpleNamespace
 
     import sv3d.refine_stage as stage
+    from refine.fit import FrameErrorMaps
 
     def refine(images, cameras, sdf, config, guidance, device, progress, floor_height=None):
         assert floor_height == -0.25  # both starts are cut at the floor handed to the stage
@@ -81,10 +109,15 @@ def _starts(monkeypatch, init_sdf, open_loss: float, open_step_loss: float = 0.0
 
     monkeypatch.setattr(stage, "refine_surface", refine)
 
-    def errors(result, *args):  # the open start's coverage error is the worse: only colours decide
-        return {"rgb": 1.0, "mask": 0.5} if result.name == "init" else {"rgb": open_loss, "mask": 0.8}
+    def maps(result, *args):  # the open start's coverage error is the worse: only colours decide
+        ones = torch.ones(2, 8, 8)
+        if result.name == "init":
+            return FrameErrorMaps(rgb=ones, mask=ones * 0.5, depth=ones)
+        depth, rgb = ones.clone(), ones * rest
+        depth[0], rgb[0] = 1.5, cavity
+        return FrameErrorMaps(rgb=rgb, mask=ones * 0.8, depth=depth)
 
-    monkeypatch.setattr(stage, "frame_errors", errors)
+    monkeypatch.setattr(stage, "frame_error_maps", maps)
     config = stage.RefineStageConfig(**overrides)
     config.refine.steps = 20
     grid = SimpleNamespace(resolution=R, bound=BOUND)
@@ -93,20 +126,26 @@ def _starts(monkeypatch, init_sdf, open_loss: float, open_step_loss: float = 0.0
     return result.name, starts
 
 
-def test_the_open_start_is_kept_only_when_it_fits_clearly_better(monkeypatch):
+def test_the_open_start_is_kept_only_when_it_explains_the_frames_clearly_better_in_its_cavity(monkeypatch):
     box = _box_sdf(_lattice(), 0.3)
-    name, starts = _starts(monkeypatch, box, open_loss=0.69)  # 31% better than the init's 1.0 (the bowl)
+    name, starts = _starts(monkeypatch, box, cavity=0.3)  # 35% of the init's error removed (bowl: 30%)
     assert name == "open" and [s["chosen"] for s in starts] == [False, True]
-    assert starts[1]["removed"] > 0.5
-    name, starts = _starts(monkeypatch, box, open_loss=0.825)  # 17.5% (the closed box): keep the init
+    assert starts[1]["removed"] > 0.5 and starts[1]["cavity_gain"] == pytest.approx(0.35)
+    assert starts[1]["cavity_pixels"] == pytest.approx(0.5)
+    # 5% in the cavity, 30% overall: the rest fitted better (the closed box: 3% and 17.5%, at its rim)
+    name, starts = _starts(monkeypatch, box, cavity=0.9, rest=0.5)
     assert name == "init" and [s["chosen"] for s in starts] == [True, False]
-    name, starts = _starts(monkeypatch, box, open_loss=0.92, cavity_gain=0.05)
+    assert starts[1]["frame_rgb"] == pytest.approx(0.7) and starts[1]["cavity_gain"] == pytest.approx(0.05)
+    name, starts = _starts(monkeypatch, box, cavity=0.9, cavity_gain=0.04)
     assert name == "open"
+    # Better in its cavity but worse overall: the init stays
+    name, starts = _starts(monkeypatch, box, cavity=0.3, rest=1.8)
+    assert name == "init" and starts[1]["cavity_gain"] == pytest.approx(0.35)
 
 
 def test_a_far_worse_open_start_is_stopped_early(monkeypatch):
     box = _box_sdf(_lattice(), 0.3)
-    name, starts = _starts(monkeypatch, box, open_loss=0.5, open_step_loss=0.03)  # 3x the init's steps
+    name, starts = _starts(monkeypatch, box, cavity=0.0, open_step_loss=0.03)  # 3x the init's steps
     assert name == "init" and "step 5" in starts[1]["abandoned"]  # a quarter of 20 steps
     assert "frame_loss" not in starts[1]
 
@@ -114,10 +153,10 @@ def test_a_far_worse_open_start_is_stopped_early(monkeypatch):
 def test_no_second_start_when_off_or_when_nothing_would_open(monkeypatch):
     p = _lattice()
     box = _box_sdf(p, 0.3)
-    name, starts = _starts(monkeypatch, box, open_loss=0.1, open_cavities="never")
+    name, starts = _starts(monkeypatch, box, cavity=0.0, open_cavities="never")
     assert name == "init" and len(starts) == 1 and starts[0]["chosen"]
     slab = torch.maximum(_box_sdf(p, 0.4), p[:, 2].abs() - 0.02)
-    name, starts = _starts(monkeypatch, slab, open_loss=0.1)
+    name, starts = _starts(monkeypatch, slab, cavity=0.0)
     assert name == "init" and "skipped" in starts[1]
 
 
@@ -126,12 +165,14 @@ def test_always_refines_the_opened_init_only_or_the_init_when_nothing_opens(monk
     box = _box_sdf(p, 0.3)
     # Kept although it fits the frames worse, and not stopped at a quarter of the steps although its
     # steps' loss is 3x the init's would be: there is no init start to compare with
-    name, starts = _starts(monkeypatch, box, open_loss=1.5, open_step_loss=0.03, open_cavities="always")
+    name, starts = _starts(
+        monkeypatch, box, cavity=1.5, rest=1.5, open_step_loss=0.03, open_cavities="always"
+    )
     assert name == "open" and len(starts) == 1
     assert starts[0]["start"] == "open cavities" and starts[0]["chosen"] and starts[0]["removed"] > 0.5
     assert starts[0]["frame_rgb"] == 1.5
     slab = torch.maximum(_box_sdf(p, 0.4), p[:, 2].abs() - 0.02)  # too thin to have a cavity
-    name, starts = _starts(monkeypatch, slab, open_loss=0.1, open_cavities="always")
+    name, starts = _starts(monkeypatch, slab, cavity=0.0, open_cavities="always")
     assert name == "init" and [s["chosen"] for s in starts] == [True, False] and "skipped" in starts[1]
 
 

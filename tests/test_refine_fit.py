@@ -120,6 +120,31 @@ def test_reconstruction_grows_the_surface_to_the_frames(color_moves_geometry: bo
     assert last < 0.5 * first, (first, last)
 
 
+def test_frame_error_maps_are_the_refined_surface_s_per_pixel_errors_and_depth():
+    """The maps the open-cavity choice compares: the frames of a 0.4 sphere against a surface refined for one
+    step from a 0.36 sphere. The ring between the two silhouettes has coverage error ~1 and no depth."""
+    from refine.fit import frame_error_maps, frame_errors
+
+    cameras = static_orbit(10.0, 0.0, num_frames=3).cameras()
+    images = straight_rgba(coloured_sphere_frames(0.4, cameras, RES)[0])
+    config = RefineConfig(steps=1, render_resolution=RES, views_per_step=1, tet=TET)
+    result = refine_surface(images, cameras, sphere_sdf(0.36), config)
+    maps = frame_error_maps(result, images, cameras, RES, views_per_batch=2)  # batches of 2 and 1 views
+    assert maps.rgb.shape == maps.mask.shape == maps.depth.shape == (3, RES, RES)
+    vertices, faces = result.geometry.extract()
+    out = render_surface(vertices, faces, result.color, cameras, RES, with_normals=False, with_depth=True)
+    target = images[..., 3]  # [V, H, W] the frames' coverage (at RES already)
+    assert torch.allclose(maps.mask, (out.alpha[..., 0] - target) ** 2, atol=1e-6)
+    assert torch.allclose(maps.depth, out.depth[..., 0], atol=1e-6)
+    ring = (target > 0.99) & (out.alpha[..., 0] < 0.01)
+    assert ring.sum() > 20 and bool((maps.mask[ring] > 0.95).all()) and bool((maps.depth[ring] == 0).all())
+    distance = cameras.c2w[:, :3, 3].norm(dim=-1)  # [V] the cameras look at the sphere's centre
+    nearest = maps.depth.masked_fill(maps.depth == 0, float("inf")).flatten(1).min(1).values
+    assert torch.allclose(nearest, distance - mean_radius(result), atol=0.02)
+    errors = frame_errors(maps)
+    assert errors["rgb"] == pytest.approx(float(maps.rgb.mean())) and errors["mask"] > 0
+
+
 def test_narrow_band_refines_exactly_as_the_whole_grid():
     # The same 30 steps with marching tets and the sign loss over a one-ring band and over every tet.
     cameras = static_orbit(10.0, 0.0, num_frames=8).cameras()
@@ -326,6 +351,27 @@ def test_guidance_gets_the_surface_points_when_it_takes_them():
     assert torch.allclose(out.point_image[covered], expected[covered], atol=1e-6)
     assert bool((out.point_image[~covered] == 0).all())
     assert render_surface(vertices, faces, lambda p: torch.ones_like(p), cameras, RES).point_image is None
+
+
+def test_the_depth_image_is_each_surface_point_s_distance_along_the_viewing_axis():
+    cameras = static_orbit(20.0, 30.0, num_frames=2).cameras()
+    sphere = trimesh.creation.icosphere(subdivisions=3)
+    vertices = torch.tensor(sphere.vertices * 0.4 + [0.05, 0.0, 0.02], dtype=torch.float32)
+    faces = torch.tensor(sphere.faces)
+    white = lambda p: torch.ones_like(p)  # noqa: E731
+    out = render_surface(vertices, faces, white, cameras, RES, with_point_image=True, with_depth=True)
+    covered = out.point_image.abs().sum(-1) > 0  # [V, H, W]
+    c2w = cameras.c2w  # [V, 4, 4] (OpenGL: the camera looks down its -z)
+    forward = -c2w[:, None, None, :3, 2]
+    expected = ((out.point_image - c2w[:, None, None, :3, 3]) * forward).sum(-1)  # [V, H, W]
+    assert covered.sum() > 100 and out.depth.shape == (*covered.shape, 1)
+    assert torch.allclose(out.depth[..., 0][covered], expected[covered], atol=1e-5)
+    assert bool((out.depth[..., 0][~covered] == 0).all())
+    # the sphere's nearest point from each camera, radius 0.4 in front of its centre
+    centre_distance = ((vertices.mean(0) - c2w[:, :3, 3]) * forward[:, 0, 0]).sum(-1)  # [V]
+    nearest = out.depth[..., 0].masked_fill(~covered, float("inf")).flatten(1).min(1).values
+    assert torch.allclose(nearest, centre_distance - 0.4, atol=0.01)
+    assert render_surface(vertices, faces, white, cameras, RES).depth is None
 
 
 def test_the_colour_field_covers_a_wider_tet_grid():

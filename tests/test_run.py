@@ -570,7 +570,8 @@ def test_the_refine_help_states_the_open_cavity_threshold_in_use(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["refine", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert f"at least {round(RefineStageConfig().cavity_gain * 100)}% better" in help_text
+    threshold = round(RefineStageConfig().cavity_gain * 100)
+    assert f"at least {threshold}% of the first start's error" in help_text
 
 
 def test_no_floor_cut_reaches_the_nerf_and_refine_stages():
