@@ -56,7 +56,7 @@ def cavity_fit_gain(
     plain_depth: Tensor,  # [V, S, S] its depth along the viewing axis, 0 where it covers nothing
     open_rgb: Tensor,  # [V, S, S] the same for the surface refined from the opened init
     open_depth: Tensor,  # [V, S, S]
-    thickness: float,  # world units: the opened surface must lie deeper than the plain one by more than this
+    thickness: float,  # world units along the viewing ray: the opened surface must lie this much deeper
 ) -> dict[str, float]:
     """How much of the plain start's RGB error the opened start removes where it looks into its cavity.
 
@@ -66,6 +66,7 @@ def cavity_fit_gain(
     the same up to a wall and differ only in how sharply each refinement fitted rims and edges, which can
     favour either start whatever lies under the lid (measured: a closed box's opened start fitted 17.5%
     better overall, 75% of it at its rim); inside the region the difference is what the opening explains.
+    The depths are along the viewing axis: seen at elevation e, a top lowered by d lies d / sin(e) deeper.
     """
     if not (plain_rgb.shape == plain_depth.shape == open_rgb.shape == open_depth.shape):
         raise ValueError(
@@ -75,7 +76,7 @@ def cavity_fit_gain(
     if thickness <= 0:
         raise ValueError(f"thickness must be > 0, got {thickness}")
     covered = plain_depth > 0
-    deeper = covered & (open_depth > 0) & (open_depth - plain_depth > thickness)  # [V, S, S]
+    deeper = covered & (open_depth - plain_depth > thickness)  # [V, S, S]
     total = float(plain_rgb.double().sum())
     removed = float((plain_rgb.double() - open_rgb.double())[deeper].sum())
     return {

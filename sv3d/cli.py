@@ -235,7 +235,8 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="refine from the init only (by default also from the init with its cavities opened, kept "
         "when, where it looks into its cavity, its colours remove at least 10%% of the first start's "
-        "error on the frames: a bowl keeps its inside; about twice the time)",
+        "error on the frames and it fits them no worse overall: a bowl keeps its inside; about twice the "
+        "time)",
     )
     cavities.add_argument(
         "--open-cavities",

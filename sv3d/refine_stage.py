@@ -77,19 +77,19 @@ class RefineStageConfig:
     # over all the frames must not be larger. Only colours can tell a lid from an opening (both have the
     # same silhouettes); the coverage error, as large, only adds noise. Elsewhere the two surfaces differ in
     # how sharply each fitted rims and edges, which favoured the opened start on a closed box (17.5% lower
-    # RGB error overall, 3.1% in its cavity; README, Limitations). "auto": both starts, chosen as above;
-    # "always": the opened init only (the init itself when nothing would open), for containers whose inside
-    # the orbit barely shows (the mug: Chamfer 0.0081 opened, 0.0172 with its lid; its open start fits the
-    # frames worse); "never": the init only.
+    # RGB error overall; removed in its cavity, 3.1% of the plain start's error; README, Limitations).
+    # "auto": both starts, chosen as above; "always": the opened init only (the init itself when nothing
+    # would open), for containers whose inside the orbit barely shows (the mug: Chamfer 0.0081 opened,
+    # 0.0172 with its lid; its open start fits the frames worse); "never": the init only.
     open_cavities: str = "auto"
     cavity_thickness: float = 0.03  # world units of wall left under the init's surface
     cavity_min_fraction: float = 0.02  # tried when it removes at least this share of the inside vertices
     # Measured (2026-12-07, CPU defaults, from the NeRF fits of the README's evaluation, commit ba7dbff):
-    # share removed in the cavity / RGB error overall, bowl 29.9% / 31.3% lower (kept), `internal`, a closed
-    # box, 3.1% / 17.5% lower (the overall criterion opened it at a 13% threshold: Chamfer 0.0274 against
-    # 0.0103). The mistakes cost differently (a closed box opened loses its top; a cup left closed keeps a
-    # lid, the mug 0.0172 against 0.0081), and 0.10 sits between the two with room on both sides; tuned on
-    # the test set.
+    # share of the plain start's whole RGB error removed in the cavity / RGB error lower overall, bowl 29.9%
+    # / 31.3% (kept), `internal`, a closed box, 3.1% / 17.5% (the overall criterion opened it at a 13%
+    # threshold: Chamfer 0.0274 against 0.0103). The mistakes cost differently (a closed box opened loses
+    # its top; a cup left closed keeps a lid, the mug 0.0172 against 0.0081), and 0.10 sits between the two
+    # with room on both sides; tuned on the test set.
     cavity_gain: float = 0.10
     # The second start stops early, after this share of the steps, when its reconstruction loss (mean of
     # the last 10 steps) is over cavity_abort_ratio x the plain start's at the same steps (a solid object
@@ -322,62 +322,70 @@ def refine_stage(
     except ValueError as exc:
         raise InputError(f"{init}: {exc}") from None
     guidance = _guidance(frames, config, device, plan)
+    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # mkdir makes these, deepest 1st
     out.mkdir(parents=True, exist_ok=True)
     for name in OUTPUTS:
         (out / name).unlink(missing_ok=True)
-
-    # 2. Refine
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.refine.steps, desc="refine", unit="step")
-
-    def report(step: int, record: dict, start: str) -> None:
-        if bar is not None:
-            bar.set_description(f"refine ({start})", refresh=False)
-            bar.n = step
-            bar.set_postfix(psnr=f"{record['psnr']:.1f}", faces=record["faces"], refresh=False)
-            bar.update(0)
-
     try:
-        result, starts = _refine_starts(frames, init_sdf, grid, config, guidance, device, report, floor)
-    except (ValueError, SurfaceVanishedError) as exc:  # the init was checked above: the refinement's
-        raise InputError(f"refinement of {init}: {exc}") from None
-    finally:
-        if bar is not None:
-            bar.close()
+        # 2. Refine
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
 
-    # 3. Clean, unwrap, bake, export (each file atomically)
-    start = time.perf_counter()
-    with torch.no_grad():
-        vertices, faces = result.geometry.extract()
-        vertices, faces = clean_mesh(vertices.detach().cpu(), faces.cpu(), config.cleanup)
-        color = result.color.cpu()
-        textured = textured_mesh(vertices, faces, color, **asdict(config.bake))
-    export_mesh(textured, out, "mesh", ("glb", "obj"))
-    with torch.no_grad():
-        cameras = frames.orbit.cameras()
-        preview = render_mesh(textured, cameras, config.preview_resolution, shading="unlit").image
-    write_video(out / "preview.mp4", preview.clamp(0, 1).numpy())
-    init_file = init / "mesh.ply" if init.is_dir() else init  # the mesh refined (a fit-nerf folder's)
-    summary = {
-        "history": result.history,
-        "refine_seconds": sum(s.get("seconds", 0.0) for s in starts),  # every start's, the chosen one's
-        "chosen_start_seconds": result.seconds,
-        "init": {"path": str(init_file.resolve()), "sha256": file_sha256(init_file), "up": init_up},
-        "device": str(device),
-        "sds_checkpoint": None if plan is None else str(plan.checkpoint),
-        "sds_dtype": None if plan is None else str(plan.dtype).removeprefix("torch."),
-        "export_seconds": time.perf_counter() - start,
-        "faces": int(textured.faces.shape[0]),
-        "sds": guidance is not None,
-        "starts": starts,
-        "floor": result.floor,
-        "orbit_sha256": orbit_fingerprint(orbit_dir),
-        "config": asdict(config),
-    }
-    _atomic(out / "refine.json", lambda p: p.write_text(json.dumps(summary, indent=1, default=str)))
+            bar = tqdm(total=config.refine.steps, desc="refine", unit="step")
+
+        def report(step: int, record: dict, start: str) -> None:
+            if bar is not None:
+                bar.set_description(f"refine ({start})", refresh=False)
+                bar.n = step
+                bar.set_postfix(psnr=f"{record['psnr']:.1f}", faces=record["faces"], refresh=False)
+                bar.update(0)
+
+        try:
+            result, starts = _refine_starts(frames, init_sdf, grid, config, guidance, device, report, floor)
+        except (ValueError, SurfaceVanishedError) as exc:  # the init was checked above: the refinement's
+            raise InputError(f"refinement of {init}: {exc}") from None
+        finally:
+            if bar is not None:
+                bar.close()
+
+        # 3. Clean, unwrap, bake, export (each file atomically)
+        start = time.perf_counter()
+        with torch.no_grad():
+            vertices, faces = result.geometry.extract()
+            vertices, faces = clean_mesh(vertices.detach().cpu(), faces.cpu(), config.cleanup)
+            color = result.color.cpu()
+            textured = textured_mesh(vertices, faces, color, **asdict(config.bake))
+        export_mesh(textured, out, "mesh", ("glb", "obj"))
+        with torch.no_grad():
+            cameras = frames.orbit.cameras()
+            preview = render_mesh(textured, cameras, config.preview_resolution, shading="unlit").image
+        write_video(out / "preview.mp4", preview.clamp(0, 1).numpy())
+        init_file = init / "mesh.ply" if init.is_dir() else init  # the mesh refined (a fit-nerf folder's)
+        summary = {
+            "history": result.history,
+            "refine_seconds": sum(s.get("seconds", 0.0) for s in starts),  # every start's, the chosen one's
+            "chosen_start_seconds": result.seconds,
+            "init": {"path": str(init_file.resolve()), "sha256": file_sha256(init_file), "up": init_up},
+            "device": str(device),
+            "sds_checkpoint": None if plan is None else str(plan.checkpoint),
+            "sds_dtype": None if plan is None else str(plan.dtype).removeprefix("torch."),
+            "export_seconds": time.perf_counter() - start,
+            "faces": int(textured.faces.shape[0]),
+            "sds": guidance is not None,
+            "starts": starts,
+            "floor": result.floor,
+            "orbit_sha256": orbit_fingerprint(orbit_dir),
+            "config": asdict(config),
+        }
+        _atomic(out / "refine.json", lambda p: p.write_text(json.dumps(summary, indent=1, default=str)))
+    except BaseException:  # interrupted or failed: none of this run's files stay, nor a folder it made
+        for name in OUTPUTS:
+            (out / name).unlink(missing_ok=True)
+        for folder in made:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
     return out
 
 
@@ -419,7 +427,7 @@ def _refine_starts(
 
         return callback
 
-    maps = {}  # start's name -> its FrameErrorMaps
+    maps = {}  # start's name -> its per-pixel RGB error and depth, [V, S, S] each
 
     def run(name: str, sdf: torch.Tensor) -> tuple[RefineResult, dict]:
         if guidance is not None:
@@ -427,8 +435,9 @@ def _refine_starts(
         result = refine_surface(
             frames.images, cameras, sdf, config.refine, guidance, device, progress(name), floor_height=floor
         )
-        maps[name] = frame_error_maps(result, frames.images, cameras, config.refine.render_resolution)
-        errors = frame_errors(maps[name])
+        error_maps = frame_error_maps(result, frames.images, cameras, config.refine.render_resolution)
+        errors = frame_errors(error_maps)
+        maps[name] = (error_maps.rgb, error_maps.depth)  # what the choice compares
         loss = errors["rgb"] + errors["mask"]
         return result, {
             "start": name,
@@ -464,10 +473,7 @@ def _refine_starts(
         else:
             try:
                 candidate, record = run("open cavities", opened)
-                plain, open_ = maps["init"], maps["open cavities"]
-                gain = cavity_fit_gain(
-                    plain.rgb, plain.depth, open_.rgb, open_.depth, config.cavity_thickness
-                )
+                gain = cavity_fit_gain(*maps["init"], *maps["open cavities"], config.cavity_thickness)
                 record.update(cavity_gain=gain["gain"], cavity_pixels=gain["pixels"])
                 starts.append({**record, **note})
                 better = record["frame_rgb"] <= starts[0]["frame_rgb"]

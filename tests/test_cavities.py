@@ -76,6 +76,68 @@ def test_cavity_fit_gain_counts_only_where_the_opened_surface_lies_deeper():
         cavity_fit_gain(plain_rgb, plain_depth, open_rgb, open_depth, 0.0)
 
 
+def _cup(lid: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cup of radius 0.3, 0.3 tall, walls and bottom 0.05 thick: open, or closed at its rim by a lid."""
+    import trimesh
+
+    if lid:
+        mesh = trimesh.creation.cylinder(radius=0.3, height=0.3, sections=48)
+    else:
+        wall = trimesh.creation.annulus(r_min=0.25, r_max=0.3, height=0.3, sections=48)
+        bottom = trimesh.creation.cylinder(radius=0.25, height=0.05, sections=48)
+        bottom.apply_translation((0.0, 0.0, -0.125))
+        mesh = trimesh.util.concatenate([wall, bottom])
+    return torch.tensor(mesh.vertices, dtype=torch.float32), torch.tensor(mesh.faces)
+
+
+def _painted(side: float = 0.6):
+    """Colour of a cup: `side` grey outside; stripes across x inside (r < 0.27 above the bottom's base: the
+    open cup's inner wall and floor, the lid's middle), the same on the lid and inside seen from above."""
+
+    def color(points: torch.Tensor) -> torch.Tensor:
+        inner = (points[:, :2].norm(dim=-1) < 0.27) & (points[:, 2] > -0.1)
+        stripes = (0.5 + 0.4 * torch.sin(25.0 * points[:, :1])).expand_as(points)
+        return torch.where(inner[:, None], stripes, torch.full_like(points, side))
+
+    return color
+
+
+def test_cavity_fit_gain_on_renders_of_an_open_and_a_lidded_cup():
+    """Through the refinement's own maps, seen from 30 degrees up, with the inside (or the lid) striped and
+    each start painted as it would be seen from straight above. Frames of the open cup: the lidded start
+    cannot show the striped inner walls from every view at once, and the open start removes most of its
+    error where it looks into the cup. Frames of the lidded cup (and both starts a little off in their
+    sides' grey): the open start cannot show the lid's stripes, and is the worse where it looks in."""
+    from types import SimpleNamespace
+
+    from refine.fit import frame_error_maps, render_surface
+    from sv3d.cameras import static_orbit
+
+    res = 64
+    cameras = static_orbit(30.0, 0.0, num_frames=4).cameras()
+
+    def start(lid: bool, side: float) -> SimpleNamespace:
+        vertices, faces = _cup(lid)
+        geometry = SimpleNamespace(extract=lambda: (vertices, faces))
+        return SimpleNamespace(geometry=geometry, color=_painted(side))
+
+    def frames(lid: bool) -> torch.Tensor:  # [V, res, res, 4] straight RGBA
+        vertices, faces = _cup(lid)
+        out = render_surface(vertices, faces, _painted(), cameras, res, with_normals=False)
+        rgb = ((out.image - (1.0 - out.alpha)) / out.alpha.clamp(min=1e-6)).clamp(0, 1)
+        return torch.cat([rgb, out.alpha], dim=-1)
+
+    def gain(images, plain, opened) -> dict[str, float]:
+        a = frame_error_maps(plain, images, cameras, res)
+        b = frame_error_maps(opened, images, cameras, res)
+        return cavity_fit_gain(a.rgb, a.depth, b.rgb, b.depth, thickness=0.03)
+
+    bowl = gain(frames(lid=False), start(True, 0.6), start(False, 0.6))
+    box = gain(frames(lid=True), start(True, 0.55), start(False, 0.55))
+    assert bowl["gain"] > 0.5 and 0.05 < bowl["pixels"] < 0.5  # measured 0.99 and 0.30
+    assert box["pixels"] == pytest.approx(bowl["pixels"]) and box["gain"] < -0.1  # measured -16.8
+
+
 class _Frames:
     """The two things `_refine_starts` reads of an orbit: its images and its cameras."""
 

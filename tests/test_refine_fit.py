@@ -141,6 +141,9 @@ def test_frame_error_maps_are_the_refined_surface_s_per_pixel_errors_and_depth()
     distance = cameras.c2w[:, :3, 3].norm(dim=-1)  # [V] the cameras look at the sphere's centre
     nearest = maps.depth.masked_fill(maps.depth == 0, float("inf")).flatten(1).min(1).values
     assert torch.allclose(nearest, distance - mean_radius(result), atol=0.02)
+    over_white = images[..., :3] * images[..., 3:] + (1.0 - images[..., 3:])  # [V, H, W, 3]
+    assert torch.allclose(maps.rgb, (out.image - over_white).pow(2).mean(-1), atol=1e-6)
+    assert maps.rgb[ring].mean() > 0.1  # the frames' colours against the white background
     errors = frame_errors(maps)
     assert errors["rgb"] == pytest.approx(float(maps.rgb.mean())) and errors["mask"] > 0
 

@@ -240,17 +240,29 @@ def test_a_nerf_inits_floor_height_is_the_floor_cut(scene, tmp_path, capsys):
         assert not (tmp_path / "bad").exists()
 
 
-def test_an_interrupted_refine_leaves_no_half_written_files(scene, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["export", "preview"])
+def test_an_interrupted_refine_leaves_no_files_and_no_folder_it_made(scene, tmp_path, monkeypatch, where):
+    """Interrupted as the mesh files are written, or after them (the preview): none of the run's files stay,
+    nor the output folder and its parent that it created."""
     import refine.export
+    import sv3d.refine_stage
 
-    out = tmp_path / "out"
+    out = tmp_path / "new" / "out"
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(refine.export, "_glb_bytes", boom)
+    if where == "export":
+        monkeypatch.setattr(refine.export, "_glb_bytes", boom)
+    else:
+        monkeypatch.setattr(sv3d.refine_stage, "write_video", boom)
     assert run(scene["orbit"], "--init", scene["init"], "-o", out, *TINY) == 130
-    assert not [p for p in out.iterdir() if p.name.startswith("mesh") or p.name.startswith(".")]
+    assert not (tmp_path / "new").exists()
+    # A folder that was there stays, with what it held; the run's files go
+    out.mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    assert run(scene["orbit"], "--init", scene["init"], "-o", out, *TINY, "--force") == 130
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
 def test_mesh_sdf_matches_the_analytic_sdf_and_the_full_winding_sign():
