@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor
 
-from .cameras import FOV_DEG, NUM_FRAMES, Orbit, static_orbit
+from .cameras import FOV_DEG, NUM_FRAMES, Orbit, focal_from_fov, static_orbit
 from .errors import InputError
 from .model.conditioner import concat_for_cfg
 from .model.pipeline import SV3DPipeline
@@ -326,16 +326,15 @@ def seen_from_input(
     c2w = input_c2w.to(device=points.device, dtype=torch.float32)
     cam = (points.detach()[mask].float() - c2w[:3, 3]) @ c2w[:3, :3]  # [P, 3] camera coordinates
     depth = -cam[:, 2]  # [P] along the viewing axis
-    tan_half = math.tan(math.radians(fov_deg) / 2)
-    scale = depth.clamp(min=1e-6) * tan_half
-    col = ((cam[:, 0] / scale + 1.0) * (0.5 * width)).floor()
-    row = ((1.0 - cam[:, 1] / scale) * (0.5 * height)).floor()
+    focal = focal_from_fov(fov_deg, width)  # pixels (square pixels: the same for the height)
+    col = (0.5 * width + focal * cam[:, 0] / depth.clamp(min=1e-6)).floor()
+    row = (0.5 * height - focal * cam[:, 1] / depth.clamp(min=1e-6)).floor()
     inside = (depth > 1e-6) & (col >= 0) & (col < width) & (row >= 0) & (row < height)
     all_depth = torch.full(mask.shape, float("inf"), device=points.device)  # [V, H, W], inf where empty
     all_depth[mask] = depth
     own = all_depth[input_index]  # [H, W] the input view's own render
     ref = own[row.clamp(0, height - 1).long(), col.clamp(0, width - 1).long()]  # [P]
-    slack = tolerance + 1.5 * depth * (2.0 * tan_half / height)  # world units
+    slack = tolerance + 1.5 * depth / focal  # world units
     seen = torch.zeros_like(mask)
     seen[mask] = inside & (depth <= ref + slack)
     return seen[..., None]
