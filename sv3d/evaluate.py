@@ -74,8 +74,10 @@ SUMMARY_FORMAT = 1  # bump when summary.json's layout changes
 # 2026-12-07 (generated predictions turned back by the input azimuth, volume IoU of inward-wound meshes and
 # on a grid clipped around the ground truth, the largest component always kept); 3 since 2026-12-07 (volume
 # IoU counts the prediction beyond that grid, visibility views framed on the body without far specks,
-# components joined across non-manifold edges, the visual hull with all its components).
-PROTOCOL_VERSION = 3
+# components joined across non-manifold edges, the visual hull with all its components); 4 since
+# 2026-12-07 (the volume-IoU grid has 64 cells along each side of its box, not cubes of its largest side,
+# so thin objects are resolved across their thickness).
+PROTOCOL_VERSION = 4
 SOURCES = ("final", "nerf", "hull")  # the refined mesh, the NeRF stage's mesh, the visual-hull baseline
 
 
@@ -85,7 +87,7 @@ class EvalConfig:
     n_points: int = 100_000  # visible-surface samples per mesh: Chamfer noise well under 1e-3 side units
     seed: int = 0  # the same samples for every run, so figures are comparable across runs
     fscore_thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS  # in units of the GT's largest side
-    iou_resolution: int = 64  # volume-IoU grid cells per side (the protocol's 64³)
+    iou_resolution: int = 64  # volume-IoU grid cells along each side of its box (the protocol's 64³)
     hull_resolution: int = 128  # visual-hull voxels per side: finer than the 21 masks can carve anyway
     icp: bool = False  # also report metrics after a rigid ICP (generated mode), as `*_icp`
     n_views: int = 64  # directions of the visible-surface test (`sample_visible_surface`)

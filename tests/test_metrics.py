@@ -289,6 +289,31 @@ def test_volume_iou_of_cubes_shifted_by_half_a_side() -> None:
     )
 
 
+@pytest.mark.parametrize("shift", [0.1, 0.3, 0.5, 0.8])
+def test_volume_iou_of_a_thin_plate_resolves_its_thickness(shift: float) -> None:
+    # A plate 1 x 1 x 0.023 (the test object's proportions) and the same plate raised by `shift` of its
+    # thickness: IoU (1 - s) / (1 + s), exactly. The grid has 64 cells across the union's thickness too;
+    # in cubes of the largest side / 64 the plate was 1.5 cells thick and this gave 1.0 or 0.0.
+    t = 0.023
+    gt = trimesh.creation.box(bounds=[[-0.5, -0.5, -t / 2], [0.5, 0.5, t / 2]])
+    pred = gt.copy()
+    pred.apply_translation([0.0, 0.0, shift * t])
+    assert volume_iou(pred, gt, resolution=64) == pytest.approx((1 - shift) / (1 + shift), abs=0.02)
+
+
+def test_volume_iou_of_a_flat_prediction_is_zero_not_an_error() -> None:
+    # A prediction with no thickness (a square sheet) encloses nothing. The grid's box is widened to a cube
+    # cell along z: unwidened, every cell centre of sheet vs sheet lay on the sheet, where the winding
+    # number is ill-defined, and the IoU came out 1.
+    gt = trimesh.creation.box(bounds=[[-0.5, -0.5, -0.01], [0.5, 0.5, 0.01]])
+    sheet = trimesh.Trimesh(
+        vertices=[[-0.5, -0.5, 0.0], [0.5, -0.5, 0.0], [0.5, 0.5, 0.0], [-0.5, 0.5, 0.0]],
+        faces=[[0, 1, 2], [0, 2, 3]],
+    )
+    assert volume_iou(sheet, sheet.copy(), resolution=16) == 0.0
+    assert volume_iou(sheet, gt, resolution=16) == 0.0
+
+
 def test_internal_faces_give_no_visible_samples() -> None:
     # `internal`: a closed box of side 0.1 holding a closed inner box and a closed inner wall, all apart.
     # Every visible sample must lie on the outer box: max-norm distance from its centre = half its side.
