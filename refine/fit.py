@@ -33,6 +33,7 @@ from .floor import seen_floor_height
 from .mesh import vertex_normals
 from .rasterizer import antialias, edge_topology, interpolate, interpolate_covered, rasterize
 from .regularisers import laplacian_loss, normal_consistency_loss
+from .render import depth_image
 from .shading import albedo_smoothness
 
 __all__ = [
@@ -192,9 +193,8 @@ def render_surface(
         flat_points = queried.new_zeros(mask.numel(), 3).index_put((covered,), queried.detach())
         point_image = flat_points.view(*mask.shape[:-1], 3)
     depth = None
-    if with_depth:  # camera-space -z, interpolated perspective-correctly
-        view_z = -transform_points(vertices.detach(), cameras.world_to_camera())[..., 2:3]  # [V, N, 1]
-        depth = interpolate(view_z, rast, faces) * mask
+    if with_depth:
+        depth = depth_image(vertices.detach(), faces, cameras, rast)
     return SurfaceRender(
         image=rgba[..., :3] + (1.0 - alpha),
         alpha=alpha,

@@ -50,6 +50,18 @@ class RenderOutput:
         return torch.cat([rgb.clamp(0.0, 1.0), a], dim=-1)
 
 
+def depth_image(
+    vertices: Tensor,  # [N, 3] world positions of the rasterized mesh
+    faces: Tensor,  # [F, 3] the triangles given to rasterize
+    cameras: Cameras,  # V cameras
+    rast: Tensor,  # [V, H, W, 4] from rasterize
+) -> Tensor:
+    """[V, H, W, 1] distance along each camera's viewing axis (camera-space -z, interpolated
+    perspective-correctly through the barycentrics), 0 where empty."""
+    view_z = -transform_points(vertices, cameras.world_to_camera())[..., 2:3]  # [V, N, 1]
+    return interpolate(view_z, rast, faces)
+
+
 def lambert(normals: Tensor, lights=DEFAULT_LIGHTS, ambient: float = DEFAULT_AMBIENT) -> Tensor:
     """Soft Lambertian shading factor for world normals [..., 3] -> [..., 1], in [ambient, 1]."""
     shade = torch.full_like(normals[..., :1], ambient)
@@ -106,9 +118,7 @@ def render_mesh(
     bg = torch.as_tensor(background, dtype=rgba.dtype, device=device).expand(3)
     image = rgba[..., :3] + (1.0 - alpha) * bg
 
-    # Depth along the viewing axis: camera-space -z, interpolated perspective-correctly.
-    view_z = -transform_points(mesh.vertices, cameras.world_to_camera())[..., 2:3]  # [V, N, 1]
-    depth = interpolate(view_z, rast, faces)
+    depth = depth_image(mesh.vertices, faces, cameras, rast)
     return RenderOutput(
         image=image,
         alpha=alpha,

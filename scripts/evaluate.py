@@ -43,6 +43,7 @@ def main(cfg) -> float | None:
             run_config(cfg),
             objects=objects,
             force=bool(cfg.eval.force),
+            rescore=bool(cfg.eval.rescore),
         )
         record_job_overrides(cfg, output)  # after the results: a refused job leaves the old labels
     except (Sv3dError, OSError) as exc:  # bad input, or a file it cannot read or write: one line, exit 2

@@ -508,6 +508,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--force", action="store_true", help="redo finished objects (also those of another config)"
     )
+    p.add_argument(
+        "--rescore",
+        action="store_true",
+        help="score finished objects again under the current scoring protocol (also those scored under an "
+        "older one), keeping their meshes: the pipeline is not run again",
+    )
     p.set_defaults(func=_cmd_eval)
 
 
@@ -531,7 +537,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             OmegaConf.update(cfg, key, value, force_add=True)
     start = time.perf_counter()
     result = evaluate_dataset(
-        args.dataset, args.output, eval_config(cfg), run_config(cfg), objects=args.objects, force=args.force
+        args.dataset,
+        args.output,
+        eval_config(cfg),
+        run_config(cfg),
+        objects=args.objects,
+        force=args.force,
+        rescore=args.rescore,
     )
     s = result.summary
     print(

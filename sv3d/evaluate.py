@@ -198,17 +198,21 @@ def _check_run_config(run_config: RunConfig, mode: str) -> None:
 
 
 def config_fingerprint(
-    config: EvalConfig, run_config: RunConfig, checkpoints: dict[str, dict] | None = None
+    config: EvalConfig,
+    run_config: RunConfig,
+    checkpoints: dict[str, dict] | None = None,
+    protocol: int = PROTOCOL_VERSION,
 ) -> str:
     """sha256 of what determines an object's figures: the protocol, the renders, the pipeline config (in
     oracle mode without the orbit stage's settings, which it does not use) and the weights' contents
-    (`checkpoints`, from `checkpoint_hashes`: a file replaced at the same path is another model)."""
+    (`checkpoints`, from `checkpoint_hashes`: a file replaced at the same path is another model).
+    `protocol`: an older scoring protocol's version, to know a record that only the scoring differs from."""
     run = json.loads(json.dumps(asdict(run_config), default=str))
     run.pop("allow_inconsistent", None)
     run.get("orbit", {}).pop("progress", None)
     if config.mode == "oracle":
         run.pop("orbit", None)
-    data = {"eval": asdict(config), "run": run, "protocol": PROTOCOL_VERSION}
+    data = {"eval": asdict(config), "run": run, "protocol": protocol}
     if checkpoints:
         data["weights"] = {role: c["sha256"] for role, c in checkpoints.items()}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
@@ -448,20 +452,28 @@ def evaluate_dataset(
     objects: str | Path | Sequence[str] | None = None,
     force: bool = False,
     progress: bool = True,
+    rescore: bool = False,
 ) -> EvalSummary:
     """Evaluate every object of `dataset` (or those of `objects`: names, or a file of names) into
-    `output_dir`, then write the summaries. Finished objects are skipped unless `force`."""
+    `output_dir`, then write the summaries. Finished objects are skipped unless `force` (which redoes
+    them, pipeline included) or `rescore`: objects started with this config, under this scoring protocol
+    or an older one, are scored again with the current protocol, their pipeline outputs kept (the
+    pipeline resumes its finished stages, so only an unfinished one runs)."""
     # 1. Check inputs: nothing is created before all of them pass
     config = copy.deepcopy(config or EvalConfig())
     config.validate()
     dataset, out = Path(dataset), Path(output_dir)
     names = _select_objects(dataset, objects)
+    if force and rescore:
+        raise InputError("--force redoes the pipeline, --rescore keeps it: give one of them")
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory")
     run = _resolved_run_config(run_config, config.mode)
     _check_run_config(run, config.mode)
     checkpoints = checkpoint_hashes(run, config.mode, _read_json(out / CHECKPOINTS_FILE))
     fingerprint = config_fingerprint(config, run, checkpoints)
+    # this config under an older scoring protocol: --rescore scores it again, keeping the pipeline's outputs
+    older = {config_fingerprint(config, run, checkpoints, v) for v in range(1, PROTOCOL_VERSION)}
     done: dict[str, dict] = {}
     stale: dict[str, str] = {}  # finished, or started and not finished, with another config or ground truth
     for name in names if not force else ():  # --force redoes every object: nothing to compare
@@ -469,17 +481,22 @@ def evaluate_dataset(
         if previous is None:
             continue
         recorded = previous.get("ground_truth_files") or {}
-        if previous.get("fingerprint") != fingerprint:
+        if previous.get("fingerprint") in older and not rescore:
+            stale[name] = "an older scoring protocol"
+        elif previous.get("fingerprint") not in older | {fingerprint}:
             stale[name] = "another config, scoring protocol or checkpoint"
         elif ground_truth_identity(dataset / name, recorded)["sha256"] != recorded.get("sha256"):
             stale[name] = f"another ground truth than {dataset / name}'s"
-        elif previous.get("status") == "ok":
+        elif previous.get("status") == "ok" and not rescore:
             done[name] = previous
     if stale:
         first = next(iter(stale))
+        remedy = "use another -o, or --force to redo every object"
+        if stale[first] == "an older scoring protocol":
+            remedy = "--rescore scores them again and keeps their meshes (--force redoes every object)"
         raise InputError(
             f"{out / first}: was evaluated with {stale[first]} ({len(stale)} object(s) in all, finished or "
-            "not); use another -o, or --force to redo every object"
+            f"not); {remedy}"
         )
 
     # 2. Each object in turn; a failure is recorded and the batch goes on

@@ -60,11 +60,13 @@ class FakePipeline:
         self.dataset, self.flag, self.fail, self.stop = dataset, flag, fail, stop
         self.turn = turn  # generated mode: the input view's azimuth, which a generator calls 0
         self.calls: list[str] = []
+        self.forces: list[bool] = []  # each call's force: False resumes a real pipeline's finished stages
 
     def __call__(self, source, output_dir, config=None, force=False, progress=True):
         out = Path(output_dir)
         name = out.name
         self.calls.append(name)
+        self.forces.append(force)
         if name in self.stop:
             raise KeyboardInterrupt
         if name in self.fail:
@@ -231,6 +233,44 @@ def test_other_config_is_refused_unless_force(dataset, tmp_path, monkeypatch, to
     result = evaluate_dataset(dataset, tmp_path, other, run, objects=["plate"], force=True, progress=False)
     assert fake.calls == ["plate"] and result.records[0]["final"]  # recomputed with the new config
     assert json.loads((tmp_path / "plate/metrics.json").read_text())["fingerprint"] != ""
+
+
+def test_an_older_scoring_protocol_is_refused_unless_rescore(dataset, tmp_path, monkeypatch, toy):
+    """Records of this config scored under an older protocol (their fingerprint is the older version's):
+    a plain rerun refuses and names --rescore; --rescore scores them again without forcing the pipeline
+    (which then resumes its finished stages) and records the current fingerprint; another config is still
+    refused; --rescore with --force is refused."""
+    from sv3d.evaluate import PROTOCOL_VERSION, config_fingerprint
+
+    config, run = toy
+    evaluate_dataset(dataset, tmp_path, config, run, progress=False)
+    old = config_fingerprint(config, run, None, PROTOCOL_VERSION - 1)
+    for name in OBJECTS:  # as an evaluation under the older protocol left them, with its figures
+        for file in ("metrics.json", "started.json"):
+            record = json.loads((tmp_path / name / file).read_text())
+            record["fingerprint"] = old
+            if file == "metrics.json":
+                record["final"]["volume_iou"] = -1.0
+            (tmp_path / name / file).write_text(json.dumps(record))
+    fake = _fake(monkeypatch, dataset)
+    with pytest.raises(InputError, match="older scoring protocol .*--rescore scores them again"):
+        evaluate_dataset(dataset, tmp_path, config, run, progress=False)
+    other = EvalConfig(**{**config.__dict__, "n_points": 1000})
+    with pytest.raises(InputError, match="another config"):
+        evaluate_dataset(dataset, tmp_path, other, run, progress=False, rescore=True)
+    with pytest.raises(InputError, match="--rescore keeps it"):
+        evaluate_dataset(dataset, tmp_path, config, run, progress=False, rescore=True, force=True)
+    assert fake.calls == []  # every refusal came before any object ran
+
+    result = evaluate_dataset(dataset, tmp_path, config, run, progress=False, rescore=True)
+    assert sorted(fake.calls) == sorted(OBJECTS) and fake.forces == [False, False]
+    current = config_fingerprint(config, run)
+    for name in OBJECTS:
+        record = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert record["fingerprint"] == current and record["final"]["volume_iou"] == 1.0
+    assert result.summary["n_ok"] == 2
+    evaluate_dataset(dataset, tmp_path, config, run, progress=False)  # now current: kept, nothing runs
+    assert len(fake.calls) == 2
 
 
 def test_half_done_object_of_another_config_is_refused_up_front(dataset, tmp_path, monkeypatch, toy):
