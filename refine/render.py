@@ -18,7 +18,7 @@ from .mesh import Mesh
 from .rasterizer import antialias as antialias_op
 from .rasterizer import edge_topology, interpolate, rasterize, texture
 
-__all__ = ["RenderOutput", "render_mesh", "DEFAULT_LIGHTS", "lambert"]
+__all__ = ["RenderOutput", "render_mesh", "DEFAULT_LIGHTS", "depth_image", "lambert"]
 
 # (direction towards the light in the world, intensity); plus the ambient term below. A key light from
 # above-front-left, a weaker fill from the opposite side and a little from below, so that no side goes black.

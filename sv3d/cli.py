@@ -511,8 +511,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--rescore",
         action="store_true",
-        help="score finished objects again under the current scoring protocol (also those scored under an "
-        "older one), keeping their meshes: the pipeline is not run again",
+        help="score objects finished under an older scoring protocol again under the current one, keeping "
+        "their meshes (a plain rerun refuses them); unfinished or new objects run the pipeline as usual",
     )
     p.set_defaults(func=_cmd_eval)
 
@@ -542,8 +542,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         eval_config(cfg),
         run_config(cfg),
         objects=args.objects,
-        force=args.force,
-        rescore=args.rescore,
+        force=args.force or bool(cfg.eval.force),  # the flags, or --set eval.force=true
+        rescore=args.rescore or bool(cfg.eval.rescore),
     )
     s = result.summary
     print(

@@ -281,12 +281,8 @@ def eval_config(cfg: Any) -> EvalConfig:
     """The evaluation protocol's settings (`eval` group) with the ground-truth renders' (`sv3d.render`)."""
     from .evaluate import EvalConfig
 
-    not_protocol = (
-        "dataset",
-        "objects",
-        "force",
-        "rescore",
-    )  # what to evaluate, not how: arguments of evaluate_dataset
+    # what to evaluate, not how: arguments of evaluate_dataset
+    not_protocol = ("dataset", "objects", "force", "rescore")
     values = {k: v for k, v in (to_container(cfg.eval) or {}).items() if k not in not_protocol}
     config = apply_overrides(EvalConfig(render=render_orbit_config(cfg)), values, "eval")
     config.validate()

@@ -76,9 +76,12 @@ SUMMARY_FORMAT = 1  # bump when summary.json's layout changes
 # IoU counts the prediction beyond that grid, visibility views framed on the body without far specks,
 # components joined across non-manifold edges, the visual hull with all its components); 4 since
 # 2026-12-07 (the volume-IoU grid has 64 cells along each side of its box, not cubes of its largest side,
-# so thin objects are resolved across their thickness).
+# so a thin union of prediction and ground truth is resolved across its thickness).
+# Scoring only: `sv3d eval --rescore` keeps the meshes of records with an older version, so a change to the
+# renders or the pipeline's inputs must change the config's fingerprint instead.
 PROTOCOL_VERSION = 4
 SOURCES = ("final", "nerf", "hull")  # the refined mesh, the NeRF stage's mesh, the visual-hull baseline
+OLDER_PROTOCOL = "an older scoring protocol"  # why a record is refused that --rescore would score again
 
 
 @dataclass
@@ -368,11 +371,14 @@ def evaluate_object(
     force: bool = False,
     progress: bool = True,
     fingerprint: str | None = None,
+    rescoring: dict | None = None,
 ) -> dict:
     """Run the pipeline on one ground-truth mesh and score it; writes and returns `metrics.json`'s content.
 
     `run_config` should come from `_resolved_run_config` (flagged orbits allowed); `force` redoes the
-    renders and the pipeline's finished stages.
+    renders and the pipeline's finished stages. `rescoring`: the record of this object finished under an
+    older scoring protocol; its pipeline time is kept (the pipeline only resumes here) and its fingerprint
+    recorded as `rescored_from`.
     """
     from .evaluation.visual_hull import visual_hull_from_orbit_dir
     from .meshio import load_trimesh
@@ -404,6 +410,9 @@ def evaluate_object(
         masks_orbit = out / "orbit"
     timings["pipeline_seconds"] = round(time.perf_counter() - start, 3)
     timings["stages"] = {k: v.get("seconds") for k, v in result.summary.get("stages", {}).items()}
+    if rescoring:  # the pipeline ran before: its time then, not this resume's
+        for key in ("pipeline_seconds", "stages"):
+            timings[key] = (rescoring.get("timings") or {}).get(key, timings[key])
 
     # 3. Metrics: the final mesh, the NeRF stage's mesh, the visual hull of the same masks
     start = time.perf_counter()
@@ -434,6 +443,8 @@ def evaluate_object(
         "ground_truth": str(mesh_path.resolve()),
         "ground_truth_files": truth,
     }
+    if rescoring:
+        record["rescored_from"] = rescoring.get("fingerprint")
     _write_json(out / METRICS_FILE, record)
     (out / ERROR_FILE).unlink(missing_ok=True)
     return record
@@ -455,10 +466,10 @@ def evaluate_dataset(
     rescore: bool = False,
 ) -> EvalSummary:
     """Evaluate every object of `dataset` (or those of `objects`: names, or a file of names) into
-    `output_dir`, then write the summaries. Finished objects are skipped unless `force` (which redoes
-    them, pipeline included) or `rescore`: objects started with this config, under this scoring protocol
-    or an older one, are scored again with the current protocol, their pipeline outputs kept (the
-    pipeline resumes its finished stages, so only an unfinished one runs)."""
+    `output_dir`, then write the summaries. Finished objects are kept; `force` redoes every object,
+    pipeline included. Objects finished with this config under an older scoring protocol are refused
+    unless `rescore`, which scores them again under the current one: the pipeline resumes its finished
+    stages, so their meshes are kept (objects not finished, failed or new run as in any rerun)."""
     # 1. Check inputs: nothing is created before all of them pass
     config = copy.deepcopy(config or EvalConfig())
     config.validate()
@@ -472,27 +483,33 @@ def evaluate_dataset(
     _check_run_config(run, config.mode)
     checkpoints = checkpoint_hashes(run, config.mode, _read_json(out / CHECKPOINTS_FILE))
     fingerprint = config_fingerprint(config, run, checkpoints)
-    # this config under an older scoring protocol: --rescore scores it again, keeping the pipeline's outputs
-    older = {config_fingerprint(config, run, checkpoints, v) for v in range(1, PROTOCOL_VERSION)}
-    done: dict[str, dict] = {}
+    # This config under an older scoring protocol (version 1 had no version in its hash, so from 2 on; a
+    # field added to the configs since also stops a match, which then reads as another config): --rescore
+    # scores such a finished object again, keeping its pipeline outputs.
+    older = {config_fingerprint(config, run, checkpoints, v) for v in range(2, PROTOCOL_VERSION)}
+    done: dict[str, dict] = {}  # finished with this config and protocol: kept
+    rescored: dict[str, dict] = {}  # finished under an older protocol, to be scored again (--rescore)
     stale: dict[str, str] = {}  # finished, or started and not finished, with another config or ground truth
     for name in names if not force else ():  # --force redoes every object: nothing to compare
         previous = _read_json(out / name / METRICS_FILE) or _read_json(out / name / STARTED_FILE)
         if previous is None:
             continue
         recorded = previous.get("ground_truth_files") or {}
-        if previous.get("fingerprint") in older and not rescore:
-            stale[name] = "an older scoring protocol"
-        elif previous.get("fingerprint") not in older | {fingerprint}:
-            stale[name] = "another config, scoring protocol or checkpoint"
-        elif ground_truth_identity(dataset / name, recorded)["sha256"] != recorded.get("sha256"):
+        if ground_truth_identity(dataset / name, recorded)["sha256"] != recorded.get("sha256"):
             stale[name] = f"another ground truth than {dataset / name}'s"
-        elif previous.get("status") == "ok" and not rescore:
+        elif previous.get("fingerprint") in older:
+            if not rescore:
+                stale[name] = OLDER_PROTOCOL
+            elif previous.get("status") == "ok":
+                rescored[name] = previous
+        elif previous.get("fingerprint") != fingerprint:
+            stale[name] = "another config, scoring protocol or checkpoint"
+        elif previous.get("status") == "ok":
             done[name] = previous
-    if stale:
-        first = next(iter(stale))
+    if stale:  # named by the first object that --rescore would not mend, if any
+        first = next((n for n, why in stale.items() if why != OLDER_PROTOCOL), next(iter(stale)))
         remedy = "use another -o, or --force to redo every object"
-        if stale[first] == "an older scoring protocol":
+        if all(why == OLDER_PROTOCOL for why in stale.values()):
             remedy = "--rescore scores them again and keeps their meshes (--force redoes every object)"
         raise InputError(
             f"{out / first}: was evaluated with {stale[first]} ({len(stale)} object(s) in all, finished or "
@@ -511,10 +528,18 @@ def evaluate_dataset(
             records.append(done[name])
             continue
         if progress:
-            print(f"sv3d eval: [{i + 1}/{len(names)}] {name}", file=sys.stderr)
+            again = ": scored again under the current protocol" if name in rescored else ""
+            print(f"sv3d eval: [{i + 1}/{len(names)}] {name}{again}", file=sys.stderr)
         try:
             record = evaluate_object(
-                dataset / name / "meshes" / "model.obj", out / name, config, run, force, progress, fingerprint
+                dataset / name / "meshes" / "model.obj",
+                out / name,
+                config,
+                run,
+                force,
+                progress,
+                fingerprint,
+                rescored.get(name),
             )
         except Exception as exc:  # noqa: BLE001 - any failure of one object is recorded, the batch goes on
             message = _error_line(exc)

@@ -74,7 +74,8 @@ class FakePipeline:
         mesh_path = self.dataset / name / "meshes" / "model.obj"
         (out / "nerf").mkdir(parents=True, exist_ok=True)
         turn = trimesh.transformations.rotation_matrix(math.radians(-self.turn), [0.0, 0.0, 1.0])
-        load_trimesh(mesh_path).apply_transform(turn).export(out / "mesh.ply")  # a perfect generator's
+        if force or not (out / "mesh.ply").is_file():  # resumed unforced, as run.py: finished files kept
+            load_trimesh(mesh_path).apply_transform(turn).export(out / "mesh.ply")  # a perfect generator's
         trimesh.creation.icosphere(subdivisions=3, radius=0.3).export(out / "nerf" / "mesh.ply")
         if Path(source).suffix == ".png":  # generated mode: the "generated" orbit is the GT's, input at 0
             frames = render_orbit_frames(
@@ -235,42 +236,74 @@ def test_other_config_is_refused_unless_force(dataset, tmp_path, monkeypatch, to
     assert json.loads((tmp_path / "plate/metrics.json").read_text())["fingerprint"] != ""
 
 
+def _as_older_protocol(object_dir: Path, fingerprint: str, **final) -> None:
+    """Rewrite an object's records as an evaluation under an older protocol left them (its fingerprint;
+    `final`: figures it had scored differently)."""
+    for file in ("metrics.json", "started.json"):
+        if (object_dir / file).is_file():
+            record = json.loads((object_dir / file).read_text())
+            record["fingerprint"] = fingerprint
+            if file == "metrics.json":
+                record["final"].update(final)
+                record["timings"]["pipeline_seconds"] = 123.0
+            (object_dir / file).write_text(json.dumps(record))
+
+
 def test_an_older_scoring_protocol_is_refused_unless_rescore(dataset, tmp_path, monkeypatch, toy):
-    """Records of this config scored under an older protocol (their fingerprint is the older version's):
-    a plain rerun refuses and names --rescore; --rescore scores them again without forcing the pipeline
-    (which then resumes its finished stages) and records the current fingerprint; another config is still
-    refused; --rescore with --force is refused."""
+    """Records of this config scored under an older protocol: a plain rerun refuses them and names
+    --rescore; --rescore scores them again, unforced (the pipeline resumes its finished stages: the mesh
+    file is the same), keeps their pipeline time and records where they came from; a second --rescore
+    keeps what is current (a killed one resumes); --rescore with --force is refused."""
     from sv3d.evaluate import PROTOCOL_VERSION, config_fingerprint
 
     config, run = toy
     evaluate_dataset(dataset, tmp_path, config, run, progress=False)
     old = config_fingerprint(config, run, None, PROTOCOL_VERSION - 1)
-    for name in OBJECTS:  # as an evaluation under the older protocol left them, with its figures
-        for file in ("metrics.json", "started.json"):
-            record = json.loads((tmp_path / name / file).read_text())
-            record["fingerprint"] = old
-            if file == "metrics.json":
-                record["final"]["volume_iou"] = -1.0
-            (tmp_path / name / file).write_text(json.dumps(record))
+    for name in OBJECTS:
+        _as_older_protocol(tmp_path / name, old, volume_iou=-1.0)
+    meshes = {name: (tmp_path / name / "mesh.ply").read_bytes() for name in OBJECTS}
     fake = _fake(monkeypatch, dataset)
     with pytest.raises(InputError, match="older scoring protocol .*--rescore scores them again"):
         evaluate_dataset(dataset, tmp_path, config, run, progress=False)
-    other = EvalConfig(**{**config.__dict__, "n_points": 1000})
-    with pytest.raises(InputError, match="another config"):
-        evaluate_dataset(dataset, tmp_path, other, run, progress=False, rescore=True)
     with pytest.raises(InputError, match="--rescore keeps it"):
         evaluate_dataset(dataset, tmp_path, config, run, progress=False, rescore=True, force=True)
     assert fake.calls == []  # every refusal came before any object ran
 
     result = evaluate_dataset(dataset, tmp_path, config, run, progress=False, rescore=True)
     assert sorted(fake.calls) == sorted(OBJECTS) and fake.forces == [False, False]
-    current = config_fingerprint(config, run)
     for name in OBJECTS:
         record = json.loads((tmp_path / name / "metrics.json").read_text())
-        assert record["fingerprint"] == current and record["final"]["volume_iou"] == 1.0
+        assert record["fingerprint"] == config_fingerprint(config, run) and record["rescored_from"] == old
+        assert record["final"]["volume_iou"] == 1.0 and record["timings"]["pipeline_seconds"] == 123.0
+        assert (tmp_path / name / "mesh.ply").read_bytes() == meshes[name]
     assert result.summary["n_ok"] == 2
-    evaluate_dataset(dataset, tmp_path, config, run, progress=False)  # now current: kept, nothing runs
+    evaluate_dataset(dataset, tmp_path, config, run, progress=False, rescore=True)  # all current: kept
+    evaluate_dataset(dataset, tmp_path, config, run, progress=False)
     assert len(fake.calls) == 2
+
+
+def test_rescore_is_not_offered_when_another_config_is_among_the_refused(dataset, tmp_path, monkeypatch, toy):
+    """One object under an older protocol, one under another config: the refusal names the one that
+    --rescore would not mend; an unfinished object under an older protocol runs as in any rerun."""
+    from sv3d.evaluate import PROTOCOL_VERSION, config_fingerprint
+
+    config, run = toy
+    evaluate_dataset(dataset, tmp_path, config, run, progress=False)
+    _as_older_protocol(tmp_path / "blob", config_fingerprint(config, run, None, PROTOCOL_VERSION - 1))
+    _as_older_protocol(tmp_path / "plate", "another config's fingerprint")
+    with pytest.raises(
+        InputError, match="plate: was evaluated with another config.*2 object.*--force"
+    ) as err:
+        evaluate_dataset(dataset, tmp_path, config, run, progress=False)
+    assert "--rescore" not in str(err.value)
+    with pytest.raises(InputError, match="plate: was evaluated with another config.*1 object"):
+        evaluate_dataset(dataset, tmp_path, config, run, progress=False, rescore=True)
+    (tmp_path / "plate" / "metrics.json").unlink()
+    _as_older_protocol(tmp_path / "plate", config_fingerprint(config, run, None, PROTOCOL_VERSION - 1))
+    fake = _fake(monkeypatch, dataset)
+    evaluate_dataset(dataset, tmp_path, config, run, progress=False, rescore=True)
+    plate = json.loads((tmp_path / "plate" / "metrics.json").read_text())
+    assert sorted(fake.calls) == ["blob", "plate"] and "rescored_from" not in plate  # started, not finished
 
 
 def test_half_done_object_of_another_config_is_refused_up_front(dataset, tmp_path, monkeypatch, toy):
@@ -374,6 +407,7 @@ def test_generated_mode_turns_the_prediction_back_by_the_input_azimuth(dataset, 
         "bad mode",
         "bad texture size",
         "corrupt checkpoint",
+        "force and rescore",  # also through Hydra's eval.rescore, which the command honours
     ],
 )
 def test_bad_input_is_one_line_and_exit_2_creating_nothing(dataset, tmp_path, capsys, case):
@@ -396,6 +430,7 @@ def test_bad_input_is_one_line_and_exit_2_creating_nothing(dataset, tmp_path, ca
             "--set",
             f"sv3d.checkpoint={tmp_path / 'file.txt'}",
         ],
+        "force and rescore": [str(dataset), "--force", "--set", "eval.rescore=true"],
     }[case]
     assert main(["eval", *args, "-o", str(out), "--preset", "toy"]) == 2
     err = capsys.readouterr().err.strip()

@@ -11,6 +11,7 @@ import torch
 import trimesh
 
 from sv3d.errors import InputError
+from sv3d.evaluation import metrics
 from sv3d.evaluation.metrics import (
     MeshMetrics,
     chamfer_distance,
@@ -267,8 +268,8 @@ def test_identical_meshes_score_perfectly() -> None:
 
 
 def test_volume_iou_of_cubes_shifted_by_half_a_side() -> None:
-    # Overlap 1/2, union 3/2 (in cube volumes): IoU 1/3. The 64³ grid spans 1.5 sides along x, so cell
-    # faces do not line up with the cubes' faces: a discretisation error of about one cell (1/64).
+    # Overlap 1/2, union 3/2 (in cube volumes): IoU 1/3. The 64³ grid spans the union box, 1.5 sides along
+    # x, so cell faces do not line up with the cubes' faces: a discretisation error of about one cell.
     a = trimesh.creation.box(bounds=[[0, 0, 0], [1, 1, 1]])
     b = trimesh.creation.box(bounds=[[0.5, 0, 0], [1.5, 1, 1]])
     assert volume_iou(a, b, resolution=64) == pytest.approx(1.0 / 3.0, abs=0.02)
@@ -282,7 +283,7 @@ def test_volume_iou_of_cubes_shifted_by_half_a_side() -> None:
     speck = trimesh.creation.box(bounds=[[11, 0, 0], [11.001, 0.001, 0.001]])
     with_speck = trimesh.util.concatenate([b, speck])
     assert volume_iou(a, with_speck, resolution=64) == pytest.approx(1.0 / 3.0, abs=0.02)
-    # a predicted floater beyond the grid's cube still counts in the union (it was left out: IoU 1)
+    # a predicted floater beyond the grid's box still counts in the union (it was left out: IoU 1)
     floater = trimesh.creation.box(bounds=[[10, 0, 0], [10.5, 1, 1]])  # half the cube's volume
     assert volume_iou(trimesh.util.concatenate([a, floater]), a, resolution=64) == pytest.approx(
         1.0 / 1.5, abs=0.02
@@ -292,8 +293,9 @@ def test_volume_iou_of_cubes_shifted_by_half_a_side() -> None:
 @pytest.mark.parametrize("shift", [0.1, 0.3, 0.5, 0.8])
 def test_volume_iou_of_a_thin_plate_resolves_its_thickness(shift: float) -> None:
     # A plate 1 x 1 x 0.023 (the test object's proportions) and the same plate raised by `shift` of its
-    # thickness: IoU (1 - s) / (1 + s), exactly. The grid has 64 cells across the union's thickness too;
-    # in cubes of the largest side / 64 the plate was 1.5 cells thick and this gave 1.0 or 0.0.
+    # thickness: the exact IoU is (1 - s) / (1 + s); the grid has 64 cells across the union's thickness,
+    # so it is within about one cell of that. In cubes of the largest side / 64 the plate was 1.5 cells
+    # thick and this gave 1.0 or 0.0.
     t = 0.023
     gt = trimesh.creation.box(bounds=[[-0.5, -0.5, -t / 2], [0.5, 0.5, t / 2]])
     pred = gt.copy()
@@ -312,6 +314,21 @@ def test_volume_iou_of_a_flat_prediction_is_zero_not_an_error() -> None:
     )
     assert volume_iou(sheet, sheet.copy(), resolution=16) == 0.0
     assert volume_iou(sheet, gt, resolution=16) == 0.0
+
+
+def test_volume_outside_a_flat_prediction_is_counted_on_at_most_64_cubed_points(monkeypatch) -> None:
+    # A flat prediction reaching 10 sides beyond a thin ground truth: its box has no volume, so its cubes
+    # would be an IoU cell's volume (740,000 over its 11 x 1 extent, 364,000 of them outside the grid's
+    # box); they grow until at most 64³ cover it.
+    gt = trimesh.creation.box(bounds=[[0, 0, 0], [1, 1, 0.01]])
+    sheet = trimesh.Trimesh(vertices=[[0, 0, 0.005], [11, 0, 0.005], [11, 1, 0.005]], faces=[[0, 1, 2]])
+    counted = []
+    real = metrics.occupancy
+    monkeypatch.setattr(
+        metrics, "occupancy", lambda mesh, points: counted.append(len(points)) or real(mesh, points)
+    )
+    assert volume_iou(sheet, gt, resolution=64) == 0.0
+    assert 0 < max(counted) <= 64**3
 
 
 def test_internal_faces_give_no_visible_samples() -> None:

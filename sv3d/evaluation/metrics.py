@@ -15,7 +15,7 @@ Implements ARCHITECTURE.md, "Evaluation protocol", which fixes what SV3D's paper
    0.02 and 0.05 (precision: prediction points within the threshold of the ground truth; recall: the
    converse; F = 2PR / (P + R)); a distance counts when strictly below the threshold.
 4. Volume IoU on a 64³ grid of cell centres filling the box around the union of both bounding boxes (64
-   cells along each side, so a thin object is as finely resolved across as along), inside = generalized
+   cells along each side, so a thin union is as finely resolved across as along), inside = generalized
    winding number > 0.5 (`sv3d/evaluation/winding.py`).
 5. An optional ICP refinement of the prediction's pose (`trimesh.registration.icp`, rigid, on the sampled
    points) is reported separately as the `*_icp` metrics.
@@ -375,12 +375,13 @@ def occupancy(mesh: trimesh.Trimesh, points: np.ndarray) -> np.ndarray:
 
 def volume_iou(pred_mesh: trimesh.Trimesh, gt_mesh: trimesh.Trimesh, resolution: int = 64) -> float:
     """Volume IoU on `resolution`³ cell centres filling the box around the union of both bounding boxes,
-    `resolution` cells along each of its sides (so the cells are boxes of equal volume, not cubes: a plate
-    1/40 as thick as wide gets as many cells across its thickness as across its width; in cubes of the
-    largest side / 64 it was 1.5 cells thick and its IoU jumped 0.61 <-> 0.33 as the surface moved by less
-    than a cell). The union box is clipped to the ground truth's grown by half its largest side each way
-    (`_grid_box`); the prediction's volume beyond it is added to the union (`_volume_outside`, on a coarser
-    grid). Inside: |winding number| > 0.5. Returns 0.0 when neither mesh encloses any cell centre."""
+    `resolution` cells along each of its sides: the cells are boxes of equal volume, not cubes, so a thin
+    union (a plate and a prediction of about its thickness) has as many cells across as along; in cubes of
+    the largest side a plate 1/43 as thick as wide was 1.5 cells thick, and its IoU swung with sub-cell
+    moves of its surface (README, Results). The union box is clipped to the ground truth's grown by half its
+    largest side each way (`_grid_box`); the prediction's volume beyond it is added to the union
+    (`_volume_outside`, on a coarser grid). Inside: |winding number| > 0.5. Returns 0.0 when neither mesh
+    encloses any cell centre."""
     _check_mesh(pred_mesh, "prediction")
     _check_mesh(gt_mesh, "ground truth")
     lo, hi = _grid_box(pred_mesh, gt_mesh, resolution)  # [3] each
@@ -397,13 +398,16 @@ def _volume_outside(
 ) -> float:
     """The prediction's volume outside the IoU grid's box [box_lo, box_hi] (which the ground truth lies
     in), in IoU cells of `cell_volume`: counted in cubes over the prediction's own box, no smaller than an
-    IoU cell's volume, at most about 64³ of them, so that a floater beyond the box still enlarges the union
-    (it is never in the intersection)."""
+    IoU cell's volume, at most 64³ of them, so that a floater beyond the box still enlarges the union (it
+    is never in the intersection)."""
     lo, hi = np.asarray(mesh.bounds[0], float), np.asarray(mesh.bounds[1], float)  # [3] each
     if np.all(lo >= box_lo) and np.all(hi <= box_hi):
         return 0.0
     coarse = max(cell_volume ** (1.0 / 3.0), float(np.prod(hi - lo)) ** (1.0 / 3.0) / 64.0)  # cube side
     counts = np.maximum(np.ceil((hi - lo) / coarse), 1).astype(int)  # [3]
+    while np.prod(counts) > 64**3:  # a flat box (its volume near 0) needs larger cubes than its volume says
+        coarse *= 1.25
+        counts = np.maximum(np.ceil((hi - lo) / coarse), 1).astype(int)
     index = np.stack(np.meshgrid(*(np.arange(n) for n in counts), indexing="ij"), axis=-1).reshape(-1, 3)
     points = lo + (index + 0.5) * coarse  # [K, 3] cell centres over the prediction's box
     outside = np.any((points < box_lo) | (points > box_hi), axis=1)
