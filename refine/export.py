@@ -82,6 +82,9 @@ def _check_mesh(vertices: Tensor, faces: Tensor) -> None:
             f"faces index vertices {int(faces.min())}..{int(faces.max())}, "
             f"expected 0..{vertices.shape[0] - 1}"
         )
+    if not torch.isfinite(vertices).all():  # a NaN would switch merging off and pick the wrong largest part
+        bad = int((~torch.isfinite(vertices)).any(-1).sum())
+        raise ValueError(f"{bad} of {vertices.shape[0]} vertices have NaN/inf coordinates")
 
 
 def _compact(vertices: Tensor, faces: Tensor) -> tuple[Tensor, Tensor]:

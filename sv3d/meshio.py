@@ -52,6 +52,7 @@ from PIL import Image
 from refine.mesh import DEFAULT_COLOR, Mesh
 from refine.rasterizer import MAX_TRIANGLES
 from sv3d.errors import InputError, MeshLoadError
+from sv3d.gltf_check import check_gltf
 
 UpAxis = Literal["auto", "y", "z"]
 
@@ -274,6 +275,8 @@ def _read_parts(path: Path, up: str, with_visuals: bool) -> list[_Part]:
     up = _resolve_up(path, up)
     suffix = path.suffix.lower()
     obj_materials = _read_obj_materials(path) if with_visuals and suffix == ".obj" else {}
+    if suffix in Y_UP_SUFFIXES:
+        check_gltf(path, with_visuals)  # what trimesh would load wrong without a word
     with _quiet_trimesh():
         try:
             scene = trimesh.load_scene(path, process=False, skip_materials=not with_visuals)
@@ -289,6 +292,8 @@ def _read_parts(path: Path, up: str, with_visuals: bool) -> list[_Part]:
         for node in scene.graph.nodes_geometry:
             transform, name = scene.graph[node]
             geometry = scene.geometry[name]
+            if not np.asarray(transform)[:3, :3].any():
+                continue  # scaled to zero, glTF's way of hiding a node: no area, and no place in the box
             if isinstance(geometry, trimesh.Trimesh) and len(geometry.faces) > 0:
                 parts.append(_read_part(path, geometry, np.asarray(transform), obj_materials, with_visuals))
             else:
@@ -334,8 +339,8 @@ def _read_part(
     linear, shift = transform[:3, :3], transform[:3, 3]
     if not np.allclose(transform, np.eye(4)):
         part.vertices = part.vertices @ linear.T + shift  # [n, 3]
-        if part.normals is not None:
-            part.normals = part.normals @ np.linalg.inv(linear)  # [n, 3] == (inv(linear).T @ n.T).T
+        if part.normals is not None:  # a flattening (singular) transform: pinv, normals made consistent below
+            part.normals = part.normals @ np.linalg.pinv(linear)  # [n, 3] == (inv(linear).T @ n.T).T
         if np.linalg.det(linear) < 0:
             part.faces = part.faces[:, ::-1].copy()
     _compact(part)
@@ -356,24 +361,36 @@ def _read_visual(
         material = visual.material
         uv = None if visual.uv is None else np.asarray(visual.uv, dtype=np.float64)[:, :2]  # [n, 2]
         image: np.ndarray | None = None
-        factor = np.ones(3)
+        factor = linear_factor = np.ones(3)  # sRGB and linear base colour factor (glTF)
         color: tuple[float, float, float] | None = None
         if material is not None and getattr(material, "name", None) in obj_materials:
             # OBJ: our parse knows images trimesh could not resolve (GSO layout) and has checked them
             found = obj_materials[material.name]
             image, color = found.image, found.color
         elif isinstance(material, trimesh.visual.material.PBRMaterial):
-            image = None if material.baseColorTexture is None else _rgb_uint8(material.baseColorTexture)
+            image = None if material.baseColorTexture is None else _rgb_uint8(material.baseColorTexture, path)
             if material.baseColorFactor is not None:
-                factor = _linear_to_srgb(np.asarray(material.baseColorFactor[:3], dtype=np.float64) / 255.0)
+                linear_factor = np.asarray(material.baseColorFactor[:3], dtype=np.float64) / 255.0
+                factor = _linear_to_srgb(linear_factor)
             color = tuple(factor.tolist())
         elif isinstance(material, trimesh.visual.material.SimpleMaterial):
-            image = None if material.image is None else _rgb_uint8(material.image)
+            image = None if material.image is None else _rgb_uint8(material.image, path)
             color = tuple((np.asarray(material.diffuse[:3], dtype=np.float64) / 255.0).tolist())
         if image is not None and uv is not None and len(uv) == len(part.vertices):
             if not np.allclose(factor, 1.0):
                 image = np.clip(image * factor + 0.5, 0, 255).astype(np.uint8)  # [h, w, 3]
             part.image, part.uvs = image, uv
+            return
+        # Vertex colours beside a material: trimesh keeps them as a vertex attribute then (glTF COLOR_0 with
+        # a material, as Blender exports vertex paint; OBJ `v x y z r g b` with `usemtl`)
+        attribute = visual.vertex_attributes.get("color")
+        if attribute is None:
+            attribute = geometry.vertex_attributes.get("color")
+        colors = _unit_colors(attribute, len(part.vertices))  # [n, 3] or None
+        if colors is not None:
+            if gltf:  # base colour = factor x COLOR_0, both linear
+                colors = _linear_to_srgb(colors * linear_factor)
+            _set_vertex_colors(part, colors)
         elif color is not None:
             part.color = color
         return
@@ -389,10 +406,27 @@ def _read_visual(
             part.faces = np.arange(len(corners), dtype=np.int64).reshape(-1, 3)
         if gltf:
             colors = _linear_to_srgb(colors)
-        if np.ptp(colors, axis=0).max() == 0:
-            part.color = tuple(colors[0].tolist())
-        else:
-            part.vertex_colors = colors
+        _set_vertex_colors(part, colors)
+
+
+def _set_vertex_colors(part: _Part, colors: np.ndarray) -> None:
+    """[n, 3] colours in [0, 1]: one colour for the part when they are all equal."""
+    if np.ptp(colors, axis=0).max() == 0:
+        part.color = tuple(colors[0].tolist())
+    else:
+        part.vertex_colors = colors
+
+
+def _unit_colors(attribute, n_vertices: int) -> np.ndarray | None:
+    """A vertex colour attribute as [n, 3] float in [0, 1], by its type (uint8 /255, uint16 /65535, floats
+    as they are); None when absent or not one RGB(A) row per vertex."""
+    if attribute is None:
+        return None
+    values = np.asarray(attribute)
+    if values.ndim != 2 or values.shape[0] != n_vertices or values.shape[1] not in (3, 4):
+        return None
+    scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(values.dtype, 1.0)
+    return np.clip(values[:, :3].astype(np.float64) / scale, 0.0, 1.0)
 
 
 def _read_obj_materials(path: Path) -> dict[str, _ObjMaterial]:
@@ -461,19 +495,25 @@ def _decode_texture(obj_path: Path, image_path: Path) -> np.ndarray:
     try:
         with Image.open(image_path) as image:
             image.load()
-            return _rgb_uint8(image)
+            return _rgb_uint8(image, obj_path)
+    except MeshLoadError:
+        raise
     except Exception as error:  # PIL raises several types for truncated or non-image files
         raise MeshLoadError(
             f"{obj_path}: texture {image_path} cannot be decoded ({_one_line(error)})"
         ) from error
 
 
-def _rgb_uint8(image: Image.Image) -> np.ndarray:
-    """[h, w, 3] uint8, row 0 = top; alpha is dropped (we have no transparency)."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        data = np.asarray(image, dtype=np.float64)  # [h, w] 16-bit grey
-        return np.repeat((data / 257.0).clip(0, 255).astype(np.uint8)[..., None], 3, axis=-1)
-    return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+def _rgb_uint8(image: Image.Image, path: Path) -> np.ndarray:
+    """[h, w, 3] uint8, row 0 = top; alpha is dropped (we have no transparency). Pillow decodes lazily, so a
+    truncated or corrupt embedded image fails here: `MeshLoadError` naming the mesh file."""
+    try:
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            data = np.asarray(image, dtype=np.float64)  # [h, w] 16-bit grey
+            return np.repeat((data / 257.0).clip(0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+        return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+    except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError... for broken data
+        raise MeshLoadError(f"{path}: a texture image cannot be decoded ({_one_line(error)})") from error
 
 
 # ------------------------------------------------------------------------------------------- geometry

@@ -91,6 +91,17 @@ def test_remove_small_components_keeps_only_the_big_parts():
         remove_small_components(vertices, faces, min_fraction=1.5)
 
 
+def test_clean_up_refuses_nan_vertices():
+    # a NaN switched merging off (the diagonal was NaN) and made the NaN part the "largest" one to keep
+    big_v, big_f = icosphere(2)
+    speck_v, speck_f = icosphere(0, radius=0.01, center=(0.8, 0.0, 0.0))
+    speck_v[0, 0] = float("nan")
+    vertices, faces = torch.cat([big_v, speck_v]), torch.cat([big_f, speck_f + big_v.shape[0]])
+    for call in (merge_vertices, remove_small_components, lambda v, f: clean_mesh(v, f, CleanupConfig())):
+        with pytest.raises(ValueError, match="1 of 174 vertices have NaN/inf"):
+            call(vertices, faces)
+
+
 def test_merge_vertices_welds_a_triangle_soup():
     v, f = icosphere(2)
     soup_v = v[f.reshape(-1)] + 1e-9  # every face with its own three vertices (float round-off apart)

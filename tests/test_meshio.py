@@ -50,6 +50,9 @@ def write_glb(
     uvs: np.ndarray | None = None,  # [n, 2] glTF convention: origin top-left
     png: bytes | None = None,
     base_color: list[float] | None = None,  # linear RGBA, as the glTF specification defines it
+    colors: np.ndarray | None = None,  # [n, 3] COLOR_0, linear
+    texture_info: dict | None = None,  # more keys of the base colour texture's info (texCoord, extensions)
+    document_extra: dict | None = None,  # more top-level keys (extensionsRequired)
 ) -> Path:
     """A minimal glTF 2.0 binary written by hand, so the checks do not rest on trimesh's exporter."""
     chunks = [positions.astype("<f4").tobytes(), faces.astype("<u4").tobytes()]
@@ -69,6 +72,12 @@ def write_glb(
         chunks.append(uvs.astype("<f4").tobytes())
         accessors.append({"bufferView": 2, "componentType": 5126, "count": len(uvs), "type": "VEC2"})
         attributes["TEXCOORD_0"] = 2
+    if colors is not None:
+        chunks.append(colors.astype("<f4").tobytes())
+        accessors.append(
+            {"bufferView": len(chunks) - 1, "componentType": 5126, "count": len(colors), "type": "VEC3"}
+        )
+        attributes["COLOR_0"] = len(chunks) - 1
     pbr: dict = {} if base_color is None else {"baseColorFactor": base_color}
     document: dict = {
         "asset": {"version": "2.0"},
@@ -82,7 +91,7 @@ def write_glb(
             images=[{"bufferView": len(chunks) - 1, "mimeType": "image/png"}],
             textures=[{"source": 0}],
         )
-        pbr["baseColorTexture"] = {"index": 0}
+        pbr["baseColorTexture"] = {"index": 0, **(texture_info or {})}
     views, offset = [], 0
     blob = b""
     for chunk in chunks:
@@ -95,6 +104,7 @@ def write_glb(
         accessors=accessors,
         bufferViews=views,
         buffers=[{"byteLength": len(blob)}],
+        **(document_extra or {}),
     )
     text = json.dumps(document).encode()
     text += b" " * (-len(text) % 4)
@@ -260,6 +270,39 @@ def test_gltf_uv_origin_and_linear_colours_follow_the_specification(tmp_path: Pa
         tmp_path / "grey.glb", positions, np.array([[0, 1, 2]]), base_color=[0.214, 0.214, 0.214, 1]
     )
     assert load_mesh(path).color == pytest.approx((0.5, 0.5, 0.5), abs=0.01)
+
+
+def test_vertex_colours_beside_a_material_are_read(tmp_path: Path) -> None:
+    # glTF COLOR_0 with a material (Blender's vertex paint) and OBJ `v x y z r g b` with `usemtl`: trimesh
+    # keeps the colours as a vertex attribute then, and they were dropped (the material's white instead)
+    positions = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    linear = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.214, 0.214, 0.214]])  # 0.214 linear: 0.5 sRGB
+    path = write_glb(tmp_path / "painted.glb", positions, np.array([[0, 1, 2]]), colors=linear)
+    mesh = load_mesh(path, place=False)
+    assert mesh.vertex_colors is not None
+    got = mesh.vertex_colors.numpy()[cKDTree(mesh.vertices.numpy()).query(positions @ Y_UP_TO_Z_UP.T)[1]]
+    assert np.allclose(got, [[1, 0, 0], [0, 0, 1], [0.5, 0.5, 0.5]], atol=0.01)
+    (tmp_path / "m.mtl").write_text("newmtl a\nKd 1 1 1\n")
+    lines = ["mtllib m.mtl", "v 0 0 0 1 0 0", "v 1 0 0 0 1 0", "v 0 1 0 0 0 1", "usemtl a", "f 1 2 3"]
+    (tmp_path / "painted.obj").write_text("\n".join(lines) + "\n")
+    mesh = load_mesh(tmp_path / "painted.obj", place=False)
+    got = mesh.vertex_colors.numpy()[cKDTree(mesh.vertices.numpy()).query(positions)[1]]
+    assert np.allclose(got, np.eye(3), atol=0.01)
+
+
+def test_a_node_scaled_to_zero_is_hidden_not_an_error(tmp_path: Path) -> None:
+    # glTF hides a node by scaling it to zero; with the file's normals its inverse transform raised
+    # LinAlgError, and its point at (100, 0, 0) stretched the bounding box that places the mesh
+    scene = trimesh.Scene()
+    part = trimesh.Trimesh(TETRA_V, TETRA_F, process=False)
+    part.vertex_normals  # noqa: B018 - computed now, so the file carries normals
+    hidden = np.diag([0.0, 0.0, 0.0, 1.0])
+    hidden[:3, 3] = [100.0, 0.0, 0.0]
+    scene.add_geometry(part, node_name="shown", geom_name="tetra")
+    scene.add_geometry(part, node_name="hidden", geom_name="tetra", transform=hidden)
+    scene.export(tmp_path / "hidden.glb")
+    mesh = load_mesh(tmp_path / "hidden.glb", up="z", place=False)
+    assert mesh.faces.shape == (4, 3) and np.abs(mesh.vertices.numpy()).max() <= np.abs(TETRA_V).max() + 1e-6
 
 
 def test_ply_with_vertex_colors(tmp_path: Path) -> None:
@@ -458,12 +501,30 @@ def _bad_inputs(root: Path) -> dict[str, tuple[Path, str]]:
         cases[name] = (obj, "texture")
     write_obj(root / "no_mtl.obj", TETRA_V, TETRA_F, header="mtllib elsewhere.mtl")
     cases["no_mtl"] = (root / "no_mtl.obj", "material library")
+    # glTF that trimesh would load wrong without a word: Draco geometry (zeros), an image it cannot decode
+    # (untextured), a second UV set
+    triangle, one = np.array([[0.0, 0, 0], [1, 0, 0], [0, 1, 0]]), np.array([[0, 1, 2]])
+    uvs = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    draco = {
+        "extensionsUsed": ["KHR_draco_mesh_compression"],
+        "extensionsRequired": ["KHR_draco_mesh_compression"],
+    }
+    cases["draco_glb"] = (write_glb(root / "draco.glb", triangle, one, document_extra=draco), "Draco")
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(png, format="PNG")
+    truncated = png.getvalue()[: len(png.getvalue()) // 2]
+    cases["bad_png_glb"] = (
+        write_glb(root / "bad.glb", triangle, one, uvs, truncated),
+        "image 0 cannot be decoded",
+    )
+    second = write_glb(root / "uv1.glb", triangle, one, uvs, png.getvalue(), texture_info={"texCoord": 1})
+    cases["texcoord_glb"] = (second, "texCoord 1")
     return cases
 
 
 BAD_CASES = (
     "missing no_mesh_in_dir unsupported random_glb garbage_obj point_cloud nan inf out_of_range_obj "
-    "out_of_range_ply no_extent no_png bad_png no_mtl"
+    "out_of_range_ply no_extent no_png bad_png no_mtl draco_glb bad_png_glb texcoord_glb"
 ).split()
 
 
@@ -484,7 +545,13 @@ def test_bad_input_raises_one_line_naming_the_file(
     # trimesh's own noise about the file is silenced
     assert not [r for r in caplog.records if r.name.startswith("trimesh")]
     assert not caught
-    if case not in ("no_png", "bad_png", "no_mtl"):  # geometry-only loading does not read textures
+    if case not in (
+        "no_png",
+        "bad_png",
+        "no_mtl",
+        "bad_png_glb",
+        "texcoord_glb",
+    ):  # geometry only: no textures
         with pytest.raises(MeshLoadError):
             load_trimesh(path)
 
