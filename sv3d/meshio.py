@@ -289,13 +289,18 @@ def _read_parts(path: Path, up: str, with_visuals: bool) -> list[_Part]:
 
         parts: list[_Part] = []
         n_points = 0
+        decoded: dict[
+            tuple, np.ndarray
+        ] = {}  # one array per image and colour factor, however many parts use it
         for node in scene.graph.nodes_geometry:
             transform, name = scene.graph[node]
             geometry = scene.geometry[name]
             if not np.asarray(transform)[:3, :3].any():
                 continue  # scaled to zero, glTF's way of hiding a node: no area, and no place in the box
             if isinstance(geometry, trimesh.Trimesh) and len(geometry.faces) > 0:
-                parts.append(_read_part(path, geometry, np.asarray(transform), obj_materials, with_visuals))
+                parts.append(
+                    _read_part(path, geometry, np.asarray(transform), obj_materials, with_visuals, decoded)
+                )
             else:
                 n_points += len(getattr(geometry, "vertices", ()))
     if not parts:
@@ -316,6 +321,7 @@ def _read_part(
     transform: np.ndarray,  # [4, 4] scene graph transform of this instance
     obj_materials: dict[str, _ObjMaterial],
     with_visuals: bool,
+    decoded: dict[tuple, np.ndarray],  # the file's decoded images, shared by the parts that use them
 ) -> _Part:
     vertices = np.asarray(geometry.vertices, dtype=np.float64)  # [n, 3]
     faces = np.asarray(geometry.faces, dtype=np.int64)  # [f, 3]
@@ -333,7 +339,7 @@ def _read_part(
 
     part = _Part(vertices=vertices, faces=faces, normals=normals)
     if with_visuals:
-        _read_visual(path, geometry, part, obj_materials)
+        _read_visual(path, geometry, part, obj_materials, decoded)
 
     # scene graph transform; normals by the inverse transpose; a mirror flips the winding back
     linear, shift = transform[:3, :3], transform[:3, 3]
@@ -352,9 +358,14 @@ def _read_part(
 
 
 def _read_visual(
-    path: Path, geometry: trimesh.Trimesh, part: _Part, obj_materials: dict[str, _ObjMaterial]
+    path: Path,
+    geometry: trimesh.Trimesh,
+    part: _Part,
+    obj_materials: dict[str, _ObjMaterial],
+    decoded: dict[tuple, np.ndarray],
 ) -> None:
-    """Fill the part's colour source from trimesh's visual (and our own parse of an OBJ's materials)."""
+    """Fill the part's colour source from trimesh's visual (and our own parse of an OBJ's materials).
+    Parts that use one image get one array (`decoded`), so the atlas holds it once (`_pack_atlas`)."""
     visual = geometry.visual
     gltf = path.suffix.lower() in Y_UP_SUFFIXES
     if isinstance(visual, trimesh.visual.TextureVisuals):
@@ -368,17 +379,18 @@ def _read_visual(
             found = obj_materials[material.name]
             image, color = found.image, found.color
         elif isinstance(material, trimesh.visual.material.PBRMaterial):
-            image = None if material.baseColorTexture is None else _rgb_uint8(material.baseColorTexture, path)
             if material.baseColorFactor is not None:
                 linear_factor = np.asarray(material.baseColorFactor[:3], dtype=np.float64) / 255.0
                 factor = _linear_to_srgb(linear_factor)
             color = tuple(factor.tolist())
+            if material.baseColorTexture is not None:
+                image = _shared_image(material.baseColorTexture, factor, path, decoded)
         elif isinstance(material, trimesh.visual.material.SimpleMaterial):
-            image = None if material.image is None else _rgb_uint8(material.image, path)
+            image = (
+                None if material.image is None else _shared_image(material.image, np.ones(3), path, decoded)
+            )
             color = tuple((np.asarray(material.diffuse[:3], dtype=np.float64) / 255.0).tolist())
         if image is not None and uv is not None and len(uv) == len(part.vertices):
-            if not np.allclose(factor, 1.0):
-                image = np.clip(image * factor + 0.5, 0, 255).astype(np.uint8)  # [h, w, 3]
             part.image, part.uvs = image, uv
             return
         # Vertex colours beside a material: trimesh keeps them as a vertex attribute then (glTF COLOR_0 with
@@ -504,6 +516,20 @@ def _decode_texture(obj_path: Path, image_path: Path) -> np.ndarray:
         ) from error
 
 
+def _shared_image(
+    image: Image.Image, factor: np.ndarray, path: Path, decoded: dict[tuple, np.ndarray]
+) -> np.ndarray:
+    """[h, w, 3] uint8 of a material's image times its colour factor [3] (sRGB), decoded once per image
+    and factor: trimesh gives every part of a material (and every instance) the same image object."""
+    key = (id(image), *np.round(factor, 6).tolist())
+    if key not in decoded:
+        rgb = _rgb_uint8(image, path)
+        if not np.allclose(factor, 1.0):
+            rgb = np.clip(rgb * factor + 0.5, 0, 255).astype(np.uint8)  # [h, w, 3]
+        decoded[key] = rgb
+    return decoded[key]
+
+
 def _rgb_uint8(image: Image.Image, path: Path) -> np.ndarray:
     """[h, w, 3] uint8, row 0 = top; alpha is dropped (we have no transparency). Pillow decodes lazily, so a
     truncated or corrupt embedded image fails here: `MeshLoadError` naming the mesh file."""
@@ -617,18 +643,30 @@ def _shelf_layout(sizes: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], 
 
 
 def _pack_atlas(parts: list[_Part]) -> tuple[np.ndarray, np.ndarray]:
-    """One atlas for all parts: (uvs [N, 2] OBJ convention, atlas [H, W, 3] uint8)."""
-    images: list[np.ndarray] = []
+    """One atlas for all parts: (uvs [N, 2] OBJ convention, atlas [H, W, 3] uint8). Parts that share an
+    image (the same array: `_shared_image`, or an OBJ material's) share its slot, so an image that many
+    parts or instances use is neither repeated nor shrunk to fit its copies; when that is the only slot,
+    the image itself is the texture."""
+    images: list[np.ndarray] = []  # one per slot
+    slots: dict[tuple, int] = {}  # (image id, tiled shape) or ("plain", part) -> slot
+    slot_of: list[int] = []  # [parts] each part's slot
     local_uvs: list[np.ndarray] = []
-    for p in parts:
+    for i, p in enumerate(parts):
         if p.image is not None and p.uvs is not None:
             uv, image = _tile_for_wrap(p.uvs, p.image)
+            key: tuple = (id(p.image), image.shape)  # the same tiles of the same image: the same pixels
         else:
             mean = p.vertex_colors.mean(axis=0) if p.vertex_colors is not None else np.asarray(p.color)
             image = np.broadcast_to(np.round(mean * 255).astype(np.uint8), (PATCH_SIZE, PATCH_SIZE, 3))
             uv = np.full((len(p.vertices), 2), 0.5)
-        images.append(image)
+            key = ("plain", i)
+        if key not in slots:
+            slots[key] = len(images)
+            images.append(image)
+        slot_of.append(slots[key])
         local_uvs.append(uv)
+    if len(images) == 1 and slot_of and all(p.image is not None for p in parts):
+        return np.concatenate(local_uvs, axis=0), np.ascontiguousarray(images[0])
 
     # shrink everything until the packing fits MAX_ATLAS_SIZE
     pad = ATLAS_GUTTER
@@ -649,12 +687,14 @@ def _pack_atlas(parts: list[_Part]) -> tuple[np.ndarray, np.ndarray]:
         ]
 
     atlas = np.zeros((height, width, 3), dtype=np.uint8)  # [H, W, 3]
-    uvs = []
-    for image, uv, (x, y) in zip(images, local_uvs, positions, strict=True):
+    for image, (x, y) in zip(images, positions, strict=True):
         h, w = image.shape[:2]
         atlas[y : y + h + 2 * pad, x : x + w + 2 * pad] = np.pad(
             image, ((pad, pad), (pad, pad), (0, 0)), mode="edge"
         )
+    uvs = []
+    for slot, uv in zip(slot_of, local_uvs, strict=True):
+        (x, y), (h, w) = positions[slot], images[slot].shape[:2]
         # local (u, v) -> atlas pixels (x + pad + u w, y + pad + (1 - v) h), v measured from the bottom
         u_atlas = (x + pad + uv[:, 0] * w) / width
         v_atlas = 1.0 - (y + pad + (1.0 - uv[:, 1]) * h) / height

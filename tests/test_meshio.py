@@ -404,6 +404,35 @@ def test_multi_material_obj_packs_an_atlas_and_bakes_wrapped_uvs(tmp_path: Path)
 # ----------------------------------------------------------------------------------------------- normals
 
 
+def test_an_image_shared_by_instances_is_the_texture_once(tmp_path: Path) -> None:
+    # One textured mesh on three nodes (trimesh gives each instance the same image): the image is the
+    # texture as it is. Each instance took a slot of its own before, three 64² copies in a 2x-wide atlas.
+    image = np.zeros((64, 64, 3), dtype=np.uint8)
+    image[:32, :, 0] = 255  # top half red, bottom half blue
+    image[32:, :, 2] = 255
+    uv = np.array(
+        [[0.25, 0.75], [0.75, 0.75], [0.5, 0.25], [0.5, 0.6]]
+    )  # OBJ convention; last two: blue, red
+    part = trimesh.Trimesh(TETRA_V, TETRA_F, process=False)
+    part.visual = trimesh.visual.TextureVisuals(uv=uv, image=Image.fromarray(image))
+    scene = trimesh.Scene()
+    for k in range(3):
+        moved = np.eye(4)
+        moved[:3, 3] = [10.0 * k, 0.0, 0.0]
+        scene.add_geometry(part, node_name=f"n{k}", geom_name="tetra", transform=moved)
+    scene.export(tmp_path / "instances.glb")
+    part.export(tmp_path / "one.glb")
+    mesh = load_mesh(tmp_path / "instances.glb", up="z", place=False)
+    one = load_mesh(tmp_path / "one.glb", up="z", place=False)
+    assert mesh.faces.shape == (12, 3) and mesh.texture.shape[:2] == (64, 64)
+    assert torch.equal(mesh.texture, one.texture)
+    own = sample_texture(one, one.uvs.numpy())  # [4, 3] red, red, blue, red (times the material's factor)
+    assert own[0, 0] > 0.5 > own[0, 2] and own[2, 2] > 0.5 > own[2, 0]
+    for k in range(3):  # each instance's vertices keep their colours
+        at = cKDTree(mesh.vertices.numpy()).query(TETRA_V + [10.0 * k, 0.0, 0.0])[1]  # [4]
+        assert np.allclose(sample_texture(mesh, mesh.uvs.numpy()[at]), own)
+
+
 def test_file_normals_are_kept_and_made_flip_consistent(tmp_path: Path) -> None:
     face_normals = trimesh.Trimesh(TETRA_V, TETRA_F, process=False).face_normals
     vn = -face_normals[[0, 1, 2, 3]] * 0.5  # one per corner index below, pointing inwards, not unit
