@@ -49,3 +49,9 @@ def listing(items, shown: int = 5) -> str:
     items = [str(i) for i in items]
     more = f" and {len(items) - shown} more" if len(items) > shown else ""
     return ", ".join(items[:shown]) + more
+
+
+def brief(error: BaseException) -> str:
+    """ "Type: message" on one line (at most 200 characters of message): a library's error quoted in ours."""
+    text = " ".join(str(error).split()) or "no details"
+    return f"{type(error).__name__}: {text[:200]}"

@@ -12,12 +12,13 @@ Accepted inputs: a mesh file, or a GSO object directory `<obj>/meshes/model.obj`
 
 Colour, in the order `refine.mesh.Mesh` uses it:
 - image textures with per-vertex UVs (OBJ convention, origin bottom-left; trimesh already flips glTF's
-  top-left UVs on reading, and a test pins that both paths agree). A single textured part keeps its image and
-  UVs untouched (UVs outside [0, 1] wrap, as the rasterizer samples them). Several parts of which at least
-  one is textured are packed into one atlas: each image gets a 2-pixel edge-replicated gutter, plain parts a
-  small constant patch, vertex-coloured parts a patch of their mean colour; UVs that wrap are baked by
-  repeating the image over the integer tiles they cover (at most `MAX_UV_TILES` per axis) and clamped to
-  [0, 1] beyond that.
+  top-left UVs on reading, and a test pins that both paths agree). A single textured part, or parts that
+  all use one image (instances, primitives of one material), keep that image and their UVs untouched (UVs
+  outside [0, 1] wrap, as the rasterizer samples them). Otherwise parts of which at least one is textured
+  are packed into one atlas: each image (once for all the parts that use it with the same UV tiles) gets a
+  2-pixel edge-replicated gutter, plain parts a small constant patch, vertex-coloured parts a patch of their
+  mean colour; UVs that wrap are baked by repeating the image over the integer tiles they cover (at most
+  `MAX_UV_TILES` per axis) and clamped to [0, 1] beyond that.
 - otherwise per-vertex colours (parts with a plain colour contribute it to all their vertices);
 - otherwise the one material colour (`Kd`, `baseColorFactor`) as `Mesh.color`.
 glTF colour factors and `COLOR_0` are linear by the specification and are converted to sRGB, the space of
@@ -51,7 +52,7 @@ from PIL import Image
 
 from refine.mesh import DEFAULT_COLOR, Mesh
 from refine.rasterizer import MAX_TRIANGLES
-from sv3d.errors import InputError, MeshLoadError
+from sv3d.errors import InputError, MeshLoadError, brief
 from sv3d.gltf_check import check_gltf
 
 UpAxis = Literal["auto", "y", "z"]
@@ -257,11 +258,6 @@ def _quiet_trimesh() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or "no details"
-    return f"{type(error).__name__}: {text[:200]}"
-
-
 def _resolve_up(path: Path, up: str) -> str:
     if up not in ("auto", "y", "z"):
         raise InputError(f"up must be 'auto', 'y' or 'z', got {up!r}")
@@ -283,20 +279,21 @@ def _read_parts(path: Path, up: str, with_visuals: bool) -> list[_Part]:
         except MeshLoadError:
             raise
         except IndexError as error:
-            raise MeshLoadError(f"{path}: face or UV indices out of range ({_one_line(error)})") from error
+            raise MeshLoadError(f"{path}: face or UV indices out of range ({brief(error)})") from error
         except Exception as error:  # trimesh raises many types for corrupt files
-            raise MeshLoadError(f"{path}: cannot parse as a {suffix} mesh ({_one_line(error)})") from error
+            raise MeshLoadError(f"{path}: cannot parse as a {suffix} mesh ({brief(error)})") from error
 
         parts: list[_Part] = []
         n_points = 0
-        decoded: dict[
-            tuple, np.ndarray
-        ] = {}  # one array per image and colour factor, however many parts use it
+        # one array per image and colour factor, however many parts use it
+        decoded: dict[tuple, np.ndarray] = {}
+        hidden = 0
         for node in scene.graph.nodes_geometry:
             transform, name = scene.graph[node]
             geometry = scene.geometry[name]
             if not np.asarray(transform)[:3, :3].any():
-                continue  # scaled to zero, glTF's way of hiding a node: no area, and no place in the box
+                hidden += 1  # scaled to zero, glTF's way of hiding a node: no area, and no place in the box
+                continue
             if isinstance(geometry, trimesh.Trimesh) and len(geometry.faces) > 0:
                 parts.append(
                     _read_part(path, geometry, np.asarray(transform), obj_materials, with_visuals, decoded)
@@ -304,6 +301,8 @@ def _read_parts(path: Path, up: str, with_visuals: bool) -> list[_Part]:
             else:
                 n_points += len(getattr(geometry, "vertices", ()))
     if not parts:
+        if hidden:
+            raise MeshLoadError(f"{path}: all {hidden} mesh node(s) are scaled to zero (hidden)")
         if n_points > 0:
             raise MeshLoadError(f"{path}: has no faces ({n_points} vertices only, a point cloud?)")
         raise MeshLoadError(f"{path}: contains no mesh geometry (empty or not a {suffix} file)")
@@ -345,8 +344,11 @@ def _read_part(
     linear, shift = transform[:3, :3], transform[:3, 3]
     if not np.allclose(transform, np.eye(4)):
         part.vertices = part.vertices @ linear.T + shift  # [n, 3]
-        if part.normals is not None:  # a flattening (singular) transform: pinv, normals made consistent below
-            part.normals = part.normals @ np.linalg.pinv(linear)  # [n, 3] == (inv(linear).T @ n.T).T
+        singular = abs(np.linalg.det(linear)) <= 1e-12 * max(np.abs(linear).max(), 1e-300) ** 3
+        if singular:  # flattened into a plane or a line: the file's normals no longer apply, computed ones do
+            part.normals = None
+        elif part.normals is not None:
+            part.normals = part.normals @ np.linalg.inv(linear)  # [n, 3] == (inv(linear).T @ n.T).T
         if np.linalg.det(linear) < 0:
             part.faces = part.faces[:, ::-1].copy()
     _compact(part)
@@ -429,7 +431,7 @@ def _set_vertex_colors(part: _Part, colors: np.ndarray) -> None:
         part.vertex_colors = colors
 
 
-def _unit_colors(attribute, n_vertices: int) -> np.ndarray | None:
+def _unit_colors(attribute: np.ndarray | None, n_vertices: int) -> np.ndarray | None:
     """A vertex colour attribute as [n, 3] float in [0, 1], by its type (uint8 /255, uint16 /65535, floats
     as they are); None when absent or not one RGB(A) row per vertex."""
     if attribute is None:
@@ -449,7 +451,7 @@ def _read_obj_materials(path: Path) -> dict[str, _ObjMaterial]:
     try:
         text = path.read_text(errors="replace")
     except OSError as error:
-        raise MeshLoadError(f"{path}: cannot read ({_one_line(error)})") from error
+        raise MeshLoadError(f"{path}: cannot read ({brief(error)})") from error
     materials: dict[str, _ObjMaterial] = {}
     for match in re.finditer(r"^[ \t]*mtllib[ \t]+(.+?)[ \t]*$", text, flags=re.MULTILINE):
         mtl_path = path.parent / match.group(1)
@@ -511,9 +513,7 @@ def _decode_texture(obj_path: Path, image_path: Path) -> np.ndarray:
     except MeshLoadError:
         raise
     except Exception as error:  # PIL raises several types for truncated or non-image files
-        raise MeshLoadError(
-            f"{obj_path}: texture {image_path} cannot be decoded ({_one_line(error)})"
-        ) from error
+        raise MeshLoadError(f"{obj_path}: texture {image_path} cannot be decoded ({brief(error)})") from error
 
 
 def _shared_image(
@@ -539,7 +539,7 @@ def _rgb_uint8(image: Image.Image, path: Path) -> np.ndarray:
             return np.repeat((data / 257.0).clip(0, 255).astype(np.uint8)[..., None], 3, axis=-1)
         return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
     except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError... for broken data
-        raise MeshLoadError(f"{path}: a texture image cannot be decoded ({_one_line(error)})") from error
+        raise MeshLoadError(f"{path}: a texture image cannot be decoded ({brief(error)})") from error
 
 
 # ------------------------------------------------------------------------------------------- geometry
@@ -645,8 +645,11 @@ def _shelf_layout(sizes: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], 
 def _pack_atlas(parts: list[_Part]) -> tuple[np.ndarray, np.ndarray]:
     """One atlas for all parts: (uvs [N, 2] OBJ convention, atlas [H, W, 3] uint8). Parts that share an
     image (the same array: `_shared_image`, or an OBJ material's) share its slot, so an image that many
-    parts or instances use is neither repeated nor shrunk to fit its copies; when that is the only slot,
-    the image itself is the texture."""
+    parts or instances use (with the same UV tiles) is neither repeated nor shrunk to fit its copies; one
+    image for every part is the texture itself."""
+    if all(p.image is not None for p in parts) and len({id(p.image) for p in parts}) == 1:
+        # one image for every part: itself, with the parts' own UVs (wrapping as the single-part path)
+        return np.concatenate([p.uvs for p in parts], axis=0), parts[0].image
     images: list[np.ndarray] = []  # one per slot
     slots: dict[tuple, int] = {}  # (image id, tiled shape) or ("plain", part) -> slot
     slot_of: list[int] = []  # [parts] each part's slot
@@ -665,8 +668,6 @@ def _pack_atlas(parts: list[_Part]) -> tuple[np.ndarray, np.ndarray]:
             images.append(image)
         slot_of.append(slots[key])
         local_uvs.append(uv)
-    if len(images) == 1 and slot_of and all(p.image is not None for p in parts):
-        return np.concatenate(local_uvs, axis=0), np.ascontiguousarray(images[0])
 
     # shrink everything until the packing fits MAX_ATLAS_SIZE
     pad = ATLAS_GUTTER

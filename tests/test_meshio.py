@@ -18,6 +18,7 @@ import trimesh
 from PIL import Image
 from scipy.spatial import cKDTree
 
+import sv3d.gltf_check
 from refine.mesh import Mesh
 from sv3d.errors import InputError, MeshLoadError
 from sv3d.meshio import (
@@ -53,6 +54,8 @@ def write_glb(
     colors: np.ndarray | None = None,  # [n, 3] COLOR_0, linear
     texture_info: dict | None = None,  # more keys of the base colour texture's info (texCoord, extensions)
     document_extra: dict | None = None,  # more top-level keys (extensionsRequired)
+    material_extra: dict | None = None,  # more keys of the material (normalTexture)
+    normalized_uvs: bool = False,  # UVs as normalized unsigned bytes, as the core specification allows
 ) -> Path:
     """A minimal glTF 2.0 binary written by hand, so the checks do not rest on trimesh's exporter."""
     chunks = [positions.astype("<f4").tobytes(), faces.astype("<u4").tobytes()]
@@ -69,8 +72,13 @@ def write_glb(
     ]
     attributes = {"POSITION": 0}
     if uvs is not None:
-        chunks.append(uvs.astype("<f4").tobytes())
-        accessors.append({"bufferView": 2, "componentType": 5126, "count": len(uvs), "type": "VEC2"})
+        if normalized_uvs:
+            chunks.append(np.round(uvs * 255).astype(np.uint8).tobytes())
+            uv_type = {"componentType": 5121, "normalized": True}
+        else:
+            chunks.append(uvs.astype("<f4").tobytes())
+            uv_type = {"componentType": 5126}
+        accessors.append({"bufferView": 2, "count": len(uvs), "type": "VEC2", **uv_type})
         attributes["TEXCOORD_0"] = 2
     if colors is not None:
         chunks.append(colors.astype("<f4").tobytes())
@@ -100,7 +108,7 @@ def write_glb(
         blob, offset = blob + chunk, offset + len(chunk)
     document.update(
         meshes=[{"primitives": [{"attributes": attributes, "indices": 1, "material": 0}]}],
-        materials=[{"pbrMetallicRoughness": pbr}],
+        materials=[{"pbrMetallicRoughness": pbr, **(material_extra or {})}],
         accessors=accessors,
         bufferViews=views,
         buffers=[{"byteLength": len(blob)}],
@@ -303,6 +311,19 @@ def test_a_node_scaled_to_zero_is_hidden_not_an_error(tmp_path: Path) -> None:
     scene.export(tmp_path / "hidden.glb")
     mesh = load_mesh(tmp_path / "hidden.glb", up="z", place=False)
     assert mesh.faces.shape == (4, 3) and np.abs(mesh.vertices.numpy()).max() <= np.abs(TETRA_V).max() + 1e-6
+    # every node hidden: said so
+    scene.graph.update("shown", matrix=np.diag([0.0, 0.0, 0.0, 1.0]))
+    scene.export(tmp_path / "all_hidden.glb")
+    with pytest.raises(MeshLoadError, match="all 2 mesh node"):
+        load_mesh(tmp_path / "all_hidden.glb")
+    # flattened into the plane y = 0: the file's normals no longer apply; the computed ones face +-y
+    tilted = trimesh.Trimesh([[0.0, 0, 0], [1, 1, 0], [0, 1, 1]], [[0, 1, 2]], process=False)
+    tilted.vertex_normals  # noqa: B018 - the file carries normals (1, -1, 1) / sqrt(3)
+    flat = trimesh.Scene()
+    flat.add_geometry(tilted, node_name="flat", geom_name="tri", transform=np.diag([1.0, 0.0, 1.0, 1.0]))
+    flat.export(tmp_path / "flat.glb")
+    normals = load_mesh(tmp_path / "flat.glb", up="z", place=False).normals().numpy()
+    assert np.allclose(np.abs(normals[:, 1]), 1.0, atol=1e-5)
 
 
 def test_ply_with_vertex_colors(tmp_path: Path) -> None:
@@ -431,6 +452,12 @@ def test_an_image_shared_by_instances_is_the_texture_once(tmp_path: Path) -> Non
     for k in range(3):  # each instance's vertices keep their colours
         at = cKDTree(mesh.vertices.numpy()).query(TETRA_V + [10.0 * k, 0.0, 0.0])[1]  # [4]
         assert np.allclose(sample_texture(mesh, mesh.uvs.numpy()[at]), own)
+    # UVs that wrap (0..3) stay as they are, on the image itself (as for one part), not tiled 3x
+    part.visual = trimesh.visual.TextureVisuals(uv=uv * 3.0, image=Image.fromarray(image))
+    scene.geometry["tetra"] = part
+    scene.export(tmp_path / "wrapped.glb")
+    wrapped = load_mesh(tmp_path / "wrapped.glb", up="z", place=False)
+    assert wrapped.texture.shape[:2] == (64, 64) and wrapped.uvs.numpy().max() > 2.0
 
 
 def test_file_normals_are_kept_and_made_flip_consistent(tmp_path: Path) -> None:
@@ -538,7 +565,7 @@ def _bad_inputs(root: Path) -> dict[str, tuple[Path, str]]:
         "extensionsUsed": ["KHR_draco_mesh_compression"],
         "extensionsRequired": ["KHR_draco_mesh_compression"],
     }
-    cases["draco_glb"] = (write_glb(root / "draco.glb", triangle, one, document_extra=draco), "Draco")
+    cases["draco_glb"] = (write_glb(root / "draco.glb", triangle, one, document_extra=draco), "KHR_draco")
     png = io.BytesIO()
     Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(png, format="PNG")
     truncated = png.getvalue()[: len(png.getvalue()) // 2]
@@ -559,8 +586,9 @@ BAD_CASES = (
 
 @pytest.mark.parametrize("case", BAD_CASES)
 def test_bad_input_raises_one_line_naming_the_file(
-    tmp_path: Path, case: str, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, case: str, caplog: pytest.LogCaptureFixture, monkeypatch
 ) -> None:
+    monkeypatch.setattr(sv3d.gltf_check, "_draco_readable", lambda: False)  # as without DracoPy
     path, reason = _bad_inputs(tmp_path)[case]
     caplog.set_level(logging.DEBUG, logger="trimesh")
     with warnings.catch_warnings(record=True) as caught:
@@ -583,6 +611,55 @@ def test_bad_input_raises_one_line_naming_the_file(
     ):  # geometry only: no textures
         with pytest.raises(MeshLoadError):
             load_trimesh(path)
+
+
+def test_gltf_that_trimesh_would_read_wrong_is_refused_and_the_rest_loads(tmp_path: Path) -> None:
+    triangle, one = np.array([[0.0, 0, 0], [1, 0, 0], [0, 1, 0]]), np.array([[0, 1, 2]])
+    uvs = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    png = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8)).save(png, format="PNG")
+    shift = {"KHR_texture_transform": {"offset": [0.5, 0.0]}}
+    identity = {"KHR_texture_transform": {"offset": [0, 0], "scale": [1, 1]}}
+    instanced = {"nodes": [{"mesh": 0, "extensions": {"EXT_mesh_gpu_instancing": {"attributes": {}}}}]}
+    refused = {
+        "shifted texture": ({"texture_info": {"extensions": shift}}, "KHR_texture_transform"),
+        "byte UVs": ({"normalized_uvs": True}, "integer TEXCOORD_0"),
+        "meshopt": ({"document_extra": {"extensionsRequired": ["EXT_meshopt_compression"]}}, "meshopt"),
+        "instancing": ({"document_extra": instanced}, "EXT_mesh_gpu_instancing"),
+    }
+    for name, (extra, reason) in refused.items():
+        path = write_glb(tmp_path / f"{name}.glb", triangle, one, uvs, png.getvalue(), **extra)
+        with pytest.raises(MeshLoadError, match=reason):
+            load_mesh(path)
+    # geometry only: the textures' problems do not matter
+    load_trimesh(tmp_path / "byte UVs.glb")
+    load_trimesh(tmp_path / "shifted texture.glb")
+    # an identity transform, and a broken image that only a normal map uses (trimesh reads base colour only)
+    path = write_glb(
+        tmp_path / "identity.glb", triangle, one, uvs, png.getvalue(), texture_info={"extensions": identity}
+    )
+    assert load_mesh(path).texture is not None
+    path = write_glb(tmp_path / "normal.glb", triangle, one, uvs, png.getvalue())
+    _add_normal_map(path, b"not an image")
+    assert load_mesh(path).texture is not None
+
+
+def _add_normal_map(path: Path, data: bytes) -> None:
+    """Append an image of `data` to a `write_glb` file, used by the material as its normal map only."""
+    raw = path.read_bytes()
+    length = struct.unpack_from("<I", raw, 12)[0]
+    document = json.loads(raw[20 : 20 + length])
+    blob = raw[20 + length + 8 :]
+    document["bufferViews"].append({"buffer": 0, "byteOffset": len(blob), "byteLength": len(data)})
+    blob += data + b"\0" * (-len(data) % 4)
+    document["buffers"][0]["byteLength"] = len(blob)
+    document["images"].append({"bufferView": len(document["bufferViews"]) - 1, "mimeType": "image/png"})
+    document["textures"].append({"source": len(document["images"]) - 1})
+    document["materials"][0]["normalTexture"] = {"index": len(document["textures"]) - 1}
+    text = json.dumps(document).encode()
+    text += b" " * (-len(text) % 4)
+    body = struct.pack("<I4s", len(text), b"JSON") + text + struct.pack("<I4s", len(blob), b"BIN\0") + blob
+    path.write_bytes(struct.pack("<4sII", b"glTF", 2, 12 + len(body)) + body)
 
 
 def test_more_faces_than_the_rasterizer_takes_is_one_line(tmp_path: Path, monkeypatch) -> None:
