@@ -81,6 +81,7 @@ SPHERE_FRAME_RATIO = math.tan(math.asin(OBJECT_RADIUS / CAMERA_RADIUS)) / math.t
 MIN_IMAGE_SIZE = 32  # px, smaller side; below this there is nothing to centre (SV3D works at 576)
 OBJECT_ALPHA_THRESHOLD = 0.5  # the object's extent is its half-coverage contour (antialiased edges, haze)
 FAINT_ALPHA_THRESHOLD = 0.05  # used instead when nothing reaches 0.5 (a faint, semi-transparent object)
+SPECK_FRACTION = 0.01  # components of the object's mask under this share of the largest one are specks
 MIN_OBJECT_RADIUS = 2.0  # px in the input: smaller objects are noise, not something to reconstruct
 REMBG_MODEL = "u2net"  # rembg's default session, the one the reference's `rembg.remove` uses
 REMBG_MAX_SIDE = 768  # the reference runs rembg on a 768 px thumbnail
@@ -135,7 +136,8 @@ def _read_tiff_deep(path: Path) -> tuple[np.ndarray, bool, int] | None:
             icc = page.tags.get("InterColorProfile")
             if icc is not None and not _is_srgb(bytes(icc.value)):
                 return None
-            if math.prod(page.shape) > 2 * Image.MAX_IMAGE_PIXELS * max(page.samplesperpixel, 1):
+            limit = Image.MAX_IMAGE_PIXELS  # None: the user turned Pillow's limit off
+            if limit is not None and math.prod(page.shape) > 2 * limit * max(page.samplesperpixel, 1):
                 raise InputError(  # as Pillow's decompression-bomb limit, before allocating
                     f"cannot read image {path}: {page.shape} samples exceed the limit of "
                     f"{2 * Image.MAX_IMAGE_PIXELS} pixels (a decompression bomb?)"
@@ -144,6 +146,7 @@ def _read_tiff_deep(path: Path) -> tuple[np.ndarray, bool, int] | None:
             if page.axes.startswith("S"):  # planar configuration: samples first
                 data = np.moveaxis(data, 0, -1)  # [C, H, W] -> [H, W, C]
             extras = tuple(int(e) for e in page.extrasamples)
+            colours = 3 if str(page.photometric.name) == "RGB" else 1
             orientation_tag = page.tags.get("Orientation")
             orientation = int(orientation_tag.value) if orientation_tag is not None else 1
     except tifffile.TiffFileError:
@@ -152,11 +155,18 @@ def _read_tiff_deep(path: Path) -> tuple[np.ndarray, bool, int] | None:
         print(f"sv3d: note: {path.name}: read through Pillow ({_first_line(exc)})", file=sys.stderr)
         return None
     data = data[..., None] if data.ndim == 2 else data
+    # Extra samples: the first is alpha when declared so (1 associated, 2 unassociated), or, undeclared,
+    # when it is the only one; others ("unspecified": Photoshop's saved selections) are dropped, as Pillow
+    # drops them from 8-bit files
+    alpha_kept = data.shape[-1] > colours and (
+        extras[:1] in ((1,), (2,)) or (not extras and data.shape[-1] == colours + 1)
+    )
+    data = data[..., : colours + int(alpha_kept)]
     if np.issubdtype(data.dtype, np.integer):
         values = data.astype(np.float32) / float(np.iinfo(data.dtype).max)
     else:
         values = np.clip(np.nan_to_num(data.astype(np.float32)), 0.0, 1.0)
-    return values, bool(extras) and extras[0] == 1, orientation  # ExtraSamples 1: associated alpha
+    return values, alpha_kept and bool(extras) and extras[0] == 1, orientation  # 1: associated alpha
 
 
 def _is_srgb(icc: bytes) -> bool:
@@ -333,6 +343,10 @@ def _first_line(exc: BaseException) -> str:
 def _array_to_float(array: Any, name: str) -> tuple[np.ndarray, np.ndarray | None]:
     """An in-memory image ([H, W], [H, W, C] or [1, H, W, C]; uint8, uint16, bool or float in [0, 1])."""
     if isinstance(array, Image.Image):  # displayed upright, as load_image reads the same file
+        try:
+            array.load()  # first: loading a TIFF applies its orientation itself (and removes the tag)
+        except Exception as exc:  # Pillow raises several types for truncated or corrupt data
+            raise InputError(f"cannot read image {name}: {_first_line(exc)}") from exc
         orientation = int(array.getexif().get(_EXIF_ORIENTATION, 1) or 1)
         sixteen = array.mode.startswith("I") or array.mode == "F"
         data, declared = _pil_to_float(array)
@@ -468,7 +482,7 @@ def plain_background_matte(rgb: np.ndarray, name: str = "image") -> tuple[np.nda
     if count == 0:
         raise InputError(f"{name}: no object found, every pixel matches the background colour")
     sizes = ndimage.sum_labels(obj, labels, index=np.arange(1, count + 1))  # [count]
-    keep = np.flatnonzero(sizes >= max(0.01 * sizes.max(), 4.0)) + 1
+    keep = np.flatnonzero(sizes >= max(SPECK_FRACTION * sizes.max(), 4.0)) + 1
     obj = np.isin(labels, keep)
     alpha = obj.astype(np.float32)
     inner_ring = obj & ~ndimage.binary_erosion(obj)
@@ -555,7 +569,8 @@ def frame_object(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Centres the object on a square canvas and resizes it; returns (rgb on white [S, S, 3], alpha [S, S]).
 
-    The bbox of alpha >= `OBJECT_ALPHA_THRESHOLD` is centred; the object's bounding circle about that
+    The bbox of alpha >= `OBJECT_ALPHA_THRESHOLD` (without specks: components under `SPECK_FRACTION` of the
+    largest, which are cleared from the alpha too) is centred; the object's bounding circle about that
     centre (its farthest pixel centre) gets the diameter `frame_ratio * S`, by default
     `SPHERE_FRAME_RATIO` (module docstring). Resampling is Lanczos on premultiplied colour and alpha,
     so transparent pixels contribute nothing; the result is composited on white.
@@ -565,11 +580,22 @@ def frame_object(
         raise InputError(f"frame ratio {frame_ratio}: expected 0 < ratio <= 1 (object diameter / image side)")
     if isinstance(size, bool) or not isinstance(size, int) or size < MIN_IMAGE_SIZE:
         raise InputError(f"output size {size!r}: expected an integer >= {MIN_IMAGE_SIZE}")
-    ys, xs = np.nonzero(alpha >= OBJECT_ALPHA_THRESHOLD)
-    if ys.size == 0:
-        ys, xs = np.nonzero(alpha > FAINT_ALPHA_THRESHOLD)
-    if ys.size == 0:
+    alpha = np.clip(alpha, 0.0, 1.0)
+    solid = alpha >= OBJECT_ALPHA_THRESHOLD
+    if not solid.any():
+        solid = alpha > FAINT_ALPHA_THRESHOLD
+    if not solid.any():
         raise InputError(f"{name}: the alpha is empty, no object to centre")
+    # Specks (components under 1% of the largest, as the plain matting drops them: a cutout's or rembg's
+    # stray islands) would move the centre and set the radius: they are left out, and cleared
+    labels, n = ndimage.label(solid)
+    sizes = ndimage.sum_labels(solid, labels, index=np.arange(1, n + 1))  # [n]
+    least = min(max(SPECK_FRACTION * sizes.max(), 4.0), sizes.max())  # the largest always stays
+    specks = np.isin(labels, 1 + np.flatnonzero(sizes < least))
+    if specks.any():
+        solid &= ~specks
+        alpha = np.where(ndimage.binary_dilation(specks, iterations=2) & ~solid, 0.0, alpha)
+    ys, xs = np.nonzero(solid)
     cy = (ys.min() + ys.max() + 1) / 2.0  # bbox centre, pixel-edge coordinates
     cx = (xs.min() + xs.max() + 1) / 2.0
     # Farthest pixel centre of the half-coverage region: the edge of an antialiased object to ~0.3 px.
@@ -583,7 +609,6 @@ def frame_object(
     pad_r, pad_b = max(0, math.ceil(right - width)), max(0, math.ceil(bottom - height))
     box = (left + pad_l, top + pad_t, right + pad_l, bottom + pad_t)
     pads = ((pad_t, pad_b), (pad_l, pad_r))
-    alpha = np.clip(alpha, 0.0, 1.0)
     out_alpha = _resize_channel(np.pad(alpha, pads), box, size)  # [S, S]
     out_alpha = np.clip(out_alpha, 0.0, 1.0)
     premultiplied = [
