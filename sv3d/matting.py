@@ -1,10 +1,12 @@
 """Alpha for generated frames: matting against SV3D's known white background.
 
 SV3D renders objects on pure white. A frame pixel I = a F + (1 - a) * 1, so 1 - I = a (1 - F): darkness is
-coverage times the object's own darkness. We take a soft coverage from the darkness max_c(1 - I_c) with a
-ramp between `low` (JPEG-like noise on white) and `high` at the object's outline (inside it, beyond 2 px of
-the outline, every pixel of the object is fully covered: the object is what the ramp puts above 1/2,
-darkness 0.07, and what it encloses; a body lighter than 0.93 in every channel is not found as object), fill
+coverage times the object's own darkness. The object is what a ramp of the darkness max_c(1 - I_c) between
+`low` (JPEG-like noise on white) and `high` puts above 1/2 (darkness 0.07; a body lighter than 0.93 in
+every channel is not found as object) and what it encloses; beyond 2 px of its outline every pixel is
+fully covered; on the outline, coverage is the pixel's darkness over the object's own darkness next to it
+(the darkest interior pixel within 4 px; noise under `low` is background), so a dark object's half-covered
+pixel reads 1/2, not opaque in a light blend of its colour and the white. It fills
 enclosed white regions (white parts of the object surrounded by it, e.g. a white label) unless they are
 holes one sees the background through (a mug's handle: at least `hole_min` of the object's area and pure
 background white, darkness < `low`, on 90% of their pixels), keep components that are not specks, and un-
@@ -24,7 +26,7 @@ __all__ = ["matte_white_background"]
 def matte_white_background(
     frames: np.ndarray,  # [T, H, W, 3] float in [0, 1], objects on white
     low: float = 0.02,  # darkness below this is background noise
-    high: float = 0.12,  # darkness above this is fully covered
+    high: float = 0.12,  # the ramp that finds the object: darkness above this is covered
     min_component: float = 1e-3,  # drop components under this fraction of the image
     hole_min: float = 0.005,  # enclosed pure-white regions at least this fraction of the object: holes
 ) -> np.ndarray:
@@ -51,7 +53,16 @@ def matte_white_background(
         # judges coverage only at the outline (a light-grey body, darkness 0.08, read alpha 0.6 there and
         # a darker colour); enclosed white (labels) is object as well
         interior = ndimage.binary_erosion(filled, iterations=2)
-        a = np.where(interior | (filled & ~hard), 1.0, alpha[t])
+        # At the outline, coverage = darkness / the object's own darkness next to it (darkness = a (1 - F)):
+        # the ramp alone read a dark object's half-covered pixel as opaque (a light rim in its colour) and
+        # a light one's as too faint. Its own darkness: the max over the interior pixels within 4 px, or
+        # over the object's for thin parts without interior.
+        reach = ndimage.maximum_filter(np.where(interior, darkness[t], 0.0), size=9)
+        reach = np.where(
+            reach > high, reach, ndimage.maximum_filter(np.where(filled, darkness[t], 0.0), size=9)
+        )
+        soft = np.where(darkness[t] > low, np.clip(darkness[t] / np.maximum(reach, 2 * low), 0.0, 1.0), 0.0)
+        a = np.where(interior | (filled & ~hard), 1.0, soft)
         a = np.where(ndimage.binary_dilation(filled, iterations=2), a, 0.0)  # specks far from it: none
         rgb = frames[t]
         straight = np.where(

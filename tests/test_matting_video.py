@@ -66,3 +66,22 @@ def test_write_video_atomic_and_readable(tmp_path: Path):
     assert path.is_file() and [p.name for p in tmp_path.iterdir()] == ["preview.mp4"]
     back = iio.imread(path)
     assert back.shape[0] == 5 and back.shape[1:3] == (32, 48)
+
+
+def test_outline_coverage_follows_the_objects_own_darkness():
+    """darkness = a (1 - F): at the outline the ramp alone read a dark disc's 15%-covered pixels as opaque
+    (a light rim of the blended colour: alpha off by up to 0.84, colour by 0.55 for grey 0.1) and a light
+    disc's as too faint. Per pixel of a one-pixel soft edge, as generated frames antialias."""
+    h = w = 96
+    yy, xx = np.mgrid[0:h, 0:w] + 0.5
+    r = np.hypot(xx - 48, yy - 48)
+    alpha = np.clip(30.0 - r, 0.0, 1.0)  # [H, W]
+    edge = (alpha > 0.05) & (alpha < 0.95)
+    for grey in (0.1, 0.5, 0.85):
+        colour = np.array([grey, grey, grey + 0.05])
+        frame = alpha[..., None] * colour + (1.0 - alpha[..., None])
+        rgba = matte_white_background(frame[None])[0]
+        # the light disc's faintest edge pixels are under the noise floor (darkness 0.02): 0.09 off
+        assert np.abs(rgba[..., 3][edge] - alpha[edge]).max() < 0.1
+        solid = edge & (alpha > 0.3)
+        assert np.abs(rgba[..., :3][solid] - colour).max() < 0.01
