@@ -93,7 +93,7 @@ def _check_document(path: Path, document: dict, binary: bytes, with_visuals: boo
     sources: set[int] = set()  # the images that base colour textures show
     textures = document.get("textures") or []
     for material in materials:
-        info = _base_color_texture([material], {"material": 0})
+        info = _material_texture(material)
         if info is None:
             continue
         if int(info.get("texCoord", 0)) != 0:
@@ -127,7 +127,11 @@ def _base_color_texture(materials: list, primitive: dict) -> dict | None:
     """The primitive's material's base colour texture info, or None."""
     if primitive.get("material") is None:
         return None
-    material = materials[int(primitive["material"])]
+    return _material_texture(materials[int(primitive["material"])])
+
+
+def _material_texture(material: dict) -> dict | None:
+    """A material's base colour texture info, or None."""
     return (material.get("pbrMetallicRoughness") or {}).get("baseColorTexture")
 
 
@@ -189,8 +193,10 @@ def _uri_bytes(path: Path, uri: str) -> bytes:
 
 
 def _decode(path: Path, index: int, data: bytes) -> None:
+    """Whether Pillow reads the image: opened and verified (its chunks and checksums), not decoded, which
+    trimesh and `meshio` do next; a truncated or unknown image raises here."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            image.load()
+            image.verify()
     except Exception as error:  # Pillow raises several types for truncated or non-image data
         raise MeshLoadError(f"{path}: image {index} cannot be decoded ({brief(error)})") from error

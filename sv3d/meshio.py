@@ -344,12 +344,12 @@ def _read_part(
     linear, shift = transform[:3, :3], transform[:3, 3]
     if not np.allclose(transform, np.eye(4)):
         part.vertices = part.vertices @ linear.T + shift  # [n, 3]
-        singular = abs(np.linalg.det(linear)) <= 1e-12 * max(np.abs(linear).max(), 1e-300) ** 3
-        if singular:  # flattened into a plane or a line: the file's normals no longer apply, computed ones do
-            part.normals = None
+        det = np.linalg.det(linear)
+        if abs(det) <= 1e-12 * max(np.abs(linear).max(), 1e-300) ** 3:
+            part.normals = None  # flattened into a plane or a line: the file's normals no longer apply
         elif part.normals is not None:
             part.normals = part.normals @ np.linalg.inv(linear)  # [n, 3] == (inv(linear).T @ n.T).T
-        if np.linalg.det(linear) < 0:
+        if det < 0:
             part.faces = part.faces[:, ::-1].copy()
     _compact(part)
     if part.normals is not None:
@@ -599,9 +599,7 @@ def _merge_colors(
     parts: list[_Part],
 ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, tuple[float, float, float]]:
     """(uvs [N, 2], texture [H, W, 3] uint8, vertex_colors [N, 3], color) for the concatenated parts."""
-    if any(p.image is not None for p in parts):
-        if len(parts) == 1:
-            return parts[0].uvs, parts[0].image, None, DEFAULT_COLOR
+    if any(p.image is not None for p in parts):  # one part, or one image for all: as it is (`_pack_atlas`)
         uvs, atlas = _pack_atlas(parts)
         return uvs, atlas, None, DEFAULT_COLOR
     if any(p.vertex_colors is not None for p in parts) or len({p.color for p in parts}) > 1:
