@@ -478,12 +478,9 @@ def plain_background_matte(rgb: np.ndarray, name: str = "image") -> tuple[np.nda
     thin, n_thin = ndimage.label(ndimage.binary_propagation(opened, mask=obj) & ~opened)
     border = np.unique(np.concatenate([thin[0], thin[-1], thin[:, 0], thin[:, -1]]))
     obj = opened | ((thin > 0) & ~np.isin(thin, border[border > 0]))
-    labels, count = ndimage.label(obj)
-    if count == 0:
+    if not obj.any():
         raise InputError(f"{name}: no object found, every pixel matches the background colour")
-    sizes = ndimage.sum_labels(obj, labels, index=np.arange(1, count + 1))  # [count]
-    keep = np.flatnonzero(sizes >= max(SPECK_FRACTION * sizes.max(), 4.0)) + 1
-    obj = np.isin(labels, keep)
+    obj &= ~_specks(obj)
     alpha = obj.astype(np.float32)
     inner_ring = obj & ~ndimage.binary_erosion(obj)
     outer_ring = ndimage.binary_dilation(obj) & ~obj
@@ -560,6 +557,15 @@ def _resize_channel(channel: np.ndarray, box: tuple[float, float, float, float],
     return np.asarray(image.resize((size, size), Image.Resampling.LANCZOS, box=box), dtype=np.float32)
 
 
+def _specks(mask: np.ndarray) -> np.ndarray:
+    """[H, W] bool: the components of a non-empty mask [H, W] under `SPECK_FRACTION` of the largest one's
+    pixels or under 4 pixels; the largest is never one."""
+    labels, count = ndimage.label(mask)
+    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))  # [count]
+    least = min(max(SPECK_FRACTION * sizes.max(), 4.0), sizes.max())
+    return np.isin(labels, 1 + np.flatnonzero(sizes < least))
+
+
 def frame_object(
     rgb: np.ndarray,  # [H, W, 3] straight colour in [0, 1]
     alpha: np.ndarray,  # [H, W] in [0, 1]
@@ -586,12 +592,9 @@ def frame_object(
         solid = alpha > FAINT_ALPHA_THRESHOLD
     if not solid.any():
         raise InputError(f"{name}: the alpha is empty, no object to centre")
-    # Specks (components under 1% of the largest, as the plain matting drops them: a cutout's or rembg's
-    # stray islands) would move the centre and set the radius: they are left out, and cleared
-    labels, n = ndimage.label(solid)
-    sizes = ndimage.sum_labels(solid, labels, index=np.arange(1, n + 1))  # [n]
-    least = min(max(SPECK_FRACTION * sizes.max(), 4.0), sizes.max())  # the largest always stays
-    specks = np.isin(labels, 1 + np.flatnonzero(sizes < least))
+    # Specks (as the plain matting drops them: a cutout's or rembg's stray islands) would move the centre
+    # and set the radius: they are left out, and cleared
+    specks = _specks(solid)
     if specks.any():
         solid &= ~specks
         alpha = np.where(ndimage.binary_dilation(specks, iterations=2) & ~solid, 0.0, alpha)
