@@ -143,9 +143,15 @@ def check_checkpoint(path: Path, orbit: OrbitConfig | None = None) -> int | None
 
 
 def generate_orbit(
-    image_path: str | Path, output_dir: str | Path, config: OrbitConfig | None = None, overwrite: bool = False
+    image_path: str | Path,
+    output_dir: str | Path,
+    config: OrbitConfig | None = None,
+    overwrite: bool = False,
+    conditioning: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Path:
-    """Photo -> orbit directory (generated frames, cameras, preview.mp4). Returns the directory."""
+    """Photo -> orbit directory (generated frames, cameras, preview.mp4). Returns the directory.
+    `conditioning`: this photo's `preprocess_image(image_path, config.resolution, background=...)` result
+    when the caller has it already (`sv3d run` checks the photo first): not computed again."""
     from .model.pipeline import SV3DPipeline
     from .preprocess import preprocess_image
     from .video import write_video
@@ -169,7 +175,10 @@ def generate_orbit(
         )
     checkpoint = resolve_checkpoint(config.checkpoint)
     unet_params = check_checkpoint(checkpoint, config)  # its header: the variant takes the orbit asked for
-    image, alpha = preprocess_image(image_path, size=config.resolution, background=config.background)
+    if conditioning is not None and conditioning[1].shape == (config.resolution, config.resolution):
+        image, alpha = conditioning
+    else:
+        image, alpha = preprocess_image(image_path, size=config.resolution, background=config.background)
     device = pick_device(config.device)
     dtype = _dtype(config.dtype, device)
     if device.type == "cpu":

@@ -452,7 +452,8 @@ def plain_background_alpha(rgb: np.ndarray, name: str = "image") -> np.ndarray:
 def plain_background_matte(rgb: np.ndarray, name: str = "image") -> tuple[np.ndarray, np.ndarray]:
     """`plain_background_alpha`'s matte and the object's colour: (alpha [H, W], rgb [H, W, 3]) where, on the
     soft edge, each pixel I = s F + (1 - s) B (s the edge's colour-distance coverage, B the backdrop) is
-    solved for F = (I - (1 - s) B) / s, so that compositing on white shows no fringe of the backdrop."""
+    solved for F = (I - (1 - s) B) / s, so that compositing on white shows no fringe of the backdrop.
+    Cost: a few full-image passes, the rest within the object's bounding box (a 48 MP photo: seconds)."""
     height, width = rgb.shape[:2]
     border = _border_band(rgb)  # [N, 3]
     background = np.median(border, axis=0)  # [3]
@@ -463,28 +464,34 @@ def plain_background_matte(rgb: np.ndarray, name: str = "image") -> tuple[np.nda
             "border); give an RGBA image, or install rembg and use --background rembg"
         )
     threshold = float(np.clip(2.5 * np.percentile(border_distance, 90), 0.06, 0.25))
-    distance = np.linalg.norm(rgb - background, axis=-1)  # [H, W]
+    distance = _colour_distance(rgb, background)  # [H, W]
     labels, count = ndimage.label(distance < threshold)
     edge_labels = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    obj = ~np.isin(labels, edge_labels[edge_labels > 0])  # not connected to the border
     # [H, W] as close to the backdrop's colour as the border itself is
     backdrop_like = distance <= max(float(np.percentile(border_distance, 99)), 0.02)
-    obj &= ~np.isin(labels, _see_through(labels, count, edge_labels, backdrop_like, obj.sum()))
+    backdrop = _in(labels, edge_labels[edge_labels > 0])  # connected to the border
+    backdrop |= _in(labels, _see_through(labels, count, edge_labels, backdrop_like, (~backdrop).sum()))
+    if backdrop.all():
+        raise InputError(f"{name}: no object found, every pixel matches the background colour")
+    # The rest within the object's bounding box, one pixel wider for the outer soft edge: [h, w]
+    rows, cols = np.flatnonzero(~backdrop.all(axis=1)), np.flatnonzero(~backdrop.all(axis=0))
+    box = np.s_[max(rows[0] - 1, 0) : rows[-1] + 2, max(cols[0] - 1, 0) : cols[-1] + 2]
+    obj, distance, at_border = ~backdrop[box], distance[box], _border_mask(box, height, width)
     radius = max(1, round(0.003 * min(height, width)))
-    disk = _disk(radius)
     # specks and noise apart from the object go; thin parts attached to it (a stem, a glass's leg) stay,
     # unless they run to the image's border (a table edge or seam across the photo)
-    opened = ndimage.binary_opening(obj, structure=disk)
-    thin, n_thin = ndimage.label(ndimage.binary_propagation(opened, mask=obj) & ~opened)
-    border = np.unique(np.concatenate([thin[0], thin[-1], thin[:, 0], thin[:, -1]]))
-    obj = opened | ((thin > 0) & ~np.isin(thin, border[border > 0]))
+    opened = _open_with_disk(obj, radius)
+    parts, _ = ndimage.label(obj)  # 4-connected, as binary_propagation's default
+    attached = _in(parts, np.unique(parts[opened]))  # the parts of obj that keep an opened pixel
+    thin, _ = ndimage.label(attached & ~opened)
+    obj = opened | ((thin > 0) & ~_in(thin, np.unique(thin[at_border])))
     if not obj.any():
         raise InputError(f"{name}: no object found, every pixel matches the background colour")
     obj &= ~_specks(obj)
     alpha = obj.astype(np.float32)
-    inner_ring = obj & ~ndimage.binary_erosion(obj)
-    outer_ring = ndimage.binary_dilation(obj) & ~obj
     interior = ndimage.binary_erosion(obj)
+    inner_ring = obj & ~interior
+    outer_ring = ndimage.binary_dilation(obj) & ~obj
     # The object's colour distance next to the edge: max over a 5x5 window of interior pixels.
     reach = ndimage.maximum_filter(np.where(interior, distance, 0.0), size=5)
     reach = np.where(reach > threshold, reach, ndimage.maximum_filter(np.where(obj, distance, 0.0), size=5))
@@ -492,10 +499,54 @@ def plain_background_matte(rgb: np.ndarray, name: str = "image") -> tuple[np.nda
     soft = np.clip(distance / np.maximum(reach, threshold), 0.0, 1.0)
     alpha[ring] = soft[ring]
     alpha[inner_ring] = np.maximum(alpha[inner_ring], 0.5)  # an object pixel stays at least half covered
-    own = ring & (soft > 0.1)  # [H, W]; below, the division would amplify noise (the pixel weighs little)
-    solved = (rgb - (1.0 - soft[..., None]) * background) / np.maximum(soft, 0.1)[..., None]  # [H, W, 3]
-    solved = np.clip(solved, 0.0, 1.0)
-    return alpha, np.where(own[..., None], solved, rgb).astype(np.float32)
+    own = ring & (soft > 0.1)  # [h, w]; below, the division would amplify noise (the pixel weighs little)
+    solved = (rgb[box] - (1.0 - soft[..., None]) * background) / np.maximum(soft, 0.1)[..., None]  # [h, w, 3]
+    full_alpha = np.zeros((height, width), np.float32)
+    full_alpha[box] = alpha
+    colour = rgb.astype(np.float32, copy=True)
+    colour[box] = np.where(own[..., None], np.clip(solved, 0.0, 1.0), rgb[box])
+    return full_alpha, colour
+
+
+def _colour_distance(rgb: np.ndarray, colour: np.ndarray) -> np.ndarray:
+    """[H, W] float32 Euclidean distance of each pixel of rgb [H, W, 3] to colour [3] (one channel at a time:
+    no [H, W, 3] temporaries)."""
+    total = np.zeros(rgb.shape[:2], np.float32)
+    for c in range(3):
+        total += np.square(rgb[..., c] - np.float32(colour[c]))
+    return np.sqrt(total, out=total)
+
+
+def _in(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """labels [H, W] (non-negative ints) -> [H, W] bool: label in ids (np.isin through a lookup table)."""
+    table = np.zeros(int(labels.max()) + 1, dtype=bool)
+    ids = ids[(ids > 0) & (ids < table.size)]
+    table[ids] = True
+    return table[labels]
+
+
+def _border_mask(box: tuple[slice, slice], height: int, width: int) -> np.ndarray:
+    """[h, w] bool: the pixels of the crop `box` of an [height, width] image on the image's border."""
+    rows, cols = range(height)[box[0]], range(width)[box[1]]
+    mask = np.zeros((len(rows), len(cols)), dtype=bool)
+    mask[:, 0] |= cols[0] == 0
+    mask[:, -1] |= cols[-1] == width - 1
+    mask[0] |= rows[0] == 0
+    mask[-1] |= rows[-1] == height - 1
+    return mask
+
+
+def _open_with_disk(mask: np.ndarray, radius: int) -> np.ndarray:
+    """`ndimage.binary_opening(mask, structure=_disk(radius))` (pixels outside the image count as
+    background) through two Euclidean distance transforms: linear in the pixels whatever the radius, where
+    scipy's opening costs pixels x disk area (35 s for a 48 MP photo's radius of 18 px)."""
+    limit = radius * radius + 0.5  # squared pixel distances are integers
+    depth = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]  # to the nearest background pixel
+    core = depth * depth > limit  # eroded: the whole disk about the pixel is in the mask
+    if not core.any():
+        return core
+    reach = ndimage.distance_transform_edt(~core)  # to the nearest core pixel
+    return reach * reach < limit  # dilated
 
 
 def _border_band(rgb: np.ndarray) -> np.ndarray:
@@ -527,8 +578,8 @@ def _see_through(
     if count == 0:
         return np.zeros(0, dtype=labels.dtype)
     ids = np.arange(1, count + 1)
-    sizes = ndimage.sum_labels(np.ones(labels.shape), labels, index=ids)  # [count]
-    exact = ndimage.sum_labels(backdrop_like, labels, index=ids)  # [count]
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]  # [count]
+    exact = np.bincount(labels[backdrop_like], minlength=count + 1)[1:]  # [count]
     hole = (sizes >= HOLE_MIN_FRACTION * object_area) & (exact >= 0.9 * sizes) & ~np.isin(ids, edge_labels)
     return ids[hole]
 
@@ -560,10 +611,10 @@ def _resize_channel(channel: np.ndarray, box: tuple[float, float, float, float],
 def _specks(mask: np.ndarray) -> np.ndarray:
     """[H, W] bool: the components of a non-empty mask [H, W] under `SPECK_FRACTION` of the largest one's
     pixels or under 4 pixels; the largest is never one."""
-    labels, count = ndimage.label(mask)
-    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))  # [count]
+    labels, _ = ndimage.label(mask)
+    sizes = np.bincount(labels.ravel())[1:]  # [count] pixels per component
     least = min(max(SPECK_FRACTION * sizes.max(), 4.0), sizes.max())
-    return np.isin(labels, 1 + np.flatnonzero(sizes < least))
+    return _in(labels, 1 + np.flatnonzero(sizes < least))
 
 
 def frame_object(

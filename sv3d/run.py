@@ -159,14 +159,14 @@ def run_image_to_mesh(
     if not image.is_file():
         raise InputError(f"{image}: is a directory, expected an image file (PNG, JPEG, ...)")
     config = copy.deepcopy(config or RunConfig())
-    _check_image(image, config.orbit)
+    conditioning = _check_image(image, config.orbit)
     checkpoint = resolve_checkpoint(config.orbit.checkpoint)
     unet_params = check_checkpoint(checkpoint, config.orbit)
     if pick_device(config.orbit.device if config.orbit.device != "auto" else config.device).type == "cpu":
         check_cpu_budget(unet_params, config.orbit)
     config.orbit.checkpoint = str(checkpoint.resolve())  # $SV3D_CHECKPOINT recorded as the path it named
     source = {"kind": "image", "image": str(image.resolve()), "image_sha256": file_sha256(image)}
-    return _run(source, Path(output_dir), config, checkpoint, force, progress)
+    return _run(source, Path(output_dir), config, checkpoint, force, progress, conditioning)
 
 
 def run_from_orbit(
@@ -195,7 +195,13 @@ def run_from_orbit(
 
 
 def _run(
-    source: dict, out: Path, config: RunConfig, checkpoint: Path | None, force: bool, progress: bool
+    source: dict,
+    out: Path,
+    config: RunConfig,
+    checkpoint: Path | None,
+    force: bool,
+    progress: bool,
+    conditioning: tuple[torch.Tensor, torch.Tensor] | None = None,  # the photo's preprocessing (image runs)
 ) -> RunResult:
     # 1. Check inputs (continued): the config, then the output folder against what it holds
     device = pick_device(config.device)
@@ -270,7 +276,11 @@ def _run(
 
     stages = {
         "orbit": lambda: generate_orbit(
-            source["image"], out / "orbit", _with_progress(config.orbit, progress), overwrite=True
+            source["image"],
+            out / "orbit",
+            _with_progress(config.orbit, progress),
+            overwrite=True,
+            conditioning=conditioning,
         ),
         # fit_nerf resumes from nerf/checkpoint.pt; without one, an unfinished folder is started over
         "nerf": lambda: fit_nerf(
@@ -508,11 +518,12 @@ def render_turntable(
 # ------------------------------------------------------------------------------------------------
 
 
-def _check_image(image: Path, orbit: OrbitConfig) -> None:
-    """The photo is preprocessed once here (cheap), so that an unusable one fails before anything exists."""
+def _check_image(image: Path, orbit: OrbitConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The photo is preprocessed here, so that an unusable one fails before anything exists; the orbit
+    stage takes the result (image [1, 3, S, S], alpha [S, S]) instead of preprocessing it again."""
     from .preprocess import preprocess_image
 
-    preprocess_image(image, size=max(orbit.resolution, 64), background=orbit.background)
+    return preprocess_image(image, size=max(orbit.resolution, 64), background=orbit.background)
 
 
 def stage_configs(

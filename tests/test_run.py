@@ -232,6 +232,28 @@ def test_a_changed_config_refuses_and_force_redoes(tiny_run, tmp_path, capsys, m
     assert record["finished_stages"] == [] and record["status"] == "interrupted in stage orbit"
 
 
+def test_the_photo_is_preprocessed_once_per_run(sv3d_tiny, tmp_path, monkeypatch):
+    """The run checks the photo by preprocessing it before anything exists; the orbit stage takes that
+    result (a 48 MP photo's preprocessing takes seconds) instead of doing it again."""
+    import sv3d.preprocess
+
+    calls = []
+    real = sv3d.preprocess.preprocess_image
+
+    def counted(*a, **k):
+        calls.append(a[0])
+        return real(*a, **k)
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sv3d.preprocess, "preprocess_image", counted)
+    monkeypatch.setattr(run_module, "fit_nerf", stop)  # stops the run after the orbit stage
+    image, out = rgba_disc(tmp_path / "disc.png"), tmp_path / "out"
+    assert main(run_args(sv3d_tiny, image, out)) == 130
+    assert (out / "orbit" / "transforms.json").is_file() and len(calls) == 1
+
+
 def test_force_after_a_refine_setting_changed_redoes_only_the_refinement(tiny_run, tmp_path, monkeypatch):
     """A new --refine-steps with --force kept nothing (SV3D sampling and the NeRF fit again): now the orbit,
     the NeRF and the consistency score are kept and the refinement and export run again."""
