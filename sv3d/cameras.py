@@ -853,7 +853,7 @@ def _write_frame(path: Path, image: np.ndarray, bit_depth: int) -> None:
 
 def _read_png16(path: Path) -> np.ndarray:
     """A 16-bit RGB(A) PNG as [H, W, 4] float32 (Pillow would cut it to 8 bits), through the photo reader's
-    pypng decoding (which honours an sBIT chunk)."""
+    16-bit decoding."""
     from .preprocess import _read_png16 as read_deep_png
 
     try:

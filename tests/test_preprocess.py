@@ -6,6 +6,7 @@ import math
 import struct
 import sys
 import types
+import warnings
 import zlib
 from pathlib import Path
 
@@ -140,14 +141,16 @@ def test_16bit_grey_png_and_tiff(tmp_path):
         assert np.allclose(rgb[..., 1], grey / 65535.0, atol=1e-7), name  # full 16-bit precision
 
 
-@pytest.mark.parametrize("greyscale, alpha_plane", [(False, False), (False, True), (True, True)])
-def test_16bit_colour_png_is_not_truncated(tmp_path, greyscale, alpha_plane):
+@pytest.mark.parametrize(
+    "greyscale, alpha_plane, interlace", [(False, False, False), (False, True, False), (True, True, True)]
+)
+def test_16bit_colour_png_is_not_truncated(tmp_path, caplog, greyscale, alpha_plane, interlace):
     planes = (1 if greyscale else 3) + alpha_plane
     data = RNG.integers(0, 65536, (6, 5, planes), dtype=np.uint16)
     data[..., -1] = 65535 if not alpha_plane else data[..., -1] | 0x8000  # alpha >= 0.5, bright colour
     if alpha_plane:
         data[0, 0, -1] = 0
-    writer = png.Writer(5, 6, greyscale=greyscale, alpha=alpha_plane, bitdepth=16)
+    writer = png.Writer(5, 6, greyscale=greyscale, alpha=alpha_plane, bitdepth=16, interlace=interlace)
     with open(tmp_path / "c.png", "wb") as f:
         writer.write(f, data.reshape(6, 5 * planes).tolist())
     rgb, alpha = load_image(tmp_path / "c.png")
@@ -156,6 +159,57 @@ def test_16bit_colour_png_is_not_truncated(tmp_path, greyscale, alpha_plane):
     assert np.allclose(rgb, expected, atol=1e-7)  # Pillow alone keeps only the high byte
     if alpha_plane:
         assert np.allclose(alpha, data[..., -1] / 65535, atol=1e-7) and alpha[0, 0] == 0
+    assert not caplog.records  # libpng's warning about interlaced files (logged by imagecodecs) is not shown
+
+
+def test_16bit_png_colour_key_becomes_alpha(tmp_path):
+    data = np.full((4, 4, 3), 1000, np.uint16)
+    data[1:3, 1:3] = (40000, 20000, 0)
+    with open(tmp_path / "key.png", "wb") as f:
+        writer = png.Writer(4, 4, greyscale=False, bitdepth=16, transparent=(1000, 1000, 1000))
+        writer.write(f, data.reshape(4, 12))
+    rgb, alpha = load_image(tmp_path / "key.png")
+    assert alpha is not None and alpha.sum() == 4 and alpha[1:3, 1:3].min() == 1.0
+    assert np.allclose(rgb[1, 1], np.array([40000, 20000, 0]) / 65535, atol=1e-7)
+
+
+@pytest.mark.parametrize("compression", ["lzw", "zstd", "packbits"])
+def test_compressed_16bit_rgba_tiffs_keep_16_bits(tmp_path, compression):
+    """LZW (Photoshop's default), zstd, PackBits: tifffile decodes them through imagecodecs; without it they
+    went through Pillow's 8 bits (LZW, with a note) or raised a bare ModuleNotFoundError (zstd)."""
+    tifffile = pytest.importorskip("tifffile")
+    data = RNG.integers(0, 65536, (6, 5, 4), dtype=np.uint16)
+    data[..., 3] = 65535
+    data[0, 0, 3] = 0
+    path = tmp_path / f"{compression}.tif"
+    tifffile.imwrite(path, data, photometric="rgb", extrasamples=["unassalpha"], compression=compression)
+    rgb, alpha = load_image(path)
+    assert np.allclose(rgb, data[..., :3] / 65535, atol=1e-7) and alpha[0, 0] == 0 and alpha.sum() == 29
+
+
+def test_a_broken_tiff_is_one_error_and_no_warnings(tmp_path, capfd):
+    (tmp_path / "empty.tif").write_bytes(b"II*\x00\x08\x00\x00\x00")  # a header, no pages
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(InputError, match="cannot read image"):
+        warnings.simplefilter("always")
+        load_image(tmp_path / "empty.tif")
+    assert not caught  # Pillow's "Corrupt EXIF data" is not shown
+    assert capfd.readouterr().err == ""  # nor tifffile's logged "invalid offset to first page"
+
+
+def test_a_readable_files_warnings_are_still_shown(tmp_path, monkeypatch):
+    import sv3d.preprocess as module
+
+    real = module._pil_to_float
+
+    def warning(img):
+        warnings.warn("Corrupt EXIF data", UserWarning, stacklevel=2)
+        return real(img)
+
+    monkeypatch.setattr(module, "_pil_to_float", warning)
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(tmp_path / "red.png")
+    with pytest.warns(UserWarning, match="Corrupt EXIF"):
+        rgb, _ = load_image(tmp_path / "red.png")
+    assert np.allclose(rgb[0, 0], np.array([200, 10, 10]) / 255)
 
 
 def test_16bit_rgb_tiff_and_associated_alpha(tmp_path):
