@@ -5,11 +5,11 @@ takes the alpha of an RGBA input as the mask, otherwise runs `rembg.remove(..., 
 a <= 768 px thumbnail; it crops the alpha > 0 bounding box, pastes it centred on a transparent square,
 resizes to 576 x 576 with Lanczos and composites on white. This module does the same, robustly:
 
-* `load_image` reads any file Pillow reads (plus 16-bit PNG through imagecodecs' libpng, and 16-bit and
-  float TIFF through tifffile, with imagecodecs for LZW, zstd and other compressions: Pillow would
-  truncate them to 8 bits or cannot open them; deep files with an ICC profile other than sRGB go through
-  Pillow's 8-bit conversion), applies the EXIF orientation, converts palette,
-  greyscale, CMYK and embedded ICC profiles to sRGB, and returns float arrays in [0, 1].
+* `load_image` reads any file Pillow reads (plus HEIC through pillow-heif, 16-bit PNG through
+  imagecodecs' libpng, and 16-bit and float TIFF through tifffile, with imagecodecs for LZW, zstd and
+  other compressions: Pillow would truncate them to 8 bits or cannot open them; deep files with an ICC
+  profile other than sRGB go through Pillow's 8-bit conversion), applies the EXIF orientation, converts
+  palette, greyscale, CMYK and embedded ICC profiles to sRGB, and returns float arrays in [0, 1].
 * `remove_background` uses rembg when it and its weights are installed (optional extra, imported lazily,
   never downloading), or a built-in matting for plain backgrounds (`plain_background_alpha`); through
   `preprocess_image` the built-in one also gives the object's own colour on its soft edge
@@ -332,7 +332,7 @@ def load_image(
     """Reads an image file as straight-alpha sRGB floats.
 
     Args:
-        path: any format Pillow reads (PNG, JPEG, TIFF, WebP, BMP, GIF: first frame, ...).
+        path: any format Pillow reads (PNG, JPEG, TIFF, WebP, AVIF, BMP, GIF: first frame, ...) and HEIC.
         premultiplied: None detects (module docstring), True/False forces the reading of the colour.
 
     Returns:
@@ -359,6 +359,7 @@ def load_image(
 def _decode(path: Path) -> tuple[np.ndarray, bool, int, float]:
     """`load_image`'s reading: ([H, W, C] float32 in [0, 1] as stored, premultiplication declared by the
     file, EXIF-style orientation, quantum: one step of the stored values)."""
+    heif = _register_heif()
     try:
         tiff = _is_tiff(path) and _read_tiff_deep(path)  # before Pillow, which cannot open float RGB
         if tiff:
@@ -380,10 +381,30 @@ def _decode(path: Path) -> tuple[np.ndarray, bool, int, float]:
     except PermissionError as exc:
         raise InputError(f"cannot read image {path}: permission denied") from exc
     except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        if not heif and _is_heif(path):
+            raise InputError(f"cannot read image {path}: a HEIC photo needs pillow-heif installed") from exc
         raise InputError(f"cannot read image {path}: {_first_line(exc)}") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt data
         raise InputError(f"cannot read image {path}: corrupt or truncated ({_first_line(exc)})") from exc
     return data, declared, orientation, quantum
+
+
+def _register_heif() -> bool:
+    """Pillow opens HEIC/HEIF files (iPhone photos) once pillow-heif registers its plug-in (libheif applies
+    the file's rotation and sets the EXIF orientation to 1). -> whether pillow-heif is installed."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return False
+    register_heif_opener()
+    return True
+
+
+def _is_heif(path: Path) -> bool:
+    """An ISO base media file of a HEIF brand (`ftyp` box at byte 4)."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+    return head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"mif1")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -212,6 +212,38 @@ def test_a_readable_files_warnings_are_still_shown(tmp_path, monkeypatch):
     assert np.allclose(rgb[0, 0], np.array([200, 10, 10]) / 255)
 
 
+def test_heic_photos_are_read_upright_with_their_alpha(tmp_path):
+    """iPhones save HEIC: read through pillow-heif, its rotation applied once, alpha kept."""
+    pytest.importorskip("pillow_heif")
+    from sv3d.preprocess import _register_heif
+
+    assert _register_heif() and ".heic" in Image.registered_extensions()  # also lets Pillow write them
+    photo = np.zeros((60, 80, 3), np.uint8)
+    photo[:, :40], photo[:, 40:] = (200, 30, 30), (30, 30, 200)  # red left, blue right
+    image = Image.fromarray(photo)
+    exif = image.getexif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise: red on top
+    image.save(tmp_path / "turned.heic", quality=95, exif=exif.tobytes())
+    rgb, alpha = load_image(tmp_path / "turned.heic")
+    assert rgb.shape == (80, 60, 3) and alpha is None
+    assert np.allclose(rgb[10, 30], np.array([200, 30, 30]) / 255, atol=0.06)
+    assert np.allclose(rgb[70, 30], np.array([30, 30, 200]) / 255, atol=0.06)
+    rgba = np.zeros((60, 80, 4), np.uint8)
+    rgba[20:40, 20:60] = (200, 30, 30, 255)
+    Image.fromarray(rgba).save(tmp_path / "cutout.heic", quality=95)
+    rgb, alpha = load_image(tmp_path / "cutout.heic")
+    assert alpha is not None and abs(alpha.sum() - 800) < 8 and alpha[30, 40] > 0.99 and alpha[5, 5] < 0.01
+
+
+def test_a_heic_without_pillow_heif_says_so(tmp_path, monkeypatch):
+    import sv3d.preprocess as module
+
+    monkeypatch.setattr(module, "_register_heif", lambda: False)
+    (tmp_path / "photo.heic").write_bytes(b"\0\0\0\x18ftypheic" + bytes(200))  # unreadable to Pillow alone
+    with pytest.raises(InputError, match="a HEIC photo needs pillow-heif installed"):
+        load_image(tmp_path / "photo.heic")
+
+
 def test_16bit_rgb_tiff_and_associated_alpha(tmp_path):
     tifffile = pytest.importorskip("tifffile")
     data = RNG.integers(0, 65536, (6, 5, 3), dtype=np.uint16)
