@@ -131,7 +131,8 @@ def surface(
     if len(components) > 1:
         total = mesh.area
         kept = [c for c in components if c.area >= min_component * total]
-        mesh = trimesh.util.concatenate(kept)
+        # a surface in many small pieces (a foggy fit): the largest stays, as the mesh is what is asked for
+        mesh = trimesh.util.concatenate(kept or [max(components, key=lambda c: c.area)])
     return mesh
 
 
@@ -155,9 +156,8 @@ def extract_mesh(
         rgb, _ = field(points[i : i + config.chunk], -normals[i : i + config.chunk])
         colours.append(rgb.float().cpu())
     rgb = torch.cat(colours).clamp(0, 1).numpy()
-    mesh.visual.vertex_colors = np.concatenate([rgb * 255.0, np.full((len(rgb), 1), 255.0)], axis=1).astype(
-        np.uint8
-    )
+    rgba = np.concatenate([np.round(rgb * 255.0), np.full((len(rgb), 1), 255.0)], axis=1)  # [N, 4]
+    mesh.visual.vertex_colors = rgba.astype(np.uint8)
     return mesh
 
 

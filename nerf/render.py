@@ -375,15 +375,10 @@ def _render_estimator(
     aabb = estimator.aabbs[0]  # [6] the grid's box: its diagonal sets the step
     step = float((aabb[3:] - aabb[:3]).norm()) / n_samples / 3**0.5  # box side / n_samples
 
-    def sigma_fn(t_starts: Tensor, t_ends: Tensor, ray_indices: Tensor) -> Tensor:
-        t = (t_starts + t_ends)[:, None] / 2.0  # [N, 1]
-        x = origins[ray_indices] + t * directions[ray_indices]  # [N, 3]
-        return _density_at(field, x, directions[ray_indices])  # [N]
-
     ray_indices, t_starts, t_ends = estimator.sampling(
         origins,
         directions,
-        sigma_fn=sigma_fn,
+        sigma_fn=_estimator_sigma_fn(field, origins, directions, occupancy),
         t_min=near,
         t_max=far,
         render_step_size=step,
@@ -410,6 +405,25 @@ def _render_estimator(
     if color_eps > 0:
         out["colored"] = colored
     return out
+
+
+def _estimator_sigma_fn(
+    field: FieldFn,
+    origins: Tensor,  # [R, 3]
+    directions: Tensor,  # [R, 3]
+    occupancy: Callable[[Tensor], Tensor] | None,  # [N, 3] -> [N] bool
+) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """The density nerfacc's estimator skips empty space and stops rays early with: 0 outside `occupancy`,
+    as the samples kept there are dropped after (else density the hull removes could end a ray early, and
+    the ray would render empty)."""
+
+    def sigma_fn(t_starts: Tensor, t_ends: Tensor, ray_indices: Tensor) -> Tensor:
+        t = (t_starts + t_ends)[:, None] / 2.0  # [N, 1]
+        x = origins[ray_indices] + t * directions[ray_indices]  # [N, 3]
+        density = _density_at(field, x, directions[ray_indices])  # [N]
+        return density if occupancy is None else density * occupancy(x)
+
+    return sigma_fn
 
 
 def make_estimator(

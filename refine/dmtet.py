@@ -50,6 +50,8 @@ class DMTetConfig:
 
     def __post_init__(self) -> None:
         # Checked when the config is made (Hydra overrides too), before any stage runs.
+        if not self.bound > 0:  # also NaN
+            raise ValueError(f"bound must be > 0 (the grid's half-width), got {self.bound}")
         if not 0 < self.deformation_scale <= 1:
             raise ValueError(f"deformation_scale must be in (0, 1] cells, got {self.deformation_scale}")
         if self.band_rings < 0:

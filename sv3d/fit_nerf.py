@@ -219,6 +219,15 @@ def orbit_fingerprint(orbit_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _leftovers(out: Path) -> list[Path]:
+    """The temporary files (`.<name>.XXXX<suffix>`, `.preview.XXXX.mp4`) that writing the stage's files
+    leaves behind when the process is killed outright (kill -9, a power cut)."""
+    if not out.is_dir():
+        return []
+    prefixes = tuple(f".{Path(name).stem}." for name in (CHECKPOINT, *OUTPUTS, "fit_nerf.json"))
+    return [p for p in out.iterdir() if p.is_file() and p.name.startswith(prefixes)]
+
+
 def _atomic(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
@@ -304,7 +313,8 @@ def fit_nerf(
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory")
     resumable = out.is_dir() and (out / CHECKPOINT).is_file()
-    if out.is_dir() and any(out.iterdir()) and not resumable and not force:
+    leftovers = _leftovers(out)  # temporary files of a killed run (kill -9, power cut): not a result
+    if out.is_dir() and any(p not in leftovers for p in out.iterdir()) and not resumable and not force:
         raise InputError(f"{out}: output directory exists and is not empty (use --force to replace it)")
     if out.is_dir() and out.resolve() == Path(orbit_dir).resolve():  # --force would delete its preview
         raise InputError(f"{out}: is the orbit directory; write the NeRF into a folder of its own")
@@ -336,6 +346,8 @@ def fit_nerf(
             "cameras scaled and centred on the object)"
         )
     out.mkdir(parents=True, exist_ok=True)
+    for leftover in leftovers:
+        leftover.unlink(missing_ok=True)
     if force:
         for name in (CHECKPOINT, *OUTPUTS, "fit_nerf.json"):
             (out / name).unlink(missing_ok=True)

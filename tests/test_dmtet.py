@@ -161,6 +161,17 @@ def test_deformation_stays_within_bound():
         DMTetGeometry(DMTetConfig(resolution=4, deformation_scale=2.0))
 
 
+def test_a_grid_bound_that_is_not_positive_is_refused_with_the_config():
+    """`refine.tet.bound=0` got through and crashed in tet_grid, after the orbit and NeRF stages had run."""
+    from sv3d.config import apply_overrides
+    from sv3d.errors import InputError
+
+    with pytest.raises(ValueError, match="bound must be > 0"):
+        DMTetConfig(bound=0.0)
+    with pytest.raises(InputError, match="refine.tet: bound must be > 0"):
+        apply_overrides(DMTetConfig(), {"bound": -1.0}, "refine.tet")
+
+
 def test_state_dict_holds_only_the_parameters():
     geo = DMTetGeometry(DMTetConfig(resolution=4))
     assert set(geo.state_dict()) == {"sdf", "deformation"}

@@ -333,6 +333,24 @@ def test_render_inputs_are_checked() -> None:
 
 
 @pytest.mark.gpu
+def test_the_estimators_density_is_zero_where_the_hull_drops_samples() -> None:
+    """nerfacc's estimator stops rays on this density (CUDA only); samples outside the hull are dropped
+    after, so density there must not end a ray: it reads 0 outside `occupancy`, as on the other paths."""
+    from nerf.render import _estimator_sigma_fn
+
+    o, d = _rays_down_z([0.0, 0.1])
+    sigma_fn = _estimator_sigma_fn(ConstantField(4.0, (0.3, 0.6, 0.9)), o, d, lambda x: x[:, 2] < 0.0)
+    t = torch.linspace(0.5, 3.5, 7)
+    ray_indices = torch.tensor([0] * 7)
+    sigmas = sigma_fn(t - 0.01, t + 0.01, ray_indices)  # [7]
+    z = o[0, 2] + t * d[0, 2]
+    assert torch.equal(sigmas, torch.where(z < 0.0, 4.0, 0.0))
+    assert torch.equal(
+        _estimator_sigma_fn(ConstantField(4.0, (0.3, 0.6, 0.9)), o, d, None)(t, t, ray_indices),
+        torch.full((7,), 4.0),
+    )
+
+
 def test_estimator_path_matches_uniform_path_on_cuda() -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")

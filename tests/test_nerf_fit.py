@@ -376,6 +376,42 @@ def test_extraction_of_an_analytic_density():
     assert (mesh.visual.vertex_colors[:, 0] == 255).all() and (mesh.visual.vertex_colors[:, 1] == 0).all()
 
 
+def test_extracted_colours_are_rounded_not_truncated():
+    class Plain(torch.nn.Module):  # density 100 inside radius 0.3, colour (0.999, 0.5, 0.1)
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def density(self, x):
+            return 100.0 * (x.norm(dim=-1) < 0.3).float()
+
+        def forward(self, x, d):
+            return torch.tensor([0.999, 0.5, 0.1]).expand(x.shape[0], 3), self.density(x)
+
+    field = Plain()
+    mesh = extract_mesh(
+        field, density_grid(field, bound=0.55, resolution=24), 0.55, ExtractConfig(resolution=24)
+    )
+    assert (mesh.visual.vertex_colors[:, :3] == [255, 128, 26]).all()  # truncated: 254, 127, 25
+
+
+def test_a_surface_in_many_small_pieces_keeps_its_largest():
+    """27 blobs, each under the 5% that `min_component` keeps: the largest stays (an empty mesh crashed)."""
+
+    def profile(x, y, z):
+        density = np.zeros_like(x)
+        for cx in (-0.3, 0.0, 0.3):
+            for cy in (-0.3, 0.0, 0.3):
+                for cz in (-0.3, 0.0, 0.3):
+                    radius = 0.07 if (cx, cy, cz) == (0.3, 0.3, 0.3) else 0.065
+                    density += 100.0 * (((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) < radius**2)
+        return density
+
+    mesh = surface(_grid_of(profile), 0.55, 50.0, min_component=0.05)
+    assert len(mesh.split(only_watertight=False)) == 1
+    assert np.allclose(mesh.vertices.mean(axis=0), 0.3, atol=0.02)
+
+
 def _grid_of(profile, res: int = 64, bound: float = 0.55) -> np.ndarray:
     """[res]^3 densities profile(x, y, z) at the cell centres of [-bound, bound]^3."""
     c = (np.arange(res) + 0.5) / res * 2.0 * bound - bound
@@ -726,6 +762,25 @@ def test_an_estimator_that_cannot_run_is_refused_before_anything_is_deleted(orbi
     with pytest.raises(InputError, match="needs CUDA and nerfacc's CUDA extension"):
         fit_nerf(orbit, out, config, force=True, progress=False)
     assert (out / "mesh.ply").read_text() == "the previous fit"
+
+
+def test_a_killed_runs_temporary_files_do_not_block_the_rerun(orbit: Path, tmp_path: Path):
+    """kill -9 while the first checkpoint was written left `.checkpoint.pt.XXXX`: the rerun refused the folder
+    as "not empty" (use --force); now it starts, and the leftovers go."""
+    out = tmp_path / "fit"
+    out.mkdir()
+    (out / ".checkpoint.pt.k2j4x9").write_bytes(b"half a checkpoint")
+    (out / ".preview.a8f3.mp4").write_bytes(b"half a video")
+    config = FitNerfConfig(train=TOY, extract=ExtractConfig(resolution=32, level=0.6), preview_resolution=32)
+    config.level_candidates = ()  # 30 toy steps: the low fixed level of the tests above
+    fit_nerf(orbit, out, config, progress=False)
+    assert (out / "fit_nerf.json").is_file() and not list(out.glob(".*"))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ".checkpoint.pt.k2j4x9").write_bytes(b"half a checkpoint")
+    (other / "notes.txt").write_text("the user's")  # anything else still makes the folder another's
+    with pytest.raises(InputError, match="not empty"):
+        fit_nerf(orbit, other, config, progress=False)
 
 
 def test_auto_sampler_leaves_the_estimator_to_proposal_sampling(orbit: Path, monkeypatch):
