@@ -32,7 +32,15 @@ from torch import Tensor
 
 from . import _zbuffer_cpu
 
-__all__ = ["rasterize", "interpolate", "interpolate_covered", "texture", "antialias", "edge_topology"]
+__all__ = [
+    "rasterize",
+    "interpolate",
+    "interpolate_covered",
+    "texture",
+    "antialias",
+    "edge_topology",
+    "weld_seams",
+]
 
 _EMPTY_KEY = torch.iinfo(torch.int64).max
 _W_EPS = 1e-8  # vertices with w below this are behind the camera
@@ -360,6 +368,22 @@ def edge_topology(tri: Tensor) -> Tensor:
     opposite = torch.empty_like(opp_sorted)
     opposite[order] = opp_sorted
     return opposite.view(n_faces, 3)
+
+
+def weld_seams(vertices: Tensor, tri: Tensor) -> Tensor:
+    """tri [F, 3] re-indexed so that vertices at one position (split at UV or normal seams: every chart
+    border of an unwrapped, textured mesh) are one vertex, the first of them: [F, 3] int64. For the
+    silhouettes (`edge_topology` of it, passed to `antialias` with it), which would take each seam for a
+    boundary and blend the pixels across it."""
+    if vertices.shape[0] == 0:
+        return tri.long()
+    _, position = torch.unique(vertices.detach(), dim=0, return_inverse=True)  # [N] one id per position
+    index = torch.arange(vertices.shape[0], device=vertices.device)
+    first = torch.full(
+        (int(position.max()) + 1,), vertices.shape[0], dtype=torch.long, device=vertices.device
+    )
+    first = first.scatter_reduce(0, position, index, reduce="amin")  # [P] the first vertex at each position
+    return first[position][tri.long()]
 
 
 def antialias(

@@ -11,7 +11,7 @@ import trimesh
 
 from refine import Cameras, Mesh, antialias, edge_topology, interpolate, rasterize, render_mesh, texture
 from refine.camera import transform_points
-from refine.rasterizer import _silhouette_crossings, _to_pixels, _zbuffer_cpu, interpolate_covered
+from refine.rasterizer import _silhouette_crossings, _to_pixels, _zbuffer_cpu, interpolate_covered, weld_seams
 from sv3d.cameras import FOV_DEG, c2w_from_angles, projection_from_fov
 
 
@@ -602,6 +602,23 @@ def test_render_mesh_texture_and_vertex_colours():
     # Pixel centres near a corner take (almost) that corner's colour; row 0 = top.
     assert torch.allclose(out.image[0, 0, 0], colors[3], atol=0.1)  # top-left: vertex 3
     assert torch.allclose(out.image[0, -1, -1], colors[1], atol=0.1)  # bottom-right: vertex 1
+
+
+def test_uv_seams_are_not_silhouettes():
+    """An unwrapped mesh has its vertices split along every chart border (xatlas, GSO's files): the seams
+    were taken for boundaries, and the pixels across them blended (colour off by up to 0.95 where a seam
+    ran near the outline, in render-orbit's ground-truth frames too). Split into a triangle soup, a
+    sphere now renders as the welded sphere does."""
+    cams = orbit_cameras(4, elevation=20.0)
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=0.4)
+    verts, faces = torch.tensor(sphere.vertices, dtype=torch.float32), torch.tensor(sphere.faces)
+    colors = (verts / 0.8 + 0.5).clamp(0, 1)  # [N, 3] a smooth colour field
+    welded = render_mesh(Mesh(verts, faces, vertex_colors=colors), cams, 64, shading="unlit")
+    soup_faces = torch.arange(faces.numel()).reshape(-1, 3)  # every triangle with vertices of its own
+    soup = Mesh(verts[faces].reshape(-1, 3), soup_faces, vertex_colors=colors[faces].reshape(-1, 3))
+    split = render_mesh(soup, cams, 64, shading="unlit")
+    torch.testing.assert_close(split.rgba, welded.rgba, atol=1e-5, rtol=0)
+    assert (edge_topology(weld_seams(soup.vertices, soup_faces)) >= 0).all()  # a closed surface again
 
 
 @pytest.mark.gpu
