@@ -103,7 +103,8 @@ def check_checkpoint(path: Path, orbit: OrbitConfig | None = None) -> int | None
     so does an orbit its variant cannot take (`orbit`: sv3d_u has no cameras, so no --orbit) or an sgm yaml
     whose camera vector has another layout.
 
-    Returns the UNet's parameter count (None for a diffusers folder, whose weights are not opened here).
+    Returns the UNet's parameter count (for a diffusers folder, from its UNet config; None where that
+    cannot be read).
     """
     from .model.checkpoint import COMPONENT_PREFIXES, read_checkpoint, split_components
     from .model.pipeline import check_sgm_config
@@ -111,14 +112,14 @@ def check_checkpoint(path: Path, orbit: OrbitConfig | None = None) -> int | None
     prefix = COMPONENT_PREFIXES["unet"]
     sgm_config = Path(orbit.sgm_config) if orbit is not None and orbit.sgm_config else None
     if path.is_dir():
-        from .model.pipeline import read_folder_variant
+        from .model.pipeline import folder_unet_params, read_folder_variant
 
         variant = read_folder_variant(path)
         if orbit is not None:
             _orbit_for(variant, orbit)
         if sgm_config is not None:
             check_sgm_config(sgm_config)
-        return None
+        return folder_unet_params(path)  # so that a CPU run is refused before gigabytes are read
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
 
@@ -190,7 +191,7 @@ def generate_orbit(
         checkpoint, device="cpu" if config.offload else device, dtype=dtype, sgm_config=config.sgm_config
     )
     orbit = _orbit_for(pipe.variant, config)
-    if device.type == "cpu" and unet_params is None:  # a diffusers folder: its size is known now
+    if device.type == "cpu" and unet_params is None:  # a folder whose UNet config did not say: known now
         check_cpu_budget(sum(p.numel() for p in pipe.unet.parameters()), config)
     if config.offload:
         pipe.enable_cpu_offload(device)

@@ -96,6 +96,26 @@ def test_diffusers_folder_round_trip(sv3d_tiny: Path, tmp_path: Path):
     assert not any(p.requires_grad for m in modules for p in m.parameters())  # SDS: no weight gradients
 
 
+def test_a_diffusers_folder_is_sized_from_its_config_before_loading(
+    sv3d_tiny: Path, tmp_path: Path, monkeypatch
+):
+    """Without a GPU, a folder's full-size UNet (9 GB) was read into memory before the CPU run was refused:
+    its size now comes from unet/config.json, and the refusal comes first."""
+    import sv3d.orbit
+    from sv3d.orbit import OrbitConfig, check_checkpoint, generate_orbit
+    from sv3d.testing.images import rgba_disc
+
+    pipe, _ = load_tiny(sv3d_tiny, "p")
+    folder = pipe.save_pretrained(tmp_path / "folder")
+    assert check_checkpoint(folder) == sum(p.numel() for p in pipe.unet.parameters())
+    monkeypatch.setattr(sv3d.orbit, "CPU_PARAM_LIMIT", 1000)  # the tiny UNet as if it were the real one
+    monkeypatch.setattr(SV3DPipeline, "load", lambda *a, **k: pytest.fail("weights read before the refusal"))
+    config = OrbitConfig(checkpoint=str(folder), device="cpu", resolution=64, steps=1)
+    with pytest.raises(InputError, match="--allow-cpu"):
+        generate_orbit(rgba_disc(tmp_path / "disc.png"), tmp_path / "orbit", config)
+    assert not (tmp_path / "orbit").exists()
+
+
 def test_a_broken_diffusers_folder_is_refused_in_one_line(sv3d_tiny: Path, tmp_path: Path):
     pipe, _ = load_tiny(sv3d_tiny, "p")
     folder = pipe.save_pretrained(tmp_path / "good")

@@ -343,6 +343,19 @@ def read_folder_variant(folder: Path) -> str:
     return variant
 
 
+def folder_unet_params(folder: Path) -> int | None:
+    """The UNet's parameter count of a diffusers-format folder from its `unet/config.json` alone (the model
+    is built on the meta device: no weight is read), or None where the config cannot make one (the load
+    says why)."""
+    try:
+        config = SV3DUNet.load_config(folder / "unet")
+        with torch.device("meta"):
+            unet = SV3DUNet.from_config(config)
+    except Exception:  # a broken folder is the loader's to report, in its words
+        return None
+    return sum(p.numel() for p in unet.parameters())
+
+
 def _strict(loaded: tuple, where: Path) -> torch.nn.Module:
     """The model of `from_pretrained(..., output_loading_info=True)`, or CheckpointError when a weight was
     missing (left at random), unexpected or of another shape."""
