@@ -34,6 +34,7 @@ from refine.fit import (
     refine_surface,
     sds_phase_steps,
 )
+from refine.rasterizer import edge_topology
 from refine.render import render_mesh
 from refine.tetgrid import tet_grid
 
@@ -354,9 +355,20 @@ def refine_stage(
         with torch.no_grad():
             vertices, faces = result.geometry.extract()
             vertices, faces = clean_mesh(vertices.detach().cpu(), faces.cpu(), config.cleanup)
+            open_edges = int((edge_topology(faces) < 0).sum())  # edges without two faces: not watertight
             color = result.color.cpu()
             textured = textured_mesh(vertices, faces, color, **asdict(config.bake))
         export_mesh(textured, out, "mesh", ("glb", "obj"))
+        if open_edges:  # decimated below what thin parts allow, or a surface that reached the tet grid's side
+            hint = (
+                " (fewer faces than its thin parts allow: raise --target-faces)"
+                if config.cleanup.target_faces
+                else ""
+            )
+            print(
+                f"sv3d: warning: {out / 'mesh.glb'} is not watertight: {open_edges} open edges{hint}",
+                file=sys.stderr,
+            )
         with torch.no_grad():
             cameras = frames.orbit.cameras()
             preview = render_mesh(textured, cameras, config.preview_resolution, shading="unlit").image
@@ -372,6 +384,7 @@ def refine_stage(
             "sds_dtype": None if plan is None else str(plan.dtype).removeprefix("torch."),
             "export_seconds": time.perf_counter() - start,
             "faces": int(textured.faces.shape[0]),
+            "open_edges": open_edges,
             "sds": guidance is not None,
             "starts": starts,
             "floor": result.floor,

@@ -116,6 +116,38 @@ def test_merge_vertices_welds_a_triangle_soup():
     assert remove_small_components(out_v, out_f, 0.5)[1].shape[0] == f.shape[0]
 
 
+TETRA_FACES = np.array([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]])  # outward for the corner tetrahedron
+
+
+def test_decimation_leaves_no_fins_or_pinched_edges(monkeypatch):
+    """fast_simplification's collapses do not check the topology: on the refined bowl (thin walls) they left
+    coincident face pairs and edges of four faces (14 and 35 at 5000 faces; watertight before). The
+    fins go, and sheets that touch get vertices of their own: every edge has two faces again."""
+    from refine import export
+    from refine.rasterizer import edge_topology
+
+    points = np.array(  # [9, 3]
+        [[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [2, 0, 0], [1, 1, 0], [1, 0, 1], [-1, 0, 0], [0, -1, 0]],
+        dtype=np.float64,
+    )
+    a = TETRA_FACES  # corners 0 1 2 3
+    b = np.array([1, 4, 5, 6])[TETRA_FACES]  # touches a at vertex 1
+    c = np.array([0, 7, 8, 3])[TETRA_FACES]  # shares a's edge 0-3: four faces there
+    fin = np.array([[1, 2, 4], [1, 4, 2]])  # a coincident pair, as a collapse leaves it
+    soup = np.concatenate([a, b, c, fin])
+    assert (edge_topology(torch.from_numpy(soup)) == -2).any()
+    monkeypatch.setattr(export.fast_simplification, "simplify", lambda *args, **kwargs: (points, soup))
+    out_v, out_f = decimate(torch.rand(40, 3), torch.randint(0, 40, (80, 3)), 20)
+    assert out_f.shape == (12, 3) and out_v.shape == (12, 3)  # three tetrahedra of their own
+    assert (edge_topology(out_f) >= 0).all()  # every edge between two faces
+    parts = trimesh.Trimesh(out_v.numpy(), out_f.numpy(), process=False).split(only_watertight=False)
+    assert len(parts) == 3 and all(part.is_watertight and part.volume > 0 for part in parts)
+    # a surface without such places keeps its vertices
+    v, f = icosphere(2, 0.5)
+    faces, source = export._split_pinches(f.numpy())
+    assert source.shape[0] == v.shape[0] and np.array_equal(source[faces], f.numpy())
+
+
 def test_decimate_reaches_the_target_and_stays_close():
     v, f = icosphere(5, 0.5)  # 20480 faces
     out_v, out_f = decimate(v, f, 2000)

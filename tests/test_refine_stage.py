@@ -48,6 +48,7 @@ def test_refine_writes_a_watertight_textured_mesh(scene, tmp_path: Path):
     welded = trimesh.Trimesh(reloaded.vertices, reloaded.faces, process=True)  # seams merged
     assert welded.is_watertight
     summary = json.loads((out / "refine.json").read_text())
+    assert summary["open_edges"] == 0  # what refine.json says of it
     import hashlib
 
     assert summary["init"]["sha256"] == hashlib.sha256(scene["init"].read_bytes()).hexdigest()
