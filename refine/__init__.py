@@ -6,7 +6,7 @@ implemented in plain PyTorch so that it runs on CPU and CUDA with nothing to com
 
 from .camera import Cameras, transform_points
 from .mesh import Mesh, face_normals, vertex_normals
-from .rasterizer import antialias, edge_topology, interpolate, rasterize, texture, weld_seams
+from .rasterizer import antialias, edge_topology, interpolate, rasterize, seam_topology, texture, weld_seams
 from .render import RenderOutput, lambert, render_mesh
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "lambert",
     "rasterize",
     "render_mesh",
+    "seam_topology",
     "texture",
     "transform_points",
     "vertex_normals",

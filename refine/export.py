@@ -209,10 +209,13 @@ def decimate(
 
 
 def _without_fins(faces: np.ndarray) -> np.ndarray:
-    """faces [F, 3] without the faces whose three vertices another face has too (a zero-volume fold):
-    [F', 3]."""
-    key = np.sort(faces, axis=1)  # [F, 3]
-    _, inverse, counts = np.unique(key, axis=0, return_inverse=True, return_counts=True)
+    """faces [F, 3] without the pairs of faces on the same three vertices wound oppositely (a zero-volume
+    fold); a face repeated with its own winding is kept once: [F', 3]."""
+    start = faces.argmin(axis=1)[:, None]  # each face turned to begin at its lowest vertex: (a, b, c) and
+    turned = np.take_along_axis(faces, (start + np.arange(3)) % 3, axis=1)  # (b, c, a) alike, (a, c, b) not
+    _, first = np.unique(turned, axis=0, return_index=True)
+    faces = faces[np.sort(first)]  # repeats of one winding: once
+    _, inverse, counts = np.unique(np.sort(faces, axis=1), axis=0, return_inverse=True, return_counts=True)
     return faces[counts[inverse.reshape(-1)] == 1]
 
 

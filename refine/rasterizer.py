@@ -40,6 +40,7 @@ __all__ = [
     "antialias",
     "edge_topology",
     "weld_seams",
+    "seam_topology",
 ]
 
 _EMPTY_KEY = torch.iinfo(torch.int64).max
@@ -384,6 +385,14 @@ def weld_seams(vertices: Tensor, tri: Tensor) -> Tensor:
     )
     first = first.scatter_reduce(0, position, index, reduce="amin")  # [P] the first vertex at each position
     return first[position][tri.long()]
+
+
+def seam_topology(vertices: Tensor, tri: Tensor) -> Tensor:
+    """`edge_topology` for `antialias` over `weld_seams(vertices, tri)`: [F, 3]. Welded where that gives an
+    edge two faces (a UV seam joined up), unwelded elsewhere: the two sheets of a double-sided card, welded,
+    would give each inner edge four faces (silhouettes all over it)."""
+    welded = edge_topology(weld_seams(vertices, tri))
+    return torch.where(welded >= 0, welded, edge_topology(tri))
 
 
 def antialias(

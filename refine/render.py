@@ -16,7 +16,7 @@ from torch import Tensor
 from .camera import Cameras, transform_points
 from .mesh import Mesh
 from .rasterizer import antialias as antialias_op
-from .rasterizer import edge_topology, interpolate, rasterize, texture, weld_seams
+from .rasterizer import interpolate, rasterize, seam_topology, texture, weld_seams
 
 __all__ = ["RenderOutput", "render_mesh", "DEFAULT_LIGHTS", "depth_image", "lambert"]
 
@@ -80,7 +80,7 @@ def render_mesh(
     background: tuple[float, float, float] | float = 1.0,  # white, as SV3D's frames
     lights=DEFAULT_LIGHTS,
     ambient: float = DEFAULT_AMBIENT,
-    topology: Tensor | None = None,  # [F, 3] edge_topology(weld_seams(mesh.vertices, mesh.faces)), reused
+    topology: Tensor | None = None,  # [F, 3] seam_topology(mesh.vertices, mesh.faces), to reuse across calls
 ) -> RenderOutput:
     """Render `mesh` from every camera. Differentiable w.r.t. vertices, colours and texture."""
     if shading not in ("lambert", "unlit"):
@@ -112,9 +112,8 @@ def render_mesh(
     rgba = torch.cat([color * mask, mask], dim=-1)  # premultiplied
     if antialias:  # silhouettes of the surface, not of its UV charts (`weld_seams`)
         seamless = weld_seams(mesh.vertices, faces)  # [F, 3]
-        rgba = antialias_op(
-            rgba, rast, pos_clip, seamless, edge_topology(seamless) if topology is None else topology
-        )
+        topology = seam_topology(mesh.vertices, faces) if topology is None else topology
+        rgba = antialias_op(rgba, rast, pos_clip, seamless, topology)
     alpha = rgba[..., 3:].clamp(0.0, 1.0)
     bg = torch.as_tensor(background, dtype=rgba.dtype, device=device).expand(3)
     image = rgba[..., :3] + (1.0 - alpha) * bg

@@ -520,7 +520,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
-    from .config import compose_config, eval_config, run_config
+    from .config import compose_config, eval_config, run_config, to_container
     from .errors import InputError
     from .evaluate import evaluate_dataset
 
@@ -528,6 +528,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         cfg = compose_config([f"preset={args.preset}", f"eval.mode={args.mode}", *args.overrides])
     except Exception as exc:  # noqa: BLE001 - Hydra's override errors: a bad --set
         raise InputError(f"--set: {str(exc).splitlines()[0]}") from None
+    if cfg.eval.dataset is not None:
+        raise InputError("--set eval.dataset: the dataset is the command's first argument")
     for key, value in (
         ("device", args.device),
         ("sv3d.checkpoint", args.checkpoint),
@@ -541,7 +543,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         args.output,
         eval_config(cfg),
         run_config(cfg),
-        objects=args.objects,
+        objects=args.objects or to_container(cfg.eval.objects),  # --objects, or --set eval.objects=[...]
         force=args.force or bool(cfg.eval.force),  # the flags, or --set eval.force=true
         rescore=args.rescore or bool(cfg.eval.rescore),
     )

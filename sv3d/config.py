@@ -15,6 +15,7 @@ that merge, and rejects unknown keys with the key's dotted name.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -116,7 +117,18 @@ def _coerce(value: Any, current: Any, where: str) -> Any:
             raise InputError(f"{where}: expected a list, got {value!r}")
         kind = type(current[0]) if current else None
         return tuple(_coerce(v, kind(), f"{where}[{i}]") if kind else v for i, v in enumerate(value))
-    return value  # a field whose default is None: taken as given
+    return value  # a field whose default is None and no type from `_declared`: taken as given
+
+
+def _declared(base: Any, key: str) -> Any:
+    """A stand-in of the declared type of the dataclass field `key` whose default is None (`int | None`:
+    0), so that an override is checked like any other; None where it is not a number or a string."""
+    try:
+        hint = typing.get_type_hints(type(base)).get(key)
+    except (NameError, TypeError):  # an annotation that cannot be evaluated here
+        return None
+    kinds = [k for k in typing.get_args(hint) if k is not type(None)] if typing.get_args(hint) else [hint]
+    return kinds[0]() if len(kinds) == 1 and kinds[0] in (int, float, str) else None
 
 
 def apply_overrides(base: T, values: Mapping | None, where: str) -> T:
@@ -135,6 +147,8 @@ def apply_overrides(base: T, values: Mapping | None, where: str) -> T:
         if value is None:
             continue
         current = getattr(base, key)
+        if current is None:
+            current = _declared(base, key)
         if dataclasses.is_dataclass(current):
             changes[key] = apply_overrides(current, value, f"{where}.{key}")
         else:
@@ -150,7 +164,7 @@ def apply_overrides(base: T, values: Mapping | None, where: str) -> T:
         changes["finest_resolution"] = None
     try:
         return dataclasses.replace(base, **changes)
-    except ValueError as exc:  # a dataclass's own validation (e.g. HashGridConfig)
+    except (ValueError, TypeError) as exc:  # a dataclass's own validation (e.g. HashGridConfig)
         raise InputError(f"{where}: {exc}") from None
 
 
@@ -172,14 +186,14 @@ def render_orbit_config(cfg: Any) -> RenderOrbitConfig:
     """The `sv3d render-orbit` settings of a composed config."""
     r = cfg.sv3d.render
     return RenderOrbitConfig(
-        views=int(r.views),
-        resolution=int(r.resolution),
-        elevation_deg=float(cfg.sv3d.elevation_deg),
-        input_azimuth_deg=float(cfg.sv3d.input_azimuth_deg),
+        views=_coerce(r.views, 0, "sv3d.render.views"),
+        resolution=_coerce(r.resolution, 0, "sv3d.render.resolution"),
+        elevation_deg=_coerce(cfg.sv3d.elevation_deg, 0.0, "sv3d.elevation_deg"),
+        input_azimuth_deg=_coerce(cfg.sv3d.input_azimuth_deg, 0.0, "sv3d.input_azimuth_deg"),
         orbit=str(cfg.sv3d.orbit),
         shading=str(r.shading),
         up=str(r.up),
-        views_per_batch=int(r.views_per_batch),
+        views_per_batch=_coerce(r.views_per_batch, 0, "sv3d.render.views_per_batch"),
         device=str(cfg.device),
     )
 

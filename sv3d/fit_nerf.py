@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -224,8 +225,10 @@ def _leftovers(out: Path) -> list[Path]:
     leaves behind when the process is killed outright (kill -9, a power cut)."""
     if not out.is_dir():
         return []
-    prefixes = tuple(f".{Path(name).stem}." for name in (CHECKPOINT, *OUTPUTS, "fit_nerf.json"))
-    return [p for p in out.iterdir() if p.is_file() and p.name.startswith(prefixes)]
+    names = "|".join(re.escape(name) for name in (CHECKPOINT, *OUTPUTS, "fit_nerf.json"))
+    # tempfile's 8 random characters; `_atomic` adds the file's suffix, write_video makes .preview.XXXX.mp4
+    temporary = re.compile(rf"\.(?:(?:{names})\.[a-z0-9_]{{8}}(?:\.[a-z]+)?|preview\.[a-z0-9_]{{8}}\.mp4)")
+    return [p for p in out.iterdir() if p.is_file() and temporary.fullmatch(p.name)]
 
 
 def _atomic(path: Path, write) -> None:

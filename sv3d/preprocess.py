@@ -131,7 +131,8 @@ def _png_significant_bits(path: Path) -> int:
             length, kind = int.from_bytes(head[:4], "big"), head[4:]
             if kind == b"sBIT":
                 declared = f.read(length)
-                return max(min(max(declared, default=16), 16), 1)
+                valid = 1 <= length <= 4 and all(1 <= bits <= 16 for bits in declared)
+                return max(declared) if valid else 16  # an invalid chunk is ignored, as libpng does
             if kind in (b"IDAT", b"IEND"):
                 return 16
             f.seek(length + 4, 1)  # the data and its CRC
@@ -347,11 +348,10 @@ def load_image(
         raise InputError(f"image file {path} not found")
     if path.is_dir():
         raise InputError(f"{path} is a directory, expected an image file")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) as caught:  # the caller's filters apply as they are raised
         data, declared, orientation, quantum = _decode(path)
-    for warning in caught:  # a file that reads shows its readers' warnings; a broken one only its error
-        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    for w in caught:  # a file that reads shows its readers' warnings; a broken one only its error
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
     data = _orient(data, orientation)
     return _split_channels(data, str(path), premultiplied, declared, quantum)
 

@@ -34,7 +34,6 @@ from refine.fit import (
     refine_surface,
     sds_phase_steps,
 )
-from refine.rasterizer import edge_topology
 from refine.render import render_mesh
 from refine.tetgrid import tet_grid
 
@@ -355,7 +354,7 @@ def refine_stage(
         with torch.no_grad():
             vertices, faces = result.geometry.extract()
             vertices, faces = clean_mesh(vertices.detach().cpu(), faces.cpu(), config.cleanup)
-            open_edges = int((edge_topology(faces) < 0).sum())  # edges without two faces: not watertight
+            open_edges = _open_edges(faces)
             color = result.color.cpu()
             textured = textured_mesh(vertices, faces, color, **asdict(config.bake))
         export_mesh(textured, out, "mesh", ("glb", "obj"))
@@ -586,3 +585,11 @@ def _guidance(frames, config: RefineStageConfig, device: torch.device, plan: _Gu
     image = last[:, :3] * last[:, 3:] + (1.0 - last[:, 3:])  # over white
     image = torch.nn.functional.interpolate(image, size=(sds.resolution,) * 2, mode="bilinear")
     return make_sv3d_guidance(pipeline, (image * 2.0 - 1.0).to(device), frames.orbit, sds)
+
+
+def _open_edges(faces: torch.Tensor) -> int:
+    """How many edges of the mesh faces [F, 3] have not exactly two faces (0: watertight)."""
+    corners = faces.long()
+    edges = torch.stack([corners, corners.roll(-1, dims=1)], dim=-1).reshape(-1, 2).sort(dim=1).values
+    _, counts = torch.unique(edges, dim=0, return_counts=True)
+    return int((counts != 2).sum())

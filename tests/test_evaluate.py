@@ -440,7 +440,7 @@ def test_bad_input_is_one_line_and_exit_2_creating_nothing(dataset, tmp_path, ca
     assert not out.exists()
 
 
-def test_object_list_selects_and_orders(dataset, tmp_path, monkeypatch):
+def test_object_list_selects_and_orders(dataset, tmp_path, monkeypatch, capsys):
     fake = _fake(monkeypatch, dataset)
     (tmp_path / "list.txt").write_text("plate\n\n")
     assert (
@@ -462,6 +462,12 @@ def test_object_list_selects_and_orders(dataset, tmp_path, monkeypatch):
     assert [r["object"] for r in json.loads((tmp_path / "o/summary.json").read_text())["objects"]] == [
         "plate"
     ]
+    # the same through Hydra's key (it was ignored: every object ran), and eval.dataset is refused there
+    args = ["eval", str(dataset), "-o", str(tmp_path / "o2"), "--preset", "toy"]
+    assert main([*args, "--set", "eval.objects=[plate]"]) == 0
+    assert fake.calls == ["plate", "plate"]
+    assert main([*args, "--set", f"eval.dataset={dataset}"]) == 2
+    assert "the dataset is the command's first argument" in capsys.readouterr().err
 
 
 def test_summarize_by_hand():

@@ -142,6 +142,11 @@ def test_decimation_leaves_no_fins_or_pinched_edges(monkeypatch):
     assert (edge_topology(out_f) >= 0).all()  # every edge between two faces
     parts = trimesh.Trimesh(out_v.numpy(), out_f.numpy(), process=False).split(only_watertight=False)
     assert len(parts) == 3 and all(part.is_watertight and part.volume > 0 for part in parts)
+    # a face repeated with its own winding is kept once (dropping both would open a hole)
+    assert export._without_fins(np.array([[0, 1, 2], [1, 2, 0], [0, 2, 3]])).tolist() == [
+        [0, 1, 2],
+        [0, 2, 3],
+    ]
     # a surface without such places keeps its vertices
     v, f = icosphere(2, 0.5)
     faces, source = export._split_pinches(f.numpy())

@@ -134,6 +134,27 @@ def test_overrides_are_typed_and_checked():
         refine_stage_config(compose_config(["refine.open_cavities=false"]))  # the old boolean
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [  # each was a ValueError or TypeError traceback, or (21.5) silently 21
+        ("refine.cleanup.target_faces=many", r"refine\.cleanup\.target_faces: expected an integer"),
+        ("nerf.train.field.encoder.finest_resolution=2k", r"encoder\.finest_resolution: expected an integer"),
+        ("sv3d.render.resolution=hi", r"sv3d\.render\.resolution: expected an integer"),
+        ("sv3d.render.views=21.5", r"sv3d\.render\.views: expected an integer"),
+        ("sv3d.elevation_deg=high", r"sv3d\.elevation_deg: expected a number"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_one_error_naming_its_key(override, message):
+    with pytest.raises(InputError, match=message):
+        cfg = compose_config(["preset=gpu", override])
+        refine_stage_config(cfg), fit_nerf_config(cfg), eval_config(cfg)
+    cfg = compose_config(
+        ["refine.cleanup.target_faces=5000", "nerf.train.field.encoder.finest_resolution=512"]
+    )
+    assert refine_stage_config(cfg).cleanup.target_faces == 5000  # a field whose default is None
+    assert fit_nerf_config(cfg).train.field.encoder.finest_resolution == 512
+
+
 @pytest.mark.parametrize("launcher", ["joblib", "local", "submitit_local", "submitit_slurm", "slurm"])
 def test_launcher_configs_compose(launcher):
     GlobalHydra.instance().clear()

@@ -332,7 +332,6 @@ def test_render_inputs_are_checked() -> None:
         )
 
 
-@pytest.mark.gpu
 def test_the_estimators_density_is_zero_where_the_hull_drops_samples() -> None:
     """nerfacc's estimator stops rays on this density (CUDA only); samples outside the hull are dropped
     after, so density there must not end a ray: it reads 0 outside `occupancy`, as on the other paths."""
@@ -351,6 +350,7 @@ def test_the_estimators_density_is_zero_where_the_hull_drops_samples() -> None:
     )
 
 
+@pytest.mark.gpu
 def test_estimator_path_matches_uniform_path_on_cuda() -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")

@@ -769,18 +769,19 @@ def test_a_killed_runs_temporary_files_do_not_block_the_rerun(orbit: Path, tmp_p
     as "not empty" (use --force); now it starts, and the leftovers go."""
     out = tmp_path / "fit"
     out.mkdir()
-    (out / ".checkpoint.pt.k2j4x9").write_bytes(b"half a checkpoint")
-    (out / ".preview.a8f3.mp4").write_bytes(b"half a video")
+    (out / ".checkpoint.pt.k2j4x9ab").write_bytes(b"half a checkpoint")  # tempfile's names
+    (out / ".preview.a8f3_0qz.mp4").write_bytes(b"half a video")
     config = FitNerfConfig(train=TOY, extract=ExtractConfig(resolution=32, level=0.6), preview_resolution=32)
     config.level_candidates = ()  # 30 toy steps: the low fixed level of the tests above
     fit_nerf(orbit, out, config, progress=False)
     assert (out / "fit_nerf.json").is_file() and not list(out.glob(".*"))
     other = tmp_path / "other"
     other.mkdir()
-    (other / ".checkpoint.pt.k2j4x9").write_bytes(b"half a checkpoint")
-    (other / "notes.txt").write_text("the user's")  # anything else still makes the folder another's
+    (other / ".checkpoint.pt.k2j4x9ab").write_bytes(b"half a checkpoint")
+    (other / ".mesh.ply.swp").write_text("an editor's")  # anything else makes the folder another's
     with pytest.raises(InputError, match="not empty"):
         fit_nerf(orbit, other, config, progress=False)
+    assert (other / ".mesh.ply.swp").is_file()
 
 
 def test_auto_sampler_leaves_the_estimator_to_proposal_sampling(orbit: Path, monkeypatch):

@@ -196,6 +196,20 @@ def test_a_broken_tiff_is_one_error_and_no_warnings(tmp_path, capfd):
     assert capfd.readouterr().err == ""  # nor tifffile's logged "invalid offset to first page"
 
 
+def test_an_invalid_sbit_chunk_is_ignored(tmp_path):
+    """sBIT (0, 0, 0) read the photo at 1 bit (max(0, 1)); libpng ignores an invalid chunk, and so do we."""
+    data = np.full((4, 4, 3), 40000, np.uint16)
+    with open(tmp_path / "c.png", "wb") as f:
+        png.Writer(4, 4, greyscale=False, bitdepth=16).write(f, data.reshape(4, 12))
+    raw = (tmp_path / "c.png").read_bytes()
+    chunk = b"sBIT" + bytes([0, 0, 0])
+    (tmp_path / "c.png").write_bytes(
+        raw[:33] + struct.pack(">I", 3) + chunk + struct.pack(">I", zlib.crc32(chunk)) + raw[33:]
+    )
+    rgb, _ = load_image(tmp_path / "c.png")
+    assert np.allclose(rgb, 40000 / 65535, atol=1e-7)
+
+
 def test_a_readable_files_warnings_are_still_shown(tmp_path, monkeypatch):
     import sv3d.preprocess as module
 
@@ -210,6 +224,11 @@ def test_a_readable_files_warnings_are_still_shown(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="Corrupt EXIF"):
         rgb, _ = load_image(tmp_path / "red.png")
     assert np.allclose(rgb[0, 0], np.array([200, 10, 10]) / 255)
+    with warnings.catch_warnings(record=True) as caught:  # the caller's filters still apply
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=UserWarning, module="sv3d.preprocess")  # by module
+        load_image(tmp_path / "red.png")
+    assert not caught
 
 
 def test_heic_photos_are_read_upright_with_their_alpha(tmp_path):

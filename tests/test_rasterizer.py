@@ -11,7 +11,14 @@ import trimesh
 
 from refine import Cameras, Mesh, antialias, edge_topology, interpolate, rasterize, render_mesh, texture
 from refine.camera import transform_points
-from refine.rasterizer import _silhouette_crossings, _to_pixels, _zbuffer_cpu, interpolate_covered, weld_seams
+from refine.rasterizer import (
+    _silhouette_crossings,
+    _to_pixels,
+    _zbuffer_cpu,
+    interpolate_covered,
+    seam_topology,
+    weld_seams,
+)
 from sv3d.cameras import FOV_DEG, c2w_from_angles, projection_from_fov
 
 
@@ -619,6 +626,17 @@ def test_uv_seams_are_not_silhouettes():
     split = render_mesh(soup, cams, 64, shading="unlit")
     torch.testing.assert_close(split.rgba, welded.rgba, atol=1e-5, rtol=0)
     assert (edge_topology(weld_seams(soup.vertices, soup_faces)) >= 0).all()  # a closed surface again
+    # A double-sided sheet (two coincident surfaces, each with vertices of its own, as game assets' cards):
+    # welded, every inner edge would have four faces and be a silhouette; each sheet keeps its own edges
+    both = Mesh(
+        torch.cat([verts, verts]),
+        torch.cat([faces, faces.flip(1) + len(verts)]),
+        vertex_colors=torch.cat([colors, colors]),
+    )
+    assert (seam_topology(both.vertices, both.faces) >= 0).all()
+    torch.testing.assert_close(
+        render_mesh(both, cams, 64, shading="unlit").rgba, welded.rgba, atol=1e-5, rtol=0
+    )
 
 
 @pytest.mark.gpu

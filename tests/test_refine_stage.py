@@ -49,6 +49,13 @@ def test_refine_writes_a_watertight_textured_mesh(scene, tmp_path: Path):
     assert welded.is_watertight
     summary = json.loads((out / "refine.json").read_text())
     assert summary["open_edges"] == 0  # what refine.json says of it
+    import torch
+
+    from sv3d.refine_stage import _open_edges
+
+    sphere = torch.tensor(trimesh.creation.icosphere(2).faces)
+    assert _open_edges(sphere) == 0 and _open_edges(sphere[1:]) == 3  # edges, each once
+    assert _open_edges(torch.cat([sphere, sphere[:1].flip(1)])) == 3  # edges of three faces
     import hashlib
 
     assert summary["init"]["sha256"] == hashlib.sha256(scene["init"].read_bytes()).hexdigest()
