@@ -190,14 +190,22 @@ def _resolved_run_config(run_config: RunConfig | None, mode: str) -> RunConfig:
 
 
 def _check_run_config(run_config: RunConfig, mode: str) -> None:
-    """The pipeline's own checks of its config (and, generated, of its checkpoint), once for the batch:
-    a bad setting fails before any object is rendered, not in every object in turn."""
-    from .orbit import check_checkpoint
-    from .run import _check_config
+    """The pipeline's own checks of its config (and of its checkpoints: the orbit's, generated, and the SDS
+    guidance's where it runs), once for the batch: a bad setting fails before any object is rendered, not
+    in every object in turn (a missing SDS checkpoint failed each object after its NeRF fit)."""
+    from .device import pick_device
+    from .orbit import check_checkpoint, resolve_checkpoint
+    from .refine_stage import sds_wanted
+    from .run import _check_config, _resolve_configs
 
     _check_config(run_config, "image" if mode == "generated" else "orbit")
     if mode == "generated":
         check_checkpoint(Path(run_config.orbit.checkpoint), run_config.orbit)
+    resolved = copy.deepcopy(run_config)
+    _resolve_configs(resolved, pick_device(resolved.device))
+    refine = resolved.refine
+    if sds_wanted(refine, pick_device(refine.device), rendered=mode == "oracle"):  # as the refine stage
+        check_checkpoint(resolve_checkpoint(refine.checkpoint))
 
 
 def config_fingerprint(

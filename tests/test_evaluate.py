@@ -440,6 +440,16 @@ def test_bad_input_is_one_line_and_exit_2_creating_nothing(dataset, tmp_path, ca
     assert not out.exists()
 
 
+def test_sds_on_without_a_checkpoint_is_refused_before_any_object(dataset, tmp_path, capsys, monkeypatch):
+    """`--preset paper` (SDS on) with $SV3D_CHECKPOINT unset rendered and fitted every object, then failed
+    each in its refinement; now the batch stops first, in one line."""
+    monkeypatch.delenv("SV3D_CHECKPOINT", raising=False)
+    out = tmp_path / "out"
+    assert main(["eval", str(dataset), "-o", str(out), "--preset", "toy", "--set", "refine.sds=on"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no SV3D checkpoint" in err and "\n" not in err and not out.exists()
+
+
 def test_object_list_selects_and_orders(dataset, tmp_path, monkeypatch, capsys):
     fake = _fake(monkeypatch, dataset)
     (tmp_path / "list.txt").write_text("plate\n\n")
