@@ -387,11 +387,11 @@ def weld_seams(vertices: Tensor, tri: Tensor) -> Tensor:
     return first[position][tri.long()]
 
 
-def seam_topology(vertices: Tensor, tri: Tensor) -> Tensor:
-    """`edge_topology` for `antialias` over `weld_seams(vertices, tri)`: [F, 3]. Welded where that gives an
-    edge two faces (a UV seam joined up), unwelded elsewhere: the two sheets of a double-sided card, welded,
-    would give each inner edge four faces (silhouettes all over it)."""
-    welded = edge_topology(weld_seams(vertices, tri))
+def seam_topology(tri: Tensor, seamless: Tensor) -> Tensor:
+    """`edge_topology` for `antialias` over `seamless = weld_seams(vertices, tri)`: [F, 3]. Welded where that
+    gives an edge two faces (a UV seam joined up), unwelded elsewhere: the two sheets of a double-sided
+    card, welded, would give each inner edge four faces (silhouettes all over it)."""
+    welded = edge_topology(seamless)
     return torch.where(welded >= 0, welded, edge_topology(tri))
 
 

@@ -80,7 +80,7 @@ def render_mesh(
     background: tuple[float, float, float] | float = 1.0,  # white, as SV3D's frames
     lights=DEFAULT_LIGHTS,
     ambient: float = DEFAULT_AMBIENT,
-    topology: Tensor | None = None,  # [F, 3] seam_topology(mesh.vertices, mesh.faces), to reuse across calls
+    topology: Tensor | None = None,  # [F, 3] seam_topology(faces, weld_seams(...)), reused across calls
 ) -> RenderOutput:
     """Render `mesh` from every camera. Differentiable w.r.t. vertices, colours and texture."""
     if shading not in ("lambert", "unlit"):
@@ -112,7 +112,7 @@ def render_mesh(
     rgba = torch.cat([color * mask, mask], dim=-1)  # premultiplied
     if antialias:  # silhouettes of the surface, not of its UV charts (`weld_seams`)
         seamless = weld_seams(mesh.vertices, faces)  # [F, 3]
-        topology = seam_topology(mesh.vertices, faces) if topology is None else topology
+        topology = seam_topology(faces, seamless) if topology is None else topology
         rgba = antialias_op(rgba, rast, pos_clip, seamless, topology)
     alpha = rgba[..., 3:].clamp(0.0, 1.0)
     bg = torch.as_tensor(background, dtype=rgba.dtype, device=device).expand(3)

@@ -50,6 +50,7 @@ from .fit_nerf import _atomic
 from .render_orbit import RenderOrbitConfig
 
 if TYPE_CHECKING:
+    from .refine_stage import RefineStageConfig
     from .run import RunConfig
 
 __all__ = [
@@ -196,16 +197,24 @@ def _check_run_config(run_config: RunConfig, mode: str) -> None:
     from .device import pick_device
     from .orbit import check_checkpoint, resolve_checkpoint
     from .refine_stage import sds_wanted
-    from .run import _check_config, _resolve_configs
+    from .run import _check_config
 
     _check_config(run_config, "image" if mode == "generated" else "orbit")
     if mode == "generated":
         check_checkpoint(Path(run_config.orbit.checkpoint), run_config.orbit)
-    resolved = copy.deepcopy(run_config)
-    _resolve_configs(resolved, pick_device(resolved.device))
-    refine = resolved.refine
+    refine = _resolved_refine(run_config)
     if sds_wanted(refine, pick_device(refine.device), rendered=mode == "oracle"):  # as the refine stage
         check_checkpoint(resolve_checkpoint(refine.checkpoint))
+
+
+def _resolved_refine(run_config: RunConfig) -> RefineStageConfig:
+    """The refine stage's config as the run resolves it (device defaults; the orbit's checkpoint for SDS)."""
+    from .device import pick_device
+    from .run import _resolve_configs
+
+    resolved = copy.deepcopy(run_config)
+    _resolve_configs(resolved, pick_device(resolved.device))
+    return resolved.refine
 
 
 def config_fingerprint(
@@ -235,7 +244,7 @@ def checkpoint_hashes(run_config: RunConfig, mode: str, cached: dict | None = No
     size and mtime are unchanged."""
     from .device import pick_device
     from .refine_stage import sds_wanted
-    from .run import _resolve_configs, checkpoint_identity
+    from .run import checkpoint_identity
 
     cached = cached if isinstance(cached, dict) else {}
     paths: dict[str, Path] = {}
@@ -243,9 +252,7 @@ def checkpoint_hashes(run_config: RunConfig, mode: str, cached: dict | None = No
         paths["orbit"] = Path(run_config.orbit.checkpoint).expanduser().resolve()
     # SDS as the run resolves it: the refinement's checkpoint (the orbit's when it names none), or
     # $SV3D_CHECKPOINT with --sds on (resolve_checkpoint)
-    resolved_run = copy.deepcopy(run_config)
-    _resolve_configs(resolved_run, pick_device(resolved_run.device))
-    refine = resolved_run.refine
+    refine = _resolved_refine(run_config)
     sds = refine.checkpoint or (os.environ.get("SV3D_CHECKPOINT") if refine.sds == "on" else None)
     wanted = sds_wanted(refine, pick_device(refine.device), rendered=mode == "oracle")  # oracle: GT renders
     if wanted and sds and Path(sds).expanduser().exists():

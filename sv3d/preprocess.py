@@ -112,30 +112,30 @@ def _read_png16(path: Path) -> tuple[np.ndarray, bool]:
     import imagecodecs
 
     try:
+        raw = path.read_bytes()
         with _quiet_logger("imagecodecs"):  # libpng's warning about interlaced files, which it reads well
-            data = imagecodecs.png_decode(path.read_bytes())  # [H, W] or [H, W, C] uint16
+            data = imagecodecs.png_decode(raw)  # [H, W] or [H, W, C] uint16
     except imagecodecs.PngError as exc:
         raise InputError(f"cannot read image {path}: corrupt 16-bit PNG ({_first_line(exc)})") from exc
     data = data[..., None] if data.ndim == 2 else data
-    bits = _png_significant_bits(path)  # fewer significant bits stored high: as pypng, read at that depth
+    bits = _png_significant_bits(raw)  # fewer significant bits stored high: as pypng, read at that depth
     if bits < 16:
         return (data >> (16 - bits)).astype(np.float32) / float(2**bits - 1), False
     return data.astype(np.float32) / 65535.0, False
 
 
-def _png_significant_bits(path: Path) -> int:
+def _png_significant_bits(raw: bytes) -> int:
     """The most significant bits of any channel that a 16-bit PNG's sBIT chunk declares, else 16."""
-    with open(path, "rb") as f:
-        f.seek(8)  # past the signature
-        while len(head := f.read(8)) == 8:
-            length, kind = int.from_bytes(head[:4], "big"), head[4:]
-            if kind == b"sBIT":
-                declared = f.read(length)
-                valid = 1 <= length <= 4 and all(1 <= bits <= 16 for bits in declared)
-                return max(declared) if valid else 16  # an invalid chunk is ignored, as libpng does
-            if kind in (b"IDAT", b"IEND"):
-                return 16
-            f.seek(length + 4, 1)  # the data and its CRC
+    at = 8  # past the signature
+    while at + 8 <= len(raw):
+        length, kind = int.from_bytes(raw[at : at + 4], "big"), raw[at + 4 : at + 8]
+        if kind == b"sBIT":
+            declared = raw[at + 8 : at + 8 + length]
+            valid = 1 <= length <= 4 and all(1 <= bits <= 16 for bits in declared)
+            return max(declared) if valid else 16  # an invalid chunk is ignored, as libpng does
+        if kind in (b"IDAT", b"IEND"):
+            return 16
+        at += 12 + length  # the chunk's length, type, data and CRC
     return 16
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from refine.rasterizer import seam_topology
+from refine.rasterizer import seam_topology, weld_seams
 from refine.render import render_mesh
 
 from .cameras import NUM_FRAMES, OrbitFrames, check_orbit_target, make_orbit, write_orbit_directory
@@ -56,7 +56,7 @@ def render_orbit_frames(mesh_path: str | Path, config: RenderOrbitConfig) -> Orb
 
     # 2. Render in batches of views
     cameras = orbit.cameras()
-    topology = seam_topology(mesh.vertices, mesh.faces)  # UV seams are no silhouettes
+    topology = seam_topology(mesh.faces, weld_seams(mesh.vertices, mesh.faces))  # UV seams: no silhouettes
     frames = []
     with torch.no_grad():
         for start in range(0, len(orbit), config.views_per_batch):
