@@ -356,19 +356,23 @@ def test_learning_rates_and_sizes_are_checked():
     TrainConfig(lr_final_factor=1.0)  # constant rate
 
 
+class Ball(torch.nn.Module):
+    """Density 100 inside radius 0.3, one colour everywhere."""
+
+    def __init__(self, colour: tuple[float, float, float]):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros(1))
+        self.colour = torch.tensor(colour)
+
+    def density(self, x):
+        return 100.0 * (x.norm(dim=-1) < 0.3).float()
+
+    def forward(self, x, d):
+        return self.colour.expand(x.shape[0], 3), self.density(x)
+
+
 def test_extraction_of_an_analytic_density():
-    class Ball(torch.nn.Module):  # density 100 inside radius 0.3, colour red
-        def __init__(self):
-            super().__init__()
-            self.p = torch.nn.Parameter(torch.zeros(1))
-
-        def density(self, x):
-            return 100.0 * (x.norm(dim=-1) < 0.3).float()
-
-        def forward(self, x, d):
-            return torch.tensor([1.0, 0.0, 0.0]).expand(x.shape[0], 3), self.density(x)
-
-    ball = Ball()
+    ball = Ball((1.0, 0.0, 0.0))
     grid = density_grid(ball, bound=0.55, resolution=48)
     mesh = extract_mesh(ball, grid, 0.55, ExtractConfig(resolution=48))
     assert mesh.is_watertight and mesh.volume > 0
@@ -377,18 +381,7 @@ def test_extraction_of_an_analytic_density():
 
 
 def test_extracted_colours_are_rounded_not_truncated():
-    class Plain(torch.nn.Module):  # density 100 inside radius 0.3, colour (0.999, 0.5, 0.1)
-        def __init__(self):
-            super().__init__()
-            self.p = torch.nn.Parameter(torch.zeros(1))
-
-        def density(self, x):
-            return 100.0 * (x.norm(dim=-1) < 0.3).float()
-
-        def forward(self, x, d):
-            return torch.tensor([0.999, 0.5, 0.1]).expand(x.shape[0], 3), self.density(x)
-
-    field = Plain()
+    field = Ball((0.999, 0.5, 0.1))
     mesh = extract_mesh(
         field, density_grid(field, bound=0.55, resolution=24), 0.55, ExtractConfig(resolution=24)
     )
