@@ -217,25 +217,118 @@ def _resolved_refine(run_config: RunConfig) -> RefineStageConfig:
     return resolved.refine
 
 
+# Settings that change memory use or where the work runs, not the figures: outside the fingerprint (scheme
+# 2), so that a batch stopped by an out-of-memory error resumes after --offload or fewer views per batch.
+# Devices enter resolved ("auto" on a CUDA machine is "cuda"). Scheme 1 (until 2026-12-08) hashed them
+# as given; its fingerprints are still accepted (`accepted_fingerprints`).
+_MEMORY_ONLY_RUN = (("orbit", "offload"), ("orbit", "allow_cpu"), ("orbit", "progress"), ("device",))
+FINGERPRINT_SCHEME = 2
+
+
+def _render_identity(render: RenderOrbitConfig) -> dict:
+    """The ground-truth render settings that change the frames: the device resolved, views_per_batch
+    left out (it changes them by float round-off only: at most 6.1e-5 at 576², measured; a test bounds it;
+    frames rendered before are kept when it changes)."""
+    from .device import pick_device
+
+    data = asdict(render)
+    data.pop("views_per_batch")
+    data["device"] = pick_device(render.device).type
+    return data
+
+
+def _as_json(data: Any) -> Any:
+    return json.loads(json.dumps(data, default=str))
+
+
+def _identity(config: EvalConfig, run_config: RunConfig, scheme: int) -> dict:
+    """What the fingerprint hashes, less the protocol and the weights."""
+    if scheme == 1:
+        run = _as_json(asdict(run_config))
+        run.pop("allow_inconsistent", None)
+        run.get("orbit", {}).pop("progress", None)
+        data = {"eval": asdict(config), "run": run}
+    else:
+        from .device import pick_device
+        from .run import _resolve_configs
+
+        resolved = copy.deepcopy(run_config)
+        _resolve_configs(resolved, pick_device(resolved.device))  # stage devices resolved
+        run = _as_json(asdict(resolved))
+        run.pop("allow_inconsistent", None)
+        for *parents, key in _MEMORY_ONLY_RUN:
+            node = run
+            for parent in parents:
+                node = node.get(parent) or {}
+            node.pop(key, None)
+        data = {"eval": {**asdict(config), "render": _render_identity(config.render)}, "run": run}
+        data["scheme"] = scheme
+    if config.mode == "oracle":
+        data["run"].pop("orbit", None)
+    return data
+
+
+def _digest(identity: dict, checkpoints: dict[str, dict] | None, protocol: int) -> str:
+    data = {**identity, "protocol": protocol}
+    if checkpoints:
+        data["weights"] = {role: c["sha256"] for role, c in checkpoints.items()}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def config_fingerprint(
     config: EvalConfig,
     run_config: RunConfig,
     checkpoints: dict[str, dict] | None = None,
     protocol: int = PROTOCOL_VERSION,
+    scheme: int = FINGERPRINT_SCHEME,
 ) -> str:
     """sha256 of what determines an object's figures: the protocol, the renders, the pipeline config (in
     oracle mode without the orbit stage's settings, which it does not use) and the weights' contents
     (`checkpoints`, from `checkpoint_hashes`: a file replaced at the same path is another model).
-    `protocol`: an older scoring protocol's version, to know a record that only the scoring differs from."""
-    run = json.loads(json.dumps(asdict(run_config), default=str))
-    run.pop("allow_inconsistent", None)
-    run.get("orbit", {}).pop("progress", None)
-    if config.mode == "oracle":
-        run.pop("orbit", None)
-    data = {"eval": asdict(config), "run": run, "protocol": protocol}
-    if checkpoints:
-        data["weights"] = {role: c["sha256"] for role, c in checkpoints.items()}
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+    `protocol`: an older scoring protocol's version, to know a record that only the scoring differs from;
+    `scheme` 1: the fingerprint as computed until 2026-12-08 (memory-only settings included)."""
+    return _digest(_identity(config, run_config, scheme), checkpoints, protocol)
+
+
+# The views per batch of the ground-truth renders in configs/ (sv3d default, cpu preset, the others):
+# scheme-1 fingerprints are tried with each
+_CONFIGURED_VIEWS_PER_BATCH = (4, 7, 21)
+
+
+def _with_memory_settings(node: Any, settings: dict[str, Any], auto_device: bool) -> Any:
+    """A scheme-1 identity with the memory-only `settings` ({"offload": False, ...}) replaced wherever they
+    occur and, with `auto_device`, every device that picks what "auto" picks written "auto"."""
+    from .device import pick_device
+
+    if isinstance(node, list):
+        return [_with_memory_settings(item, settings, auto_device) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: _with_memory_settings(value, settings, auto_device) for key, value in node.items()}
+    node.update({key: value for key, value in settings.items() if key in node})
+    device = node.get("device")
+    if auto_device and isinstance(device, str) and pick_device(device) == pick_device("auto"):
+        node["device"] = "auto"
+    return node
+
+
+def accepted_fingerprints(
+    config: EvalConfig, run_config: RunConfig, checkpoints: dict[str, dict] | None, protocol: int
+) -> set[str]:
+    """The fingerprints a record of this config under `protocol` may carry: the current scheme's, and scheme
+    1's with the memory-only settings as given or as configs/ sets them, devices as given or "auto" (a
+    folder started before 2026-12-08 whose batch ran out of memory resumes after --offload, fewer views per
+    batch or --device cuda)."""
+    old = _identity(config, run_config, scheme=1)
+    variants = [
+        _with_memory_settings(old, {**switches, **views}, auto_device)
+        for switches in ({}, {"offload": False, "allow_cpu": False})
+        for views in ({}, *({"views_per_batch": n} for n in _CONFIGURED_VIEWS_PER_BATCH))
+        for auto_device in (False, True)
+    ]
+    return {config_fingerprint(config, run_config, checkpoints, protocol)} | {
+        _digest(identity, checkpoints, protocol) for identity in variants
+    }
 
 
 def checkpoint_hashes(run_config: RunConfig, mode: str, cached: dict | None = None) -> dict[str, dict]:
@@ -311,8 +404,13 @@ def _prepare_input(mesh_path: Path, object_dir: Path, config: EvalConfig, force:
     """gt_orbit/ (oracle) or input.png (generated), re-rendered only when missing or made otherwise."""
     from .render_orbit import render_orbit
 
-    wanted = {"mode": config.mode, "render": asdict(config.render)}
-    done = _read_json(object_dir / RENDER_FILE) == wanted
+    wanted = {"mode": config.mode, "render": _render_identity(config.render)}
+    recorded = _read_json(object_dir / RENDER_FILE) or {}
+    try:  # recorded with views_per_batch and the device as given until 2026-12-08
+        recorded["render"] = _render_identity(RenderOrbitConfig(**recorded["render"]))
+    except (KeyError, TypeError):  # none, or not a render config of ours: rendered again
+        pass
+    done = recorded == wanted
     if config.mode == "oracle":
         target = object_dir / "gt_orbit"
         if force or not done or not (target / "transforms.json").is_file():
@@ -498,10 +596,13 @@ def evaluate_dataset(
     _check_run_config(run, config.mode)
     checkpoints = checkpoint_hashes(run, config.mode, _read_json(out / CHECKPOINTS_FILE))
     fingerprint = config_fingerprint(config, run, checkpoints)
+    current = accepted_fingerprints(config, run, checkpoints, PROTOCOL_VERSION)
     # This config under an older scoring protocol (version 1 had no version in its hash, so from 2 on; a
     # field added to the configs since also stops a match, which then reads as another config): --rescore
     # scores such a finished object again, keeping its pipeline outputs.
-    older = {config_fingerprint(config, run, checkpoints, v) for v in range(2, PROTOCOL_VERSION)}
+    older = set().union(
+        *(accepted_fingerprints(config, run, checkpoints, v) for v in range(2, PROTOCOL_VERSION))
+    )
     done: dict[str, dict] = {}  # finished with this config and protocol: kept
     rescored: dict[str, dict] = {}  # finished under an older protocol, to be scored again (--rescore)
     stale: dict[str, str] = {}  # finished, or started and not finished, with another config or ground truth
@@ -517,7 +618,7 @@ def evaluate_dataset(
                 stale[name] = OLDER_PROTOCOL
             elif previous.get("status") == "ok":
                 rescored[name] = previous
-        elif previous.get("fingerprint") != fingerprint:
+        elif previous.get("fingerprint") not in current:
             stale[name] = "another config, scoring protocol or checkpoint"
         elif previous.get("status") == "ok":
             done[name] = previous

@@ -92,6 +92,9 @@ STAGE_OUTPUTS = {
 }
 # Config entries that change how a run is shown or allowed, not what it computes: not compared on rerun.
 _NOT_IDENTITY = (("orbit", "progress"), ("orbit", "offload"), ("orbit", "allow_cpu"), ("allow_inconsistent",))
+_SOURCE_PATHS = ("image", "orbit_dir")  # where the input was read: recorded, not compared (`_compared`)
+# The run's device as given: the stages' devices, resolved from it, are compared ("auto" = "cuda" on CUDA)
+_NOT_IDENTITY += (("device",),)
 # Settings of the last steps only: a change redoes the export (turntable) or re-judges the consistency score,
 # not the whole run
 _EXPORT_ONLY = ("turntable_frames", "turntable_resolution", "turntable_elevation_deg", "turntable_fps")
@@ -271,6 +274,7 @@ def _run(
     if any((summary.get("config") or {}).get(key) != current[key] for key in _EXPORT_ONLY):
         summary["stages"].pop("export", None)  # another turntable: made again from the refined mesh
     summary["config"] = current
+    summary["source"], summary["identity"] = source, identity  # the paths read this time (`_compared`)
     orbit_dir = out / "orbit" if source["kind"] == "image" else Path(source["orbit_dir"])
     summary["orbit_dir"] = str(orbit_dir)
 
@@ -627,6 +631,15 @@ def _without_display_entries(data: dict) -> dict:
     return data
 
 
+def _compared(identity: Any) -> Any:
+    """A run identity as compared on a rerun: its source by content, not by path (a moved or renamed photo
+    or orbit folder, an evaluation folder moved whole, is the same run; the path stays in run.json)."""
+    if not isinstance(identity, dict) or not isinstance(identity.get("source"), dict):
+        return identity
+    source = {k: v for k, v in identity["source"].items() if k not in _SOURCE_PATHS}
+    return {**identity, "source": source}
+
+
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b)):
@@ -644,7 +657,7 @@ def _first_stage_changed(recorded: dict, identity: dict) -> str:
     """The earliest stage whose inputs differ between a recorded run's identity and this one's."""
     old, new = recorded.get("config") or {}, identity["config"]
     changed = {key for key in set(old) | set(new) if old.get(key) != new.get(key)}
-    if recorded.get("source") != identity["source"] or any(
+    if _compared(recorded).get("source") != _compared(identity)["source"] or any(
         not any(key in keys for keys in _STAGE_KEYS.values()) for key in changed
     ):
         return STAGES[0]
@@ -675,7 +688,7 @@ def _check_output(
         recorded = previous.get("identity")
         if isinstance(recorded, dict) and isinstance(recorded.get("config"), dict):
             recorded = {**recorded, "config": _without_display_entries(recorded["config"])}
-        same = recorded == identity and previous.get("format") == RUN_FORMAT
+        same = _compared(recorded) == _compared(identity) and previous.get("format") == RUN_FORMAT
         comparable = (
             isinstance(recorded, dict)
             and previous.get("format") == RUN_FORMAT
@@ -695,7 +708,7 @@ def _check_output(
     ]
     if force:
         return (previous, redo_from) if kept else (None, None)
-    change = _first_difference(recorded or {}, identity)
+    change = _first_difference(_compared(recorded or {}), _compared(identity))
     todo = (
         f"--force to redo the {redo_from} stage and after (keeping {', '.join(kept)})"
         if kept

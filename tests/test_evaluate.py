@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -234,6 +235,54 @@ def test_other_config_is_refused_unless_force(dataset, tmp_path, monkeypatch, to
     result = evaluate_dataset(dataset, tmp_path, other, run, objects=["plate"], force=True, progress=False)
     assert fake.calls == ["plate"] and result.records[0]["final"]  # recomputed with the new config
     assert json.loads((tmp_path / "plate/metrics.json").read_text())["fingerprint"] != ""
+
+
+def test_memory_only_settings_resume_the_batch(dataset, tmp_path, monkeypatch, toy):
+    """Following the out-of-memory hint (--offload, fewer views per batch), or naming the device that auto
+    picks, resumes a batch (it was "another config"): also one started before 2026-12-08, whose records
+    hashed those settings as given and whose render.json held them (the frames are not rendered again).
+    A setting that changes the figures is still another config."""
+    from dataclasses import asdict
+
+    from sv3d.device import pick_device
+    from sv3d.evaluate import config_fingerprint
+
+    config, run = toy
+    _fake(monkeypatch, dataset, stop=("plate",))
+    with pytest.raises(KeyboardInterrupt):  # blob finished, plate rendered and started
+        evaluate_dataset(dataset, tmp_path, config, run, progress=False)
+    legacy = config_fingerprint(config, run, scheme=1)  # as recorded until 2026-12-08
+    _as_older_protocol(tmp_path / "blob", legacy)
+    _as_older_protocol(tmp_path / "plate", legacy)
+    (tmp_path / "plate" / "render.json").write_text(
+        json.dumps({"mode": "oracle", "render": asdict(config.render)})
+    )
+
+    lean_run = copy.deepcopy(run)
+    lean_run.orbit.offload, lean_run.device = True, pick_device("auto").type
+    lean = replace(config, render=replace(config.render, views_per_batch=1))
+    assert config_fingerprint(lean, lean_run) == config_fingerprint(config, run)
+    renderer = sys.modules["sv3d.render_orbit"]  # the package's `render_orbit` is the function
+    monkeypatch.setattr(renderer, "render_orbit", lambda *a, **k: pytest.fail("rendered again"))
+    fake = _fake(monkeypatch, dataset)
+    evaluate_dataset(dataset, tmp_path, lean, lean_run, progress=False)
+    assert fake.calls == ["plate"]  # blob kept, plate resumed
+    steps = copy.deepcopy(lean_run)
+    steps.nerf.train.steps += 1
+    assert config_fingerprint(lean, steps) != config_fingerprint(lean, lean_run)
+    with pytest.raises(InputError, match="another config"):
+        evaluate_dataset(dataset, tmp_path, lean, steps, progress=False)
+
+
+def test_ground_truth_frames_do_not_depend_on_views_per_batch(dataset):
+    """views_per_batch is left out of the evaluation's fingerprint: the frames differ with it only by float
+    round-off (batched matrix products; 6.1e-5 at most measured at 576², the mug and the plate)."""
+    mesh = dataset / "plate" / "meshes" / "model.obj"
+    one, all_at_once = (
+        render_orbit_frames(mesh, RenderOrbitConfig(views=5, resolution=32, views_per_batch=n))
+        for n in (1, 5)
+    )
+    assert (one.images - all_at_once.images).abs().max() < 1e-4
 
 
 def _as_older_protocol(object_dir: Path, fingerprint: str, **final) -> None:

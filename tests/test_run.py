@@ -152,6 +152,27 @@ def test_rerun_skips_finished_stages(tiny_run, monkeypatch):
     assert after["stages"] == before["stages"]
 
 
+def test_a_moved_photo_and_output_folder_and_auto_device_resume_the_run(
+    tiny_run, tmp_path, monkeypatch, capsys
+):
+    """The source is compared by content, not by path (a moved evaluation folder's half-done objects were
+    "another run"), and the run's device by what it resolves to (--device auto on this CPU machine is cpu)."""
+    out, image = tmp_path / "moved", tmp_path / "renamed.png"
+    shutil.copytree(tiny_run["out"], out)
+    shutil.copyfile(tiny_run["image"], image)
+    args = [*tiny_run["args"], "--allow-inconsistent"]
+    args[args.index(str(tiny_run["out"]))] = str(out)
+    args[args.index(str(tiny_run["image"]))] = str(image)
+    args[args.index("--device") + 1] = "auto"
+    _forbid_stages(monkeypatch)
+    assert main(args) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["identity"]["source"]["image"] == str(image.resolve())  # the path now read, recorded
+    image.write_bytes(image.read_bytes() + b"\0")  # other bytes: another run
+    assert main(args) == 2
+    assert "holds another run (different source.image_sha256" in capsys.readouterr().err
+
+
 def test_a_stage_run_again_makes_the_later_ones_run_again(tiny_run, tmp_path, monkeypatch):
     """Deleting refine/ redid the refinement but kept the top-level mesh.glb and turntable of the old one."""
     out = tmp_path / "copy"
