@@ -755,30 +755,63 @@ def _versions() -> dict[str, str | None]:
     return found
 
 
-def checkpoint_identity(path: Path, previous: dict | None = None) -> dict:
-    """{"path", "sha256", "method", ...} of a checkpoint; reuses `previous` while size and mtime match.
+# A diffusers folder's identity until 2026-12-08, still accepted while the folder matches it
+_SIZES_ONLY = "directory: sha256 of its json configs and every file's path and size (weights unread)"
+_HASHED: dict[
+    tuple[str, int, int], str
+] = {}  # (path, size, mtime_ns) -> sha256: each file read once a process
 
-    A single file is hashed in full, in chunks. A diffusers folder is identified by the sha256 of its json
-    configs and of every file's relative path and size (its weights are not read: say so in "method").
-    """
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file, remembered for the process while its size and mtime stay (an evaluation in generated
+    mode runs one checkpoint for every object: hashed once, not once an object)."""
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = file_sha256(path)
+    return _HASHED[key]
+
+
+def _sizes_only_digest(path: Path, files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.relative_to(path).as_posix()}\0{file.stat().st_size}\0".encode())
+        if file.suffix == ".json":
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def checkpoint_identity(path: Path, previous: dict | None = None) -> dict:
+    """{"path", "sha256", "method", ...} of a checkpoint: the sha256 of its bytes (a single file) or of every
+    file's relative path and bytes (a diffusers folder). `previous` (a record's) is reused while the
+    files' sizes and mtimes match it; a folder recorded by sizes only (until 2026-12-08) keeps that record
+    while its sizes and configs match."""
     path = Path(path).resolve()
+    previous = previous if isinstance(previous, dict) else {}
     if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        listing = [[f.relative_to(path).as_posix(), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+        same_files = previous.get("path") == str(path) and previous.get("files") == listing
+        if previous.get("sha256") and same_files:
+            return previous
+        if previous.get("method") == _SIZES_ONLY and previous.get("sha256") == _sizes_only_digest(
+            path, files
+        ):
+            return previous
         digest = hashlib.sha256()
-        for file in sorted(p for p in path.rglob("*") if p.is_file()):
-            rel = file.relative_to(path).as_posix()
-            digest.update(f"{rel}\0{file.stat().st_size}\0".encode())
-            if file.suffix == ".json":
-                digest.update(file.read_bytes())
+        for file, (rel, _, _) in zip(files, listing, strict=True):
+            digest.update(rel.encode() + b"\0" + bytes.fromhex(_file_digest(file)))
         return {
             "path": str(path),
+            "files": listing,
             "sha256": digest.hexdigest(),
-            "method": "directory: sha256 of its json configs and every file's path and size (weights unread)",
+            "method": "directory: sha256 of every file's path and bytes",
         }
     stat = path.stat()
     key = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    if previous and all(previous.get(k) == v for k, v in key.items()) and previous.get("sha256"):
+    if all(previous.get(k) == v for k, v in key.items()) and previous.get("sha256"):
         return previous
-    return {**key, "sha256": file_sha256(path), "method": "file: sha256 of its bytes"}
+    return {**key, "sha256": _file_digest(path), "method": "file: sha256 of its bytes"}
 
 
 @contextmanager

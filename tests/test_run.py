@@ -322,6 +322,41 @@ def test_a_replaced_checkpoint_file_is_noticed(tiny_run, tmp_path, capsys, monke
     assert "made with another file" in capsys.readouterr().err
 
 
+def test_a_diffusers_folder_is_identified_by_its_bytes(tmp_path, monkeypatch):
+    """A fine-tune of the same sizes is another model (the folder's identity was its files' sizes and
+    configs); a copy (new mtimes) is the same; a record of the sizes-only identity (before 2026-12-08) is
+    kept while the folder matches it; each file is read once a process, the record spares rereading."""
+    folder = tmp_path / "sv3d_diffusers"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text('{"_class_name": "SV3D"}')
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"\1" * 1000)
+    reads = []
+    monkeypatch.setattr(run_module, "file_sha256", lambda p: reads.append(p) or hashlib_sha256(p))
+    monkeypatch.setattr(run_module, "_HASHED", {})
+    first = run_module.checkpoint_identity(folder)
+    assert run_module.checkpoint_identity(folder) == first and len(reads) == 2  # two files, read once
+    assert run_module.checkpoint_identity(folder, first) == first and len(reads) == 2
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    assert run_module.checkpoint_identity(copy)["sha256"] == first["sha256"]
+    weights.write_bytes(b"\2" * 1000)  # a fine-tune: same names, same sizes
+    tuned = run_module.checkpoint_identity(folder, first)
+    assert tuned["sha256"] != first["sha256"]
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    old = {"path": str(folder), "method": run_module._SIZES_ONLY}
+    old["sha256"] = run_module._sizes_only_digest(folder, files)
+    assert run_module.checkpoint_identity(folder, old) == old
+    (folder / "model_index.json").write_text('{"_class_name": "SV3D", "other": 1}')
+    assert run_module.checkpoint_identity(folder, old)["sha256"] != old["sha256"]
+
+
+def hashlib_sha256(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 @pytest.mark.parametrize(
     "case",
     [
