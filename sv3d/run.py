@@ -168,7 +168,13 @@ def run_image_to_mesh(
     if pick_device(config.orbit.device if config.orbit.device != "auto" else config.device).type == "cpu":
         check_cpu_budget(unet_params, config.orbit)
     config.orbit.checkpoint = str(checkpoint.resolve())  # $SV3D_CHECKPOINT recorded as the path it named
-    source = {"kind": "image", "image": str(image.resolve()), "image_sha256": file_sha256(image)}
+    source = {
+        "kind": "image",
+        "image": str(image.resolve()),
+        "image_sha256": file_sha256(image),
+        # what the orbit stage is given: "auto" matting with rembg installed since, another preprocessing
+        "conditioning_sha256": _tensors_sha256(*conditioning),
+    }
     return _run(source, Path(output_dir), config, checkpoint, force, progress, conditioning)
 
 
@@ -631,13 +637,24 @@ def _without_display_entries(data: dict) -> dict:
     return data
 
 
-def _compared(identity: Any) -> Any:
-    """A run identity as compared on a rerun: its source by content, not by path (a moved or renamed photo
-    or orbit folder, an evaluation folder moved whole, is the same run; the path stays in run.json)."""
-    if not isinstance(identity, dict) or not isinstance(identity.get("source"), dict):
-        return identity
-    source = {k: v for k, v in identity["source"].items() if k not in _SOURCE_PATHS}
-    return {**identity, "source": source}
+def _tensors_sha256(*tensors: torch.Tensor) -> str:
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(str(tuple(tensor.shape)).encode() + tensor.detach().cpu().float().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _compared(recorded: Any, identity: dict) -> tuple[Any, dict]:
+    """A recorded run identity and this run's as compared: sources by content, not by path (a moved or
+    renamed photo or orbit folder, an evaluation folder moved whole, is the same run; the path stays in
+    run.json); a record without the conditioning's hash (before 2026-12-08) is compared without it."""
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("source"), dict):
+        return recorded, identity
+    old = {k: v for k, v in recorded["source"].items() if k not in _SOURCE_PATHS}
+    new = {k: v for k, v in identity["source"].items() if k not in _SOURCE_PATHS}
+    if "conditioning_sha256" not in old:
+        new.pop("conditioning_sha256", None)
+    return {**recorded, "source": old}, {**identity, "source": new}
 
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
@@ -657,7 +674,8 @@ def _first_stage_changed(recorded: dict, identity: dict) -> str:
     """The earliest stage whose inputs differ between a recorded run's identity and this one's."""
     old, new = recorded.get("config") or {}, identity["config"]
     changed = {key for key in set(old) | set(new) if old.get(key) != new.get(key)}
-    if _compared(recorded).get("source") != _compared(identity)["source"] or any(
+    old_source, new_source = (i["source"] for i in _compared(recorded, identity))
+    if old_source != new_source or any(
         not any(key in keys for keys in _STAGE_KEYS.values()) for key in changed
     ):
         return STAGES[0]
@@ -688,7 +706,8 @@ def _check_output(
         recorded = previous.get("identity")
         if isinstance(recorded, dict) and isinstance(recorded.get("config"), dict):
             recorded = {**recorded, "config": _without_display_entries(recorded["config"])}
-        same = _compared(recorded) == _compared(identity) and previous.get("format") == RUN_FORMAT
+        old, new = _compared(recorded, identity)
+        same = old == new and previous.get("format") == RUN_FORMAT
         comparable = (
             isinstance(recorded, dict)
             and previous.get("format") == RUN_FORMAT
@@ -708,7 +727,7 @@ def _check_output(
     ]
     if force:
         return (previous, redo_from) if kept else (None, None)
-    change = _first_difference(_compared(recorded or {}), _compared(identity))
+    change = _first_difference(*_compared(recorded or {}, identity))
     todo = (
         f"--force to redo the {redo_from} stage and after (keeping {', '.join(kept)})"
         if kept

@@ -173,6 +173,31 @@ def test_a_moved_photo_and_output_folder_and_auto_device_resume_the_run(
     assert "holds another run (different source.image_sha256" in capsys.readouterr().err
 
 
+def test_another_preprocessing_of_the_same_photo_is_another_run(tiny_run, tmp_path, monkeypatch, capsys):
+    """`--background auto` mattes with rembg once it is installed: the same photo gives the orbit stage
+    another input, so the run's identity holds the preprocessed input's hash (the photo's and "auto" did not
+    change); a record from before without it resumes."""
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_run["out"], out)
+    args = [*tiny_run["args"], "--allow-inconsistent"]
+    args[args.index(str(tiny_run["out"]))] = str(out)
+    record = json.loads((out / "run.json").read_text())
+    del record["identity"]["source"]["conditioning_sha256"]  # as recorded until 2026-12-08
+    (out / "run.json").write_text(json.dumps(record))
+    _forbid_stages(monkeypatch)
+    assert main(args) == 0
+    assert "conditioning_sha256" in json.loads((out / "run.json").read_text())["identity"]["source"]
+    real = run_module._check_image
+
+    def other_matting(image, orbit):
+        rgb, alpha = real(image, orbit)
+        return rgb, (alpha * 0.9).round(decimals=3)
+
+    monkeypatch.setattr(run_module, "_check_image", other_matting)
+    assert main(args) == 2
+    assert "holds another run (different source.conditioning_sha256" in capsys.readouterr().err
+
+
 def test_a_stage_run_again_makes_the_later_ones_run_again(tiny_run, tmp_path, monkeypatch):
     """Deleting refine/ redid the refinement but kept the top-level mesh.glb and turntable of the old one."""
     out = tmp_path / "copy"
