@@ -9,14 +9,15 @@ one run directory each:
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import OmegaConf
 
 from sv3d.config import job_output_dir, run_config
+from sv3d.entry_points import fail_job, run_script
 from sv3d.errors import Sv3dError, one_line
 from sv3d.run import run_image_to_mesh
+
+WORDING = {"--force": "force=true", "another -o": "another output="}  # the refusals name sv3d run's flags
 
 __all__ = ["main", "run_config"]
 
@@ -25,16 +26,15 @@ __all__ = ["main", "run_config"]
 def main(cfg) -> None:
     image = OmegaConf.select(cfg, "image")
     if image is None:
-        print("image_to_mesh.py: error: give the photo, e.g. +image=path/to/photo.png", file=sys.stderr)
-        sys.exit(2)
+        return fail_job("image_to_mesh.py", "give the photo, e.g. +image=path/to/photo.png")
     output = job_output_dir(cfg, "run")
     try:
-        result = run_image_to_mesh(hydra.utils.to_absolute_path(image), output, run_config(cfg))
+        config = run_config(cfg)
+        result = run_image_to_mesh(hydra.utils.to_absolute_path(image), output, config, force=bool(cfg.force))
     except (Sv3dError, OSError) as exc:  # bad input, or a file it cannot read or write: one line, exit 2
-        print(f"image_to_mesh.py: error: {one_line(exc)}", file=sys.stderr)
-        sys.exit(2)
+        return fail_job("image_to_mesh.py", one_line(exc), wording=WORDING)
     print(f"wrote {result.mesh_path}" + (" (FLAGGED: orbit not 3D-consistent)" if result.flagged else ""))
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "image_to_mesh.py")

@@ -544,7 +544,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         eval_config(cfg),
         run_config(cfg),
         objects=args.objects or to_container(cfg.eval.objects),  # --objects, or --set eval.objects=[...]
-        force=args.force or bool(cfg.eval.force),  # the flags, or --set eval.force=true
+        force=args.force or bool(cfg.eval.force or cfg.force),  # the flags, or --set eval.force=true
         rescore=args.rescore or bool(cfg.eval.rescore),
     )
     s = result.summary

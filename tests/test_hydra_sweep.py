@@ -307,3 +307,42 @@ def test_evaluation_jobs_record_their_overrides_under_a_fixed_output(tmp_path: P
     from sv3d.evaluate import _overrides
 
     assert _overrides(job)["refine.refine.tet.resolution"] == "24"
+
+
+def test_a_failed_job_does_not_stop_the_sweep_and_force_replaces(tmp_path: Path):
+    """A job's error ended it with sys.exit, which stopped the basic launcher's whole sweep: now the other
+    jobs run and the sweep exits 2 at its end, naming the failed job. The library's refusals name the
+    script's key (force=true), which the script honours."""
+    objects = write_test_objects(tmp_path / "gso", names=["blob"])
+    out = tmp_path / "orbits"
+    script = [sys.executable, str(ROOT / "scripts" / "render_orbit.py")]
+    sizes = ["preset=toy", "device=cpu", "sv3d.render.resolution=32"]
+    proc = subprocess.run(
+        [*script, "-m", f"mesh={tmp_path / 'missing.obj'},{objects['blob']}", f"output={out}", *sizes],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "render_orbit.py: error: job 0: " in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "render_orbit.py: 1 job(s) failed: job 0"
+    assert (out / "1" / "transforms.json").is_file()  # the job after the failed one ran
+
+    again = [*script, f"mesh={objects['blob']}", f"output={out / '1'}", *sizes]
+    proc = subprocess.run(again, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2 and "(use force=true to replace it)" in proc.stderr, proc.stderr[-2000:]
+    proc = subprocess.run([*again, "force=true"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_ctrl_c_in_a_script_is_one_line(capsys):
+    from sv3d.entry_points import run_script
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_:
+        run_script(interrupted, "evaluate.py")
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err == "evaluate.py: interrupted (what was finished is kept)\n"
