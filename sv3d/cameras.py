@@ -865,6 +865,11 @@ def _read_png16(path: Path) -> np.ndarray:
     return pixels.astype(np.float32)
 
 
+# What Pillow raises for a damaged file: OSError, and SyntaxError ("broken PNG file"), ValueError (tiles),
+# EOFError, DecompressionBombError (an Exception, not an OSError)
+_UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
 def _read_frame(path: Path) -> np.ndarray:
     """One frame as [H, W, 4] float32 in [0, 1]; RGB (and grey, palette) frames get alpha = 1."""
     header = _png_header(path)
@@ -878,7 +883,7 @@ def _read_frame(path: Path) -> np.ndarray:
             if im.mode not in ("RGB", "RGBA", "L", "LA", "P"):
                 raise OrbitDirectoryError(f"{path}: unsupported image mode {im.mode} (need RGB or RGBA)")
             rgba = np.asarray(im.convert("RGBA"))  # [H, W, 4] uint8
-    except OSError as err:
+    except _UNREADABLE as err:
         raise OrbitDirectoryError(f"{path}: cannot read image: {err}") from None
     return rgba.astype(np.float32) / 255.0
 
@@ -892,7 +897,7 @@ def _read_mask(path: Path, height: int, width: int) -> np.ndarray:
                 mask = np.asarray(im, dtype=np.float32) / 65535.0  # [H, W]
             else:
                 mask = np.asarray(im.convert("L"), dtype=np.float32) / 255.0  # [H, W]
-    except OSError as err:
+    except _UNREADABLE as err:
         raise OrbitDirectoryError(f"{path}: cannot read mask: {err}") from None
     if mask.shape != (height, width):
         size = f"{mask.shape[1]}x{mask.shape[0]}"
@@ -913,12 +918,17 @@ def read_orbit_directory(directory: str | Path) -> OrbitFrames:
     masks = {p.name for p in mask_paths if p is not None and p.parent == directory}
     on_disk = sorted(p.name for p in directory.glob("frame_*.png") if p.name not in masks)
     listed = {p.name for p in frame_paths if p.parent == directory}
-    if on_disk and len(on_disk) != len(frame_paths):
-        stray = [name for name in on_disk if name not in listed][:3]
+    stray = [name for name in on_disk if name not in listed][:3]
+    if stray or (on_disk and len(on_disk) != len(frame_paths)):
         raise OrbitDirectoryError(
             f"{directory}: holds {len(on_disk)} frame_*.png files but {TRANSFORMS_FILE} lists "
             f"{len(frame_paths)} frames (e.g. unlisted: {stray})"
         )
+    seen: set[Path] = set()
+    for path in frame_paths:  # one image under two poses: the NeRF would fit a contradiction
+        if path.resolve() in seen:
+            raise OrbitDirectoryError(f"{directory / TRANSFORMS_FILE}: lists {path.name} for two frames")
+        seen.add(path.resolve())
     if width != height:
         where = directory / TRANSFORMS_FILE
         raise OrbitDirectoryError(f"{where}: frames must be square, got {width}x{height}")

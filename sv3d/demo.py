@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import InputError
+from .errors import InputError, Sv3dError
 
 __all__ = ["DemoConfig", "contact_sheet", "run_demo"]
 
@@ -96,7 +96,8 @@ def _is_demo_folder(output: Path) -> bool:
     first demo interrupted before its run began, it holds only what the demo writes first)."""
     from .run import RUN_FILE
 
-    names = {p.name for p in output.iterdir()}
+    # a first demo killed while its orbit was staged leaves write_orbit_directory's .orbit.tmp-* behind
+    names = {p.name for p in output.iterdir() if not p.name.startswith(".orbit.")}
     objects = output / "objects"
     if "objects" in names and names <= {"objects", "orbit", "orbit_contact_sheet.png"}:
         from .testing.objects import TEST_OBJECTS
@@ -106,7 +107,15 @@ def _is_demo_folder(output: Path) -> bool:
         source = json.loads((output / RUN_FILE).read_text()).get("source") or {}
     except (OSError, ValueError, AttributeError):
         return False
-    return source.get("kind") == "orbit" and source.get("orbit_dir") == str((output / "orbit").resolve())
+    # made from its own orbit/ (by content: a demo folder moved whole is still one)
+    if source.get("kind") != "orbit" or not (output / "orbit" / "transforms.json").is_file():
+        return False
+    from .fit_nerf import orbit_fingerprint
+
+    try:
+        return source.get("orbit_sha256") == orbit_fingerprint(output / "orbit")
+    except (OSError, ValueError, Sv3dError):  # an orbit/ the readers refuse
+        return False
 
 
 def run_demo(output: str | Path, config: DemoConfig | None = None, force: bool = False) -> dict:
@@ -155,7 +164,8 @@ def run_demo(output: str | Path, config: DemoConfig | None = None, force: bool =
     orbit_dir = output / "orbit"
     # The same renders give the same bytes, so a resumed run keeps the orbit's fingerprint
     write_orbit_directory(orbit_dir, frames.orbit, frames.images, "render", overwrite=True)
-    contact_sheet(frames.images.numpy()).save(output / "orbit_contact_sheet.png")
+    sheet = contact_sheet(frames.images.numpy())
+    _atomic(output / "orbit_contact_sheet.png", lambda p: sheet.save(p, format="PNG"))
     timings["object_and_orbit_s"] = time.perf_counter() - t0
 
     # 3. Reconstruct: NeRF -> DMTet -> textured mesh.glb + turntable.mp4 (run.json records the stages)

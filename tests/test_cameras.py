@@ -434,7 +434,22 @@ MALFORMED = {
         "disagree",
     ),
     "corrupt image": (lambda d: (d / "frame_000.png").write_bytes(b"not a png"), "frame_000.png"),
+    "damaged chunk": (lambda d: _damage_image_data(d / "frame_001.png"), "frame_001.png: cannot read"),
+    "a frame listed twice": (  # frame_002.png unlisted: the NeRF would fit frame 0 under two poses
+        lambda d: _edit(d / "transforms.json", lambda m: m["frames"][2].update(file_path="frame_000.png")),
+        "frame_002.png",
+    ),
 }
+
+
+def _damage_image_data(path: Path) -> None:
+    """A 300-px frame (Pillow writes it in several IDAT chunks) with one byte of its second IDAT's type
+    changed (a bad copy): Pillow raises SyntaxError ("broken PNG file"), not OSError."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (300, 300, 4), dtype=np.uint8)).save(path)
+    raw = bytearray(path.read_bytes())
+    raw[raw.index(b"IDAT", raw.index(b"IDAT") + 4)] = 0
+    path.write_bytes(bytes(raw))
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,12 @@ def test_demo_writes_mesh_turntable_and_three_rows_of_metrics(tmp_path: Path, ca
     monkeypatch.setattr(run_module, "refine_stage", lambda *a, **k: pytest.fail("refine ran again"))
     again = run_demo(out, config)
     assert again["metrics"] == report["metrics"]
+    # ... also moved whole, with the staging folder of a killed orbit write beside it (it was refused as
+    # "not a demo's output folder": run.json named the old path)
+    moved = tmp_path / "moved"
+    shutil.move(out, moved)
+    (moved / ".orbit.tmp-abc123").mkdir()
+    assert run_demo(moved, config)["metrics"] == report["metrics"]
 
 
 def test_demo_rejects_an_unknown_object(tmp_path: Path, capsys):
