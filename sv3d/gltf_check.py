@@ -107,7 +107,7 @@ def _check_document(path: Path, document: dict, binary: bytes, with_visuals: boo
             )
         texture = textures[int(info["index"])]
         webp = (texture.get("extensions") or {}).get("EXT_texture_webp") or {}
-        source = texture.get("source", webp.get("source"))
+        source = webp.get("source", texture.get("source"))  # trimesh reads the WebP one when there is one
         if source is not None:
             sources.add(int(source))
     images = document.get("images") or []

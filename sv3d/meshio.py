@@ -275,7 +275,12 @@ def _read_parts(path: Path, up: str, with_visuals: bool) -> list[_Part]:
         check_gltf(path, with_visuals)  # what trimesh would load wrong without a word
     with _quiet_trimesh():
         try:
-            scene = trimesh.load_scene(path, process=False, skip_materials=not with_visuals)
+            # textures and material libraries may lie beside the mesh's folder (`../textures/wood.png`):
+            # trimesh 5 skips those without a word unless told (check_gltf and our .mtl reading find them)
+            resolver = trimesh.resolvers.FilePathResolver(path, allow_anywhere=True)
+            scene = trimesh.load_scene(
+                path, process=False, skip_materials=not with_visuals, resolver=resolver
+            )
         except MeshLoadError:
             raise
         except IndexError as error:

@@ -374,6 +374,44 @@ def test_gso_texture_next_to_materials_is_found(tmp_path: Path) -> None:
     assert np.array_equal(np.round(mesh.texture.numpy() * 255).astype(np.uint8), expected)
 
 
+def test_a_texture_outside_the_mesh_folder_is_read(tmp_path: Path) -> None:
+    """A .gltf whose image is `../textures/t.png`: trimesh 5 refuses files outside the mesh's folder unless
+    told, and the mesh came out untextured without a word (check_gltf had found the image). An OBJ's
+    material library there is read as well."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "textures").mkdir()
+    box = trimesh.creation.box()
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    box.visual = trimesh.visual.TextureVisuals(uv=rng.random((len(box.vertices), 2)), image=image)
+    for name, data in box.export(file_type="gltf").items():
+        (tmp_path / "model" / name).write_bytes(data)
+    document = json.loads((tmp_path / "model" / "model.gltf").read_text())
+    image.save(tmp_path / "textures" / "t.png")
+    document["images"] = [{"uri": "../textures/t.png"}]
+    (tmp_path / "model" / "model.gltf").write_text(json.dumps(document))
+    mesh = load_mesh(tmp_path / "model" / "model.gltf")
+    assert mesh.texture is not None and mesh.texture.shape == (8, 8, 3)  # (as linear colour)
+
+    # the WebP source of EXT_texture_webp is the one trimesh reads: a broken one is refused, not dropped
+    (tmp_path / "textures" / "t.webp").write_bytes(b"RIFF broken")
+    document["images"].append({"uri": "../textures/t.webp"})
+    document["textures"][0]["extensions"] = {"EXT_texture_webp": {"source": 1}}
+    document["extensionsUsed"] = [*document.get("extensionsUsed", []), "EXT_texture_webp"]
+    (tmp_path / "model" / "model.gltf").write_text(json.dumps(document))
+    with pytest.raises(MeshLoadError, match="t.webp|image 1"):
+        load_mesh(tmp_path / "model" / "model.gltf")
+
+    directory = write_test_object(tmp_path, "checker")
+    (directory / "mtl").mkdir()
+    (directory / "meshes" / "model.mtl").rename(directory / "mtl" / "model.mtl")
+    obj = directory / "meshes" / "model.obj"
+    obj.write_text(obj.read_text().replace("mtllib model.mtl", "mtllib ../mtl/model.mtl"))
+    expected = np.asarray(Image.open(directory / "materials" / "textures" / "texture.png"))
+    texture = load_mesh(directory).texture
+    assert np.array_equal(np.round(texture.numpy() * 255).astype(np.uint8), expected)
+
+
 def test_multi_material_obj_packs_an_atlas_and_bakes_wrapped_uvs(tmp_path: Path) -> None:
     # part A: a quad textured with a 4 x 2 colour grid, its UVs running to u = 2 (one wrap)
     # part B: a quad in plain Kd red; both must end up in one texture
