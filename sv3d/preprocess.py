@@ -466,11 +466,27 @@ def rembg_available(model: str = REMBG_MODEL) -> bool:
     """True when rembg is importable and its weights are on disk (so nothing would be downloaded)."""
     import importlib.util
 
-    try:
-        found = importlib.util.find_spec("rembg") is not None
-    except (ImportError, ValueError, AttributeError):  # a module set to None in sys.modules
-        found = False
-    return found and _rembg_weights(model).is_file()
+    def installed(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError, AttributeError):  # a module set to None in sys.modules
+            return False
+
+    # rembg without onnxruntime (plain `pip install rembg` since 2.0.71: it comes with rembg[cpu]) exits the
+    # process on import: "auto" falls back to the plain matting then
+    return installed("rembg") and installed("onnxruntime") and _rembg_weights(model).is_file()
+
+
+def _rembg_session(rembg: Any, model: str, weights: Path) -> Any:
+    """rembg's session for `model` from the weights on disk. rembg's own "u2net" session checks the file's
+    md5 and downloads it again when it differs (another build, a partial copy): its "u2net_custom" session
+    (the same network and preprocessing) takes the file as it is and never downloads."""
+    if model == "u2net":
+        try:
+            return rembg.new_session("u2net_custom", model_path=str(weights))
+        except (ValueError, KeyError, TypeError):  # an older rembg without that session
+            pass
+    return rembg.new_session(model)
 
 
 def rembg_alpha(rgb: np.ndarray, model: str = REMBG_MODEL, name: str = "image") -> np.ndarray:
@@ -481,11 +497,11 @@ def rembg_alpha(rgb: np.ndarray, model: str = REMBG_MODEL, name: str = "image") 
     """
     try:
         import rembg
-    except ImportError as exc:
+    except (ImportError, SystemExit):  # SystemExit: rembg >= 2.0.71 without onnxruntime ends the process
         raise InputError(
-            f"{name}: background removal needs rembg (pip install rembg), or pass an RGBA image, "
-            "or use --background plain for a plain light background"
-        ) from exc
+            f"{name}: background removal needs rembg with onnxruntime (pip install 'rembg[cpu]'), or pass "
+            "an RGBA image, or use --background plain for a plain light background"
+        ) from None
     weights = _rembg_weights(model)
     if not weights.is_file():
         raise InputError(
@@ -495,7 +511,7 @@ def rembg_alpha(rgb: np.ndarray, model: str = REMBG_MODEL, name: str = "image") 
     height, width = rgb.shape[:2]
     image = Image.fromarray(np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8), "RGB")
     image.thumbnail((REMBG_MAX_SIDE, REMBG_MAX_SIDE), Image.Resampling.LANCZOS)
-    session = rembg.new_session(model)
+    session = _rembg_session(rembg, model, weights)
     cutout = rembg.remove(image.convert("RGBA"), session=session, alpha_matting=True)
     matte = cutout.getchannel("A") if isinstance(cutout, Image.Image) else Image.fromarray(cutout[..., -1])
     if matte.size != (width, height):

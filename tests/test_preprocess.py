@@ -557,11 +557,33 @@ def test_rembg_missing(monkeypatch):
     assert np.array_equal(remove_background(rgb, "auto"), plain_background_alpha(rgb))  # falls back
 
 
+def test_rembg_without_onnxruntime_falls_back_or_is_one_line(monkeypatch, tmp_path):
+    """rembg >= 2.0.71 without onnxruntime (a plain `pip install rembg`) ends the process on import: "auto"
+    uses the plain matting then, "rembg" is one line naming rembg[cpu]."""
+    import importlib.machinery
+
+    monkeypatch.setenv("U2NET_HOME", str(tmp_path))
+    (tmp_path / "u2net.onnx").write_bytes(b"")
+    (tmp_path / "rembg.py").write_text("raise SystemExit(1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "rembg", raising=False)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # not installed
+    assert not rembg_available()
+    rgb, _ = _synthetic_scene()
+    assert np.array_equal(remove_background(rgb, "auto"), plain_background_alpha(rgb))
+    with pytest.raises(InputError, match=r"rembg\[cpu\]"):
+        remove_background(rgb, "rembg")
+    onnxruntime = types.ModuleType("onnxruntime")
+    onnxruntime.__spec__ = importlib.machinery.ModuleSpec("onnxruntime", None)
+    monkeypatch.setitem(sys.modules, "onnxruntime", onnxruntime)
+    assert rembg_available()  # with it, rembg is used
+
+
 def _fake_rembg(monkeypatch, calls):
     module = types.ModuleType("rembg")
 
-    def new_session(name):
-        calls.append(("session", name))
+    def new_session(name, **kwargs):
+        calls.append(("session", name, kwargs.get("model_path")))
         return object()
 
     def remove(image, session=None, alpha_matting=False):
@@ -584,7 +606,7 @@ def test_rembg_path_with_a_stand_in_module(monkeypatch, tmp_path):
         rembg_alpha(rgb, name="photo.jpg")
     (tmp_path / "u2net.onnx").write_bytes(b"")
     alpha = rembg_alpha(rgb)
-    assert calls[0] == ("session", "u2net")
+    assert calls[0] == ("session", "u2net_custom", str(tmp_path / "u2net.onnx"))  # the file as it is
     assert calls[1] == ("remove", (768, 512), "RGBA", True)  # the reference's 768 px thumbnail and matting
     assert alpha.shape == (1000, 1500) and alpha[500, 750] == 1.0 and alpha[0, 0] == 0.0
 
