@@ -305,14 +305,50 @@ def test_planar_float_and_lzw_tiffs(tmp_path, capsys):
     assert np.allclose(rgb[..., 0], grey / 65535, atol=1e-7)
 
 
+def _linear_srgb_profile() -> bytes:
+    """An ICC v2 matrix/TRC profile with sRGB's primaries, gamma 1 and "Linear sRGB" as its description (as
+    GIMP embeds in its 16-bit linear-light exports): built by hand, Pillow's ImageCms makes only sRGB."""
+
+    def xyz(x, y, z):  # XYZType, s15Fixed16 numbers
+        return b"XYZ \0\0\0\0" + struct.pack(">3i", *(round(v * 65536) for v in (x, y, z)))
+
+    name = b"Linear sRGB\0"
+    desc = b"desc\0\0\0\0" + struct.pack(">I", len(name)) + name + bytes(4 + 4 + 2 + 1 + 67)
+    gamma_one = b"curv\0\0\0\0" + struct.pack(">IH", 1, 0x0100) + b"\0\0"
+    tags = [
+        (b"desc", desc),
+        (b"wtpt", xyz(0.9642, 1.0, 0.8249)),
+        (b"rXYZ", xyz(0.4361, 0.2225, 0.0139)),  # sRGB's primaries adapted to D50
+        (b"gXYZ", xyz(0.3851, 0.7169, 0.0971)),
+        (b"bXYZ", xyz(0.1431, 0.0606, 0.7141)),
+        (b"rTRC", gamma_one),
+        (b"gTRC", gamma_one),
+        (b"bTRC", gamma_one),
+    ]
+    offset, table, body = 128 + 4 + 12 * len(tags), b"", b""
+    for signature, data in tags:
+        data += bytes(-len(data) % 4)
+        table += signature + struct.pack(">II", offset + len(body), len(data))
+        body += data
+    size = offset + len(body)
+    header = struct.pack(
+        ">I4sI4s4s4s12s4s", size, b"\0" * 4, 0x02100000, b"mntr", b"RGB ", b"XYZ ", b"\0" * 12, b"acsp"
+    )
+    header += bytes(68 - len(header)) + xyz(0.9642, 1.0, 0.8249)[8:]
+    header += bytes(128 - len(header))
+    return header + struct.pack(">I", len(tags)) + table + body
+
+
 def test_a_16bit_png_with_another_colour_profile_is_converted(tmp_path, monkeypatch):
     import png
     from PIL import ImageCms
 
     xyz = ImageCms.ImageCmsProfile(ImageCms.createProfile("XYZ")).tobytes()
     srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    linear = _linear_srgb_profile()
     data = RNG.integers(0, 65536, (4, 4, 3), dtype=np.uint16)
-    for name, icc in (("srgb", srgb), ("xyz", xyz)):
+    data[0, 0] = round(0.214 * 65535)  # linear light of sRGB's mid-grey 0.5
+    for name, icc in (("srgb", srgb), ("xyz", xyz), ("linear", linear)):
         writer = png.Writer(4, 4, greyscale=False, bitdepth=16)
         with open(tmp_path / f"{name}.png", "wb") as f:
             writer.write(f, data.reshape(4, 12))
@@ -332,6 +368,9 @@ def test_a_16bit_png_with_another_colour_profile_is_converted(tmp_path, monkeypa
     rgb, _ = load_image(tmp_path / "xyz.png")
     assert converted == [xyz]  # another profile: Pillow's reading, which converts to sRGB (at 8 bits)
     assert np.allclose(rgb * 255, np.round(rgb * 255), atol=1e-4)
+    # "Linear sRGB" by name, gamma 1 by behaviour: converted too (it was read as sRGB, 0.214 for 0.5)
+    rgb, _ = load_image(tmp_path / "linear.png")
+    assert converted == [xyz, linear] and np.allclose(rgb[0, 0], 0.5, atol=3 / 255)
 
 
 def test_an_unreadable_file_says_permission_denied(tmp_path, monkeypatch):
