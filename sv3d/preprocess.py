@@ -170,6 +170,13 @@ def _read_tiff_deep(path: Path) -> tuple[np.ndarray, bool, int] | None:
             if not tif.pages:
                 return None
             page = tif.pages[0]
+            subfile = page.tags.get("NewSubfileType")
+            if "DNGVersion" in page.tags or (subfile is not None and int(subfile.value) & 1):
+                # NEF, DNG, ...: TIFF containers whose first image is a small preview (Pillow read that)
+                raise InputError(
+                    f"cannot read image {path}: a camera raw file (its first image is a "
+                    f"{page.shape[1]}x{page.shape[0]} preview); export the photo as JPEG, PNG or TIFF"
+                )
             if page.bitspersample <= 8 or str(page.photometric.name) not in ("RGB", "MINISBLACK"):
                 return None
             icc = page.tags.get("InterColorProfile")

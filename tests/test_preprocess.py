@@ -373,6 +373,22 @@ def test_a_16bit_png_with_another_colour_profile_is_converted(tmp_path, monkeypa
     assert converted == [xyz, linear] and np.allclose(rgb[0, 0], 0.5, atol=3 / 255)
 
 
+def test_a_camera_raw_file_is_refused_not_read_as_its_preview(tmp_path):
+    """NEF and DNG files are TIFFs whose first image is a reduced-resolution preview (NewSubfileType 1;
+    DNGVersion): Pillow read the 160 x 120 thumbnail, which was upscaled and reconstructed without a word."""
+    tifffile = pytest.importorskip("tifffile")
+    preview = RNG.integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "DSC_0001.NEF", preview, photometric="rgb", subfiletype=1)
+    tifffile.imwrite(
+        tmp_path / "photo.dng", preview, photometric="rgb", extratags=[(50706, "B", 4, (1, 4, 0, 0), True)]
+    )
+    for name in ("DSC_0001.NEF", "photo.dng"):
+        with pytest.raises(InputError, match="camera raw file .*160x120 preview"):
+            load_image(tmp_path / name)
+    tifffile.imwrite(tmp_path / "plain.tif", preview, photometric="rgb")
+    assert load_image(tmp_path / "plain.tif")[0].shape == (120, 160, 3)
+
+
 def test_an_unreadable_file_says_permission_denied(tmp_path, monkeypatch):
     import sv3d.preprocess as preprocess
 
