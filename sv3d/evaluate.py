@@ -493,6 +493,7 @@ def evaluate_object(
     older scoring protocol; its pipeline time is kept (the pipeline only resumes here) and its fingerprint
     recorded as `rescored_from`.
     """
+    from .evaluation.metrics import encloses_volume
     from .evaluation.visual_hull import visual_hull_from_orbit_dir
     from .meshio import load_trimesh
     from .run import run_from_orbit, run_image_to_mesh
@@ -508,6 +509,8 @@ def evaluate_object(
     timings: dict[str, Any] = {}
     start = time.perf_counter()
     gt = load_trimesh(mesh_path, up=config.render.up)
+    if not encloses_volume(gt):  # before the pipeline's minutes: every volume IoU would read 0
+        raise InputError(f"{mesh_path}: the ground truth encloses no volume (an open or double-sided mesh?)")
     source = _prepare_input(mesh_path, out, config, force)
     timings["render_seconds"] = round(time.perf_counter() - start, 3)
 
@@ -583,6 +586,8 @@ def evaluate_dataset(
     pipeline included. Objects finished with this config under an older scoring protocol are refused
     unless `rescore`, which scores them again under the current one: the pipeline resumes its finished
     stages, so their meshes are kept (objects not finished, failed or new run as in any rerun)."""
+    from .orbit import OrbitConfig
+
     # 1. Check inputs: nothing is created before all of them pass
     config = copy.deepcopy(config or EvalConfig())
     config.validate()
@@ -592,6 +597,12 @@ def evaluate_dataset(
         raise InputError("--force redoes the pipeline, --rescore keeps it: give one of them")
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory")
+    taken = (run_config.orbit if run_config else OrbitConfig()).input_elevation_deg
+    if config.mode == "generated" and taken != config.render.elevation_deg:
+        raise InputError(  # the generated world would be tilted against the ground truth's
+            f"generated mode: the input view is rendered at elevation {config.render.elevation_deg} but the "
+            f"orbit stage takes it as {taken} (sv3d.elevation_deg sets both)"
+        )
     run = _resolved_run_config(run_config, config.mode)
     _check_run_config(run, config.mode)
     checkpoints = checkpoint_hashes(run, config.mode, _read_json(out / CHECKPOINTS_FILE))

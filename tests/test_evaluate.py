@@ -24,6 +24,7 @@ import torch
 import trimesh
 from PIL import Image
 
+import sv3d.evaluation.metrics
 import sv3d.orbit
 import sv3d.run
 from sv3d.cameras import make_orbit, write_orbit_directory
@@ -36,6 +37,7 @@ from sv3d.render_orbit import RenderOrbitConfig, render_orbit_frames
 from sv3d.testing.objects import write_test_objects
 
 OBJECTS = ("plate", "blob")
+REAL_OCCUPANCY = sv3d.evaluation.metrics.occupancy  # before the fixture below replaces it
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +179,37 @@ def test_cli_eval_exits_1_when_an_object_failed_and_names_it(dataset, tmp_path, 
     assert (out / "summary.json").is_file() and (out / "blob" / "error.txt").is_file()
     _fake(monkeypatch, dataset)  # fixed: the rerun retries blob and ends well
     assert main(["eval", str(dataset), "-o", str(out), "--preset", "toy"]) == 0
+
+
+def test_a_ground_truth_without_volume_fails_before_the_pipeline(tmp_path, monkeypatch, toy):
+    """A double-sided model (every triangle twice, both windings: they cancel) scored volume IoU 0.0 for
+    the final mesh, the NeRF mesh and the hull alike, read as total misses: now the object fails, named,
+    before its renders and pipeline."""
+    import sv3d.evaluation.metrics as metrics
+
+    monkeypatch.setattr(metrics, "occupancy", REAL_OCCUPANCY)  # ray parity calls the two sheets solid
+    config, run = toy
+    box = trimesh.creation.box()
+    meshes = tmp_path / "gso" / "card" / "meshes"
+    meshes.mkdir(parents=True)
+    faces = np.concatenate([box.faces, box.faces[:, ::-1]])
+    trimesh.Trimesh(box.vertices, faces, process=False).export(meshes / "model.obj")
+    fake = _fake(monkeypatch, tmp_path / "gso")
+    result = evaluate_dataset(tmp_path / "gso", tmp_path / "out", config, run, progress=False)
+    assert fake.calls == [] and not (tmp_path / "out" / "card" / "gt_orbit").exists()
+    assert "encloses no volume" in result.records[0]["error"]
+
+
+def test_generated_mode_refuses_an_input_view_at_another_elevation_than_the_orbit_takes(
+    dataset, tmp_path, toy
+):
+    """Through the Python API the two could differ (Hydra and the CLI set both from sv3d.elevation_deg):
+    the generated world came out tilted against the ground truth and was scored so, without a word."""
+    config, run = toy
+    config = replace(config, mode="generated", render=replace(config.render, elevation_deg=25.0))
+    with pytest.raises(InputError, match="elevation 25.0 but the orbit stage takes it as 10.0"):
+        evaluate_dataset(dataset, tmp_path / "out", config, run, objects=["blob"])
+    assert not (tmp_path / "out").exists()
 
 
 def test_failing_object_is_recorded_and_the_batch_goes_on(dataset, tmp_path, monkeypatch, toy):

@@ -373,6 +373,15 @@ def occupancy(mesh: trimesh.Trimesh, points: np.ndarray) -> np.ndarray:
     return (w.abs() > 0.5).cpu().numpy()
 
 
+def encloses_volume(mesh: trimesh.Trimesh, resolution: int = 16) -> bool:
+    """Whether any centre of a `resolution`³ grid over the mesh's box lies inside it: false for an open
+    sheet, or a double-sided mesh whose two windings cancel (its volume IoU is 0 against anything)."""
+    lo, hi = np.asarray(mesh.bounds[0], float), np.asarray(mesh.bounds[1], float)  # [3] each
+    g = (np.arange(resolution) + 0.5) / resolution  # [R]
+    grid = np.stack(np.meshgrid(g, g, g, indexing="ij"), axis=-1).reshape(-1, 3) * (hi - lo) + lo  # [R³, 3]
+    return bool(occupancy(mesh, grid).any())
+
+
 def volume_iou(pred_mesh: trimesh.Trimesh, gt_mesh: trimesh.Trimesh, resolution: int = 64) -> float:
     """Volume IoU on `resolution`³ cell centres filling the box around the union of both bounding boxes,
     `resolution` cells along each of its sides: the cells are boxes of equal volume, not cubes, so a thin
