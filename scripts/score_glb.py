@@ -2,9 +2,11 @@
 
 Issue 5's texture check, as the README's Results table reports it: for every object of EVAL_DIR (an
 `sv3d eval` output: `<object>/mesh.glb` and `<object>/gt_orbit/`), the mesh is rendered unlit over white
-from the orbit's 21 cameras at SIZE² (antialiased), the frames are composited over white and then
-area-averaged to SIZE² (`nerf.train.frames_over_white`, as the NeRF's targets), and the PSNR is taken over
-the pixels whose averaged alpha exceeds 1/2 (the object's).
+from the orbit's 21 cameras at the frames' own size (antialiased), and renders and frames (composited over
+white) are area-averaged alike to SIZE² (`nerf.train.frames_over_white`, as the NeRF's targets); the PSNR is
+taken over the pixels whose averaged alpha exceeds 1/2 (the object's). (Until 2026-12-08 the mesh was
+rendered at SIZE² directly: a pixel then sampled its texture at one point, aliasing fine textures against
+the averaged frames; the README's earlier `.glb` PSNR figures were measured so.)
 
     python scripts/score_glb.py /tmp/eval [--size 256] [--json scores.json]
 
@@ -34,8 +36,12 @@ def glb_psnr(object_dir: Path, size: int = 256) -> float:
     frames = read_orbit_directory(object_dir / "gt_orbit")
     size = min(size, frames.images.shape[1])  # the frames are averaged down, never up
     mesh = load_mesh(object_dir / "mesh.glb", place=False)  # glTF +Y up back to the world's z up
+    full = frames.images.shape[1]
     with torch.no_grad():
-        pred = render_mesh(mesh, frames.orbit.cameras(), size, shading="unlit").image  # [V, s, s, 3]
+        pred = render_mesh(mesh, frames.orbit.cameras(), full, shading="unlit").image  # [V, S, S, 3]
+    if size < full:  # averaged as the frames are
+        pred = torch.nn.functional.interpolate(pred.permute(0, 3, 1, 2), size=(size, size), mode="area")
+        pred = pred.permute(0, 2, 3, 1)  # [V, s, s, 3]
     target, alpha = frames_over_white(frames.images, size)  # [V, s, s, 3] over white, [V, s, s, 1]
     return psnr(pred, target, (alpha > 0.5).expand_as(target))
 
