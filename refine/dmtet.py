@@ -145,6 +145,8 @@ def sdf_from_density(
         lo[axis], hi[axis] = slice(0, -1), slice(1, None)
         near[tuple(lo)] |= change
         near[tuple(hi)] |= change
+    if not near.any():  # the minimum exactly at the level, the rest above: u < 0 everywhere (NaN slope)
+        raise ValueError(f"density grid never crosses level {level}: the field is empty or solid")
     slope = float(np.median(np.linalg.norm(grad[near], axis=-1)))
     sdf_grid = torch.from_numpy((u / max(slope, 1e-12)).astype(np.float32))  # [R, R, R]
 

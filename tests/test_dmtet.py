@@ -94,6 +94,10 @@ def test_sdf_from_density_rejects_empty_grid():
         sdf_from_density(np.zeros((8, 8, 8), np.float32), 0.5, LEVEL, torch.zeros(4, 3))
     with pytest.raises(ValueError, match=r"\[R, R, R\]"):
         sdf_from_density(np.zeros((8, 8, 4), np.float32), 0.5, LEVEL, torch.zeros(4, 3))
+    solid = np.full((8, 8, 8), 2 * LEVEL, np.float32)
+    solid[0, 0, 0] = LEVEL  # touches the level, never below it: solid (was a NaN SDF, "non-finite" later)
+    with pytest.raises(ValueError, match="never crosses"):
+        sdf_from_density(solid, 0.5, LEVEL, torch.zeros(4, 3))
 
 
 def test_validate_init(geometry32):
