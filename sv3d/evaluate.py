@@ -472,6 +472,7 @@ def _protocol(pred, gt, config: EvalConfig) -> dict:
         iou_resolution=config.iou_resolution,
         n_views=config.n_views,
         view_resolution=config.view_resolution,
+        device=config.render.device,  # the batch's device (--device cpu keeps the scoring off the GPU)
     )
     return metrics.to_dict()
 
@@ -509,7 +510,9 @@ def evaluate_object(
     timings: dict[str, Any] = {}
     start = time.perf_counter()
     gt = load_trimesh(mesh_path, up=config.render.up)
-    if not encloses_volume(gt):  # before the pipeline's minutes: every volume IoU would read 0
+    if not encloses_volume(
+        gt, device=config.render.device
+    ):  # before the pipeline's minutes: every volume IoU would read 0
         raise InputError(f"{mesh_path}: the ground truth encloses no volume (an open or double-sided mesh?)")
     source = _prepare_input(mesh_path, out, config, force)
     timings["render_seconds"] = round(time.perf_counter() - start, 3)

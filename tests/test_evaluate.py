@@ -167,7 +167,7 @@ def _default_fake(monkeypatch, dataset):
     import sv3d.evaluation.metrics as metrics
 
     _fake(monkeypatch, dataset)
-    monkeypatch.setattr(metrics, "occupancy", lambda mesh, points: mesh.contains(points))
+    monkeypatch.setattr(metrics, "occupancy", lambda mesh, points, device="auto": mesh.contains(points))
 
 
 def test_cli_eval_exits_1_when_an_object_failed_and_names_it(dataset, tmp_path, monkeypatch, capsys):

@@ -325,7 +325,9 @@ def test_volume_outside_a_flat_prediction_is_counted_on_at_most_64_cubed_points(
     counted = []
     real = metrics.occupancy
     monkeypatch.setattr(
-        metrics, "occupancy", lambda mesh, points: counted.append(len(points)) or real(mesh, points)
+        metrics,
+        "occupancy",
+        lambda mesh, points, device="auto": counted.append(len(points)) or real(mesh, points),
     )
     assert volume_iou(sheet, gt, resolution=64) == 0.0
     assert 0 < max(counted) <= 64**3
@@ -503,3 +505,17 @@ def test_bad_inputs_raise_input_errors() -> None:
         evaluate_mesh(empty, sphere)
     with pytest.raises(InputError, match="ground truth"):
         volume_iou(sphere, empty)
+
+
+def test_the_scoring_runs_on_the_device_it_is_given(monkeypatch) -> None:
+    """`sv3d eval --device cpu` on a CUDA machine scored on the GPU: each device pick follows the argument."""
+    import sv3d.evaluation.metrics as metrics
+
+    asked = []
+    real = metrics.pick_device
+    monkeypatch.setattr(metrics, "pick_device", lambda device="auto": asked.append(device) or real("cpu"))
+    box = trimesh.creation.box()
+    evaluate_mesh(
+        box, box.copy(), n_points=500, n_views=8, view_resolution=64, iou_resolution=8, device="cpu"
+    )
+    assert asked and set(asked) == {"cpu"}

@@ -215,6 +215,7 @@ def _visible(
     min_cos: float,
     frame: tuple[np.ndarray, float],  # (centre [3], radius) of the views' frame
     views_per_batch: int = 8,
+    device: str = "auto",
 ) -> np.ndarray:
     """[C] bool: seen by at least one of `n_views` orthographic views (a shadow-map test).
 
@@ -226,7 +227,7 @@ def _visible(
     hidden wall right behind a tilted outer surface is not let through. A candidate outside a view's frame
     (on a small floater beyond it, `_view_frame`) counts as seen by it: nothing framed lies in front of it.
     """
-    device = pick_device()
+    device = pick_device(device)
     vertices = np.array(mesh.vertices, dtype=np.float64)
     center, radius = frame
     directions = fibonacci_sphere(n_views)  # [V, 3] from the centre towards each camera
@@ -273,6 +274,7 @@ def sample_visible_surface(
     oversample: float = 2.0,  # candidates per requested point in each round
     min_cos: float = 0.2,  # views within ~78° of a face's normal can vouch for it
     max_rounds: int = 8,
+    device: str = "auto",  # where the views are rasterized
 ) -> np.ndarray:
     """[n_points, 3] float64 points on the parts of `mesh` visible from outside, fixed by `seed`.
 
@@ -293,7 +295,7 @@ def sample_visible_surface(
     n_found = 0
     for _ in range(max_rounds):
         cand, face = _area_uniform_samples(mesh, per_round, rng)
-        keep = _visible(mesh, cand, face, n_views, resolution, min_cos, frame)
+        keep = _visible(mesh, cand, face, n_views, resolution, min_cos, frame, device=device)
         found.append(cand[keep])
         n_found += int(keep.sum())
         if n_found >= n_points:
@@ -361,10 +363,10 @@ def _grid_box(pred: trimesh.Trimesh, gt: trimesh.Trimesh, resolution: int) -> tu
     return mid - half, mid + half
 
 
-def occupancy(mesh: trimesh.Trimesh, points: np.ndarray) -> np.ndarray:
+def occupancy(mesh: trimesh.Trimesh, points: np.ndarray, device: str = "auto") -> np.ndarray:
     """[Q] bool: |generalized winding number| of each point [Q, 3] w.r.t. `mesh` above 0.5 (so that a
     mesh wound inwards, w = -1 inside, is solid too)."""
-    device = pick_device()
+    device = pick_device(device)
     tree = build_face_tree(
         torch.as_tensor(np.array(mesh.vertices), dtype=torch.float32, device=device),
         torch.as_tensor(np.array(mesh.faces), dtype=torch.int64, device=device),
@@ -373,16 +375,18 @@ def occupancy(mesh: trimesh.Trimesh, points: np.ndarray) -> np.ndarray:
     return (w.abs() > 0.5).cpu().numpy()
 
 
-def encloses_volume(mesh: trimesh.Trimesh, resolution: int = 16) -> bool:
+def encloses_volume(mesh: trimesh.Trimesh, resolution: int = 16, device: str = "auto") -> bool:
     """Whether any centre of a `resolution`³ grid over the mesh's box lies inside it: false for an open
     sheet, or a double-sided mesh whose two windings cancel (its volume IoU is 0 against anything)."""
     lo, hi = np.asarray(mesh.bounds[0], float), np.asarray(mesh.bounds[1], float)  # [3] each
     g = (np.arange(resolution) + 0.5) / resolution  # [R]
     grid = np.stack(np.meshgrid(g, g, g, indexing="ij"), axis=-1).reshape(-1, 3) * (hi - lo) + lo  # [R³, 3]
-    return bool(occupancy(mesh, grid).any())
+    return bool(occupancy(mesh, grid, device=device).any())
 
 
-def volume_iou(pred_mesh: trimesh.Trimesh, gt_mesh: trimesh.Trimesh, resolution: int = 64) -> float:
+def volume_iou(
+    pred_mesh: trimesh.Trimesh, gt_mesh: trimesh.Trimesh, resolution: int = 64, device: str = "auto"
+) -> float:
     """Volume IoU on `resolution`³ cell centres filling the box around the union of both bounding boxes,
     `resolution` cells along each of its sides: the cells are boxes of equal volume, not cubes, so a thin
     union (a plate and a prediction of about its thickness) has as many cells across as along; in cubes of
@@ -396,14 +400,14 @@ def volume_iou(pred_mesh: trimesh.Trimesh, gt_mesh: trimesh.Trimesh, resolution:
     lo, hi = _grid_box(pred_mesh, gt_mesh, resolution)  # [3] each
     g = (np.arange(resolution) + 0.5) / resolution  # [R] cell centres in (0, 1)
     grid = np.stack(np.meshgrid(g, g, g, indexing="ij"), axis=-1).reshape(-1, 3) * (hi - lo) + lo  # [R³, 3]
-    a, b = occupancy(pred_mesh, grid), occupancy(gt_mesh, grid)
+    a, b = occupancy(pred_mesh, grid, device=device), occupancy(gt_mesh, grid, device=device)
     cell_volume = float(np.prod((hi - lo) / resolution))
-    union = float((a | b).sum()) + _volume_outside(pred_mesh, lo, hi, cell_volume)
+    union = float((a | b).sum()) + _volume_outside(pred_mesh, lo, hi, cell_volume, device)
     return float((a & b).sum()) / union if union > 0 else 0.0
 
 
 def _volume_outside(
-    mesh: trimesh.Trimesh, box_lo: np.ndarray, box_hi: np.ndarray, cell_volume: float
+    mesh: trimesh.Trimesh, box_lo: np.ndarray, box_hi: np.ndarray, cell_volume: float, device: str = "auto"
 ) -> float:
     """The prediction's volume outside the IoU grid's box [box_lo, box_hi] (which the ground truth lies
     in), in IoU cells of `cell_volume`: counted in cubes over the prediction's own box, no smaller than an
@@ -422,7 +426,7 @@ def _volume_outside(
     outside = np.any((points < box_lo) | (points > box_hi), axis=1)
     if not outside.any():
         return 0.0
-    return float(occupancy(mesh, points[outside]).sum()) * coarse**3 / cell_volume
+    return float(occupancy(mesh, points[outside], device=device).sum()) * coarse**3 / cell_volume
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -503,6 +507,7 @@ def evaluate_mesh(
     n_views: int = 64,
     view_resolution: int = 512,
     icp_points: int = 20_000,  # sampled points ICP aligns (a subset of the n_points, for speed)
+    device: str = "auto",  # where the visibility views are rasterized and the winding numbers computed
 ) -> MeshMetrics:
     """All metrics of the protocol for one prediction against one ground-truth mesh (see module docstring).
 
@@ -525,12 +530,13 @@ def evaluate_mesh(
     pred_n = _copy(pred_world, vertices=pred_world.vertices / side)
 
     # 2. Visible-surface samples, fixed count and seed
-    gt_pts = sample_visible_surface(gt_n, n_points, seed, n_views=n_views, resolution=view_resolution)
-    pred_pts = sample_visible_surface(pred_n, n_points, seed, n_views=n_views, resolution=view_resolution)
+    views = {"n_views": n_views, "resolution": view_resolution, "device": device}
+    gt_pts = sample_visible_surface(gt_n, n_points, seed, **views)
+    pred_pts = sample_visible_surface(pred_n, n_points, seed, **views)
 
     # 3. Metrics
     chamfer, f, p, r = _point_metrics(pred_pts, gt_pts, thresholds)
-    iou = volume_iou(pred_n, gt_n, iou_resolution)
+    iou = volume_iou(pred_n, gt_n, iou_resolution, device)
     metrics = MeshMetrics(
         mode=mode, n_points=n_points, chamfer=chamfer, volume_iou=iou, fscore=f, precision=p, recall=r
     )
@@ -546,6 +552,6 @@ def evaluate_mesh(
     metrics.chamfer_icp, metrics.fscore_icp, metrics.precision_icp, metrics.recall_icp = _point_metrics(
         pred_icp_pts, gt_pts, thresholds
     )
-    metrics.volume_iou_icp = volume_iou(pred_icp, gt_n, iou_resolution)
+    metrics.volume_iou_icp = volume_iou(pred_icp, gt_n, iou_resolution, device)
     metrics.icp_matrix = np.asarray(matrix, dtype=np.float64).tolist()
     return metrics
