@@ -176,14 +176,23 @@ def _visible_triangles(
         sel = inside.nonzero(as_tuple=True)[0]
         pair_in = pair[sel]
         pix = corner[pair_in] + dy[sel] * width + dx[sel]
-        depth01 = ((z[sel] + 1.0) * 0.5).clamp(0.0, 1.0)  # in [0, 1]: float bits order like values
-        key = (depth01.view(torch.int32).to(torch.int64) << 32) | face_idx[pair_in]
+        key = (_depth_order(z[sel]) << 32) | face_idx[pair_in]
         zbuf.scatter_reduce_(0, pix, key, reduce="amin", include_self=True)
         done = int(ends[stop_k - 1])
         start_k = stop_k
 
     covered = zbuf != _EMPTY_KEY
     return torch.where(covered, zbuf & 0xFFFFFFFF, torch.full_like(zbuf, -1))
+
+
+def _depth_order(z: Tensor) -> Tensor:
+    """[K] int64 keys that order z/w in [-1, 1] (float32) exactly as its values, equal values (0.0 and -0.0)
+    equal: the float's bits, negatives flipped, shifted to [0, 2 * 0x3F800000]. (The keys of (z + 1) / 2
+    rounded z's neighbours together: a 1-ulp nearer triangle lost to a lower id, as the CPU kernel, which
+    compares z itself, does not let it.)"""
+    bits = z.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)  # [K]
+    ordered = torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)  # [K] in [-0x3F800000, 0x3F800000]
+    return ordered + 0x3F800000
 
 
 def _barycentrics(

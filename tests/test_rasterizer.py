@@ -689,3 +689,16 @@ def test_no_grad_fast_path_matches_autograd_path():
     assert torch.equal(fast[..., 3], slow[..., 3])
     assert torch.allclose(fast, slow, atol=1e-5)
     assert (fast[..., 3] == reference[..., 3]).float().mean() > 0.999
+
+
+def test_a_triangle_one_ulp_nearer_wins_on_both_backends():
+    """Two overlapping triangles at z/w 0.92 and the next float32 above it: the nearer (higher id) wins.
+    The PyTorch path keyed depth by (z + 1) / 2, which rounded the two together, and the lower id won."""
+    near = 0.92
+    far = float(np.nextafter(np.float32(near), np.float32(1.0)))
+    big = [[-3.0, -3.0], [3.0, -3.0], [0.0, 3.0]]
+    pos = torch.tensor([[[x, y, z, 1.0] for z in (far, near) for x, y in big]], dtype=torch.float32)
+    faces = torch.tensor([[0, 1, 2], [3, 4, 5]])  # face 0 farther, face 1 nearer
+    for backend in ("torch", "numba") if _zbuffer_cpu.AVAILABLE else ("torch",):
+        ids = rasterize(pos, faces, 8, backend=backend)[..., 3]
+        assert (ids == 2).all(), backend  # triangle id + 1
