@@ -112,7 +112,7 @@ def _generate(resolution: int, bound: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _cache_path(cache_dir: Path, resolution: int, bound: float) -> Path:
-    return cache_dir / f"kuhn_r{resolution}_b{bound:.6g}.npz"
+    return cache_dir / f"kuhn_r{resolution}_b{float(bound)!r}.npz"  # the shortest exact repr: 0.55
 
 
 def _save_atomic(path: Path, vertices: np.ndarray, tets: np.ndarray, resolution: int, bound: float) -> None:
@@ -147,7 +147,7 @@ def tet_grid(
         raise ValueError(f"bound must be > 0, got {bound}")
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = _cache_path(folder, resolution, bound)
-    loaded = _load_cached(path, resolution) if cache and path.is_file() else None
+    loaded = _load_cached(path, resolution, float(bound)) if cache and path.is_file() else None
     if loaded is not None:
         vertices, tets = loaded
     else:
@@ -160,16 +160,20 @@ def tet_grid(
     return TetGrid(torch.from_numpy(vertices), torch.from_numpy(tets), resolution, float(bound))
 
 
-def _load_cached(path: Path, resolution: int) -> tuple[np.ndarray, np.ndarray] | None:
+def _load_cached(path: Path, resolution: int, bound: float) -> tuple[np.ndarray, np.ndarray] | None:
     """A cached grid's (vertices, tets), or None when the file is unreadable or not the grid it names
-    (a write cut short by a crash, a disk error): the caller then regenerates and replaces it."""
+    (a write cut short by a crash, a disk error, another bound): the caller then regenerates and replaces
+    it."""
     n, n_tets = (resolution + 1) ** 3, 6 * resolution**3
     try:
         with np.load(path) as data:
             vertices, tets = data["vertices"], data["tets"].astype(np.int64)
+            stored = float(data["bound"])
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
     if vertices.shape != (n, 3) or tets.shape != (n_tets, 4) or tets.min() < 0 or tets.max() >= n:
+        return None
+    if stored != bound:  # names of before 2026-12-08 rounded the bound to 6 digits
         return None
     return vertices, tets
 

@@ -97,6 +97,11 @@ def test_cache_round_trip(tmp_path, monkeypatch):
     # Keyed by bound too.
     other = tet_grid(5, bound=0.25, cache_dir=tmp_path)
     assert float(other.vertices.max()) == 0.25 and len(list(tmp_path.iterdir())) == 2
+    # ... exactly: two bounds equal to 6 digits shared one file (named by the rounded bound)
+    close = tet_grid(5, bound=0.5000001, cache_dir=tmp_path)
+    assert float(close.vertices.max()) == np.float32(0.5000001) and len(list(tmp_path.iterdir())) == 3
+    (tmp_path / "kuhn_r5_b0.5000001.npz").replace(tmp_path / "kuhn_r5_b0.5000002.npz")  # a file of before
+    assert float(tet_grid(5, bound=0.5000002, cache_dir=tmp_path).vertices.max()) == np.float32(0.5000002)
     # The default location follows $SV3D_CACHE.
     monkeypatch.setenv("SV3D_CACHE", str(tmp_path / "root"))
     assert default_cache_dir() == tmp_path / "root" / "tets"
