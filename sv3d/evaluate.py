@@ -250,10 +250,12 @@ def _identity(config: EvalConfig, run_config: RunConfig, scheme: int) -> dict:
         data = {"eval": asdict(config), "run": run}
     else:
         from .device import pick_device
-        from .run import _resolve_configs
 
         resolved = copy.deepcopy(run_config)
-        _resolve_configs(resolved, pick_device(resolved.device))  # stage devices resolved
+        device = str(pick_device(resolved.device))
+        for stage in (resolved.orbit, resolved.nerf, resolved.refine):  # as the run resolves them
+            if stage is not None and stage.device == "auto":
+                stage.device = device
         run = _as_json(asdict(resolved))
         run.pop("allow_inconsistent", None)
         for *parents, key in _MEMORY_ONLY_RUN:
