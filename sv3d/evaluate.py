@@ -434,8 +434,10 @@ def _score(pred_path: Path, gt, config: EvalConfig) -> dict:
 
 
 def _error_line(exc: BaseException) -> str:
-    """ "Type: first line of the message" of a failure recorded beside the figures."""
-    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}".rstrip(": ")
+    """ "Type: first line of the message" of a failure recorded beside the figures; an out-of-memory
+    error's hint names sv3d eval's spelling of --offload (the rerun resumes with it)."""
+    line = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}".rstrip(": ")
+    return line.replace("try --offload", "try --set sv3d.offload=true")
 
 
 def _baseline(name: str, score: Callable[[], dict]) -> dict:

@@ -212,6 +212,19 @@ def test_generated_mode_refuses_an_input_view_at_another_elevation_than_the_orbi
     assert not (tmp_path / "out").exists()
 
 
+def test_an_out_of_memory_object_names_the_evals_offload_setting(dataset, tmp_path, monkeypatch, toy):
+    """The run's hint says --offload, which sv3d eval spells --set sv3d.offload=true (it then resumes)."""
+    from sv3d.errors import OUT_OF_MEMORY_HINT
+
+    def out_of_memory(*args, **kwargs):
+        raise sv3d.run.RunOutOfMemoryError(f"stage refine: {OUT_OF_MEMORY_HINT}")
+
+    monkeypatch.setattr(sv3d.run, "run_from_orbit", out_of_memory)
+    config, run = toy
+    result = evaluate_dataset(dataset, tmp_path, config, run, objects=["blob"], progress=False)
+    assert "out of memory: try --set sv3d.offload=true for SV3D sampling" in result.records[0]["error"]
+
+
 def test_failing_object_is_recorded_and_the_batch_goes_on(dataset, tmp_path, monkeypatch, toy):
     config, run = toy
     _fake(monkeypatch, dataset, fail=("blob",))
