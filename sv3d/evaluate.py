@@ -221,7 +221,13 @@ def _resolved_refine(run_config: RunConfig) -> RefineStageConfig:
 # 2), so that a batch stopped by an out-of-memory error resumes after --offload or fewer views per batch.
 # Devices enter resolved ("auto" on a CUDA machine is "cuda"). Scheme 1 (until 2026-12-08) hashed them
 # as given; its fingerprints are still accepted (`accepted_fingerprints`).
-_MEMORY_ONLY_RUN = (("orbit", "offload"), ("orbit", "allow_cpu"), ("orbit", "progress"), ("device",))
+_MEMORY_ONLY_RUN = (
+    ("orbit", "offload"),
+    ("orbit", "allow_cpu"),
+    ("orbit", "progress"),
+    ("device",),
+    ("allow_inconsistent",),  # always on in an evaluation
+)
 FINGERPRINT_SCHEME = 2
 
 
@@ -250,19 +256,11 @@ def _identity(config: EvalConfig, run_config: RunConfig, scheme: int) -> dict:
         data = {"eval": asdict(config), "run": run}
     else:
         from .device import pick_device
+        from .run import resolve_devices, without_entries
 
         resolved = copy.deepcopy(run_config)
-        device = str(pick_device(resolved.device))
-        for stage in (resolved.orbit, resolved.nerf, resolved.refine):  # as the run resolves them
-            if stage is not None and stage.device == "auto":
-                stage.device = device
-        run = _as_json(asdict(resolved))
-        run.pop("allow_inconsistent", None)
-        for *parents, key in _MEMORY_ONLY_RUN:
-            node = run
-            for parent in parents:
-                node = node.get(parent) or {}
-            node.pop(key, None)
+        resolve_devices(resolved, pick_device(resolved.device))  # as the run resolves them
+        run = without_entries(_as_json(asdict(resolved)), _MEMORY_ONLY_RUN)
         data = {"eval": {**asdict(config), "render": _render_identity(config.render)}, "run": run}
         data["scheme"] = scheme
     if config.mode == "oracle":
@@ -514,9 +512,8 @@ def evaluate_object(
     timings: dict[str, Any] = {}
     start = time.perf_counter()
     gt = load_trimesh(mesh_path, up=config.render.up)
-    if not encloses_volume(
-        gt, device=config.render.device
-    ):  # before the pipeline's minutes: every volume IoU would read 0
+    # before the pipeline's minutes: every volume IoU would read 0
+    if not encloses_volume(gt, device=config.render.device):
         raise InputError(f"{mesh_path}: the ground truth encloses no volume (an open or double-sided mesh?)")
     source = _prepare_input(mesh_path, out, config, force)
     timings["render_seconds"] = round(time.perf_counter() - start, 3)

@@ -560,15 +560,20 @@ def stage_configs(
     return nerf, refine
 
 
+def resolve_devices(config: RunConfig, device: torch.device) -> None:
+    """The stage configs left at device "auto" follow the run's device."""
+    for stage in (config.orbit, config.nerf, config.refine):
+        if stage is not None and stage.device == "auto":
+            stage.device = str(device)
+
+
 def _resolve_configs(config: RunConfig, device: torch.device) -> None:
     """Fill the device defaults; stage configs left at device "auto" follow the run's device."""
     if config.nerf is None:
         config.nerf = default_fit_config(device)
     if config.refine is None:
         config.refine = default_refine_config(device)
-    for stage in (config.orbit, config.nerf, config.refine):
-        if stage.device == "auto":
-            stage.device = str(device)
+    resolve_devices(config, device)
     orbit_ckpt = config.orbit.checkpoint
     same = config.refine.checkpoint is None or (
         orbit_ckpt is not None
@@ -627,8 +632,13 @@ def _identity(config: RunConfig) -> dict:
 
 def _without_display_entries(data: dict) -> dict:
     """`data` (a config as JSON) without the _NOT_IDENTITY entries (also those an older run recorded)."""
+    return without_entries(data, _NOT_IDENTITY)
+
+
+def without_entries(data: dict, entries: tuple[tuple[str, ...], ...]) -> dict:
+    """A copy of `data` (a config as JSON) without the entries at the key paths `entries`."""
     data = copy.deepcopy(data)
-    for keys in _NOT_IDENTITY:
+    for keys in entries:
         node = data
         for key in keys[:-1]:
             node = node.get(key) if isinstance(node, dict) else None
