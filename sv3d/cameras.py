@@ -915,10 +915,11 @@ def read_orbit_directory(directory: str | Path) -> OrbitFrames:
     """
     directory = Path(directory)
     orbit, frame_paths, mask_paths, width, height, alpha_source = _read_transforms(directory)
-    masks = {p.name for p in mask_paths if p is not None and p.parent == directory}
-    on_disk = sorted(p.name for p in directory.glob("frame_*.png") if p.name not in masks)
-    listed = {p.name for p in frame_paths if p.parent == directory}
-    stray = [name for name in on_disk if name not in listed][:3]
+    # compared resolved: transforms.json may name the frames by absolute paths, or through a link
+    masks = {p.resolve() for p in mask_paths if p is not None}
+    on_disk = sorted(p for p in directory.glob("frame_*.png") if p.resolve() not in masks)
+    listed = {p.resolve() for p in frame_paths}
+    stray = [p.name for p in on_disk if p.resolve() not in listed][:3]
     if stray or (on_disk and len(on_disk) != len(frame_paths)):
         raise OrbitDirectoryError(
             f"{directory}: holds {len(on_disk)} frame_*.png files but {TRANSFORMS_FILE} lists "

@@ -197,6 +197,7 @@ def run_demo(output: str | Path, config: DemoConfig | None = None, force: bool =
             n_views=config.eval_views,
             view_resolution=config.eval_view_resolution,
             iou_resolution=config.eval_iou_resolution,
+            device=config.device,  # `sv3d demo --device cpu` scores on the CPU too
         ).to_dict()
         for name, mesh in candidates.items()
     }

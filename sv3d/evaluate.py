@@ -235,11 +235,15 @@ def _render_identity(render: RenderOrbitConfig) -> dict:
     """The ground-truth render settings that change the frames: the device resolved, views_per_batch
     left out (it changes them by float round-off only: at most 6.1e-5 at 576², measured; a test bounds it;
     frames rendered before are kept when it changes)."""
+    import torch
+
     from .device import pick_device
 
     data = asdict(render)
     data.pop("views_per_batch")
-    data["device"] = pick_device(render.device).type
+    # "auto" resolved here; a named device read as given (a record made on a CUDA machine, read on one
+    # without: "cuda", another device than this machine's, not an error)
+    data["device"] = (pick_device("auto") if render.device == "auto" else torch.device(render.device)).type
     return data
 
 
@@ -256,10 +260,14 @@ def _identity(config: EvalConfig, run_config: RunConfig, scheme: int) -> dict:
         data = {"eval": asdict(config), "run": run}
     else:
         from .device import pick_device
-        from .run import resolve_devices, without_entries
+        from .run import _resolve_configs, without_entries
 
+        # As the run resolves it: devices, and the SDS model's dtype and sgm yaml taken from the orbit's
+        # settings (which oracle mode leaves out below); not the orbit's checkpoint path, which the
+        # weights' hashes stand for where SDS runs
         resolved = copy.deepcopy(run_config)
-        resolve_devices(resolved, pick_device(resolved.device))  # as the run resolves them
+        _resolve_configs(resolved, pick_device(resolved.device))
+        resolved.refine.checkpoint = run_config.refine.checkpoint if run_config.refine else None
         run = without_entries(_as_json(asdict(resolved)), _MEMORY_ONLY_RUN)
         data = {"eval": {**asdict(config), "render": _render_identity(config.render)}, "run": run}
         data["scheme"] = scheme
@@ -295,20 +303,23 @@ def config_fingerprint(
 _CONFIGURED_VIEWS_PER_BATCH = (4, 7, 21)
 
 
-def _with_memory_settings(node: Any, settings: dict[str, Any], auto_device: bool) -> Any:
+def _with_memory_settings(node: Any, settings: dict[str, Any], devices: str) -> Any:
     """A scheme-1 identity with the memory-only `settings` ({"offload": False, ...}) replaced wherever they
-    occur and, with `auto_device`, every device that picks what "auto" picks written "auto"."""
+    occur, and its devices `devices`: "given"; "auto" (every one that picks what "auto" picks written
+    "auto"); "resolved" (every "auto" written as the device it picks, e.g. "cpu")."""
     from .device import pick_device
 
     if isinstance(node, list):
-        return [_with_memory_settings(item, settings, auto_device) for item in node]
+        return [_with_memory_settings(item, settings, devices) for item in node]
     if not isinstance(node, dict):
         return node
-    node = {key: _with_memory_settings(value, settings, auto_device) for key, value in node.items()}
+    node = {key: _with_memory_settings(value, settings, devices) for key, value in node.items()}
     node.update({key: value for key, value in settings.items() if key in node})
     device = node.get("device")
-    if auto_device and isinstance(device, str) and pick_device(device) == pick_device("auto"):
+    if isinstance(device, str) and devices == "auto" and pick_device(device) == pick_device("auto"):
         node["device"] = "auto"
+    elif device == "auto" and devices == "resolved":
+        node["device"] = pick_device("auto").type
     return node
 
 
@@ -316,15 +327,15 @@ def accepted_fingerprints(
     config: EvalConfig, run_config: RunConfig, checkpoints: dict[str, dict] | None, protocol: int
 ) -> set[str]:
     """The fingerprints a record of this config under `protocol` may carry: the current scheme's, and scheme
-    1's with the memory-only settings as given or as configs/ sets them, devices as given or "auto" (a
-    folder started before 2026-12-08 whose batch ran out of memory resumes after --offload, fewer views per
-    batch or --device cuda)."""
+    1's with the memory-only settings as given or as configs/ sets them, devices as given, "auto" or
+    resolved (a folder started before 2026-12-08 whose batch ran out of memory resumes after --offload,
+    fewer views per batch, or the device auto picks named or unnamed)."""
     old = _identity(config, run_config, scheme=1)
     variants = [
-        _with_memory_settings(old, {**switches, **views}, auto_device)
+        _with_memory_settings(old, {**switches, **views}, devices)
         for switches in ({}, {"offload": False, "allow_cpu": False})
         for views in ({}, *({"views_per_batch": n} for n in _CONFIGURED_VIEWS_PER_BATCH))
-        for auto_device in (False, True)
+        for devices in ("given", "auto", "resolved")
     ]
     return {config_fingerprint(config, run_config, checkpoints, protocol)} | {
         _digest(identity, checkpoints, protocol) for identity in variants
@@ -408,7 +419,12 @@ def _prepare_input(mesh_path: Path, object_dir: Path, config: EvalConfig, force:
     recorded = _read_json(object_dir / RENDER_FILE) or {}
     try:  # recorded with views_per_batch and the device as given until 2026-12-08
         recorded["render"] = _render_identity(RenderOrbitConfig(**recorded["render"]))
-    except (KeyError, TypeError):  # none, or not a render config of ours: rendered again
+    except (
+        KeyError,
+        TypeError,
+        ValueError,
+        RuntimeError,
+    ):  # none, or not ours (a bad device): rendered again
         pass
     done = recorded == wanted
     if config.mode == "oracle":

@@ -818,13 +818,15 @@ def checkpoint_identity(path: Path, previous: dict | None = None) -> dict:
     path = Path(path).resolve()
     previous = previous if isinstance(previous, dict) else {}
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
+        every = sorted(p for p in path.rglob("*") if p.is_file())  # as the sizes-only records hashed them
+        # hidden files (huggingface-cli's .cache/ metadata, touched on every check) are not the model
+        files = [p for p in every if not any(x.startswith(".") for x in p.relative_to(path).parts)]
         listing = [[f.relative_to(path).as_posix(), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
         same_files = previous.get("path") == str(path) and previous.get("files") == listing
         if previous.get("sha256") and same_files:
             return previous
         if previous.get("method") == _SIZES_ONLY and previous.get("sha256") == _sizes_only_digest(
-            path, files
+            path, every
         ):
             return previous
         digest = hashlib.sha256()

@@ -696,3 +696,28 @@ def test_atomic_write_leaves_nothing_on_failure(
         assert sorted(p.name for p in target.parent.iterdir()) == ["orbit"]
     else:  # not even the parent directories this call created
         assert list(tmp_path.iterdir()) == []
+
+
+def test_frames_named_by_absolute_paths_are_listed_and_a_frame_twice_is_refused(tmp_path: Path) -> None:
+    """The unlisted-frame check compares resolved paths (absolute file paths in transforms.json were all
+    "unlisted"); one file under two frames is refused wherever the frames lie (here in images/)."""
+    directory = _valid_dir(tmp_path)
+    _edit(
+        directory / "transforms.json",
+        lambda m: [f.update(file_path=str((directory / f["file_path"]).resolve())) for f in m["frames"]],
+    )
+    link = tmp_path / "link"
+    link.symlink_to(directory)
+    assert len(read_orbit_directory(link).images) == 3  # through a link: every frame was "unlisted"
+    (directory / "images").mkdir()
+    for frame in directory.glob("frame_*.png"):
+        frame.rename(directory / "images" / frame.name)
+
+    def into_images(meta):
+        for f in meta["frames"]:
+            f["file_path"] = "images/" + Path(f["file_path"]).name
+        meta["frames"][2]["file_path"] = "images/frame_000.png"
+
+    _edit(directory / "transforms.json", into_images)
+    with pytest.raises(OrbitDirectoryError, match="lists frame_000.png for two frames"):
+        read_orbit_directory(directory)

@@ -305,7 +305,9 @@ def test_memory_only_settings_resume_the_batch(dataset, tmp_path, monkeypatch, t
     )
 
     lean_run = copy.deepcopy(run)
-    lean_run.orbit.offload, lean_run.device = True, pick_device("auto").type
+    lean_run.orbit.offload = True  # (oracle mode leaves the orbit stage's settings out anyway)
+    if pick_device("auto") == pick_device(run.device):  # naming the device auto picks, or auto for it
+        lean_run.device = "auto" if run.device != "auto" else pick_device("auto").type
     lean = replace(config, render=replace(config.render, views_per_batch=1))
     assert config_fingerprint(lean, lean_run) == config_fingerprint(config, run)
     renderer = sys.modules["sv3d.render_orbit"]  # the package's `render_orbit` is the function
@@ -318,6 +320,23 @@ def test_memory_only_settings_resume_the_batch(dataset, tmp_path, monkeypatch, t
     assert config_fingerprint(lean, steps) != config_fingerprint(lean, lean_run)
     with pytest.raises(InputError, match="another config"):
         evaluate_dataset(dataset, tmp_path, lean, steps, progress=False)
+
+
+def test_an_oracle_fingerprint_holds_what_the_sds_model_takes_from_the_orbit_settings(toy):
+    """Oracle mode leaves the orbit stage's settings out, but the SDS guidance takes its dtype and sgm
+    yaml from them (run.py): another dtype is another config; the checkpoint's path is not (its bytes are
+    hashed where SDS runs)."""
+    from sv3d.evaluate import config_fingerprint
+
+    config, run = toy
+    with_model = copy.deepcopy(run)
+    with_model.orbit.checkpoint, with_model.orbit.dtype = "/models/sv3d_p.safetensors", "bfloat16"
+    other_dtype = copy.deepcopy(with_model)
+    other_dtype.orbit.dtype = "float16"
+    moved = copy.deepcopy(with_model)
+    moved.orbit.checkpoint = "/elsewhere/sv3d_p.safetensors"
+    assert config_fingerprint(config, other_dtype) != config_fingerprint(config, with_model)
+    assert config_fingerprint(config, moved) == config_fingerprint(config, with_model)
 
 
 def test_ground_truth_frames_do_not_depend_on_views_per_batch(dataset):

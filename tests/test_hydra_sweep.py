@@ -336,6 +336,26 @@ def test_a_failed_job_does_not_stop_the_sweep_and_force_replaces(tmp_path: Path)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def test_a_failed_job_of_a_parallel_sweep_fails_the_sweep(tmp_path: Path):
+    """With the joblib launcher (hydra/launcher=local) the jobs run in worker processes: a job that printed
+    its error and returned counted as finished, and the sweep exited 0. It raises JobFailed there now."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    objects = write_test_objects(tmp_path / "gso", names=["blob"])
+    out = tmp_path / "orbits"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "render_orbit.py"), "-m", "hydra/launcher=local"]
+        + [f"mesh={tmp_path / 'missing.obj'},{objects['blob']}", f"output={out}", "preset=toy", "device=cpu"]
+        + ["sv3d.render.resolution=32"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    assert "render_orbit.py: error: job 0: " in proc.stderr and "JobFailed: job 0 failed" in proc.stderr
+    assert (out / "1" / "transforms.json").is_file()
+
+
 def test_ctrl_c_in_a_script_is_one_line(capsys):
     from sv3d.entry_points import run_script
 

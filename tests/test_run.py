@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 import sv3d.run as run_module
@@ -163,7 +165,8 @@ def test_a_moved_photo_and_output_folder_and_auto_device_resume_the_run(
     args = [*tiny_run["args"], "--allow-inconsistent"]
     args[args.index(str(tiny_run["out"]))] = str(out)
     args[args.index(str(tiny_run["image"]))] = str(image)
-    args[args.index("--device") + 1] = "auto"
+    if not torch.cuda.is_available():  # the tiny run was made on the CPU: auto picks it here
+        args[args.index("--device") + 1] = "auto"
     _forbid_stages(monkeypatch)
     assert main(args) == 0
     record = json.loads((out / "run.json").read_text())
@@ -364,8 +367,15 @@ def test_a_diffusers_folder_is_identified_by_its_bytes(tmp_path, monkeypatch):
     assert run_module.checkpoint_identity(folder, first) == first and len(reads) == 2
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy)
+    for file in copy.rglob("*"):
+        os.utime(file, ns=(0, 10**9))  # other mtimes (copytree keeps them)
     assert run_module.checkpoint_identity(copy)["sha256"] == first["sha256"]
-    weights.write_bytes(b"\2" * 1000)  # a fine-tune: same names, same sizes
+    (copy / ".cache").mkdir()  # huggingface-cli's metadata: not the model
+    (copy / ".cache" / "x.metadata").write_text("touched")
+    assert run_module.checkpoint_identity(copy)["sha256"] == first["sha256"]
+    mtime = weights.stat().st_mtime_ns
+    weights.write_bytes(b"\2" * 1000)  # a fine-tune: same names, same sizes, another mtime
+    os.utime(weights, ns=(mtime + 10**9, mtime + 10**9))
     tuned = run_module.checkpoint_identity(folder, first)
     assert tuned["sha256"] != first["sha256"]
     files = sorted(p for p in folder.rglob("*") if p.is_file())
