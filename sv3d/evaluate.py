@@ -419,12 +419,7 @@ def _prepare_input(mesh_path: Path, object_dir: Path, config: EvalConfig, force:
     recorded = _read_json(object_dir / RENDER_FILE) or {}
     try:  # recorded with views_per_batch and the device as given until 2026-12-08
         recorded["render"] = _render_identity(RenderOrbitConfig(**recorded["render"]))
-    except (
-        KeyError,
-        TypeError,
-        ValueError,
-        RuntimeError,
-    ):  # none, or not ours (a bad device): rendered again
+    except (KeyError, TypeError, ValueError, RuntimeError):  # none, or not ours: rendered again
         pass
     done = recorded == wanted
     if config.mode == "oracle":
