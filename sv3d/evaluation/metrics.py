@@ -375,12 +375,17 @@ def occupancy(mesh: trimesh.Trimesh, points: np.ndarray, device: str = "auto") -
     return (w.abs() > 0.5).cpu().numpy()
 
 
+def _cell_centres(lo: np.ndarray, hi: np.ndarray, resolution: int) -> np.ndarray:
+    """[R³, 3] centres of a resolution³ grid of cells over the box [lo, hi]."""
+    g = (np.arange(resolution) + 0.5) / resolution  # [R] in (0, 1)
+    return np.stack(np.meshgrid(g, g, g, indexing="ij"), axis=-1).reshape(-1, 3) * (hi - lo) + lo
+
+
 def encloses_volume(mesh: trimesh.Trimesh, resolution: int = 16, device: str = "auto") -> bool:
     """Whether any centre of a `resolution`³ grid over the mesh's box lies inside it: false for an open
     sheet, or a double-sided mesh whose two windings cancel (its volume IoU is 0 against anything)."""
     lo, hi = np.asarray(mesh.bounds[0], float), np.asarray(mesh.bounds[1], float)  # [3] each
-    g = (np.arange(resolution) + 0.5) / resolution  # [R]
-    grid = np.stack(np.meshgrid(g, g, g, indexing="ij"), axis=-1).reshape(-1, 3) * (hi - lo) + lo  # [R³, 3]
+    grid = _cell_centres(lo, hi, resolution)  # [R³, 3]
     return bool(occupancy(mesh, grid, device=device).any())
 
 
@@ -398,8 +403,7 @@ def volume_iou(
     _check_mesh(pred_mesh, "prediction")
     _check_mesh(gt_mesh, "ground truth")
     lo, hi = _grid_box(pred_mesh, gt_mesh, resolution)  # [3] each
-    g = (np.arange(resolution) + 0.5) / resolution  # [R] cell centres in (0, 1)
-    grid = np.stack(np.meshgrid(g, g, g, indexing="ij"), axis=-1).reshape(-1, 3) * (hi - lo) + lo  # [R³, 3]
+    grid = _cell_centres(lo, hi, resolution)  # [R³, 3]
     a, b = occupancy(pred_mesh, grid, device=device), occupancy(gt_mesh, grid, device=device)
     cell_volume = float(np.prod((hi - lo) / resolution))
     union = float((a | b).sum()) + _volume_outside(pred_mesh, lo, hi, cell_volume, device)
